@@ -1,0 +1,78 @@
+"""The one error type for bad user data.
+
+Users train on their own COCO files. A bad entry must surface as ONE message that says which file,
+which entry (image id / annotation id), which field, what is wrong and what to do -- never as a
+KeyError from deep inside pycocotools or a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DatasetError(ValueError):
+    """Bad input data, with a message that names the file, the entry, the field, the reason and the fix.
+
+    `DatasetError(reason, file=..., image_id=..., annotation_id=..., field=..., fix=...)`.
+    Constructing it from a single already-formatted message also works (and keeps that message as is):
+    torch's DataLoader re-raises worker exceptions that way, and the message then already names the file.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        file: Any = None,
+        image_id: Any = None,
+        annotation_id: Any = None,
+        category_id: Any = None,
+        field: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.file = None if file is None else str(file)
+        self.image_id = image_id
+        self.annotation_id = annotation_id
+        self.category_id = category_id
+        self.field = field
+        self.fix = fix
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = []
+        if self.image_id is not None:
+            where.append(f"image id {self.image_id}")
+        if self.annotation_id is not None:
+            where.append(f"annotation id {self.annotation_id}")
+        if self.category_id is not None:
+            where.append(f"category id {self.category_id}")
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
+        text = self.reason if not where else f"{', '.join(where)}: {self.reason}"
+        if self.file is not None:
+            text = f"{self.file}: {text}"
+        if self.fix:
+            text = f"{text}. Fix: {self.fix}"
+        return text
+
+    def details(self) -> dict[str, Any]:
+        """The structured parts, e.g. for a REST error body (message plus field at fault)."""
+        return {
+            "reason": self.reason,
+            "file": self.file,
+            "image_id": self.image_id,
+            "annotation_id": self.annotation_id,
+            "category_id": self.category_id,
+            "field": self.field,
+            "fix": self.fix,
+        }
+
+    def __reduce__(self):
+        # Keep the structured fields across pickling (Ray tasks, DataLoader workers).
+        details = self.details()
+        reason = details.pop("reason")
+        return (_rebuild, (type(self), reason, details))
+
+
+def _rebuild(cls, reason: str, details: dict[str, Any]) -> DatasetError:
+    return cls(reason, **details)

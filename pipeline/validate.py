@@ -1,0 +1,60 @@
+"""COCO evaluation of a network on a validation file: batch inference, boxes mapped back, pycocotools COCOeval."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.coco import CocoDataset
+from pipeline.dataset import DetectionDataset, collate
+from pipeline.evaluate import coco_evaluate
+from schemas.config import InferenceConfig
+from trainer.inference import detect
+
+
+def predict(model, anchors_fn, dataset: CocoDataset, input_size: int, cfg: InferenceConfig,
+            device: torch.device, batch_size: int = 16, progress: bool = False) -> list[dict]:
+    """COCO-format detections (original image pixels, xywh, COCO category ids) for every image of `dataset`."""
+    loader = DataLoader(DetectionDataset(dataset, input_size, train=False), batch_size=batch_size,
+                        shuffle=False, collate_fn=collate)
+    sizes = {r.image_id: (r.width, r.height) for r in dataset.records}
+    dets = []
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        results = detect(model, batch["images"].to(device), anchors_fn, cfg)
+        for (boxes, scores, labels), image_id, scale in zip(results, batch["image_ids"].tolist(), batch["scales"]):
+            w, h = sizes[image_id]
+            boxes = (boxes.cpu() / float(scale))
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+                dets.append({"image_id": image_id, "category_id": dataset.cat_ids[label],
+                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+    return dets
+
+
+def evaluate_network(model, anchors_fn, dataset: CocoDataset, input_size: int, cfg: InferenceConfig,
+                     device: torch.device, progress: bool = False) -> tuple[dict[str, float], str]:
+    was_training = model.training
+    dets = predict(model, anchors_fn, dataset, input_size, cfg, device, progress=progress)
+    model.train(was_training)
+    return coco_evaluate(dataset.coco, dets, image_ids=[r.image_id for r in dataset.records])
+
+
+_TABLE_ROWS = [
+    ("Average Precision", "AP", "0.50:0.95", "all", 100), ("Average Precision", "AP", "0.50", "all", 100),
+    ("Average Precision", "AP", "0.75", "all", 100), ("Average Precision", "AP", "0.50:0.95", "small", 100),
+    ("Average Precision", "AP", "0.50:0.95", "medium", 100), ("Average Precision", "AP", "0.50:0.95", "large", 100),
+    ("Average Recall", "AR", "0.50:0.95", "all", 1), ("Average Recall", "AR", "0.50:0.95", "all", 10),
+    ("Average Recall", "AR", "0.50:0.95", "all", 100), ("Average Recall", "AR", "0.50:0.95", "small", 100),
+    ("Average Recall", "AR", "0.50:0.95", "medium", 100), ("Average Recall", "AR", "0.50:0.95", "large", 100),
+]
+
+
+def format_table(stats: dict[str, float]) -> str:
+    """The 12-line table pycocotools prints, rebuilt from the stats (e.g. those stored in eval.json)."""
+    from pipeline.evaluate import STAT_NAMES
+    lines = []
+    for (title, short, iou, area, dets), name in zip(_TABLE_ROWS, STAT_NAMES):
+        lines.append(f" {title:<18} ({short}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={dets:>3d} ] = "
+                     f"{stats[name]:0.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""Run configuration: one pydantic model validates YAML files, `--set` overrides and REST bodies alike.
+
+Every field has a default that works on the built-in dataset, so a config file only says what differs.
+Errors name the dotted path of the field at fault (see `ConfigError`).
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Mode = Literal["paa", "lad", "kd", "solad", "colad"]
+MODES = ("paa", "lad", "kd", "solad", "colad")
+POLICY_RE = re.compile(r"^(auto|pin-a|pin-b|alternate:[1-9][0-9]*)$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the source and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    train: str = "data/digits/train.json"
+    val: Optional[str] = "data/digits/val.json"
+    image_root: Optional[str] = Field(None, description="directory file_names are relative to; default: the json's")
+    input_size: int = Field(128, ge=32, le=4096, description="images are letterboxed to a square of this side")
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    num_workers: int = Field(0, ge=0, description="torch DataLoader workers for in-process runs")
+
+
+class ModelConfig(_Strict):
+    depth: Literal[18, 34, 50, 101] = 18
+    pretrained: Optional[str] = Field(None, description="local file with torchvision ResNet weights (state dict)")
+    num_classes: int = Field(10, ge=1)
+    fpn_levels: list[int] = Field(default_factory=lambda: [2, 3, 4], description="pyramid levels, e.g. [3,4,5,6,7]")
+    fpn_channels: int = Field(64, ge=8)
+    head_convs: int = Field(2, ge=0, le=8)
+    head_channels: int = Field(64, ge=8)
+    octave_base_scale: float = Field(8.0, gt=0)
+
+    @field_validator("fpn_levels")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if not v or sorted(set(v)) != v or v[0] < 2 or v[0] > 5 or v[-1] > 7 or v != list(range(v[0], v[-1] + 1)):
+            raise ValueError("must be consecutive increasing levels between 2 and 7, starting at 5 or below, "
+                             "e.g. [3, 4, 5, 6, 7]")
+        return v
+
+    @property
+    def strides(self) -> list[int]:
+        return [2 ** level for level in self.fpn_levels]
+
+
+class AssignConfig(_Strict):
+    topk: int = Field(9, ge=1)
+    iou_thr: float = Field(0.1, gt=0.0, le=1.0)
+    gmm: Literal["torch", "sklearn"] = "torch"
+
+
+class LossConfig(_Strict):
+    cls_weight: float = Field(1.0, ge=0)
+    box_weight: float = Field(1.3, ge=0)
+    iou_weight: float = Field(0.5, ge=0)
+    box_iou_weighted: bool = Field(True, description="weight GIoU by the IoU target, as PAA does (see decisions.md)")
+
+
+class DistillConfig(_Strict):
+    """Soft-label KD terms (modes kd, solad). None means the paper's value for the mode."""
+    cls_weight: Optional[float] = Field(None, ge=0)
+    iou_weight: Optional[float] = Field(None, ge=0)
+    box_weight: Optional[float] = Field(None, ge=0)
+    min_iou: Optional[float] = Field(None, ge=0, le=1)
+    gamma: float = Field(0.5, ge=0)
+
+
+KD_DEFAULTS = {
+    "kd": dict(cls_weight=10.0, iou_weight=10.0, box_weight=1.3, min_iou=0.1),
+    "solad": dict(cls_weight=2.0, iou_weight=10.0, box_weight=1.3, min_iou=0.5),
+}
+
+
+class TeacherConfig(_Strict):
+    checkpoint: Optional[str] = Field(None, description="a checkpoint written by `lad train` (modes lad, kd, solad)")
+
+
+class ColearnConfig(_Strict):
+    model_b: Optional[ModelConfig] = Field(None, description="network B; default: the same as `model`")
+    checkpoint_a: Optional[str] = None
+    checkpoint_b: Optional[str] = None
+    policy: str = Field("auto", description="auto | pin-a | pin-b | alternate:N")
+    mode: Literal["inline", "split"] = "inline"
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        if not POLICY_RE.match(v):
+            raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)")
+        return v
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(12, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps (all epochs otherwise)")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    warmup_ratio: float = Field(0.001, gt=0, le=1)
+    milestones: list[float] = Field(default_factory=lambda: [0.75, 0.9], description="fractions of the total steps")
+    gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: Optional[float] = Field(35.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: only at the end)")
+    checkpoint_every: int = Field(200, ge=1, description="also checkpoint every N steps")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
+    amp: bool = False
+
+
+class InferenceConfig(_Strict):
+    score_thr: float = Field(0.05, ge=0, le=1)
+    nms_iou: float = Field(0.6, gt=0, le=1)
+    pre_nms_topk: int = Field(1000, ge=1)
+    max_det: int = Field(100, ge=1)
+    score_voting: bool = True
+
+
+class PipelineConfig(_Strict):
+    """How a run is executed. `local` trains in this process; `ray` streams assignments from an actor pool."""
+    engine: Literal["local", "ray"] = "local"
+    ray_address: Optional[str] = Field(None, description="None: a local Ray started in-process")
+    num_workers: int = Field(1, ge=1, description="Ray Train student workers")
+    assigners: int = Field(1, ge=1, description="teacher-assigner actors")
+    cpus_per_worker: float = Field(0.5, gt=0)
+    cpus_per_assigner: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    gpus_per_assigner: float = Field(0, ge=0)
+    cpus_per_read_task: float = Field(0.25, gt=0)
+    prefetch_batches: int = Field(2, ge=0)
+    soft_label_floor: float = Field(0.01, ge=0, lt=1, description="KD probabilities below this are sent as 0")
+
+
+class RunConfig(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    mode: Mode = "paa"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    assign: AssignConfig = Field(default_factory=AssignConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    colearn: ColearnConfig = Field(default_factory=ColearnConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> "RunConfig":
+        if self.mode in ("lad", "kd", "solad") and not self.teacher.checkpoint:
+            raise ValueError(f"mode {self.mode!r} needs teacher.checkpoint (a checkpoint written by `lad train`)")
+        if self.mode in KD_DEFAULTS:
+            for key, value in KD_DEFAULTS[self.mode].items():
+                if getattr(self.distill, key) is None:
+                    setattr(self.distill, key, value)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def model_b(self) -> ModelConfig:
+        return self.colearn.model_b or self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{source}: field '{loc}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=value` strings -> (path, YAML-parsed value). Values parse as YAML, so `[3,4]`, `true`, `1e-3` work."""
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        path = [p for p in key.strip().split(".") if p]
+        if not path:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        out.append((path, value))
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for path, value in parse_overrides(overrides):
+        node = raw
+        for p in path[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"--set {'.'.join(path)}: '{p}' is not a section")
+            node = node[p]
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: Any, source: str = "config", overrides: Optional[list[str]] = None) -> RunConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML run config, apply `--set` overrides, validate. Raises ConfigError with file and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return config_from_dict(raw, str(path), overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

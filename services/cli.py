@@ -1,0 +1,129 @@
+"""The `lad` command: make the built-in dataset, train, evaluate, serve, and the README's demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import DatasetError
+from pipeline.run import USER_ERRORS, add_train_arguments, main_train
+from schemas.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pipeline.digits import make_digits
+    try:
+        info = make_digits(args.out, image_size=args.image_size, num_train=args.num_train, num_val=args.num_val,
+                           digits_per_image=(args.min_digits, args.max_digits), seed=args.seed,
+                           progress=not args.quiet)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate_checkpoint import evaluate_checkpoint
+    try:
+        results = evaluate_checkpoint(args.checkpoint, args.data, image_root=args.image_root,
+                                      networks=args.network, out=args.out, device=args.device,
+                                      progress=not args.quiet)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.validate import format_table
+    for name, stats in results.items():
+        print(f"\nnetwork {name.upper()} on {args.data}:\n{format_table(stats)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import demo
+    try:
+        return demo(quick=args.quick or os.environ.get("CI", "").lower() in ("1", "true"), out=args.out,
+                    progress=not args.quiet)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.server import main
+    return main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lad", description="Label Assignment Distillation: train PAA detectors with "
+                                "LAD, soft-label KD, SoLAD and CoLAD on COCO-format data.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="make the built-in dataset")
+    dsub = d.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    dg = dsub.add_parser("digits", help="COCO-format detection data from scikit-learn's handwritten digits",
+                         description="Several real 8x8 digit scans per image, scaled and tinted on textured "
+                         "backgrounds; writes DIR/train.json, DIR/val.json and DIR/images/.")
+    dg.add_argument("--out", required=True, help="output directory")
+    dg.add_argument("--image-size", type=int, default=128, help="square image side in pixels (default 128)")
+    dg.add_argument("--num-train", type=int, default=1200, help="training images (default 1200)")
+    dg.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
+    dg.add_argument("--min-digits", type=int, default=2, help="fewest digits per image (default 2)")
+    dg.add_argument("--max-digits", type=int, default=5, help="most digits per image (default 5)")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--quiet", action="store_true")
+    dg.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="train a run from a YAML config (local Ray / in-process)",
+                       description="Train one run; writes runs/<name>/ (config.yaml, metrics.jsonl, eval.json, "
+                       "checkpoints/). Resumes from checkpoints/last.pt when present.")
+    add_train_arguments(t)
+    t.set_defaults(func=main_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint with COCO mAP",
+                       description="Runs inference on a COCO file and prints the 12-line COCO table; writes JSON.")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint written by `lad train`")
+    e.add_argument("--data", required=True, help="COCO instances JSON to evaluate on")
+    e.add_argument("--image-root", default=None, help="directory image file_names are relative to")
+    e.add_argument("--network", choices=["a", "b", "both"], default="both",
+                   help="CoLAD checkpoints hold two networks (default: every network in the checkpoint)")
+    e.add_argument("--out", default=None, help="JSON output (default: next to the checkpoint)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("serve", help="start the control plane (FastAPI)")
+    try:
+        from services.server import add_arguments
+        add_arguments(s)
+    except ImportError:
+        pass
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("demo", help="the README's main job: dataset, a teacher, a LAD student, COCO tables",
+                       description="Makes the built-in dataset, trains a PAA teacher, then a smaller LAD student "
+                       "through the pipeline on a local Ray, and prints both COCO tables.")
+    m.add_argument("--quick", action="store_true", help="a shorter run (default when CI=true)")
+    m.add_argument("--out", default="runs/demo", help="where the demo's dataset and runs go")
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Checkpoints: written atomically (never half a file), read with `weights_only=True`, and checked strictly.
+
+A checkpoint is a plain dict: {"format", "version", "config" (the resolved run config), "models" {"a": state dict,
+"b": ... for CoLAD}, "optimizer", "scheduler", "step", "epoch", "progress" (ids trained this epoch), "best"}.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import torch
+
+from schemas.config import ModelConfig, RunConfig
+
+FORMAT = "lad-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the difference."""
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, fsync, then rename over `path`:
+    readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); re-create it with `lad train`") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint written by `lad train` (no '{FORMAT}' format marker)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not supported (need {VERSION})")
+    for key in ("config", "models"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+    return ckpt
+
+
+def compatibility_problems(teacher: RunConfig, teacher_model: ModelConfig, student: RunConfig) -> list[str]:
+    """Differences that would make a teacher's assignment meaningless for this student (anchors, input, classes)."""
+    problems = []
+    s = student.model
+    if teacher_model.num_classes != s.num_classes:
+        problems.append(f"num_classes: teacher {teacher_model.num_classes}, student {s.num_classes}")
+    if teacher_model.fpn_levels != s.fpn_levels:
+        problems.append(f"anchors: teacher FPN levels {teacher_model.fpn_levels}, student {s.fpn_levels}")
+    if teacher_model.octave_base_scale != s.octave_base_scale:
+        problems.append(f"anchors: teacher octave_base_scale {teacher_model.octave_base_scale}, "
+                        f"student {s.octave_base_scale}")
+    if teacher.data.input_size != student.data.input_size:
+        problems.append(f"input size: teacher {teacher.data.input_size}, student {student.data.input_size}")
+    return problems
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path, what: str) -> None:
+    """`load_state_dict(strict=True)`, with a message that lists the missing and unexpected keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shape:
+            parts.append(f"{len(shape)} shape mismatches (e.g. {shape[:2]})")
+        raise CheckpointError(f"{path}: {what} weights do not fit the configured network: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_network(path: str | Path, student: RunConfig, which: str = "a", device: str | torch.device = "cpu"):
+    """Build the network a checkpoint describes and load it strictly, refusing one whose anchors, input size or
+    classes differ from `student`'s. Returns (model, its ModelConfig, the checkpoint's step)."""
+    from trainer.model import build_model
+
+    ckpt = load_checkpoint(path)
+    tcfg = RunConfig.model_validate(ckpt["config"])
+    tmodel = tcfg.model_b if which == "b" else tcfg.model
+    problems = compatibility_problems(tcfg, tmodel, student)
+    if problems:
+        raise CheckpointError(f"{path}: network {which.upper()} does not match this run: " + "; ".join(problems))
+    if which not in ckpt["models"]:
+        raise CheckpointError(f"{path}: checkpoint holds networks {sorted(ckpt['models'])}, not {which!r}")
+    model = build_model(tmodel)
+    load_model_weights(model, ckpt["models"][which], path, f"network {which.upper()}")
+    return model.to(device), tmodel, int(ckpt.get("step", 0))

@@ -1,0 +1,260 @@
+"""The training step of every mode, and the state one training process holds (networks, teacher, optimizer).
+
+    paa    the student scores its own candidates and PAA's GMM picks its positives (the baseline)
+    lad    a frozen teacher scores the candidates; the student trains on that assignment
+    kd     soft-label distillation only (no GT loss): the paper's soft-label baseline
+    solad  lad + kd
+    colad  networks A and B both train; per (image, GT, level) the role policy decides whose losses assign
+
+The step takes a batch already on the device: uint8 images [B,3,S,S] and per-image GT boxes/labels. Where the
+labels come from is the only thing the distributed pipeline changes (`step_on_labels`), so both paths share it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from schemas.config import RunConfig
+from trainer.anchors import make_anchors
+from trainer.checkpoint import load_network
+from trainer.labeler import ColadChoice, RolePolicy, candidates, colad_choose, scored_candidates, select
+from trainer.losses import BatchLabels, SoftTargets, detection_loss, soft_label_kd, soft_targets
+from trainer.model import HeadOutputs, PAADetector, build_model
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available; use cpu or auto")
+    return dev
+
+
+def lr_factor(step: int, cfg: RunConfig, total_steps: int) -> float:
+    """Linear warm-up from `warmup_ratio`, then step decay by `gamma` at each milestone fraction of the run."""
+    t = cfg.train
+    warm = 1.0
+    if step < t.warmup_steps:
+        warm = t.warmup_ratio + (1 - t.warmup_ratio) * step / t.warmup_steps
+    decays = sum(step >= m * total_steps for m in t.milestones)
+    return warm * t.gamma ** decays
+
+
+class Timer:
+    """Wall-clock sections of a step. With `sync`, CUDA work is waited for so the split is honest on a GPU."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self._t) * 1000
+        self._t = now
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    labels: BatchLabels | None = None
+    choice: ColadChoice | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Everything one training process holds. `step()` runs one optimisation step of the configured mode."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", total_steps: int = 1,
+                 sync_timing: bool = False):
+        self.cfg = cfg
+        self.mode = cfg.mode
+        self.device = torch.device(device)
+        self.total_steps = max(1, total_steps)
+        self.sync_timing = sync_timing
+        torch.manual_seed(cfg.seed)
+        self.model = self._network("a").to(self.device)
+        self.model_b: PAADetector | None = None
+        if self.mode == "colad":
+            torch.manual_seed(cfg.seed + 1)
+            self.model_b = self._network("b").to(self.device)
+        self.forward_a, self.forward_b = self.model, self.model_b  # DDP wrappers go here (see `wrap`)
+        self.teacher: PAADetector | None = None
+        self.teacher_version = 0
+        if self.mode in ("lad", "kd", "solad"):
+            self.teacher, _, self.teacher_version = load_network(cfg.teacher.checkpoint, cfg, "a", self.device)
+            self.teacher.eval().requires_grad_(False)
+        params = list(self.model.parameters()) + (list(self.model_b.parameters()) if self.model_b else [])
+        t = cfg.train
+        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg, self.total_steps))
+        self.policy = RolePolicy(cfg.colearn.policy)
+        self.step_count = 0
+        self._anchors: dict[tuple, tuple[Tensor, list[int]]] = {}
+
+    def _network(self, which: str) -> PAADetector:
+        path = self.cfg.colearn.checkpoint_a if which == "a" else self.cfg.colearn.checkpoint_b
+        if self.mode == "colad" and path:
+            return load_network(path, self.cfg, which="a")[0]
+        return build_model(self.cfg.model if which == "a" else self.cfg.model_b)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def anchors(self, level_sizes: list[tuple[int, int]]) -> tuple[Tensor, list[int]]:
+        key = tuple(level_sizes)
+        if key not in self._anchors:
+            self._anchors[key] = make_anchors(list(level_sizes), self.cfg.model.strides,
+                                              self.cfg.model.octave_base_scale, device=self.device)
+        return self._anchors[key]
+
+    def wrap(self, wrapper) -> None:
+        """Forward through `wrapper(network)` (e.g. DistributedDataParallel); weights stay in `model`/`model_b`."""
+        self.forward_a = wrapper(self.model)
+        if self.model_b is not None:
+            self.forward_b = wrapper(self.model_b)
+
+    def set_policy(self, policy: str) -> None:
+        self.policy = RolePolicy(policy)
+
+    def _select(self, losses, cand, nl, gt_labels) -> BatchLabels:
+        a = self.cfg.assign
+        return select(losses, cand, nl, gt_labels, self.cfg.model.num_classes, a.topk, a.gmm)
+
+    def _det_loss(self, out: HeadOutputs, anchors: Tensor, labels: BatchLabels, gt_boxes) -> dict[str, Tensor]:
+        lc = self.cfg.loss
+        return detection_loss(out.cls_logits, out.box_deltas, out.iou_logits, anchors, labels, gt_boxes,
+                              cls_weight=lc.cls_weight, box_weight=lc.box_weight, iou_weight=lc.iou_weight,
+                              box_iou_weighted=lc.box_iou_weighted)
+
+    def soft_targets(self, tout: HeadOutputs, anchors: Tensor, gt_boxes) -> SoftTargets:
+        return soft_targets(tout.cls_logits, tout.box_deltas, tout.iou_logits, anchors, gt_boxes,
+                            self.cfg.distill.min_iou)
+
+    def _kd_loss(self, out: HeadOutputs, targets: SoftTargets, anchors: Tensor) -> dict[str, Tensor]:
+        d = self.cfg.distill
+        return soft_label_kd(out.cls_logits, out.box_deltas, out.iou_logits, targets, anchors,
+                             cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight, gamma=d.gamma)
+
+    # -- the step ------------------------------------------------------------------------------------------------
+    def step(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> StepResult:
+        """One optimisation step of the configured mode, labels assigned in-process."""
+        timer = Timer(self.device, self.sync_timing)
+        self.model.train()
+        if self.mode == "colad":
+            return self._colad_step(images, gt_boxes, gt_labels, timer)
+        out = self.forward_a(images)
+        timer.lap("forward_ms")
+        anchors, nl = self.anchors(out.level_sizes)
+        tout = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                tout = self.teacher(images)
+            timer.lap("teacher_ms")
+        labels, soft = None, None
+        if self.mode in ("kd", "solad"):
+            soft = self.soft_targets(tout, anchors, gt_boxes)
+        if self.mode != "kd":
+            cand = candidates(anchors, gt_boxes, self.cfg.assign.iou_thr)
+            scorer = out.detach() if self.mode == "paa" else tout
+            losses = scored_candidates(anchors, scorer, gt_boxes, gt_labels, cand)
+            labels = self._select(losses, cand, nl, gt_labels)
+            timer.lap("assign_ms")
+        return self._finish(out, anchors, labels, gt_boxes, soft, timer)
+
+    def step_on_labels(self, images: Tensor, gt_boxes: list[Tensor], labels: BatchLabels | None,
+                       soft: SoftTargets | None = None) -> StepResult:
+        """One step on labels assigned elsewhere (the assigner service): the student's work alone."""
+        timer = Timer(self.device, self.sync_timing)
+        self.model.train()
+        out = self.forward_a(images)
+        timer.lap("forward_ms")
+        anchors, _ = self.anchors(out.level_sizes)
+        return self._finish(out, anchors, labels, gt_boxes, soft, timer)
+
+    def _finish(self, out, anchors, labels, gt_boxes, soft, timer) -> StepResult:
+        losses: dict[str, Tensor] = {}
+        if labels is not None:
+            losses.update(self._det_loss(out, anchors, labels, gt_boxes))
+        if self.mode in ("kd", "solad"):
+            losses.update(self._kd_loss(out, soft, anchors))
+        total = sum(losses.values())
+        self._backward(total)
+        timer.lap("backward_ms")
+        metrics = {k: float(v) for k, v in losses.items()}
+        metrics["loss"] = float(total)
+        if labels is not None:
+            metrics["num_pos"] = int(labels.pos.sum())
+        return StepResult(self._stamp(metrics, timer), labels=labels)
+
+    def _colad_step(self, images, gt_boxes, gt_labels, timer) -> StepResult:
+        self.model_b.train()
+        out_a = self.forward_a(images)
+        out_b = self.forward_b(images)
+        timer.lap("forward_ms")
+        anchors, nl = self.anchors(out_a.level_sizes)
+        cand = candidates(anchors, gt_boxes, self.cfg.assign.iou_thr)
+        losses_a = scored_candidates(anchors, out_a.detach(), gt_boxes, gt_labels, cand)
+        losses_b = scored_candidates(anchors, out_b.detach(), gt_boxes, gt_labels, cand)
+        choice = colad_choose(losses_a, losses_b, cand, nl, self.policy, self.step_count)
+        labels = self._select(choice.merged, cand, nl, gt_labels)
+        timer.lap("assign_ms")
+        la = self._det_loss(out_a, anchors, labels, gt_boxes)
+        lb = self._det_loss(out_b, anchors, labels, gt_boxes)
+        total_a, total_b = sum(la.values()), sum(lb.values())
+        self._backward(total_a + total_b)
+        timer.lap("backward_ms")
+        metrics = {f"{k}_a": float(v) for k, v in la.items()} | {f"{k}_b": float(v) for k, v in lb.items()}
+        metrics.update(loss=float(total_a + total_b), loss_a=float(total_a), loss_b=float(total_b),
+                       num_pos=int(labels.pos.sum()), teacher_ratio=choice.teacher_ratio(), policy=self.policy.name)
+        for name, ls in (("a", losses_a), ("b", losses_b)):
+            vals = torch.cat([l[c >= 0] for l, c in zip(ls, cand)])
+            metrics[f"cand_loss_mean_{name}"] = float(vals.mean()) if vals.numel() else float("nan")
+            metrics[f"cand_loss_std_{name}"] = float(vals.std()) if vals.numel() > 1 else float("nan")
+        metrics["teacher_ratio_by_level"] = choice.teacher_ratio_by_level()
+        return StepResult(self._stamp(metrics, timer), labels=labels, choice=choice)
+
+    def _backward(self, total: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.train.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+
+    def _stamp(self, metrics: dict, timer: Timer) -> dict:
+        metrics.update({k: round(v, 3) for k, v in timer.ms.items()})
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        for k, v in list(metrics.items()):
+            if isinstance(v, float) and not math.isfinite(v) and k.startswith("loss"):
+                raise FloatingPointError(f"step {self.step_count}: {k} is {v}; lower train.lr or check the data")
+        return metrics
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def networks(self) -> dict[str, PAADetector]:
+        nets = {"a": self.model}
+        if self.model_b is not None:
+            nets["b"] = self.model_b
+        return nets
+
+    def state(self) -> dict:
+        return {"models": {k: m.state_dict() for k, m in self.networks().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step_count, "policy": self.policy.name}
+
+    def load_state(self, ckpt: dict) -> None:
+        for k, m in self.networks().items():
+            m.load_state_dict(ckpt["models"][k])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step_count = int(ckpt["step"])
+        if ckpt.get("policy"):
+            self.set_policy(ckpt["policy"])

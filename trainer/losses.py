@@ -1,0 +1,145 @@
+"""Training losses: PAA's detection loss on an assignment, and the soft-label KD loss of LAD's official code.
+
+The detection loss is PAA's: focal classification over every non-ignored anchor and class, IoU-prediction BCE and
+IoU-weighted GIoU on the positives. `soft_label_kd` is the paper's soft-label baseline (and half of SoLAD).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+
+from trainer.box_coder import decode
+
+
+@dataclass
+class BatchLabels:
+    """The assignment of a whole batch, flattened over images: what a student trains on.
+
+    `labels` [B,A] holds the class of each positive and `num_classes` elsewhere; `gt_index` [B,A] indexes the
+    image's GT boxes for positives (-1 elsewhere); `ignore` [B,A] anchors get no classification loss.
+    """
+    labels: Tensor
+    gt_index: Tensor
+    ignore: Tensor
+
+    @property
+    def pos(self) -> Tensor:
+        return self.gt_index >= 0
+
+
+def aligned_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of a[i] with b[i] (torchvision's box_iou is all-pairs)."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(1)
+    return inter / (area_a + area_b - inter).clamp(min=eps)
+
+
+def _pos_targets(anchors: Tensor, box_deltas: Tensor, labels: BatchLabels, gt_boxes: list[Tensor]):
+    """Decoded predicted boxes of the positives and their GT boxes, batch-flattened."""
+    b_idx, a_idx = labels.pos.nonzero(as_tuple=True)
+    if b_idx.numel() == 0:
+        return b_idx, a_idx, None, None
+    offsets = torch.tensor([0] + [len(g) for g in gt_boxes], device=anchors.device).cumsum(0)[:-1]
+    all_gt = torch.cat(gt_boxes)
+    target = all_gt[offsets[b_idx] + labels.gt_index[b_idx, a_idx]]
+    pred = decode(anchors[a_idx], box_deltas[b_idx, a_idx])
+    return b_idx, a_idx, pred, target
+
+
+def detection_loss(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor, anchors: Tensor,
+                   labels: BatchLabels, gt_boxes: list[Tensor], *, cls_weight: float = 1.0,
+                   box_weight: float = 1.3, iou_weight: float = 0.5, box_iou_weighted: bool = True,
+                   num_pos: Tensor | None = None) -> dict[str, Tensor]:
+    """PAA's loss. `num_pos` may be given (e.g. averaged over DDP workers); by default this batch's positives."""
+    num_classes = cls_logits.shape[-1]
+    pos = labels.pos
+    if num_pos is None:
+        num_pos = pos.sum().clamp(min=1).to(cls_logits.dtype)
+    valid = ~labels.ignore
+    onehot = F.one_hot(labels.labels.clamp(max=num_classes), num_classes + 1)[..., :num_classes].to(cls_logits.dtype)
+    loss_cls = sigmoid_focal_loss(cls_logits[valid], onehot[valid], alpha=0.25, gamma=2.0, reduction="sum") / num_pos
+
+    b_idx, a_idx, pred, target = _pos_targets(anchors, box_deltas, labels, gt_boxes)
+    if pred is None:
+        zero = box_deltas.sum() * 0 + iou_logits.sum() * 0
+        return {"loss_cls": cls_weight * loss_cls, "loss_box": zero, "loss_iou": zero}
+    iou_target = aligned_iou(pred.detach(), target)
+    loss_iou = F.binary_cross_entropy_with_logits(iou_logits[b_idx, a_idx], iou_target, reduction="sum") / num_pos
+    giou = generalized_box_iou_loss(pred, target, reduction="none")
+    if box_iou_weighted:
+        w = iou_target.clamp(min=1e-6)
+        loss_box = (giou * w).sum() / w.sum()
+    else:
+        loss_box = giou.sum() / num_pos
+    return {"loss_cls": cls_weight * loss_cls, "loss_box": box_weight * loss_box, "loss_iou": iou_weight * loss_iou}
+
+
+def bernoulli_kd(student_logits: Tensor, teacher_prob: Tensor, gamma: float = 0.5) -> Tensor:
+    """Elementwise KL(t || p) between Bernoulli(t) and Bernoulli(sigmoid(student)), times |t - p|^gamma.
+
+    Takes the teacher as a probability (t = sigmoid(teacher logit) in-process, or the streamed fp16 soft label);
+    the student side uses log-sigmoid so saturated logits stay finite. The focal factor is clamped away from 0 so
+    that equal inputs give zero loss and a zero (not NaN) gradient.
+    """
+    t = teacher_prob
+    p = torch.sigmoid(student_logits)
+    kl = torch.xlogy(t, t) - t * F.logsigmoid(student_logits) + \
+        torch.xlogy(1 - t, 1 - t) - (1 - t) * F.logsigmoid(-student_logits)
+    focal = (t - p).abs().clamp(min=1e-12).pow(gamma)
+    return kl * focal
+
+
+def teacher_box_iou(teacher_boxes: Tensor, gt_boxes: list[Tensor]) -> Tensor:
+    """[B,A]: the largest IoU of each teacher box with a GT of its image (0 for images without GT)."""
+    out = teacher_boxes.new_zeros(teacher_boxes.shape[:2])
+    for i, gt in enumerate(gt_boxes):
+        if len(gt):
+            out[i] = box_iou(teacher_boxes[i], gt).amax(1)
+    return out
+
+
+@dataclass
+class SoftTargets:
+    """What the student learns from the teacher in KD/SoLAD: class probabilities on every anchor [B,A,C], and on
+    the anchors (batch index, anchor index) whose teacher box overlaps a GT by more than min_iou: the teacher's
+    box, its IoU-branch probability and that overlap (the weight). Built in-process or decoded from the stream."""
+    cls_prob: Tensor
+    batch_idx: Tensor
+    anchor_idx: Tensor
+    box: Tensor
+    iou_prob: Tensor
+    weight: Tensor
+
+
+def soft_targets(teacher_cls: Tensor, teacher_deltas: Tensor, teacher_iou: Tensor, anchors: Tensor,
+                 gt_boxes: list[Tensor], min_iou: float) -> SoftTargets:
+    teacher_boxes = decode(anchors.expand_as(teacher_deltas), teacher_deltas)
+    overlap = teacher_box_iou(teacher_boxes, gt_boxes)
+    b_idx, a_idx = (overlap > min_iou).nonzero(as_tuple=True)
+    return SoftTargets(torch.sigmoid(teacher_cls), b_idx, a_idx, teacher_boxes[b_idx, a_idx],
+                       torch.sigmoid(teacher_iou[b_idx, a_idx]), overlap[b_idx, a_idx])
+
+
+def soft_label_kd(student_cls: Tensor, student_deltas: Tensor, student_iou: Tensor, targets: SoftTargets,
+                  anchors: Tensor, *, cls_weight: float, iou_weight: float, box_weight: float,
+                  gamma: float = 0.5) -> dict[str, Tensor]:
+    """The official soft-label KD: KL on all anchors and classes; IoU-branch KL and GIoU to the teacher's box on the
+    selected anchors (box term weighted by the overlap); every term averaged by the sum of those overlaps."""
+    w = targets.weight
+    norm = w.sum().clamp(min=1.0)
+    loss_cls = bernoulli_kd(student_cls, targets.cls_prob, gamma).sum() / norm
+    if w.numel() == 0:
+        zero = student_deltas.sum() * 0 + student_iou.sum() * 0
+        return {"kd_cls": cls_weight * loss_cls, "kd_iou": zero, "kd_box": zero}
+    b, a = targets.batch_idx, targets.anchor_idx
+    loss_iou = bernoulli_kd(student_iou[b, a], targets.iou_prob, gamma).sum() / norm
+    student_boxes = decode(anchors[a], student_deltas[b, a])
+    loss_box = (generalized_box_iou_loss(student_boxes, targets.box, reduction="none") * w).sum() / norm
+    return {"kd_cls": cls_weight * loss_cls, "kd_iou": iou_weight * loss_iou, "kd_box": box_weight * loss_box}

@@ -1,0 +1,140 @@
+"""The PAA detector: torchvision ResNet + FPN, and a head with classification, box and IoU branches.
+
+Anchors are one per location (octave base scale 8); outputs are flattened level after level, finest stride first,
+row-major within a level, which is the anchor order of `trainer.anchors.make_anchors` and the assignment contract.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from schemas.config import ModelConfig
+
+RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class HeadOutputs:
+    """Raw network outputs for a batch: cls logits [B,A,C], box deltas [B,A,4], IoU logits [B,A]."""
+    cls_logits: Tensor
+    box_deltas: Tensor
+    iou_logits: Tensor
+    level_sizes: list[tuple[int, int]]
+
+    @property
+    def num_anchors_per_level(self) -> list[int]:
+        return [h * w for h, w in self.level_sizes]
+
+    def detach(self) -> "HeadOutputs":
+        return HeadOutputs(self.cls_logits.detach(), self.box_deltas.detach(), self.iou_logits.detach(),
+                           self.level_sizes)
+
+
+class Scale(nn.Module):
+    """A learnable scalar per level, so one shared box branch can serve every stride."""
+
+    def __init__(self, init: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def _tower(in_ch: int, ch: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Conv2d(in_ch if i == 0 else ch, ch, 3, padding=1), nn.GroupNorm(min(32, ch), ch),
+                   nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class PAAHead(nn.Module):
+    """Shared over levels: a classification tower, and a regression tower feeding both box and IoU outputs."""
+
+    def __init__(self, in_channels: int, num_classes: int, num_levels: int, convs: int, channels: int,
+                 prior_prob: float = 0.01):
+        super().__init__()
+        self.num_classes = num_classes
+        self.cls_tower = _tower(in_channels, channels, convs)
+        self.reg_tower = _tower(in_channels, channels, convs)
+        out_ch = channels if convs > 0 else in_channels
+        self.cls_logits = nn.Conv2d(out_ch, num_classes, 3, padding=1)
+        self.box_deltas = nn.Conv2d(out_ch, 4, 3, padding=1)
+        self.iou_logits = nn.Conv2d(out_ch, 1, 3, padding=1)
+        self.scales = nn.ModuleList(Scale() for _ in range(num_levels))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, features: list[Tensor]) -> HeadOutputs:
+        cls_out, box_out, iou_out = [], [], []
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        for feat, scale in zip(features, self.scales):
+            b = feat.shape[0]
+            cls_feat, reg_feat = self.cls_tower(feat), self.reg_tower(feat)
+            cls_out.append(self.cls_logits(cls_feat).permute(0, 2, 3, 1).reshape(b, -1, self.num_classes))
+            box_out.append(scale(self.box_deltas(reg_feat)).permute(0, 2, 3, 1).reshape(b, -1, 4))
+            iou_out.append(self.iou_logits(reg_feat).permute(0, 2, 3, 1).reshape(b, -1))
+        return HeadOutputs(torch.cat(cls_out, 1), torch.cat(box_out, 1), torch.cat(iou_out, 1), sizes)
+
+
+def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
+    """ResNet (from scratch, or a local torchvision state dict) + torchvision FPN over the configured levels."""
+    body = RESNETS[cfg.depth](weights=None)
+    if cfg.pretrained:
+        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        missing, unexpected = body.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing:
+            raise ValueError(f"model.pretrained {cfg.pretrained}: not ResNet-{cfg.depth} weights "
+                             f"(missing {len(missing)} keys, e.g. {missing[:3]})")
+    c_levels = [lv for lv in cfg.fpn_levels if lv <= 5]
+    channels = [body.inplanes // 8 * 2 ** (lv - 2) for lv in c_levels]  # C2..C5 widths for either block type
+    return_layers = {f"layer{lv - 1}": str(i) for i, lv in enumerate(c_levels)}
+    extra = None
+    if cfg.fpn_levels[-1] > 5:
+        extra = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels)
+    return BackboneWithFPN(body, return_layers, channels, cfg.fpn_channels, extra_blocks=extra)
+
+
+class PAADetector(nn.Module):
+    """Takes uint8 (or float 0-255) images [B,3,S,S], normalises them itself, returns `HeadOutputs`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg)
+        self.head = PAAHead(cfg.fpn_channels, cfg.num_classes, len(cfg.fpn_levels), cfg.head_convs,
+                            cfg.head_channels)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def strides(self) -> list[int]:
+        return self.cfg.strides
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        x = (images.float() - self.mean) / self.std
+        feats: OrderedDict = self.backbone(x)
+        feats = list(feats.values())[: len(self.cfg.fpn_levels)]  # P6/P7 come in pairs; drop an unasked P7
+        return feats
+
+    def forward(self, images: Tensor) -> HeadOutputs:
+        return self.head(self.features(images))
+
+
+def build_model(cfg: ModelConfig) -> PAADetector:
+    return PAADetector(cfg)
