@@ -111,7 +111,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True) -> dict
     ids = np.array([r.image_id for r in data.train.records])
     bar = tqdm(total=steps, initial=engine.step_count, desc=f"{cfg.mode} {cfg.name}", disable=not progress,
                dynamic_ncols=True)
-    last_eval: dict = {}
+    last_eval = {e["network"]: e["stats"] for e in run.read_evals()}  # a finished run resumed reports its last
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -139,11 +139,13 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True) -> dict
                           "images_per_s": round(len(batch["image_ids"]) / max(step_ms + data_wait_ms, 1e-6) * 1e3, 2)}
                 if engine.step_count % cfg.train.log_every == 0 or engine.step_count == 1:
                     run.log(record)
+                    run.set_progress("running", engine.step_count, steps, epoch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", refresh=False)
-                if engine.step_count % cfg.train.checkpoint_every == 0:
-                    save_checkpoint(run.last, checkpoint_payload(engine, cfg, epoch, trained, best))
-                    run.set_progress("running", engine.step_count, steps, epoch)
+                if engine.step_count % cfg.train.checkpoint_every == 0:  # mid-epoch: trained ids make resume exact
+                    epoch_full = len(trained) >= n_images
+                    save_checkpoint(run.last, checkpoint_payload(engine, cfg, epoch + int(epoch_full),
+                                                                 [] if epoch_full else trained, best))
                 if stop.flag or engine.step_count >= steps:
                     break
                 t_wait = time.perf_counter()
@@ -164,10 +166,10 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True) -> dict
                 if ap > best["AP"]:
                     best = {"AP": ap, "step": engine.step_count}
                     save_checkpoint(run.best, checkpoint_payload(engine, cfg, epoch + 1, [], best))
-            next_epoch, trained = (epoch + 1, []) if epoch_done else (epoch, trained)
-            save_checkpoint(run.last, checkpoint_payload(engine, cfg, next_epoch, trained, best))
-            run.set_progress("running", engine.step_count, steps, epoch)
+            if epoch_done:
+                trained = []
             if finished:
+                save_checkpoint(run.last, checkpoint_payload(engine, cfg, epoch + int(epoch_done), trained, best))
                 break
     except BaseException as e:
         run.set_progress("failed", engine.step_count, steps, epoch, error=f"{type(e).__name__}: {e}")

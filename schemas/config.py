@@ -38,6 +38,9 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     depth: Literal[18, 34, 50, 101] = 18
     pretrained: Optional[str] = Field(None, description="local file with torchvision ResNet weights (state dict)")
+    norm: Literal["bn", "frozen_bn", "gn"] = Field(
+        "bn", description="backbone norm: bn (from scratch), frozen_bn (with pretrained weights), gn (same in "
+        "train and eval mode)")
     num_classes: int = Field(10, ge=1)
     fpn_levels: list[int] = Field(default_factory=lambda: [2, 3, 4], description="pyramid levels, e.g. [3,4,5,6,7]")
     fpn_channels: int = Field(64, ge=8)
@@ -95,6 +98,7 @@ class ColearnConfig(_Strict):
     checkpoint_a: Optional[str] = None
     checkpoint_b: Optional[str] = None
     policy: str = Field("auto", description="auto | pin-a | pin-b | alternate:N")
+    seed_b: Optional[int] = Field(None, description="initialisation seed of network B (default: model seed + 1)")
     mode: Literal["inline", "split"] = "inline"
 
     @field_validator("policy")
@@ -146,12 +150,15 @@ class PipelineConfig(_Strict):
     cpus_per_read_task: float = Field(0.25, gt=0)
     prefetch_batches: int = Field(2, ge=0)
     soft_label_floor: float = Field(0.01, ge=0, lt=1, description="KD probabilities below this are sent as 0")
+    max_failures: int = Field(2, ge=0, description="lost Train workers the run recovers from, each time resuming "
+                              "from checkpoints/last.pt (engine ray)")
 
 
 class RunConfig(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     mode: Mode = "paa"
-    seed: int = 0
+    seed: int = Field(0, description="data order, augmentation and (unless model_seed is set) initialisation")
+    model_seed: Optional[int] = Field(None, description="initialisation seed of network A (default: seed)")
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -26,8 +27,9 @@ from services.rundir import RunFiles
 log = logging.getLogger("lad.launcher")
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-DEFAULT_COMMAND = (sys.executable, "-m", "pipeline.run")
-RAY_ENTRYPOINT = "python -m pipeline.run"
+# --quiet: no progress bar; the run's state is in progress.json, and a bar would fill the log files
+DEFAULT_COMMAND = (sys.executable, "-m", "pipeline.run", "--quiet")
+RAY_ENTRYPOINT = "python -m pipeline.run --quiet"
 
 
 class LaunchError(RuntimeError):
@@ -212,19 +214,28 @@ class RayLauncher:
     def _client(self):
         if self._client_obj is None:
             from ray.job_submission import JobSubmissionClient  # imported late: ray is slow to import
-            try:
-                self._client_obj = JobSubmissionClient(self.address, headers=dict(self._headers))
-            except (OSError, RuntimeError, ValueError) as e:
-                raise LaunchError(f"Ray job server {self.address} unreachable: {_one_line(e)}", transient=True) from None
+            self._client_obj = self._call("connect", JobSubmissionClient, self.address,
+                                          headers=dict(self._headers))
         return self._client_obj
 
     def _call(self, what: str, fn, *args, **kwargs):
+        """Run one job-server request; trouble reaching or authenticating to Ray becomes a transient
+        LaunchError (the operator fixes the cluster or the token, runs wait), and the client is rebuilt."""
+        from ray.exceptions import AuthenticationError
         try:
             return fn(*args, **kwargs)
-        except OSError as e:  # connection refused / reset: drop the client so the next call reconnects
+        except OSError as e:  # refused, reset, timed out
             self._client_obj = None
-            raise LaunchError(f"Ray job server {self.address} unreachable during {what}: {_one_line(e)}",
+            raise LaunchError(f"Ray job server {self.address} unreachable ({what}): {_one_line(e)}",
                               transient=True) from None
+        except AuthenticationError as e:
+            self._client_obj = None
+            raise LaunchError(f"Ray job server {self.address} rejected the token ({what}); check --ray-token-file "
+                              f"/ $RAY_AUTH_TOKEN: {_one_line(e)[:200]}", transient=True) from None
+        except RuntimeError as e:
+            if what == "connect":  # e.g. the version check failed: not a Ray job server
+                raise LaunchError(f"Ray job server {self.address} unusable: {_one_line(e)}", transient=True) from None
+            raise
 
     def start(self, rec: RunRecord) -> dict[str, Any]:
         client = self._client()
@@ -236,7 +247,9 @@ class RayLauncher:
             raise
         except RuntimeError as e:
             if "already exists" not in str(e):  # else we submitted it before a crash: adopt it
-                raise LaunchError(f"Ray refused the job: {_one_line(e)}", transient=_auth_error(e)) from None
+                code = _status_code(e)
+                raise LaunchError(f"Ray refused the job: {_one_line(e)}",
+                                  transient=code is not None and code >= 500) from None
         return {"ray_job_id": rec.id, "ray_address": self.address, "pid": None, "pid_start": None}
 
     def observe(self, rec: RunRecord) -> Observation:
@@ -269,10 +282,10 @@ class RayLauncher:
         pass  # Ray escalates to SIGKILL itself
 
 
-def _auth_error(e: Exception) -> bool:
-    """401/403 from the job server: a token problem an operator fixes without re-posting the run."""
-    text = str(e)
-    return "401" in text or "403" in text or "Authentication" in text
+def _status_code(e: Exception) -> Optional[int]:
+    """The HTTP status in the SDK's "Request failed with status code N" errors."""
+    m = re.search(r"status code (\d{3})", str(e))
+    return int(m.group(1)) if m else None
 
 
 def _one_line(e: Exception) -> str:

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from schemas.config import RunConfig
 from trainer.anchors import make_anchors
+from trainer.assigner_core import assign_hard, assign_soft
 from trainer.checkpoint import load_network
 from trainer.labeler import ColadChoice, RolePolicy, candidates, colad_choose, scored_candidates, select
-from trainer.losses import BatchLabels, SoftTargets, detection_loss, soft_label_kd, soft_targets
+from trainer.losses import BatchLabels, SoftTargets, detection_loss, soft_label_kd
 from trainer.model import HeadOutputs, PAADetector, build_model
 
 
@@ -73,22 +74,25 @@ class Engine:
     """Everything one training process holds. `step()` runs one optimisation step of the configured mode."""
 
     def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", total_steps: int = 1,
-                 sync_timing: bool = False):
+                 sync_timing: bool = False, load_teacher: bool = True):
+        """`load_teacher=False`: a student that only runs `step_on_labels` (the assigner service holds the
+        teacher), so the teacher's weights never take the student's memory."""
         self.cfg = cfg
         self.mode = cfg.mode
         self.device = torch.device(device)
         self.total_steps = max(1, total_steps)
         self.sync_timing = sync_timing
-        torch.manual_seed(cfg.seed)
+        seed_a = cfg.seed if cfg.model_seed is None else cfg.model_seed
+        torch.manual_seed(seed_a)
         self.model = self._network("a").to(self.device)
         self.model_b: PAADetector | None = None
         if self.mode == "colad":
-            torch.manual_seed(cfg.seed + 1)
+            torch.manual_seed(seed_a + 1 if cfg.colearn.seed_b is None else cfg.colearn.seed_b)
             self.model_b = self._network("b").to(self.device)
         self.forward_a, self.forward_b = self.model, self.model_b  # DDP wrappers go here (see `wrap`)
         self.teacher: PAADetector | None = None
         self.teacher_version = 0
-        if self.mode in ("lad", "kd", "solad"):
+        if self.mode in ("lad", "kd", "solad") and load_teacher:
             self.teacher, _, self.teacher_version = load_network(cfg.teacher.checkpoint, cfg, "a", self.device)
             self.teacher.eval().requires_grad_(False)
         params = list(self.model.parameters()) + (list(self.model_b.parameters()) if self.model_b else [])
@@ -134,8 +138,7 @@ class Engine:
                               box_iou_weighted=lc.box_iou_weighted)
 
     def soft_targets(self, tout: HeadOutputs, anchors: Tensor, gt_boxes) -> SoftTargets:
-        return soft_targets(tout.cls_logits, tout.box_deltas, tout.iou_logits, anchors, gt_boxes,
-                            self.cfg.distill.min_iou)
+        return assign_soft(self.cfg, tout, anchors, gt_boxes)
 
     def _kd_loss(self, out: HeadOutputs, targets: SoftTargets, anchors: Tensor) -> dict[str, Tensor]:
         d = self.cfg.distill
@@ -160,11 +163,9 @@ class Engine:
         labels, soft = None, None
         if self.mode in ("kd", "solad"):
             soft = self.soft_targets(tout, anchors, gt_boxes)
-        if self.mode != "kd":
-            cand = candidates(anchors, gt_boxes, self.cfg.assign.iou_thr)
+        if self.mode != "kd":  # the same call as the assigner service's (trainer/assigner_core.py)
             scorer = out.detach() if self.mode == "paa" else tout
-            losses = scored_candidates(anchors, scorer, gt_boxes, gt_labels, cand)
-            labels = self._select(losses, cand, nl, gt_labels)
+            labels = assign_hard(self.cfg, scorer, anchors, nl, gt_boxes, gt_labels)
             timer.lap("assign_ms")
         return self._finish(out, anchors, labels, gt_boxes, soft, timer)
 
@@ -187,8 +188,8 @@ class Engine:
         total = sum(losses.values())
         self._backward(total)
         timer.lap("backward_ms")
-        metrics = {k: float(v) for k, v in losses.items()}
-        metrics["loss"] = float(total)
+        metrics = {k: float(v.detach()) for k, v in losses.items()}
+        metrics["loss"] = float(total.detach())
         if labels is not None:
             metrics["num_pos"] = int(labels.pos.sum())
         return StepResult(self._stamp(metrics, timer), labels=labels)
@@ -210,8 +211,8 @@ class Engine:
         total_a, total_b = sum(la.values()), sum(lb.values())
         self._backward(total_a + total_b)
         timer.lap("backward_ms")
-        metrics = {f"{k}_a": float(v) for k, v in la.items()} | {f"{k}_b": float(v) for k, v in lb.items()}
-        metrics.update(loss=float(total_a + total_b), loss_a=float(total_a), loss_b=float(total_b),
+        metrics = {f"{k}_a": float(v.detach()) for k, v in la.items()} | {f"{k}_b": float(v.detach()) for k, v in lb.items()}
+        metrics.update(loss=float((total_a + total_b).detach()), loss_a=float(total_a.detach()), loss_b=float(total_b.detach()),
                        num_pos=int(labels.pos.sum()), teacher_ratio=choice.teacher_ratio(), policy=self.policy.name)
         for name, ls in (("a", losses_a), ("b", losses_b)):
             vals = torch.cat([l[c >= 0] for l, c in zip(ls, cand)])

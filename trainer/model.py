@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from schemas.config import ModelConfig
@@ -92,7 +93,9 @@ class PAAHead(nn.Module):
 
 def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
     """ResNet (from scratch, or a local torchvision state dict) + torchvision FPN over the configured levels."""
-    body = RESNETS[cfg.depth](weights=None)
+    norm_layer = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d,
+                  "gn": lambda c: nn.GroupNorm(32, c)}[cfg.norm]
+    body = RESNETS[cfg.depth](weights=None, norm_layer=norm_layer)
     if cfg.pretrained:
         state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state

@@ -1,0 +1,106 @@
+"""Time one training step of every mode side by side, with the same student, and print ratios to PAA-alone.
+
+Each step is split into the student's forward, the teacher's forward, label assignment and backward(+optimizer);
+on a GPU the sections are synchronised so the split is honest. Random images with realistic GT counts; the
+networks are untrained (assignment cost does not depend on training). Writes JSON (--out).
+
+    python bench/steps.py                                   # digits scale on this machine's device
+    python bench/steps.py --input-size 512 --student-depth 50 --teacher-depth 101 --levels 3,4,5,6,7 --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schemas.config import config_from_dict  # noqa: E402
+from trainer.checkpoint import save_checkpoint  # noqa: E402
+from trainer.engine import Engine, pick_device  # noqa: E402
+from trainer.model import build_model  # noqa: E402
+
+SECTIONS = ["forward_ms", "teacher_ms", "assign_ms", "backward_ms"]
+
+
+def random_batch(batch: int, size: int, gt_range: tuple[int, int], seed: int, device):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
+    boxes, labels = [], []
+    for _ in range(batch):
+        n = int(torch.randint(gt_range[0], gt_range[1] + 1, (1,), generator=g))
+        wh = (torch.rand(n, 2, generator=g) * 0.35 + 0.08) * size
+        xy = torch.rand(n, 2, generator=g) * (size - wh)
+        boxes.append(torch.cat([xy, xy + wh], 1).to(device))
+        labels.append(torch.randint(0, 10, (n,), generator=g).to(device))
+    return images.to(device), boxes, labels
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input-size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--student-depth", type=int, default=18)
+    ap.add_argument("--teacher-depth", type=int, default=34)
+    ap.add_argument("--levels", default="2,3,4", help="FPN levels, e.g. 3,4,5,6,7")
+    ap.add_argument("--channels", type=int, default=64, help="FPN and head width")
+    ap.add_argument("--head-convs", type=int, default=2)
+    ap.add_argument("--gt", default="2,5", help="GT boxes per image: min,max")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per mode (after 2 warm-up steps)")
+    ap.add_argument("--modes", default="paa,lad,kd,solad,colad")
+    ap.add_argument("--gmm", default="torch", choices=["torch", "sklearn"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="bench/results/steps.json")
+    a = ap.parse_args()
+    device = pick_device(a.device)
+    levels = [int(x) for x in a.levels.split(",")]
+    model = dict(fpn_levels=levels, fpn_channels=a.channels, head_channels=a.channels, head_convs=a.head_convs)
+    base = {"data": {"input_size": a.input_size}, "model": {**model, "depth": a.student_depth},
+            "assign": {"gmm": a.gmm}, "train": {"warmup_steps": 0}}
+    tmp = tempfile.mkdtemp()
+    teacher_cfg = config_from_dict({**base, "model": {**model, "depth": a.teacher_depth}})
+    teacher_path = Path(tmp) / "teacher.pt"
+    save_checkpoint(teacher_path, {"config": teacher_cfg.to_dict(),
+                                   "models": {"a": build_model(teacher_cfg.model).state_dict()}})
+    gt_range = tuple(int(x) for x in a.gt.split(","))
+    batches = [random_batch(a.batch, a.input_size, gt_range, s, device) for s in range(a.steps + 2)]
+    results = {}
+    for mode in a.modes.split(","):
+        extra = {"teacher": {"checkpoint": str(teacher_path)}} if mode in ("lad", "kd", "solad") else {}
+        if mode == "colad":
+            extra = {"colearn": {"model_b": {**model, "depth": a.teacher_depth}}}
+        cfg = config_from_dict({**base, "mode": mode, **extra})
+        engine = Engine(cfg, device, total_steps=1000, sync_timing=True)
+        times = []
+        for i, (images, boxes, labels) in enumerate(batches):
+            t0 = time.perf_counter()
+            res = engine.step(images, boxes, labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append({"step_ms": (time.perf_counter() - t0) * 1000,
+                              **{k: res.metrics.get(k, 0.0) for k in SECTIONS}})
+        results[mode] = {k: statistics.median(t[k] for t in times) for k in ["step_ms"] + SECTIONS}
+        print(f"{mode:6s} " + "  ".join(f"{k[:-3]} {v:8.1f} ms" for k, v in results[mode].items()), flush=True)
+    paa = results.get("paa", {}).get("step_ms")
+    if paa:
+        print("\nratio to PAA-alone step: " + ", ".join(f"{m} {r['step_ms'] / paa:.2f}x" for m, r in results.items()))
+        for r in results.values():
+            r["ratio_to_paa"] = r["step_ms"] / paa
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "args": vars(a), "command": " ".join(sys.argv)}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"env": env, "results": results}, indent=1))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

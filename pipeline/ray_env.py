@@ -1,0 +1,146 @@
+"""Where the pipeline's Ray runs, what it may use, and the small actor that watches the stream.
+
+Which Ray: `pipeline.ray_address` if set; else `RAY_ADDRESS` (set by `ray job submit` for its entrypoint);
+else a private local Ray started in this process with `ray.init(address="local")`, so a cluster someone left
+running on this machine never captures a local run. A Ray this module started is shut down by it.
+
+Resources (see docs/pipeline.md, "Sizing"): every Ray process the pipeline starts asks for the fractional
+CPUs/GPUs of the config, and Ray Data gets an explicit budget = the cluster minus what the Train workers hold,
+because Ray's defaults (a whole CPU for each task, actor and worker) deadlock a 2-core machine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import ray
+
+from schemas.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class PipelineResourceError(ConfigError):
+    """The configured pool and workers cannot fit the Ray cluster; the message says what to change."""
+
+
+def connect(cfg: RunConfig, *, num_cpus: Optional[float] = None) -> bool:
+    """Make sure Ray is initialised for this run. Returns True when this call started it (then call `shutdown`)."""
+    if ray.is_initialized():
+        return False
+    address = cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")
+    common = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    if address:
+        # An existing cluster (`ray job submit`, or pipeline.ray_address). Token auth: the token comes from
+        # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token, as for every Ray client (docs/pipeline.md).
+        ray.init(address=address, **common)
+    else:
+        init_local(num_cpus=num_cpus, **common)
+    return True
+
+
+def init_local(num_cpus: Optional[float] = None, object_store_memory: Optional[int] = None, **kwargs) -> None:
+    """A private Ray in this process (never an existing cluster), whose workers import this project."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)}
+    # The dashboard stays on: Ray Train V2's controller reads actor states through it (state API).
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=object_store_memory,
+             runtime_env={"env_vars": env}, **kwargs)
+
+
+def shutdown(started: bool) -> None:
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the run asks of the cluster, checked against what the cluster has."""
+    cluster_cpus: float
+    cluster_gpus: float
+    train_cpus: float
+    train_gpus: float
+    data_cpus: float
+    data_gpus: float
+
+
+def budget(cfg: RunConfig, needs_assigners: bool) -> Budget:
+    """Check that the Train workers, the assigner pool and at least one read task fit, before anything starts
+    (Ray would otherwise wait forever for a resource that never frees)."""
+    p = cfg.pipeline
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    train_cpus, train_gpus = p.num_workers * p.cpus_per_worker, p.num_workers * p.gpus_per_worker
+    pool_cpus = p.assigners * p.cpus_per_assigner if needs_assigners else 0.0
+    pool_gpus = p.assigners * p.gpus_per_assigner if needs_assigners else 0.0
+    need_cpus = train_cpus + pool_cpus + p.cpus_per_read_task
+    problems = []
+    if need_cpus > cpus + 1e-9:
+        problems.append(
+            f"CPU: {p.num_workers} workers x {p.cpus_per_worker} + {p.assigners if needs_assigners else 0} "
+            f"assigners x {p.cpus_per_assigner} + one read task x {p.cpus_per_read_task} = {need_cpus:g} "
+            f"> {cpus:g} in the cluster; lower pipeline.cpus_per_worker / cpus_per_assigner / assigners")
+    if train_gpus + pool_gpus > gpus + 1e-9:
+        problems.append(f"GPU: workers need {train_gpus:g} and assigners {pool_gpus:g} but the cluster has "
+                        f"{gpus:g}; set pipeline.gpus_per_worker / gpus_per_assigner to 0 (CPU) or fewer")
+    if problems:
+        raise PipelineResourceError("the pipeline does not fit the Ray cluster: " + "; ".join(problems))
+    return Budget(cpus, gpus, train_cpus, train_gpus, cpus - train_cpus, gpus - train_gpus)
+
+
+def configure_data_context(cfg: RunConfig, b: Budget):
+    """Ray Data settings of the stream: ordered output, the CPU/GPU budget left by the Train workers, a bounded
+    object-store share. Returns the ExecutionOptions the Train ingest must use (Train copies them per shard)."""
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True
+    limits = ExecutionResources(cpu=b.data_cpus, gpu=b.data_gpus)
+    ctx.execution_options.resource_limits = limits
+    return ExecutionOptions(resource_limits=limits, preserve_order=True)
+
+
+@ray.remote(num_cpus=0)
+class StreamMonitor:
+    """Counters of the stream (the assigners report batches done, the trainer batches consumed), the stop
+    request of the driver (SIGTERM), and the final result of the run. Tiny, zero-CPU, one per run."""
+
+    def __init__(self):
+        self.n_assigned = 0
+        self.assign_ms = 0.0
+        self.n_consumed = 0
+        self.stop = False
+        self.result: dict = {}
+
+    def reset_counters(self) -> None:
+        """A new attempt (after a lost worker) starts a new stream."""
+        self.n_assigned, self.assign_ms, self.n_consumed = 0, 0.0, 0
+
+    def report_assigned(self, batches: int, ms: float) -> None:
+        self.n_assigned += batches
+        self.assign_ms += ms
+
+    def report_consumed(self, batches: int) -> None:
+        self.n_consumed += batches
+
+    def backlog(self) -> int:
+        """Batches assigned and not yet trained on: the stream's queue depth (prefetched + in flight)."""
+        return self.n_assigned - self.n_consumed
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def should_stop(self) -> bool:
+        return self.stop
+
+    def set_result(self, result: dict) -> None:
+        self.result = result
+
+    def snapshot(self) -> dict:
+        return {"assigned": self.n_assigned, "consumed": self.n_consumed, "stop": self.stop,
+                "assign_ms_total": self.assign_ms, "result": self.result}

@@ -1,0 +1,104 @@
+"""The training step of every mode: who assigns, exact equivalences between modes, and role policies.
+
+Networks use GroupNorm in these tests (`model.norm=gn`) so that a network's outputs are the same in train and
+eval mode: a frozen teacher runs in eval mode, a student in train mode, and the equivalences below are exact.
+"""
+import pytest
+import torch
+
+from schemas.config import config_from_dict
+from trainer.checkpoint import save_checkpoint
+from trainer.engine import Engine
+from trainer.labeler import RolePolicy
+
+TINY = {"depth": 18, "norm": "gn", "fpn_levels": [3, 4], "fpn_channels": 32, "head_channels": 32, "head_convs": 1}
+
+
+def _cfg(mode="paa", **extra):
+    return config_from_dict({"mode": mode, "data": {"input_size": 64}, "model": TINY,
+                             "train": {"warmup_steps": 0, "lr": 0.01}, **extra})
+
+
+def _batch(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 64, 64), generator=g, dtype=torch.uint8)
+    boxes = [torch.tensor([[4., 6., 30., 34.], [30., 28., 60., 62.]]), torch.tensor([[10., 10., 22., 20.]]),
+             torch.zeros(0, 4)][:n]
+    labels = [torch.tensor([1, 7]), torch.tensor([3]), torch.zeros(0, dtype=torch.long)][:n]
+    return images, boxes, labels
+
+
+def _teacher_from(tmp_path, name, cfg, model):
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, {"config": cfg.to_dict(), "models": {"a": model.state_dict()}})
+    return str(path)
+
+
+def _same(l1, l2):
+    return (torch.equal(l1.labels, l2.labels) and torch.equal(l1.gt_index, l2.gt_index)
+            and torch.equal(l1.ignore, l2.ignore))
+
+
+def test_lad_with_identical_teacher_is_paa_self_assignment(tmp_path):
+    paa = Engine(_cfg("paa"))
+    teacher = _teacher_from(tmp_path, "t", paa.cfg, paa.model)
+    lad = Engine(_cfg("lad", teacher={"checkpoint": teacher}))
+    batch = _batch()
+    r_paa, r_lad = paa.step(*batch), lad.step(*batch)
+    assert r_paa.labels.pos.sum() > 0
+    assert _same(r_paa.labels, r_lad.labels)
+    # the first step's losses match too: same student init, same labels
+    assert r_paa.metrics["loss"] == pytest.approx(r_lad.metrics["loss"], rel=1e-6)
+
+
+def test_lad_follows_the_teacher_not_the_student(tmp_path):
+    other = Engine(_cfg("paa", model_seed=123))
+    teacher = _teacher_from(tmp_path, "t", other.cfg, other.model)
+    lad = Engine(_cfg("lad", teacher={"checkpoint": teacher}))
+    own = Engine(_cfg("paa"))
+    batch = _batch()
+    r_lad, r_other, r_own = lad.step(*batch), other.step(*batch), own.step(*batch)
+    assert _same(r_lad.labels, r_other.labels)
+    assert not _same(r_lad.labels, r_own.labels)
+
+
+@pytest.mark.parametrize("policy,which", [("pin-a", "a"), ("pin-b", "b")])
+def test_colad_pinned_equals_lad_with_that_teacher(tmp_path, policy, which):
+    colad = Engine(_cfg("colad", colearn={"policy": policy}))
+    net = colad.model if which == "a" else colad.model_b
+    teacher = _teacher_from(tmp_path, which, colad.cfg, net)
+    lad = Engine(_cfg("lad", teacher={"checkpoint": teacher}))
+    batch = _batch()
+    r_colad, r_lad = colad.step(*batch), lad.step(*batch)
+    assert _same(r_colad.labels, r_lad.labels)
+    assert r_colad.metrics["teacher_ratio"] == (1.0 if which == "b" else 0.0)
+
+
+def test_colad_auto_mixes_and_logs_per_level_ratio():
+    colad = Engine(_cfg("colad"))
+    r = colad.step(*_batch())
+    m = r.metrics
+    assert 0.0 <= m["teacher_ratio"] <= 1.0
+    assert len(m["teacher_ratio_by_level"]) == 2
+    for k in ("loss_a", "loss_b", "cand_loss_mean_a", "cand_loss_std_b"):
+        assert k in m
+
+
+def test_role_policies():
+    assert RolePolicy("auto").pinned(5) is None
+    assert [RolePolicy("alternate:2").pinned(s) for s in range(6)] == ["a", "a", "b", "b", "a", "a"]
+    with pytest.raises(ValueError):
+        RolePolicy("sometimes")
+
+
+@pytest.mark.parametrize("mode", ["kd", "solad"])
+def test_distillation_modes_train(tmp_path, mode):
+    paa = Engine(_cfg("paa", model_seed=9))
+    teacher = _teacher_from(tmp_path, "t", paa.cfg, paa.model)
+    eng = Engine(_cfg(mode, teacher={"checkpoint": teacher}))
+    before = [p.detach().clone() for p in eng.model.parameters()]
+    m = eng.step(*_batch()).metrics
+    assert {"kd_cls", "kd_iou", "kd_box"} <= set(m)
+    assert ("loss_cls" in m) == (mode == "solad")
+    assert any(not torch.equal(b, p) for b, p in zip(before, eng.model.parameters()))
+    assert all(not p.requires_grad for p in eng.teacher.parameters())

@@ -1,0 +1,58 @@
+"""Losses: the soft-label KD against a direct float64 formula, and PAA's detection loss on a hand-made case."""
+import torch
+
+from trainer.losses import BatchLabels, SoftTargets, aligned_iou, bernoulli_kd, detection_loss, soft_label_kd
+
+
+def test_kd_is_zero_with_zero_gradient_when_student_equals_teacher():
+    logits = torch.randn(2, 50, 10, dtype=torch.float64, requires_grad=True)
+    loss = bernoulli_kd(logits, torch.sigmoid(logits.detach()), 0.5).sum()
+    loss.backward()
+    assert abs(loss.item()) < 1e-12
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() < 1e-6
+
+
+def test_kd_matches_direct_float64_formula():
+    torch.manual_seed(0)
+    s = torch.randn(1000, dtype=torch.float64) * 3
+    t_logit = torch.randn(1000, dtype=torch.float64) * 3
+    t, p = torch.sigmoid(t_logit), torch.sigmoid(s)
+    direct = (t * torch.log(t / p) + (1 - t) * torch.log((1 - t) / (1 - p))) * (t - p).abs() ** 0.5
+    ours = bernoulli_kd(s.float(), t.float(), 0.5).double()
+    assert torch.allclose(ours, direct, rtol=1e-4, atol=1e-6)
+
+
+def test_soft_label_kd_terms_and_normalisation():
+    torch.manual_seed(0)
+    anchors = torch.tensor([[0., 0., 10., 10.], [5., 5., 15., 15.]])
+    cls = torch.randn(1, 2, 3)
+    deltas = torch.zeros(1, 2, 4)
+    iou = torch.zeros(1, 2)
+    targets = SoftTargets(torch.sigmoid(cls), torch.tensor([0]), torch.tensor([1]), anchors[1:].clone(),
+                          torch.tensor([0.5]), torch.tensor([0.8]))
+    out = soft_label_kd(cls, deltas, iou, targets, anchors, cls_weight=1, iou_weight=1, box_weight=1)
+    assert out["kd_cls"].abs() < 1e-9          # student class outputs equal the teacher's
+    assert out["kd_iou"].abs() < 1e-9          # sigmoid(0) == 0.5
+    assert out["kd_box"].abs() < 1e-6          # zero deltas decode to the anchor == teacher box
+    targets.box = torch.tensor([[5., 5., 25., 25.]])  # GIoU 0.25 -> loss 0.75, weighted 0.8, normalised by 1
+    out = soft_label_kd(cls, deltas, iou, targets, anchors, cls_weight=1, iou_weight=1, box_weight=2)
+    assert torch.isclose(out["kd_box"], torch.tensor(2 * 0.75 * 0.8 / 1.0))
+
+
+def test_detection_loss_perfect_box_and_ignore():
+    anchors = torch.tensor([[0., 0., 10., 10.], [20., 20., 30., 30.], [40., 40., 50., 50.]])
+    gt = [torch.tensor([[0., 0., 10., 10.]])]
+    labels = BatchLabels(torch.tensor([[1, 2, 2]]), torch.tensor([[0, -1, -1]]), torch.tensor([[False, False, True]]))
+    cls = torch.full((1, 3, 2), -20.0)
+    cls[0, 0, 1] = 20.0
+    cls[0, 2, 0] = 20.0  # a confident false positive on an ignored anchor costs nothing
+    out = detection_loss(cls, torch.zeros(1, 3, 4), torch.full((1, 3), 20.0), anchors, labels, gt)
+    assert out["loss_cls"] < 1e-6 and out["loss_box"].abs() < 1e-6 and out["loss_iou"] < 1e-6
+    labels.ignore[0, 2] = False
+    assert detection_loss(cls, torch.zeros(1, 3, 4), torch.full((1, 3), 20.0), anchors, labels, gt)["loss_cls"] > 1
+
+
+def test_aligned_iou():
+    a = torch.tensor([[0., 0., 10., 10.], [0., 0., 10., 10.]])
+    b = torch.tensor([[0., 0., 10., 10.], [5., 0., 15., 10.]])
+    assert torch.allclose(aligned_iou(a, b), torch.tensor([1.0, 1 / 3]))

@@ -1,0 +1,193 @@
+"""The assignment service's pieces without Ray: the batch plan, the read and assigner stages called in-process,
+the stream decode, and the equality of the streamed assignment with the in-process LAD assignment."""
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, plan_batches, read_batch
+from pipeline.coco import load_coco
+from pipeline.dataset import DetectionDataset, collate
+from pipeline.local import epoch_order
+from pipeline.stream import plan_run, total_steps
+from pipeline.stream_testing import make_data, make_teacher, tiny_config
+from schemas.assignment import SchemaMismatch
+from trainer.assigner_core import assign_hard, labels_to_sparse, soft_fill, sparse_to_labels
+from trainer.engine import Engine
+from trainer.losses import soft_label_kd
+from trainer.worker import decode_stream_batch, split_batches
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    data = make_data(root / "data")
+    teacher = make_teacher(tiny_config(data, root / "runs", mode="paa"), root / "teacher.pt")
+    return root, data, teacher
+
+
+def streamed_and_local(cfg, epoch=1, size=4):
+    """One training batch both ways: the in-process loader's, and through read_batch + TeacherAssigner."""
+    torch.set_num_threads(1)
+    coco = load_coco(cfg.data.train)
+    ds = DetectionDataset(coco, cfg.data.input_size, train=True, seed=cfg.seed, flip_prob=cfg.data.flip_prob)
+    ds.set_epoch(epoch)
+    order = [int(i) for i in epoch_order(len(coco.records), cfg.seed, epoch)[:size]]
+    local = collate([ds[i] for i in order])
+    spec = StreamSpec.of(cfg)
+    table = read_batch(pa.Table.from_pylist(batch_items(coco.records, epoch, [order])), spec=spec, seed=cfg.seed,
+                       flip_prob=cfg.data.flip_prob)
+    out = TeacherAssigner(cfg.to_dict())(table)
+    streamed = decode_stream_batch(out, spec.anchor_hash, spec.num_anchors, spec.num_classes, torch.device("cpu"),
+                                   hard=cfg.mode in ("lad", "solad"), soft=cfg.mode in ("kd", "solad"))
+    return local, streamed, out
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+@pytest.mark.parametrize("n,batch,workers", [(24, 4, 1), (24, 5, 2), (23, 4, 3), (3, 4, 2), (10, 3, 4)])
+def test_plan_batches_takes_every_image_once_and_splits_the_rest_evenly(n, batch, workers):
+    order = list(np.random.default_rng(n).permutation(n))
+    batches = plan_batches(order, batch, workers)
+    assert [i for b in batches for i in b] == order           # every image once, in the epoch's order
+    assert all(0 < len(b) <= batch for b in batches)
+    full = n // (batch * workers) * workers
+    assert all(len(b) == batch for b in batches[:full])
+    rest = [len(b) for b in batches[full:]]
+    assert len(rest) <= workers and (not rest or max(rest) - min(rest) <= 1)
+
+
+def test_plan_with_one_worker_is_the_in_process_batching():
+    order = list(range(10))
+    assert plan_batches(order, 4, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_plan_run_skips_trained_ids_and_stops_at_the_step_budget(tiny):
+    root, data, teacher = tiny
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, train={"epochs": 3, "batch_size": 5},
+                      pipeline={"num_workers": 2})
+    records = load_coco(cfg.data.train).records
+    n = len(records)
+    assert total_steps(cfg, n) == 3 * -(-n // 10)
+    trained = [records[int(i)].image_id for i in epoch_order(n, cfg.seed, 1)[:7]]
+    items = plan_run(cfg, records, 1, trained, remaining_steps=4)
+    first = [i for it in items if it["epoch"] == 1 for i in it["image_id"]]
+    assert sorted(first + trained) == sorted(r.image_id for r in records)  # the rest of epoch 1, nothing twice
+    assert not set(first) & set(trained)
+    epochs = [it["epoch"] for it in items]
+    assert epochs == sorted(epochs) and set(epochs) == {1, 2}
+    # 17 left in epoch 1 -> 2 steps (10 + 4+3); 2 more steps of epoch 2 -> 4 batches of 5
+    assert [len(it["image_id"]) for it in items if it["epoch"] == 2] == [5, 5, 5, 5]
+
+
+# ----------------------------------------------------------------------------------------------- equivalence
+
+def test_streamed_lad_assignment_equals_in_process(tiny):
+    """Same batch, same teacher weights: the assignment that reaches the student through the stream is the one
+    Engine.step computes in-process, bit for bit (labels, GT index, ignores), and so are the images and GT."""
+    root, data, teacher = tiny
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher)
+    local, streamed, _ = streamed_and_local(cfg)
+    assert streamed.image_ids == [int(i) for i in local["image_ids"]]
+    assert torch.equal(streamed.images, local["images"]) and streamed.images.is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(streamed.gt_boxes, local["boxes"]))
+    assert all(torch.equal(a, b) for a, b in zip(streamed.gt_labels, local["labels"]))
+    engine = Engine(cfg, "cpu", 10)
+    result = engine.step(local["images"], local["boxes"], local["labels"])   # the in-process LAD step
+    ref = result.labels
+    assert int(ref.pos.sum()) > 0
+    for name in ("labels", "gt_index", "ignore"):
+        assert torch.equal(getattr(streamed.labels, name), getattr(ref, name)), name
+    assert streamed.teacher_version == 0 and streamed.assign_ms > 0
+
+
+@pytest.mark.parametrize("mode", ["kd", "solad"])
+def test_streamed_soft_labels_are_exact_but_for_the_floor_and_fp16(tiny, mode):
+    root, data, teacher = tiny
+    floor = 0.01
+    cfg = tiny_config(data, root / "runs", mode=mode, teacher=teacher, pipeline={"soft_label_floor": floor})
+    local, streamed, out = streamed_and_local(cfg)
+    engine = Engine(cfg, "cpu", 10)
+    with torch.no_grad():
+        tout = engine.teacher(local["images"])
+        anchors, nl = engine.anchors(tout.level_sizes)
+        ref = engine.soft_targets(tout, anchors, local["boxes"])
+        student = engine.model(local["images"])
+    s = streamed.soft
+    for name in ("batch_idx", "anchor_idx", "box", "iou_prob", "weight"):
+        assert torch.equal(getattr(s, name), getattr(ref, name)), name
+    sent = ref.cls_prob >= floor
+    err = (s.cls_prob - ref.cls_prob).abs()
+    assert (err[sent] <= ref.cls_prob[sent] * 2 ** -11 + 1e-7).all()   # fp16 rounding where sent
+    assert (err[~sent] < floor).all()                                   # the fill is off by < floor elsewhere
+    fill = soft_fill(ref.cls_prob, floor).float()
+    assert torch.allclose(s.cls_prob[~sent], fill[:, None, :].expand_as(ref.cls_prob)[~sent])
+    d = cfg.distill
+    kw = dict(cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight, gamma=d.gamma)
+    dense = soft_label_kd(student.cls_logits, student.box_deltas, student.iou_logits, ref, anchors, **kw)
+    sparse = soft_label_kd(student.cls_logits, student.box_deltas, student.iou_logits, s, anchors, **kw)
+    # untrained teacher and student (both near the 0.01 prior): the hardest case for a floor; see decisions.md
+    assert abs(float(sparse["kd_cls"]) - float(dense["kd_cls"])) <= 0.15 * abs(float(dense["kd_cls"])) + 1e-4
+    assert torch.equal(sparse["kd_box"], dense["kd_box"]) and torch.equal(sparse["kd_iou"], dense["kd_iou"])
+    if mode == "solad":
+        ref_labels = Engine(cfg, "cpu", 10).step(local["images"], local["boxes"], local["labels"]).labels
+        assert torch.equal(streamed.labels.gt_index, ref_labels.gt_index)
+    assert out.column("soft_prob").type == pa.list_(pa.float16())
+
+
+def test_sparse_labels_round_trip():
+    g = torch.Generator().manual_seed(0)
+    gt_index = torch.randint(-1, 3, (3, 50), generator=g)
+    gt_labels = [torch.tensor([4, 7, 1]), torch.tensor([0, 0, 9]), torch.tensor([2, 3, 5])]
+    ignore = torch.rand(3, 50, generator=g) < 0.1
+    labels = torch.full((3, 50), 10)
+    for i in range(3):
+        pos = gt_index[i] >= 0
+        labels[i, pos] = gt_labels[i][gt_index[i, pos]]
+    from trainer.losses import BatchLabels
+    sparse = labels_to_sparse(BatchLabels(labels, gt_index, ignore))
+    back = sparse_to_labels(*zip(*sparse), gt_labels, 50, 10)
+    assert torch.equal(back.labels, labels) and torch.equal(back.gt_index, gt_index)
+    assert torch.equal(back.ignore, ignore)
+
+
+# ----------------------------------------------------------------------------------------------- the stream
+
+def test_a_block_of_several_batches_is_split_back_into_them(tiny):
+    root, data, teacher = tiny
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher)
+    coco = load_coco(cfg.data.train)
+    spec = StreamSpec.of(cfg)
+    items = batch_items(coco.records, 0, [[0, 1, 2], [3, 4], [5]])
+    table = read_batch(pa.Table.from_pylist(items), spec=spec, seed=0, flip_prob=0.5)
+    parts = split_batches(table)
+    assert [p.num_rows for p in parts] == [3, 2, 1]
+    assigned = TeacherAssigner(cfg.to_dict())(table)
+    assert [p.column("image_id").to_pylist() for p in split_batches(assigned)] == \
+        [[coco.records[i].image_id for i in b] for b in ([0, 1, 2], [3, 4], [5])]
+
+
+def test_decode_refuses_a_stream_for_other_anchors(tiny):
+    root, data, teacher = tiny
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher)
+    _, _, out = streamed_and_local(cfg, size=2)
+    other = StreamSpec.of(tiny_config(data, root / "runs", mode="lad", teacher=teacher, input_size=96))
+    with pytest.raises(SchemaMismatch, match="anchor hash"):
+        decode_stream_batch(out, other.anchor_hash, other.num_anchors, other.num_classes, torch.device("cpu"),
+                            hard=True, soft=False)
+
+
+def test_resource_budget_error_names_the_knobs(monkeypatch, tiny):
+    import ray
+
+    from pipeline import ray_env
+
+    root, data, teacher = tiny
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher,
+                      pipeline={"num_workers": 2, "assigners": 3, "cpus_per_worker": 1, "cpus_per_assigner": 1})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ray_env.PipelineResourceError, match="cpus_per_worker"):
+        ray_env.budget(cfg, needs_assigners=True)
+    ok = tiny_config(data, root / "runs", mode="lad", teacher=teacher, pipeline={"num_workers": 1, "assigners": 2})
+    b = ray_env.budget(ok, needs_assigners=True)
+    assert b.data_cpus == pytest.approx(1.5) and b.train_cpus == pytest.approx(0.5)

@@ -1,0 +1,189 @@
+"""The assignment service end to end on a private 2-CPU local Ray (one session for the module): the same losses
+as in-process LAD, and every image exactly once per epoch with 2 workers, a killed assigner actor, a killed
+Train worker, a SIGTERM stop and a resume. Image ids are counted from per-step traces the workers write."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.stream_testing import make_data, make_teacher, tiny_config
+from trainer.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from pipeline.ray_env import init_local
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already initialised in this process")
+    init_local(num_cpus=2, object_store_memory=200 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream_ray")
+    data = make_data(root / "data")
+    teacher = make_teacher(tiny_config(data, root / "runs", mode="paa"), root / "teacher.pt")
+    return root, data, teacher
+
+
+def traced_ids(trace_dir: Path) -> dict[int, Counter]:
+    """epoch -> Counter of image ids trained in it (from every rank's trace)."""
+    per_epoch: dict[int, Counter] = defaultdict(Counter)
+    for path in trace_dir.glob("trace.rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            per_epoch[rec["epoch"]].update(rec["ids"])
+    return per_epoch
+
+
+def assert_exactly_once(trace_dir: Path, all_ids: set, epochs: int) -> None:
+    per_epoch = traced_ids(trace_dir)
+    assert sorted(per_epoch) == list(range(epochs))
+    for epoch, counts in per_epoch.items():
+        assert set(counts) == all_ids, f"epoch {epoch}: missing {sorted(all_ids - set(counts))}"
+        twice = {i: c for i, c in counts.items() if c != 1}
+        assert not twice, f"epoch {epoch}: trained more than once: {twice}"
+
+
+def image_ids(data: Path) -> set:
+    return {im["id"] for im in json.loads((data / "train.json").read_text())["images"]}
+
+
+def test_lad_through_the_service_trains_like_in_process(ray_session, tiny):
+    """20 deterministic CPU steps (4 epochs of 6 batches, mid-epoch end), 1 worker: the same losses, the same
+    assignment (num_pos), the same weights, evaluations and checkpoint progress as the in-process run."""
+    from pipeline.local import train as local_train
+    from pipeline.stream import train as stream_train
+
+    root, data, teacher = tiny
+    sections = dict(train={"epochs": 4, "max_steps": 20, "eval_every": 2, "checkpoint_every": 5})
+    local_cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, **sections)
+    local_cfg.name = "equal_local"
+    ray_cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, **sections)
+    ray_cfg.name = "equal_ray"
+    ray_cfg.pipeline.engine = "ray"
+    local_eval = local_train(local_cfg, progress=False)
+    threads = torch.get_num_threads()
+    ray_eval = stream_train(ray_cfg, progress=False)
+    torch.set_num_threads(threads)
+
+    def steps(cfg):
+        return [m for m in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+    a, b = steps(local_cfg), steps(ray_cfg)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 21))
+    for x, y in zip(a, b):
+        for key in ("loss", "loss_cls", "loss_box", "loss_iou", "num_pos", "lr", "epoch"):
+            assert x[key] == y[key], (x["step"], key, x[key], y[key])
+    assert all(m["data_wait_ms"] >= 0 and m["assign_ms"] > 0 and m["teacher_lag"] == 0 for m in b)
+    assert ray_eval == local_eval and ray_eval["a"]["AP"] >= 0
+    evals = [json.loads((c.run_dir / "eval.json").read_text()) for c in (local_cfg, ray_cfg)]
+    assert evals[0] == evals[1] and [e["epoch"] for e in evals[0]] == [1, 3]
+    ca, cb = load_checkpoint(local_cfg.run_dir / "checkpoints/last.pt"), load_checkpoint(ray_cfg.run_dir /
+                                                                                         "checkpoints/last.pt")
+    assert ca["step"] == cb["step"] == 20 and ca["progress"] == cb["progress"]
+    assert ca["progress"]["epoch"] == 3 and len(ca["progress"]["trained_ids"]) == 8
+    for k, v in ca["models"]["a"].items():
+        assert torch.equal(v, cb["models"]["a"][k]), k
+    progress = json.loads((ray_cfg.run_dir / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["step"] == 20
+    assert (ray_cfg.run_dir / "checkpoints/best.pt").exists() and (ray_cfg.run_dir / "config.yaml").exists()
+
+
+def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_session, tiny):
+    """2 DDP workers, batch 5: 24 images = 2 steps of 5+5 and a last step of 2+2 (nothing dropped); the
+    assigner actor SIGKILLs itself in the middle of its 2nd batch, Ray restarts it and re-runs that batch."""
+    from pipeline.stream import train as stream_train
+
+    root, data, teacher = tiny
+    faults_dir = root / "faults_assigner"
+    faults_dir.mkdir()
+    marker = faults_dir / "assigner.killed"
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, train={"epochs": 2, "batch_size": 5},
+                      pipeline={"num_workers": 2, "assigners": 1})
+    cfg.name = "two_workers"
+    stream_train(cfg, progress=False, faults={"trace_dir": str(faults_dir), "kill_assigner_at_call": 2,
+                                               "marker": str(marker)})
+    assert marker.exists(), "the assigner was not killed"
+    assert_exactly_once(faults_dir, image_ids(data), epochs=2)
+    steps = [json.loads(line) for line in (faults_dir / "trace.rank0.jsonl").read_text().splitlines()]
+    steps1 = [json.loads(line) for line in (faults_dir / "trace.rank1.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [s["step"] for s in steps1] == [1, 2, 3, 4, 5, 6]
+    assert sorted(len(s["ids"]) for s in steps + steps1) == [2] * 4 + [5] * 8
+    ckpt = load_checkpoint(cfg.run_dir / "checkpoints/last.pt")
+    assert ckpt["step"] == 6 and ckpt["progress"] == {"epoch": 2, "trained_ids": []}
+    metrics = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {m["workers_active"] for m in metrics} == {2} and all(m["images_per_s"] > 0 for m in metrics)
+
+
+def test_killed_worker_sigterm_and_resume_train_every_image_once(ray_session, tiny):
+    """`lad train` (its own in-process local Ray, in a subprocess): its Train worker is SIGKILLed after step 3
+    (last checkpoint at step 2), the run recovers from last.pt by itself; then SIGTERM stops it mid-epoch
+    (state 'stopped', exit 0). A resumed run finishes. Over all of it every image is trained exactly once per
+    epoch, and the resumed run's teacher never sees an image its epoch had already trained."""
+    from pipeline.stream import FAULTS_ENV
+    from pipeline.stream import train as stream_train
+
+    root, data, teacher = tiny
+    faults_dir = root / "faults_worker"
+    faults_dir.mkdir()
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher,
+                      train={"epochs": 3, "checkpoint_every": 2}, pipeline={"engine": "ray", "max_failures": 1})
+    cfg.name = "kill_stop_resume"
+    path = root / "kill_stop_resume.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    faults = {"trace_dir": str(faults_dir), "kill_worker_at_step": 3, "marker": str(faults_dir / "worker.killed"),
+              "step_sleep_s": 0.4}
+    env = dict(os.environ, **{FAULTS_ENV: json.dumps(faults)},
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "train", str(path), "--quiet"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if (faults_dir / "worker.killed").exists() and any(json.loads(x).get("step", 0) >= 8 for x in lines):
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.2)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "a training worker was lost" in out, out[-3000:]
+    progress = json.loads((cfg.run_dir / "progress.json").read_text())
+    assert progress["state"] == "stopped", progress
+    stopped = load_checkpoint(cfg.run_dir / "checkpoints/last.pt")
+    assert 8 <= stopped["step"] < 18
+    stopped_epoch, stopped_ids = stopped["progress"]["epoch"], set(stopped["progress"]["trained_ids"])
+
+    t_resume = time.time()
+    threads = torch.get_num_threads()
+    stream_train(cfg, progress=False, faults={"trace_dir": str(faults_dir)})
+    torch.set_num_threads(threads)
+    assert json.loads((cfg.run_dir / "progress.json").read_text())["state"] == "succeeded"
+    assert load_checkpoint(cfg.run_dir / "checkpoints/last.pt")["step"] == 18
+    assert_exactly_once(faults_dir, image_ids(data), epochs=3)
+    assigned = [json.loads(line) for line in (faults_dir / "assigned.jsonl").read_text().splitlines()]
+    resumed = {i for rec in assigned if rec["time"] > t_resume and rec["epoch"] == stopped_epoch for i in rec["ids"]}
+    assert resumed and not resumed & stopped_ids, "the resumed run sent already-trained images to the teacher"
+    steps = [m["step"] for m in map(json.loads, metrics.read_text().splitlines())]
+    assert steps == list(range(1, 19)), "metrics.jsonl must hold each step once after recovery and resume"

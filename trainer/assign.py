@@ -1,0 +1,284 @@
+"""PAA label assignment (the CONTRACT in ARCHITECTURE.md): IoU candidates, candidate losses, GMM selection.
+
+Everything works on torch tensors of one image (a batched selection exists beside it) on any device, with no
+Python loop over GT boxes except in the scikit-learn reference path (`gmm="sklearn"`), which follows the
+official PAA code GT by GT.
+
+Ties are broken the same way everywhere, so results are deterministic: among equal losses the anchor of lower
+index comes first (per-level top-k and the per-GT sort), and among equal scores the lower loss wins.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+
+from trainer.box_coder import decode
+from trainer.gmm import fit_predict_1d
+
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+GIOU_WEIGHT = 1.3
+
+
+@dataclass
+class Assignment:
+    """PAA's assignment of one image; `pos_losses` and `cand_gt` are kept for callers that reuse them."""
+
+    labels: Tensor  # [A] long: GT class for positives, num_classes for background
+    label_weights: Tensor  # [A] float: 0 where ignored, else 1
+    gt_index: Tensor  # [A] long: index of the positive's GT box, -1 elsewhere
+    pos_mask: Tensor  # [A] bool
+    ignore_mask: Tensor  # [A] bool
+    pos_losses: Tensor  # [A] float: candidate loss, 0 where cand_gt < 0
+    cand_gt: Tensor  # [A] long: candidate GT of each anchor, -1 if none
+
+
+def preassign(anchors: Tensor, gt_boxes: Tensor, iou_thr: float = 0.1) -> Tensor:
+    """For each anchor the GT it is a candidate of, else -1 (MaxIoUAssigner, gt_max_assign_all, min_pos_iou 0).
+
+    An anchor whose best IoU is >= `iou_thr` goes to that GT (first GT on equal IoU). Then each GT claims every
+    anchor whose IoU with it equals the GT's own best IoU, later GTs overriding earlier ones, so that small GTs
+    keep candidates. One deliberate difference from MMDetection: a GT whose best IoU is 0 (an empty box)
+    claims nothing, where MMDetection's `min_pos_iou=0` would hand it every anchor it does not touch.
+    """
+    num_anchors = anchors.shape[0]
+    cand_gt = torch.full((num_anchors,), -1, dtype=torch.long, device=anchors.device)
+    num_gt = gt_boxes.shape[0]
+    if num_gt == 0 or num_anchors == 0:
+        return cand_gt
+    iou = box_iou(gt_boxes.to(anchors.dtype), anchors)  # [G, A]
+    best_iou, best_gt = iou.max(dim=0)
+    cand_gt = torch.where(best_iou >= iou_thr, best_gt, cand_gt)
+    gt_best = iou.max(dim=1, keepdim=True).values
+    claims = (iou == gt_best) & (gt_best > 0)
+    gt_ids = torch.arange(1, num_gt + 1, device=anchors.device)[:, None]
+    last_claimant = (claims * gt_ids).amax(dim=0) - 1  # -1 where no GT claims the anchor
+    return torch.where(last_claimant >= 0, last_claimant, cand_gt)
+
+
+@torch.no_grad()
+def candidate_losses(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt_boxes: Tensor,
+                     gt_labels: Tensor, cand_gt: Tensor) -> Tensor:
+    """PAA's candidate loss `[A]`: focal loss vs the GT's one-hot class + 1.3 (1 - GIoU) of the decoded box.
+
+    Computed on candidate anchors only (0 elsewhere) and without gradient: it ranks anchors, it is not trained.
+    """
+    losses = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
+    idx = torch.nonzero(cand_gt >= 0).squeeze(1)
+    if idx.numel() == 0:
+        return losses
+    gt = cand_gt[idx]
+    logits = cls_logits[idx].float()
+    targets = F.one_hot(gt_labels[gt].long(), logits.shape[1]).to(logits.dtype)
+    cls_loss = sigmoid_focal_loss(logits, targets, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none").sum(1)
+    boxes = decode(anchors[idx].float(), box_deltas[idx].float())
+    box_loss = generalized_box_iou_loss(boxes, gt_boxes[gt].float(), reduction="none")
+    losses[idx] = cls_loss + GIOU_WEIGHT * box_loss
+    return losses
+
+
+def _level_of(anchor_idx: Tensor, num_anchors_per_level: list[int]) -> Tensor:
+    ends = torch.tensor(np.cumsum(num_anchors_per_level), device=anchor_idx.device)
+    return torch.searchsorted(ends, anchor_idx, right=True)
+
+
+def _rank_in_runs(sorted_keys: Tensor) -> Tensor:
+    """Position of each element within its run of equal keys (keys sorted)."""
+    position = torch.arange(sorted_keys.numel(), device=sorted_keys.device)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return position - torch.cummax(torch.where(starts, position, 0), dim=0).values
+
+
+def _order_key(values: Tensor) -> Tensor:
+    """int64 keys in the order of the float32 values (IEEE bits made monotonic), to sort groups and losses at once."""
+    bits = values.float().view(torch.int32).long()
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits) + 2**31  # in [0, 2**32)
+
+
+def _candidate_table(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int], topk: int):
+    """Per GT of the batch, its candidates kept for the GMM, in ascending loss: a padded `[G, K]` table.
+
+    Returns (losses [G, K] float32, valid [G, K] bool, anchor [G, K] flat index image*A + anchor, -1 where
+    padded). pos_losses and cand_gt are `[B, A]`; GTs are numbered image after image.
+    """
+    num_images, num_anchors = cand_gt.shape
+    num_levels = len(num_anchors_per_level)
+    device = cand_gt.device
+    flat_cand = cand_gt.reshape(-1)
+    flat = torch.nonzero(flat_cand >= 0).squeeze(1)  # ordered by image, then anchor
+    gts_per_image = (cand_gt.amax(dim=1) + 1).clamp_min(0)
+    first_gt = torch.cumsum(gts_per_image, 0) - gts_per_image
+    num_gt = int(gts_per_image.sum())
+    width = topk * num_levels
+    table_loss = torch.zeros(num_gt, width, dtype=torch.float32, device=device)
+    table_anchor = torch.full((num_gt, width), -1, dtype=torch.long, device=device)
+    if flat.numel() == 0:
+        return table_loss, table_anchor >= 0, table_anchor
+    # segment = image * L + level of every candidate, from the level boundaries of every image
+    level_ends = torch.tensor(np.cumsum(num_anchors_per_level), device=device)
+    segment_ends = (torch.arange(num_images, device=device)[:, None] * num_anchors + level_ends).reshape(-1)
+    segment = torch.searchsorted(segment_ends, flat, right=True)
+    gt = first_gt.index_select(0, torch.div(segment, num_levels, rounding_mode="floor"))
+    gt += flat_cand.index_select(0, flat)
+    loss = pos_losses.reshape(-1).index_select(0, flat).float()
+    loss_key = _order_key(loss)
+    # Top-k lowest losses per (GT, level): one stable sort on (GT, segment, loss); ties keep anchor order.
+    group = gt * (num_images * num_levels) + segment
+    order = torch.argsort((group << 32) | loss_key, stable=True)
+    order = order[_rank_in_runs(group.index_select(0, order)) < topk]
+    # Per GT, the kept candidates in ascending loss (ties: lower anchor index first).
+    row = gt.index_select(0, order)
+    order = order.index_select(0, torch.argsort((row << 32) | loss_key.index_select(0, order), stable=True))
+    row = gt.index_select(0, order)
+    slot = _rank_in_runs(row)
+    table_loss[row, slot] = loss.index_select(0, order)
+    table_anchor[row, slot] = flat.index_select(0, order)
+    return table_loss, table_anchor >= 0, table_anchor
+
+
+def _separate(component: Tensor, score: Tensor, valid: Tensor) -> Tensor:
+    """PAA's scheme (c): positives are the low-loss component's members up to its highest-scoring one.
+
+    Rows are in ascending loss. Rows with a single candidate keep it; rows without a low-loss member get none.
+    """
+    count = valid.sum(dim=1, keepdim=True)
+    foreground = valid & (component == 0)
+    best = torch.where(foreground, score, -torch.inf).argmax(dim=1, keepdim=True)  # first max: lower loss
+    column = torch.arange(valid.shape[1], device=valid.device)
+    positive = foreground & (column <= best)
+    return torch.where(count >= 2, positive, valid & (count == 1))
+
+
+def _sklearn_fit(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The official code's GMM on one GT's sorted float32 losses: (predict, score_samples).
+
+    Where scikit-learn raises "ill-defined empirical covariance" (a component collapsed on one loss), this GT
+    falls back to the torch EM, which is the same arithmetic with that variance floored at reg_covar: the
+    reference answers everywhere, never takes the run down, and agrees with `gmm="torch"` by construction there.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = losses.astype(np.float32).reshape(-1, 1)
+    gmm = GaussianMixture(2, weights_init=np.array([0.5, 0.5]), means_init=np.array([x.min(), x.max()]).reshape(2, 1),
+                          precisions_init=np.ones((2, 1)), covariance_type="diag")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter, as in training
+            gmm.fit(x)
+        return gmm.predict(x), gmm.score_samples(x)
+    except ValueError:
+        row = torch.from_numpy(x.reshape(1, -1))
+        component, score = fit_predict_1d(row, torch.ones_like(row, dtype=torch.bool))
+        return component[0].numpy(), score[0].numpy()
+
+
+def _select_reference(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int], topk: int) -> Tensor:
+    """The official `paa_reassign` + `gmm_separation_scheme`, GT by GT with scikit-learn (deterministic ties)."""
+    pos_mask = torch.zeros_like(cand_gt, dtype=torch.bool)
+    cand = cand_gt.cpu().numpy()
+    pos_inds = np.nonzero(cand >= 0)[0]  # as the official code, work on the candidates only
+    pos_gt = cand[pos_inds]
+    pos_level = np.searchsorted(np.cumsum(num_anchors_per_level), pos_inds, side="right")
+    losses = pos_losses.detach().float().cpu().numpy()[pos_inds]
+    chosen = []
+    for gt in range(int(cand.max(initial=-1)) + 1):
+        gt_mask = pos_gt == gt
+        per_level = []
+        for level in range(len(num_anchors_per_level)):
+            idx = np.nonzero(gt_mask & (pos_level == level))[0]
+            per_level.append(idx[np.argsort(losses[idx], kind="stable")[:topk]])
+        idx = np.concatenate(per_level)
+        idx = idx[np.argsort(losses[idx], kind="stable")]
+        if idx.size < 2:
+            chosen.append(pos_inds[idx])  # a single candidate stays positive
+            continue
+        component, score = _sklearn_fit(losses[idx])
+        foreground = pos_inds[idx[component == 0]]
+        if foreground.size:
+            chosen.append(foreground[: int(np.argmax(score[component == 0])) + 1])
+    if chosen:
+        pos_mask[torch.from_numpy(np.concatenate(chosen)).to(pos_mask.device)] = True
+    return pos_mask
+
+
+def paa_select_batch(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], num_anchors_per_level: list[int],
+                     topk: int = 9, gmm: str = "torch") -> list[tuple[Tensor, Tensor]]:
+    """PAA's selection for every image of a batch: one batched EM over all GTs. Returns [(pos_mask, ignore_mask)]."""
+    if gmm == "sklearn":
+        return [(_select_reference(losses, cand, num_anchors_per_level, topk), torch.zeros_like(cand, dtype=torch.bool))
+                for losses, cand in zip(pos_losses_list, cand_gt_list)]
+    if gmm != "torch":
+        raise ValueError(f"gmm must be 'torch' or 'sklearn', got {gmm!r}")
+    if not cand_gt_list:
+        return []
+    cand_gt = torch.stack([c.long() for c in cand_gt_list])
+    table_loss, valid, table_anchor = _candidate_table(torch.stack(pos_losses_list), cand_gt,
+                                                       num_anchors_per_level, topk)
+    component, score = fit_predict_1d(table_loss, valid)
+    positive = _separate(component, score, valid)
+    pos_flat = torch.zeros(cand_gt.numel(), dtype=torch.bool, device=cand_gt.device)
+    pos_flat[table_anchor[positive]] = True
+    ignore = torch.zeros_like(cand_gt, dtype=torch.bool)  # PAA's scheme ignores nothing
+    return list(zip(pos_flat.view_as(cand_gt).unbind(0), ignore.unbind(0)))
+
+
+def paa_select(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int], topk: int = 9,
+               gmm: str = "torch") -> tuple[Tensor, Tensor]:
+    """PAA's selection for one image: (pos_mask [A], ignore_mask [A]); see the CONTRACT."""
+    return paa_select_batch([pos_losses], [cand_gt], num_anchors_per_level, topk=topk, gmm=gmm)[0]
+
+
+def paa_assign(anchors: Tensor, num_anchors_per_level: list[int], cls_logits: Tensor, box_deltas: Tensor,
+               gt_boxes: Tensor, gt_labels: Tensor, *, topk: int = 9, iou_thr: float = 0.1,
+               gmm: str = "torch") -> Assignment:
+    """The whole PAA assignment of one image from the scoring network's outputs (cls_logits [A, C], deltas [A, 4])."""
+    num_classes = cls_logits.shape[-1]
+    cand_gt = preassign(anchors, gt_boxes, iou_thr)
+    pos_losses = candidate_losses(anchors, cls_logits, box_deltas, gt_boxes, gt_labels, cand_gt)
+    pos_mask, ignore_mask = paa_select(pos_losses, cand_gt, num_anchors_per_level, topk=topk, gmm=gmm)
+    gt_index = torch.where(pos_mask, cand_gt, -1)
+    labels = torch.full_like(cand_gt, num_classes)
+    labels[pos_mask] = gt_labels[cand_gt[pos_mask]].long()
+    return Assignment(labels=labels, label_weights=(~ignore_mask).float(), gt_index=gt_index, pos_mask=pos_mask,
+                      ignore_mask=ignore_mask, pos_losses=pos_losses, cand_gt=cand_gt)
+
+
+def colad_merge(losses_a: Tensor, losses_b: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int],
+                num_gt: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """CoLAD's std/mean criterion: per (GT, level), over all its candidates, whose losses the selection uses.
+
+    With >= 2 candidates B's losses are used where std_B/mean_B >= std_A/mean_A (unbiased std; ties to B),
+    with one candidate where mean_B < mean_A (ties to A). Returns (merged_losses [A], b_was_teacher [G, L],
+    defined [G, L]): `defined` marks the (GT, level) pairs that have at least one candidate; b_was_teacher is
+    False on the others, so the teacher ratio is b_was_teacher.sum() / defined.sum(). G is `num_gt` if given
+    (GTs without candidates then get all-undefined rows), else cand_gt.max() + 1.
+    """
+    num_levels = len(num_anchors_per_level)
+    device = cand_gt.device
+    if num_gt is None:
+        num_gt = int(cand_gt.max()) + 1 if cand_gt.numel() else 0
+    idx = torch.nonzero(cand_gt >= 0).squeeze(1)
+    group = cand_gt[idx] * num_levels + _level_of(idx, num_anchors_per_level)
+    count = torch.zeros(num_gt * num_levels, device=device).index_add_(0, group, torch.ones_like(group, dtype=torch.float))
+
+    def spread(losses: Tensor) -> tuple[Tensor, Tensor]:
+        values = losses[idx].float()
+        mean = torch.zeros_like(count).index_add_(0, group, values) / count.clamp_min(1)
+        sq_dev = (values - mean[group]) ** 2
+        std = (torch.zeros_like(count).index_add_(0, group, sq_dev) / (count - 1).clamp_min(1)).sqrt()
+        return mean, std / mean
+
+    mean_a, cv_a = spread(losses_a)
+    mean_b, cv_b = spread(losses_b)
+    use_b = torch.where(count >= 2, cv_b >= cv_a, mean_b < mean_a) & (count > 0)
+    merged = losses_a.clone()
+    merged[idx] = torch.where(use_b[group], losses_b[idx], losses_a[idx])
+    shape = (num_gt, num_levels)
+    return merged, use_b.view(shape), (count > 0).view(shape)

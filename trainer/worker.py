@@ -1,0 +1,160 @@
+"""The student worker's side of the assignment stream (pure torch + pyarrow, no Ray): decoding a streamed
+training batch into the tensors `Engine.step_on_labels` takes, and the gradient averaging that lets a step
+go on when some data-parallel workers have no batch left.
+
+Copies: the Arrow buffers are read through zero-copy numpy views (`schemas.assignment.decode_table_rows`);
+images are copied once, straight from those views into the contiguous `[B, 3, S, S]` uint8 batch (on the
+device when it is a GPU), and the small per-image arrays (boxes, anchor indices) once into device tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from schemas.assignment import AssignmentRow, decode_table_rows
+from trainer.assigner_core import _tensor, sparse_to_labels, sparse_to_soft
+from trainer.losses import BatchLabels, SoftTargets
+
+# Columns the pipeline adds beside the schema's (decode ignores unknown columns).
+EPOCH_COLUMN = "epoch"
+BATCH_COLUMN = "batch_index"
+FILL_COLUMN = "soft_fill"   # list<float16> [C] per row: the value of soft-label entries not sent (kd/solad)
+
+
+@dataclass
+class StreamBatch:
+    """One training batch as the student consumes it."""
+    epoch: int
+    batch_index: int
+    image_ids: list[int]
+    images: Tensor                     # uint8 [B, 3, S, S], contiguous, on the device
+    gt_boxes: list[Tensor]             # float32 [G, 4]
+    gt_labels: list[Tensor]            # int64 [G]
+    labels: Optional[BatchLabels]      # lad / solad
+    soft: Optional[SoftTargets]        # kd / solad
+    teacher_version: int
+    assign_ms: float                   # the assigner's teacher + assignment time for this batch
+    image_bytes: int
+    payload_bytes: int                 # everything but the images
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def split_batches(table: pa.Table) -> list[pa.Table]:
+    """A stream block -> the training batches in it, in order (a block is normally exactly one batch; this
+    keeps the student right if Ray Data ever coalesces blocks)."""
+    if table.num_rows == 0:
+        return []
+    epoch = table.column(EPOCH_COLUMN).to_numpy()
+    batch = table.column(BATCH_COLUMN).to_numpy()
+    change = np.flatnonzero((epoch[1:] != epoch[:-1]) | (batch[1:] != batch[:-1])) + 1
+    bounds = [0, *change.tolist(), table.num_rows]
+    return [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def images_tensor(rows: list[AssignmentRow], device: torch.device) -> Tensor:
+    """HWC uint8 views -> one contiguous uint8 [B, 3, H, W] batch, copied once from the stream's buffer."""
+    h, w, c = rows[0].image.shape
+    if device.type == "cuda":  # one host->device copy of the HWC bytes, then a device-side transpose
+        hwc = torch.stack([_tensor(r.image, device) for r in rows])
+        return hwc.permute(0, 3, 1, 2).contiguous()
+    out = torch.empty((len(rows), c, h, w), dtype=torch.uint8, device=device)
+    for i, r in enumerate(rows):
+        if r.image.shape != (h, w, c):
+            raise ValueError(f"image {r.image_id}: shape {r.image.shape} differs from the batch's {(h, w, c)}")
+        out[i].copy_(_tensor(r.image, "cpu").permute(2, 0, 1))
+    return out
+
+
+def decode_stream_batch(table: pa.Table, expected_hash: str, num_anchors: int, num_classes: int,
+                        device: torch.device, *, hard: bool, soft: bool) -> StreamBatch:
+    """One training batch (all rows of one epoch/batch_index) -> `StreamBatch` on `device`.
+
+    Raises `schemas.assignment.SchemaMismatch` for a stream of other anchors or another schema version.
+    """
+    rows = decode_table_rows(table, expected_hash)
+    if any(r.image is None for r in rows):
+        raise ValueError("the stream carries images by reference, which this trainer does not load; "
+                         "the pipeline sends images through the stream")
+    epochs = set(table.column(EPOCH_COLUMN).to_pylist())
+    batches = set(table.column(BATCH_COLUMN).to_pylist())
+    if len(epochs) != 1 or len(batches) != 1:
+        raise ValueError(f"a training batch must come from one (epoch, batch_index), got {epochs} x {batches}")
+    if soft and not rows[0].has_soft:
+        raise ValueError("mode needs soft labels but the stream has none (assigner built for another mode?)")
+    images = images_tensor(rows, device)
+    gt_boxes = [_tensor(r.gt_boxes, device).reshape(-1, 4) for r in rows]
+    gt_labels = [_tensor(r.gt_labels, device).long() for r in rows]
+    labels = sparse_to_labels([r.pos_anchor for r in rows], [r.pos_gt for r in rows],
+                              [r.ignore_anchor for r in rows], gt_labels, num_anchors, num_classes,
+                              device) if hard else None
+    fill = None
+    if soft and FILL_COLUMN in table.column_names:
+        col = table.column(FILL_COLUMN).combine_chunks()
+        fill = col.values.to_numpy(zero_copy_only=True)[col.offsets[0].as_py():col.offsets[-1].as_py()]
+        fill = fill.reshape(len(rows), num_classes)
+    soft_targets = sparse_to_soft(rows, num_anchors, num_classes, device, fill) if soft else None
+    image_bytes = int(table.column("image").nbytes)
+    return StreamBatch(epoch=epochs.pop(), batch_index=batches.pop(), image_ids=[int(r.image_id) for r in rows],
+                       images=images, gt_boxes=gt_boxes, gt_labels=gt_labels, labels=labels, soft=soft_targets,
+                       teacher_version=max(int(r.teacher_version) for r in rows),
+                       assign_ms=float(rows[0].assign_ms), image_bytes=image_bytes,
+                       payload_bytes=int(table.nbytes) - image_bytes)
+
+
+def null_batch(input_size: int, num_anchors: int, num_classes: int, device: torch.device, *, hard: bool,
+               soft: bool) -> tuple[Tensor, list[Tensor], Optional[BatchLabels], Optional[SoftTargets]]:
+    """A one-image blank batch with no objects: what an idle worker steps on (its gradients are discarded by
+    `ActiveMean`), so that every DDP worker runs the same number of steps."""
+    images = torch.zeros((1, 3, input_size, input_size), dtype=torch.uint8, device=device)
+    boxes = [torch.zeros((0, 4), dtype=torch.float32, device=device)]
+    labels = BatchLabels(torch.full((1, num_anchors), num_classes, dtype=torch.long, device=device),
+                         torch.full((1, num_anchors), -1, dtype=torch.long, device=device),
+                         torch.zeros((1, num_anchors), dtype=torch.bool, device=device)) if hard else None
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    targets = SoftTargets(torch.zeros((1, num_anchors, num_classes), device=device), empty, empty,
+                          torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
+                          torch.zeros(0, device=device)) if soft else None
+    return images, boxes, labels, targets
+
+
+class ActiveMean:
+    """State of `active_mean_hook`: whether this worker had a batch this step, and how many workers had one."""
+
+    def __init__(self):
+        self.active = True
+        self.num_active = 1
+
+    def set(self, active: bool, num_active: int) -> None:
+        self.active = bool(active)
+        self.num_active = max(1, int(num_active))
+
+    def register(self, ddp_module) -> None:
+        ddp_module.register_comm_hook(self, active_mean_hook)
+
+
+def active_mean_hook(state: ActiveMean, bucket):
+    """DDP communication hook: the mean gradient over the workers that had a batch this step.
+
+    DDP's default hook divides the sum by the world size, so a worker without data would pull the step
+    towards zero. Here an idle worker contributes zeros and the sum is divided by the number of active
+    workers, so a step with k of N workers active is exactly the mean over those k batches.
+    """
+    import torch.distributed as dist
+
+    buf = bucket.buffer()
+    if not state.active:
+        buf.zero_()
+    num_active = state.num_active
+    fut = dist.all_reduce(buf, async_op=True).get_future()
+
+    def divide(f):
+        return f.value()[0].div_(num_active)
+
+    return fut.then(divide)
