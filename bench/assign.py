@@ -5,7 +5,10 @@ The batch imitates a detector in training: 16 images of about 800x1333, anchors 
 with COCO-like sizes, and candidate losses computed by `candidate_losses` from predictions whose quality grows
 with the anchor's IoU (a low-loss cluster of good anchors plus spread, higher losses).
 
-    python bench/assign.py [--images 16] [--repeats 15] [--seed 0] [--out bench/results/assign.json]
+    python bench/assign.py [--images 16] [--threads 1] [--compile] [--out bench/results/assign.json]
+
+Figures: wall-clock median/min per call, and process CPU time per call, whose ratio a busy shared machine
+distorts least. `--compile` also times the EM through torch.compile (its first call compiles).
 """
 from __future__ import annotations
 
@@ -94,21 +97,41 @@ def _time_ms(fn, repeats: int) -> tuple[list[float], list[float]]:
     return wall, cpu
 
 
+def _agreeing_gts(fast, ref, cand_gts) -> tuple[int, int]:
+    """How many GTs get exactly the same positive anchors from both results, out of how many."""
+    same = total = 0
+    for (pos_fast, _), (pos_ref, _), cand in zip(fast, ref, cand_gts):
+        for gt in range(int(cand.max()) + 1):
+            mine = cand == gt
+            same += bool(torch.equal(pos_fast & mine, pos_ref & mine))
+            total += 1
+    return same, total
+
+
+def _select(compile_em: bool):
+    os.environ["LAD_GMM_COMPILE"] = "1" if compile_em else "0"
+    return lambda losses, cands, levels: paa_select_batch(losses, cands, levels, gmm="torch")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls of the torch path (default 15)")
-    parser.add_argument("--sklearn-repeats", type=int, default=3, help="timed calls of the sklearn loop (default 3)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls of the torch path (default 20)")
+    parser.add_argument("--sklearn-repeats", type=int, default=5, help="timed calls of the sklearn loop (default 5)")
     parser.add_argument("--batches", type=int, default=10, help="extra batches checked for agreement (default 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1, as Ray gives an actor; more only pay off on an idle machine)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the EM through torch.compile (LAD_GMM_COMPILE=1); compiling takes minutes here")
     parser.add_argument("--out", default="bench/results/assign.json", help="where to write the figures")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     anchors, levels, losses, cands, num_gt = coco_like_batch(args.seed, args.images)
-    select_torch = lambda: paa_select_batch(losses, cands, levels, gmm="torch")  # noqa: E731
     select_sklearn = lambda: paa_select_batch(losses, cands, levels, gmm="sklearn")  # noqa: E731
+    eager = _select(False)
+    select_torch = lambda: eager(losses, cands, levels)  # noqa: E731
     select_torch(), select_sklearn()  # warm-up (lazy initialisation, imports)
     torch_ms, sklearn_ms, torch_cpu, sklearn_cpu = [], [], [], []
     for _ in range(args.sklearn_repeats):  # interleaved, so both see the same machine load
@@ -118,44 +141,61 @@ def main(argv: list[str] | None = None) -> dict:
         wall, cpu = _time_ms(select_torch, max(1, args.repeats // args.sklearn_repeats))
         torch_ms += wall
         torch_cpu += cpu
-
-    agree = total = 0
-    for seed in range(args.seed, args.seed + 1 + args.batches):
-        _, _, losses, cands, _ = coco_like_batch(seed, args.images) if seed != args.seed else (
-            None, None, losses, cands, None)
-        fast = paa_select_batch(losses, cands, levels, gmm="torch")
-        ref = paa_select_batch(losses, cands, levels, gmm="sklearn")
-        for (pos_t, _), (pos_s, _), cand in zip(fast, ref, cands):
-            for gt in range(int(cand.max()) + 1):
-                mine = cand == gt
-                agree += bool(torch.equal(pos_t & mine, pos_s & mine))
-                total += 1
-
+    sklearn_median, sklearn_cpu_median = statistics.median(sklearn_ms), statistics.median(sklearn_cpu)
     result = {
         "images": args.images,
         "num_gt": num_gt,
         "threads": args.threads,
         "torch_ms_median": statistics.median(torch_ms),
         "torch_ms_min": min(torch_ms),
-        "sklearn_ms_median": statistics.median(sklearn_ms),
+        "sklearn_ms_median": sklearn_median,
         "sklearn_ms_min": min(sklearn_ms),
-        "speedup_median": statistics.median(sklearn_ms) / statistics.median(torch_ms),
+        "speedup_median": sklearn_median / statistics.median(torch_ms),
         "speedup_min": min(sklearn_ms) / min(torch_ms),
         "torch_cpu_ms_median": statistics.median(torch_cpu),
-        "sklearn_cpu_ms_median": statistics.median(sklearn_cpu),
-        "speedup_cpu_time": statistics.median(sklearn_cpu) / statistics.median(torch_cpu),
-        "load_average_1min": os.getloadavg()[0],
-        "agreement": agree / total,
-        "gt_compared": total,
-        "gmm_compile": os.environ.get("LAD_GMM_COMPILE", "0"),
-        "torch_version": torch.__version__,
+        "sklearn_cpu_ms_median": sklearn_cpu_median,
+        "speedup_cpu_time": sklearn_cpu_median / statistics.median(torch_cpu),
     }
-    print(f"batch: {args.images} images, {num_gt} GTs, {args.threads} threads")
-    print(f"torch   paa_select_batch: median {result['torch_ms_median']:.2f} ms  (min {result['torch_ms_min']:.2f})")
-    print(f"sklearn per-GT loop:      median {result['sklearn_ms_median']:.1f} ms  (min {result['sklearn_ms_min']:.1f})")
+    if args.compile:
+        compiled = _select(True)
+        start = time.perf_counter()
+        compiled(losses, cands, levels)
+        result["compile_s"] = time.perf_counter() - start
+        wall, cpu = _time_ms(lambda: compiled(losses, cands, levels), args.repeats)
+        result.update(torch_compiled_ms_median=statistics.median(wall), torch_compiled_ms_min=min(wall),
+                      torch_compiled_cpu_ms_median=statistics.median(cpu),
+                      speedup_compiled_median=sklearn_median / statistics.median(wall),
+                      speedup_compiled_cpu_time=sklearn_cpu_median / statistics.median(cpu))
+    result["load_average_1min"] = os.getloadavg()[0]
+
+    agree = agree_compiled = total = 0
+    for seed in range(args.seed, args.seed + 1 + args.batches):
+        if seed != args.seed:
+            _, _, losses, cands, _ = coco_like_batch(seed, args.images)
+        ref = paa_select_batch(losses, cands, levels, gmm="sklearn")
+        same, count = _agreeing_gts(_select(False)(losses, cands, levels), ref, cands)
+        agree, total = agree + same, total + count
+        if args.compile:
+            agree_compiled += _agreeing_gts(_select(True)(losses, cands, levels), ref, cands)[0]
+    os.environ["LAD_GMM_COMPILE"] = "0"
+    result.update(agreement=agree / total, gt_compared=total, torch_version=torch.__version__)
+    if args.compile:
+        result["agreement_compiled"] = agree_compiled / total
+
+    print(f"batch: {args.images} images, {num_gt} GTs, {args.threads} torch thread(s), "
+          f"load average {result['load_average_1min']:.1f}")
+    print(f"torch   paa_select_batch: median {result['torch_ms_median']:.2f} ms  (min {result['torch_ms_min']:.2f}, "
+          f"CPU {result['torch_cpu_ms_median']:.2f})")
+    print(f"sklearn per-GT loop:      median {sklearn_median:.1f} ms  (min {result['sklearn_ms_min']:.1f}, "
+          f"CPU {sklearn_cpu_median:.1f})")
     print(f"speed-up: {result['speedup_median']:.1f}x median, {result['speedup_min']:.1f}x min/min, "
-          f"{result['speedup_cpu_time']:.1f}x in CPU time ({result['torch_cpu_ms_median']:.2f} vs "
-          f"{result['sklearn_cpu_ms_median']:.1f} ms); load average {result['load_average_1min']:.1f}")
+          f"{result['speedup_cpu_time']:.1f}x CPU time")
+    if args.compile:
+        print(f"compiled EM:              median {result['torch_compiled_ms_median']:.2f} ms  "
+              f"(min {result['torch_compiled_ms_min']:.2f}, CPU {result['torch_compiled_cpu_ms_median']:.2f}; "
+              f"compiling took {result['compile_s']:.0f} s): {result['speedup_compiled_median']:.1f}x median, "
+              f"{result['speedup_compiled_cpu_time']:.1f}x CPU time, "
+              f"agreement {100 * result['agreement_compiled']:.2f}%")
     print(f"agreement: {agree}/{total} GTs with identical positives ({100 * result['agreement']:.2f}%)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,23 +71,27 @@ def main() -> int:
                                    "models": {"a": build_model(teacher_cfg.model).state_dict()}})
     gt_range = tuple(int(x) for x in a.gt.split(","))
     batches = [random_batch(a.batch, a.input_size, gt_range, s, device) for s in range(a.steps + 2)]
-    results = {}
+    engines = {}
     for mode in a.modes.split(","):
         extra = {"teacher": {"checkpoint": str(teacher_path)}} if mode in ("lad", "kd", "solad") else {}
         if mode == "colad":
             extra = {"colearn": {"model_b": {**model, "depth": a.teacher_depth}}}
-        cfg = config_from_dict({**base, "mode": mode, **extra})
-        engine = Engine(cfg, device, total_steps=1000, sync_timing=True)
-        times = []
-        for i, (images, boxes, labels) in enumerate(batches):
+        engines[mode] = Engine(config_from_dict({**base, "mode": mode, **extra}), device, total_steps=1000,
+                               sync_timing=True)
+    # Interleaved (one step of each mode in turn) so that load changes on a shared machine hit every mode alike.
+    times: dict[str, list] = {m: [] for m in engines}
+    for i, (images, boxes, labels) in enumerate(batches):
+        for mode, engine in engines.items():
             t0 = time.perf_counter()
             res = engine.step(images, boxes, labels)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 2:
-                times.append({"step_ms": (time.perf_counter() - t0) * 1000,
-                              **{k: res.metrics.get(k, 0.0) for k in SECTIONS}})
-        results[mode] = {k: statistics.median(t[k] for t in times) for k in ["step_ms"] + SECTIONS}
+                times[mode].append({"step_ms": (time.perf_counter() - t0) * 1000,
+                                    **{k: res.metrics.get(k, 0.0) for k in SECTIONS}})
+    results = {}
+    for mode, ts in times.items():
+        results[mode] = {k: statistics.median(t[k] for t in ts) for k in ["step_ms"] + SECTIONS}
         print(f"{mode:6s} " + "  ".join(f"{k[:-3]} {v:8.1f} ms" for k, v in results[mode].items()), flush=True)
     paa = results.get("paa", {}).get("step_ms")
     if paa:

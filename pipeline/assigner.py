@@ -5,7 +5,7 @@
                       still empty. Mode `paa` streams exactly this (data only: the student assigns itself).
     TeacherAssigner   the actor pool: loads the frozen teacher once, runs its forward and the batched PAA
                       assignment (`trainer.assigner_core`, the code `Engine.step` runs) on each training batch and
-                      fills in positives, ignores and (kd/solad) sparse fp16 soft labels.
+                      fills in positives, ignores and (kd/solad) sparse fp16 soft labels (+ `soft_fill`).
 
 Every block that leaves a stage is one training batch, tagged with `epoch` and `batch_index` columns beside the
 schema's, so the trainer can check that it steps on exactly the batches that were planned.
@@ -26,7 +26,6 @@ import pyarrow as pa
 from schemas.assignment import AssignmentRow, anchor_hash, decode_table_rows, encode_batch
 from schemas.config import RunConfig
 from trainer.worker import BATCH_COLUMN, EPOCH_COLUMN, FILL_COLUMN, split_batches
-
 
 
 @dataclass(frozen=True)
@@ -181,7 +180,8 @@ class TeacherAssigner:
                 marker.write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)  # dies with the batch assigned but not returned
         if self.monitor is not None:
-            self.monitor.report_assigned.remote(len(parts), sum(float(p.column("assign_ms")[0].as_py()) for p in parts))
+            ms = sum(float(p.column("assign_ms")[0].as_py()) for p in parts)
+            self.monitor.report_assigned.remote(len(parts), ms)
         return pa.concat_tables(parts) if parts else table
 
     def assign(self, part: pa.Table) -> pa.Table:

@@ -39,8 +39,9 @@ def tiny_config(data: str | Path, out: str | Path, *, mode: str = "lad", teacher
     return config_from_dict(raw, "tiny config", overrides)
 
 
-def make_teacher(cfg: RunConfig, path: str | Path, seed: int = 123) -> Path:
-    """An untrained network saved as `lad train` saves a checkpoint (same anchors, input size, classes)."""
+def make_teacher(cfg: RunConfig, path: str | Path, seed: int = 123, depth: Optional[int] = None) -> Path:
+    """An untrained network saved as `lad train` saves a checkpoint (same anchors, input size, classes);
+    `depth` makes it a different ResNet than the student's (LAD's teachers are the larger network)."""
     from pipeline.local import checkpoint_payload
     from trainer.checkpoint import save_checkpoint
     from trainer.engine import Engine
@@ -51,6 +52,8 @@ def make_teacher(cfg: RunConfig, path: str | Path, seed: int = 123) -> Path:
     tcfg = cfg.model_copy(deep=True)
     tcfg.mode, tcfg.seed = "paa", seed
     tcfg.teacher.checkpoint = None
+    if depth:
+        tcfg.model.depth = depth
     engine = Engine(tcfg, "cpu", 1)
     save_checkpoint(path, checkpoint_payload(engine, tcfg, 0, [], {"AP": 0.0, "step": 0}))
     return path

@@ -123,6 +123,16 @@ class RolesPoint(_Out):
     epoch: Optional[int] = None
     policy: Optional[str] = None
     teacher_ratio: Optional[float] = Field(None, description="share of (GT, level) pairs where network B taught")
+    teacher_ratio_by_level: Optional[list[Optional[float]]] = Field(
+        None, description="the same per FPN level, finest first (null: no object had candidates there)")
+    teacher_ratio_by_size: Optional[dict[str, Optional[float]]] = Field(
+        None, description="the same per object size (small/medium/large by GT area in input pixels, COCO bounds)")
+
+
+class RolesChange(_Out):
+    """A policy the trainer switched to, and the first step (metrics.jsonl numbering) trained under it."""
+    from_step: int
+    policy: str
 
 
 class RolesState(_Out):
@@ -131,6 +141,8 @@ class RolesState(_Out):
     requested: Optional[RolesRequest] = None
     applied: bool = Field(description="the trainer reported the requested policy (true when nothing was requested)")
     history: list[RolesPoint] = Field(default_factory=list)
+    changes: list[RolesChange] = Field(default_factory=list, description="policy switches the trainer logged "
+                                       "(`{\"event\": \"policy\"}` lines of metrics.jsonl), oldest first")
 
 
 # ---- health -------------------------------------------------------------------------------------------------

@@ -100,6 +100,12 @@ class ColearnConfig(_Strict):
     policy: str = Field("auto", description="auto | pin-a | pin-b | alternate:N")
     seed_b: Optional[int] = Field(None, description="initialisation seed of network B (default: model seed + 1)")
     mode: Literal["inline", "split"] = "inline"
+    cpus_per_worker_b: Optional[float] = Field(
+        None, gt=0, description="split: CPUs of each network-B worker (default: pipeline.cpus_per_worker)")
+    gpus_per_worker_b: Optional[float] = Field(
+        None, ge=0, description="split: GPUs of each network-B worker (default: pipeline.gpus_per_worker)")
+    exchange_timeout_s: float = Field(
+        600.0, gt=0, description="split: how long one side waits for the other at the coordinator")
 
     @field_validator("policy")
     @classmethod
@@ -175,6 +181,9 @@ class RunConfig(_Strict):
     def _mode_needs(self) -> "RunConfig":
         if self.mode in ("lad", "kd", "solad") and not self.teacher.checkpoint:
             raise ValueError(f"mode {self.mode!r} needs teacher.checkpoint (a checkpoint written by `lad train`)")
+        if self.mode == "colad" and self.colearn.mode == "split" and self.pipeline.engine != "ray":
+            raise ValueError("colearn.mode 'split' trains A and B on separate Ray worker groups: it needs "
+                             "pipeline.engine: ray (pipeline.engine local trains both networks in one process)")
         if self.mode in KD_DEFAULTS:
             for key, value in KD_DEFAULTS[self.mode].items():
                 if getattr(self.distill, key) is None:

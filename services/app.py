@@ -23,8 +23,8 @@ from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.api import (RUN_STATES, Checkpoint, ErrorResponse, Health, MetricsPage, Progress, RolesPoint,
-                         RolesRequest, RolesState, RolesUpdate, RunDetail, RunList, RunSummary)
+from schemas.api import (RUN_STATES, Checkpoint, ErrorResponse, Health, MetricsPage, Progress, RolesChange,
+                         RolesPoint, RolesRequest, RolesState, RolesUpdate, RunDetail, RunList, RunSummary)
 from schemas.config import RunConfig
 from services.launcher import RAY_ENTRYPOINT, Launcher, LaunchError, LocalLauncher, RayLauncher
 from services.registry import Registry, RunRecord
@@ -193,12 +193,18 @@ def roles_state(rec: RunRecord) -> RolesState:
     files = RunFiles(rec.run_dir)
     history: deque[RolesPoint] = deque(maxlen=ROLES_HISTORY_MAX)
     reported: Optional[str] = None
+    changes: list[RolesChange] = []
     for m in files.iter_metrics():
         if "teacher_ratio" not in m and "policy" not in m:
             continue
+        if m.get("event") == "policy" and isinstance(m.get("policy"), str):
+            changes.append(RolesChange(from_step=int(m.get("step", 0)) + 1, policy=m["policy"]))
         ratio = m.get("teacher_ratio")
+        by_level, by_size = m.get("teacher_ratio_by_level"), m.get("teacher_ratio_by_size")
         history.append(RolesPoint(step=int(m.get("step", 0)), epoch=m.get("epoch"), policy=m.get("policy"),
-                                  teacher_ratio=ratio if isinstance(ratio, (int, float)) else None))
+                                  teacher_ratio=ratio if isinstance(ratio, (int, float)) else None,
+                                  teacher_ratio_by_level=by_level if isinstance(by_level, list) else None,
+                                  teacher_ratio_by_size=by_size if isinstance(by_size, dict) else None))
         if isinstance(m.get("policy"), str):
             reported = m["policy"]
     req = files.roles_request()
@@ -207,7 +213,8 @@ def roles_state(rec: RunRecord) -> RolesState:
     current = reported or (requested.policy if requested else None) or rec.config.get("colearn", {}).get(
         "policy", "auto")
     applied = requested is None or reported == requested.policy
-    return RolesState(run_id=rec.id, policy=current, requested=requested, applied=applied, history=list(history))
+    return RolesState(run_id=rec.id, policy=current, requested=requested, applied=applied, history=list(history),
+                      changes=changes)
 
 
 # ---- the app --------------------------------------------------------------------------------------------------

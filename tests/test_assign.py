@@ -15,14 +15,18 @@ from trainer.assign import (Assignment, candidate_losses, colad_merge, paa_assig
 from trainer.box_coder import decode, encode
 from trainer.gmm import fit_predict_1d
 
-torch.set_num_threads(1)
 STRIDES = [8, 16, 32, 64, 128]
 NUM_CLASSES = 20
 
 
 @pytest.fixture(autouse=True)
-def _eager_gmm(monkeypatch):
-    monkeypatch.setenv("LAD_GMM_COMPILE", "0")  # tests check the arithmetic, not the compiler
+def _eager_single_thread(monkeypatch):
+    """Tests check the arithmetic, not the compiler; one thread keeps small ops fast on a busy 2-core machine."""
+    monkeypatch.setenv("LAD_GMM_COMPILE", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -248,8 +252,8 @@ def _sklearn_scheme_c(values: np.ndarray) -> list[int]:
     from sklearn.mixture import GaussianMixture
 
     x = values.astype(np.float32).reshape(-1, 1)
-    fitted = GaussianMixture(2, weights_init=np.array([0.5, 0.5]), means_init=np.array([x.min(), x.max()]).reshape(2, 1),
-                             precisions_init=np.ones((2, 1)), covariance_type="diag").fit(x)
+    fitted = GaussianMixture(2, weights_init=np.array([0.5, 0.5]), precisions_init=np.ones((2, 1)),
+                             means_init=np.array([x.min(), x.max()]).reshape(2, 1), covariance_type="diag").fit(x)
     foreground = np.nonzero(fitted.predict(x) == 0)[0]
     return foreground[: int(np.argmax(fitted.score_samples(x)[foreground])) + 1].tolist()
 

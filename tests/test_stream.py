@@ -12,7 +12,7 @@ from pipeline.local import epoch_order
 from pipeline.stream import plan_run, total_steps
 from pipeline.stream_testing import make_data, make_teacher, tiny_config
 from schemas.assignment import SchemaMismatch
-from trainer.assigner_core import assign_hard, labels_to_sparse, soft_fill, sparse_to_labels
+from trainer.assigner_core import labels_to_sparse, soft_fill, sparse_to_labels
 from trainer.engine import Engine
 from trainer.losses import soft_label_kd
 from trainer.worker import decode_stream_batch, split_batches
@@ -191,3 +191,44 @@ def test_resource_budget_error_names_the_knobs(monkeypatch, tiny):
     ok = tiny_config(data, root / "runs", mode="lad", teacher=teacher, pipeline={"num_workers": 1, "assigners": 2})
     b = ray_env.budget(ok, needs_assigners=True)
     assert b.data_cpus == pytest.approx(1.5) and b.train_cpus == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------- idle workers
+
+def _ddp_worker(rank, world, store_path, active, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trainer.worker import ActiveMean
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ddp = DDP(model)
+    hook = ActiveMean()
+    hook.register(ddp)
+    hook.set(active[rank], sum(active))
+    x = torch.full((4, 3), float(rank + 1))
+    ddp(x).pow(2).sum().backward()
+    torch.save(model.weight.grad, f"{out_dir}/grad{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_an_idle_workers_gradient_is_left_out_of_the_mean(tmp_path):
+    """3 DDP workers, worker 1 idle: every worker ends with the mean of the 2 active workers' gradients (DDP's
+    default would divide their sum by 3 and add the idle worker's gradient)."""
+    import torch.multiprocessing as mp
+
+    active = [True, False, True]
+    mp.spawn(_ddp_worker, args=(3, str(tmp_path / "store"), active, str(tmp_path)), nprocs=3, join=True)
+    grads = [torch.load(tmp_path / f"grad{r}.pt") for r in range(3)]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    expected = []
+    for rank in (0, 2):
+        model.zero_grad()
+        model(torch.full((4, 3), float(rank + 1))).pow(2).sum().backward()
+        expected.append(model.weight.grad.clone())
+    mean = (expected[0] + expected[1]) / 2
+    for g in grads:
+        assert torch.allclose(g, mean, rtol=1e-5, atol=1e-6)

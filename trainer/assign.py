@@ -84,6 +84,7 @@ def candidate_losses(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt
 
 
 def _level_of(anchor_idx: Tensor, num_anchors_per_level: list[int]) -> Tensor:
+    """Pyramid level of each anchor index."""
     ends = torch.tensor(np.cumsum(num_anchors_per_level), device=anchor_idx.device)
     return torch.searchsorted(ends, anchor_idx, right=True)
 
@@ -102,32 +103,40 @@ def _order_key(values: Tensor) -> Tensor:
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits) + 2**31  # in [0, 2**32)
 
 
-def _candidate_table(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int], topk: int):
+def _candidate_table(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], num_anchors_per_level: list[int],
+                     topk: int):
     """Per GT of the batch, its candidates kept for the GMM, in ascending loss: a padded `[G, K]` table.
 
     Returns (losses [G, K] float32, valid [G, K] bool, anchor [G, K] flat index image*A + anchor, -1 where
-    padded). pos_losses and cand_gt are `[B, A]`; GTs are numbered image after image.
+    padded). GTs are numbered image after image. Images are read one by one (their candidates are a tenth of
+    their anchors), which spares building `[B, A]` copies of the inputs.
     """
-    num_images, num_anchors = cand_gt.shape
+    num_images, num_anchors = len(cand_gt_list), cand_gt_list[0].numel()
     num_levels = len(num_anchors_per_level)
-    device = cand_gt.device
-    flat_cand = cand_gt.reshape(-1)
-    flat = torch.nonzero(flat_cand >= 0).squeeze(1)  # ordered by image, then anchor
-    gts_per_image = (cand_gt.amax(dim=1) + 1).clamp_min(0)
-    first_gt = torch.cumsum(gts_per_image, 0) - gts_per_image
+    device = cand_gt_list[0].device
+    level_of_anchor = torch.repeat_interleave(torch.arange(num_levels, device=device),
+                                              torch.tensor(num_anchors_per_level, device=device))
+    anchor, local_gt, loss = [], [], []
+    for cand_gt, pos_losses in zip(cand_gt_list, pos_losses_list):
+        idx = torch.nonzero(cand_gt >= 0).squeeze(1)
+        anchor.append(idx)
+        local_gt.append(cand_gt.index_select(0, idx))
+        loss.append(pos_losses.index_select(0, idx))
+    counts = torch.tensor([len(idx) for idx in anchor], device=device)
+    anchor, local_gt, loss = torch.cat(anchor), torch.cat(local_gt), torch.cat(loss).float()
+    image = torch.repeat_interleave(torch.arange(num_images, device=device), counts, output_size=anchor.numel())
+    gts_per_image = torch.zeros(num_images, dtype=torch.long, device=device).scatter_reduce_(
+        0, image, local_gt + 1, reduce="amax")
+    first_gt = torch.cumsum(gts_per_image, 0) - gts_per_image  # GTs are numbered image after image
+    gt = first_gt.index_select(0, image) + local_gt
+    flat = image * num_anchors + anchor
+    segment = image * num_levels + level_of_anchor.index_select(0, anchor)
     num_gt = int(gts_per_image.sum())
     width = topk * num_levels
     table_loss = torch.zeros(num_gt, width, dtype=torch.float32, device=device)
     table_anchor = torch.full((num_gt, width), -1, dtype=torch.long, device=device)
     if flat.numel() == 0:
         return table_loss, table_anchor >= 0, table_anchor
-    # segment = image * L + level of every candidate, from the level boundaries of every image
-    level_ends = torch.tensor(np.cumsum(num_anchors_per_level), device=device)
-    segment_ends = (torch.arange(num_images, device=device)[:, None] * num_anchors + level_ends).reshape(-1)
-    segment = torch.searchsorted(segment_ends, flat, right=True)
-    gt = first_gt.index_select(0, torch.div(segment, num_levels, rounding_mode="floor"))
-    gt += flat_cand.index_select(0, flat)
-    loss = pos_losses.reshape(-1).index_select(0, flat).float()
     loss_key = _order_key(loss)
     # Top-k lowest losses per (GT, level): one stable sort on (GT, segment, loss); ties keep anchor order.
     group = gt * (num_images * num_levels) + segment
@@ -210,7 +219,8 @@ def _select_reference(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level
 
 def paa_select_batch(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], num_anchors_per_level: list[int],
                      topk: int = 9, gmm: str = "torch") -> list[tuple[Tensor, Tensor]]:
-    """PAA's selection for every image of a batch: one batched EM over all GTs. Returns [(pos_mask, ignore_mask)]."""
+    """PAA's selection for every image of a batch (all sharing the same anchors), with one batched EM over all
+    their GTs. Returns [(pos_mask [A], ignore_mask [A])] per image."""
     if gmm == "sklearn":
         return [(_select_reference(losses, cand, num_anchors_per_level, topk), torch.zeros_like(cand, dtype=torch.bool))
                 for losses, cand in zip(pos_losses_list, cand_gt_list)]
@@ -218,15 +228,16 @@ def paa_select_batch(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], 
         raise ValueError(f"gmm must be 'torch' or 'sklearn', got {gmm!r}")
     if not cand_gt_list:
         return []
-    cand_gt = torch.stack([c.long() for c in cand_gt_list])
-    table_loss, valid, table_anchor = _candidate_table(torch.stack(pos_losses_list), cand_gt,
-                                                       num_anchors_per_level, topk)
-    component, score = fit_predict_1d(table_loss, valid)
-    positive = _separate(component, score, valid)
-    pos_flat = torch.zeros(cand_gt.numel(), dtype=torch.bool, device=cand_gt.device)
-    pos_flat[table_anchor[positive]] = True
-    ignore = torch.zeros_like(cand_gt, dtype=torch.bool)  # PAA's scheme ignores nothing
-    return list(zip(pos_flat.view_as(cand_gt).unbind(0), ignore.unbind(0)))
+    with torch.inference_mode():  # no autograd bookkeeping in the many small operations
+        table_loss, valid, table_anchor = _candidate_table(pos_losses_list, [c.long() for c in cand_gt_list],
+                                                           num_anchors_per_level, topk)
+        component, score = fit_predict_1d(table_loss, valid)
+        positive_anchor = table_anchor[_separate(component, score, valid)]
+    num_images, num_anchors = len(cand_gt_list), cand_gt_list[0].numel()
+    pos_flat = torch.zeros(num_images * num_anchors, dtype=torch.bool, device=cand_gt_list[0].device)
+    pos_flat[positive_anchor] = True
+    ignore = torch.zeros_like(pos_flat)  # PAA's scheme ignores nothing
+    return list(zip(pos_flat.view(num_images, num_anchors).unbind(0), ignore.view(num_images, num_anchors).unbind(0)))
 
 
 def paa_select(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int], topk: int = 9,
@@ -266,7 +277,7 @@ def colad_merge(losses_a: Tensor, losses_b: Tensor, cand_gt: Tensor, num_anchors
         num_gt = int(cand_gt.max()) + 1 if cand_gt.numel() else 0
     idx = torch.nonzero(cand_gt >= 0).squeeze(1)
     group = cand_gt[idx] * num_levels + _level_of(idx, num_anchors_per_level)
-    count = torch.zeros(num_gt * num_levels, device=device).index_add_(0, group, torch.ones_like(group, dtype=torch.float))
+    count = torch.zeros(num_gt * num_levels, device=device).index_add_(0, group, torch.ones(group.shape, device=device))
 
     def spread(losses: Tensor) -> tuple[Tensor, Tensor]:
         values = losses[idx].float()

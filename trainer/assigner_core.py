@@ -8,6 +8,7 @@ to the sparse per-image form of the stream (`schemas.assignment`) and back, with
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -180,13 +181,13 @@ def sparse_to_soft(rows: list, num_anchors: int, num_classes: int, device: torch
                        torch.cat(weight))
 
 
+# Stream arrays are read-only views of Arrow buffers; the trainer never writes into them (schemas.assignment).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
 def _tensor(array: np.ndarray, device) -> Tensor:
     """A tensor over a (possibly read-only) numpy view: no copy on the CPU, one copy to another device."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.asarray(array)).to(device)
+    return torch.from_numpy(np.asarray(array)).to(device)
 
 
 def _long(array: np.ndarray, device) -> Tensor:

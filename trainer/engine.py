@@ -219,6 +219,7 @@ class Engine:
             metrics[f"cand_loss_mean_{name}"] = float(vals.mean()) if vals.numel() else float("nan")
             metrics[f"cand_loss_std_{name}"] = float(vals.std()) if vals.numel() > 1 else float("nan")
         metrics["teacher_ratio_by_level"] = choice.teacher_ratio_by_level()
+        metrics["teacher_ratio_by_size"] = choice.teacher_ratio_by_size(gt_boxes)
         return StepResult(self._stamp(metrics, timer), labels=labels, choice=choice)
 
     def _backward(self, total: Tensor) -> None:

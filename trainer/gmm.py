@@ -29,57 +29,52 @@ from torch import Tensor
 TOL = 1e-3
 REG_COVAR = 1e-6
 MAX_ITER = 100
+LARGE_WORKING_SET = 32  # rows
 NK_EPS = 10 * torch.finfo(torch.float64).eps  # scikit-learn pads nk with 10 eps of its (float64) resp dtype
-LOG_2PI = math.log(2 * math.pi)
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _coefficients(mean: Tensor, var: Tensor, weight: Tensor) -> Tensor:
-    """`[G, 2, 3]`: per component c, (a, b, q) with log(w_c N(x; mean_c, var_c)) = a + b x + q x^2.
+    """`[G, 2, 3]`: per component c, (a, b, p) with log(w_c N(x; mean_c, var_c)) + log(2 pi)/2 = a + b x - p x^2/2.
 
-    The precision is squared from 1/sqrt(var), as scikit-learn derives it from its Cholesky factor.
+    The constant -log(2 pi)/2, common to both components, is left out here and added back to the final score:
+    it changes neither the posteriors nor the change of the mean log-likelihood. The precision p is squared from
+    1/sqrt(var), as scikit-learn derives it from its Cholesky factor. Inputs are `[G, 2, 1]`.
     """
     inv_std = torch.rsqrt(var)
     precision = inv_std * inv_std
     linear = mean * precision
-    const = torch.addcmul(torch.log(weight * inv_std) - HALF_LOG_2PI, mean, linear, value=-0.5)
-    return torch.stack((const, linear, -0.5 * precision), dim=2)
+    const = torch.addcmul(torch.log(weight * inv_std), mean, linear, value=-0.5)
+    return torch.cat((const, linear, precision), dim=2)
 
 
-def _em_steps(features: Tensor, features_t: Tensor, feature_means: Tensor, valid_weight: Tensor, coef: Tensor,
-              prev_bound: Tensor, active: Tensor, num_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def _em_steps(features: Tensor, moment_features: Tensor, valid_weight: Tensor, coef: Tensor, prev_bound: Tensor,
+              active: Tensor, num_steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """`num_steps` EM iterations over all rows; inactive rows (converged or never fitted) do not change.
 
-    features `[G, 3, K]` rows (valid, x, x^2), 0 where padded, so that coef @ features evaluates log-densities
-    and resp @ features_t (its transpose, `[G, K, 3]`) gives both components' (nk, sum r x, sum r x^2);
-    feature_means `[G, 3]` is features averaged over the valid entries; valid_weight `[G, K]` = valid / count;
-    coef `[G, 2, 3]`; prev_bound `[G]` mean log-likelihood of the previous iteration; active `[G, 1, 1]` bool.
+    features `[G, 3, K]` rows (valid, x, -x^2/2) so that coef @ features gives both components' log-densities;
+    moment_features `[G, K, 3]` columns (valid, x, x^2), 0 where padded, so that resp @ moment_features gives
+    their (nk, sum r x, sum r x^2) with the padding left out; valid_weight `[G, 1, K]` = valid / count; coef
+    `[G, 2, 3]`; prev_bound `[G, 1, 1]` the mean log-likelihood of the previous iteration; active `[G, 1, 1]`.
 
-    With two components the posteriors are sigmoid(+-d) for the log-odds d = log(w0 N0) - log(w1 N1), and the
-    mean log-likelihood of a row is coef[:, 1] . feature_means + mean(softplus(d)), with
-    softplus(d) = max(d, 0) - log(max(r0, r1)) exact for any d. The loop is written for few kernel launches:
-    at this size the cost is per operation, not per element.
+    Written for few operations per iteration: at these sizes the cost is per operation, not per element.
     """
     for _ in range(num_steps):
-        # E-step: log-odds and their negation for every entry, posteriors, mean log-likelihood.
-        log_odds = torch.bmm(coef - coef.flip(1), features)  # [G, 2, K] = (d, -d)
-        resp = torch.sigmoid(log_odds)
-        softplus = log_odds[:, 0].clamp_min(0) - torch.log(resp.amax(dim=1))
-        bound = torch.linalg.vecdot(coef[:, 1], feature_means) + torch.linalg.vecdot(softplus, valid_weight)
-        # M-step, with scikit-learn's raw moments: var = E[x^2] - mean^2 + reg_covar.
-        moments = torch.bmm(resp, features_t)  # [G, 2, 3] = (nk, sum r x, sum r x^2)
+        # E-step: log-densities, their log-sum (per entry), responsibilities, mean log-likelihood.
+        log_prob = torch.bmm(coef, features)  # [G, 2, K]
+        log_norm = torch.logaddexp(log_prob[:, 0:1], log_prob[:, 1:2])
+        resp = torch.exp(log_prob - log_norm)
+        bound = (log_norm * valid_weight).sum(dim=2, keepdim=True)
+        # M-step with scikit-learn's raw moments: var = E[x^2] - mean^2 + reg_covar.
+        moments = torch.bmm(resp, moment_features)  # [G, 2, 3] = (nk, sum r x, sum r x^2)
         nk = moments[:, :, :1] + NK_EPS
-        _, mean, mean_sq = (moments / nk).unbind(-1)
-        var = torch.addcmul(mean_sq, mean, mean, value=-1.0).add_(REG_COVAR)
+        stats = moments / nk
+        mean = stats[:, :, 1:2]
+        var = torch.addcmul(stats[:, :, 2:], mean, mean, value=-1.0).add_(REG_COVAR)
         var.masked_fill_(var <= 0, REG_COVAR)  # where scikit-learn raises "ill-defined empirical covariance"
-        inv_std = torch.rsqrt(var)  # scikit-learn's precision Cholesky factor; the precision is its square
-        precision = inv_std * inv_std
-        linear = mean * precision
-        log_scale = torch.log((nk / nk.sum(dim=1, keepdim=True)).squeeze(-1) * inv_std)  # log(w / std)
-        const = torch.addcmul(log_scale - HALF_LOG_2PI, mean, linear, value=-0.5)
-        coef = torch.where(active, torch.stack((const, linear, precision * -0.5), dim=2), coef)
+        coef = torch.where(active, _coefficients(mean, var, nk / nk.sum(dim=1, keepdim=True)), coef)
         # Stopping rule: rows whose bound moved less than TOL keep this M-step and freeze.
-        active = active & ((bound - prev_bound).abs() >= TOL).view(-1, 1, 1)
+        active = active & ((bound - prev_bound).abs() >= TOL)
         prev_bound = bound
     return coef, prev_bound, active
 
@@ -105,7 +100,7 @@ def _default_compile() -> bool:
     return os.environ.get("LAD_GMM_COMPILE", "0").lower() not in ("0", "", "false", "no")
 
 
-def fit_predict_1d(losses: Tensor, valid: Tensor, *, check_every: int = 2, max_iter: int = MAX_ITER,
+def fit_predict_1d(losses: Tensor, valid: Tensor, *, check_every: int | None = None, max_iter: int = MAX_ITER,
                    compile_em: bool | None = None) -> tuple[Tensor, Tensor]:
     """Fit one 2-component GMM per row of `losses` `[G, K]` (entries where `valid`), as scikit-learn would.
 
@@ -114,14 +109,23 @@ def fit_predict_1d(losses: Tensor, valid: Tensor, *, check_every: int = 2, max_i
     in rows with fewer than two valid entries (not fitted). Losses are taken as float32, as PAA hands them over.
 
     Runs on the device of `losses` (devices without float64, such as MPS, fit on the CPU). Every `check_every`
-    iterations the host reads which rows still iterate; when a quarter of the working set has stopped, the
-    converged rows leave it, since most GTs converge in a few iterations and the slowest take dozens.
-    `compile_em` (default: env `LAD_GMM_COMPILE`) fuses iterations with torch.compile, falling back to eager.
+    iterations (default: 2 on the CPU, after every iteration while 32 rows or more iterate; 8 on an accelerator
+    or compiled) the host reads which rows still iterate, and once a quarter of the working set has stopped the
+    converged rows leave it: most GTs converge in 3 iterations, the slowest take dozens. `compile_em` (default:
+    env `LAD_GMM_COMPILE=1`) runs the iterations through torch.compile, falling back to eager if compiling
+    fails; the first call then compiles for tens of seconds.
     """
     if losses.device.type == "mps":
         component, score = fit_predict_1d(losses.cpu(), valid.cpu(), check_every=check_every, max_iter=max_iter,
                                           compile_em=compile_em)
         return component.to(losses.device), score.to(losses.device, torch.float32)
+    with torch.inference_mode():  # no autograd bookkeeping: about a tenth less per operation
+        component, score = _fit_predict(losses, valid, check_every, max_iter, compile_em)
+    return component.clone(), score.clone()  # ordinary tensors again, for callers that modify them
+
+
+def _fit_predict(losses: Tensor, valid: Tensor, check_every: int | None, max_iter: int,
+                 compile_em: bool | None) -> tuple[Tensor, Tensor]:
     num_rows, width = losses.shape
     device, dtype = losses.device, torch.float64
     if num_rows == 0 or width == 0:
@@ -133,26 +137,32 @@ def fit_predict_1d(losses: Tensor, valid: Tensor, *, check_every: int = 2, max_i
     x_sq = (losses32 * losses32).to(dtype)  # the float32 product scikit-learn takes
     count = valid.sum(dim=1)
     valid_f = valid.to(dtype)
-    features = torch.stack((valid_f, x, x_sq), dim=1)  # x, x_sq are 0 where padded
-    valid_weight = valid_f / count.clamp_min(1).to(dtype)[:, None]
-    feature_means = features.sum(dim=2) / count.clamp_min(1).to(dtype)[:, None]
+    features = torch.stack((valid_f, x, -0.5 * x_sq), dim=1)  # x, x_sq are 0 where padded
+    moment_features = torch.stack((valid_f, x, x_sq), dim=2)
+    valid_weight = (valid_f / count.clamp_min(1).to(dtype)[:, None]).unsqueeze(1)
 
     fitted = count >= 2
     low = torch.where(valid, x, math.inf).amin(dim=1)
     high = torch.where(valid, x, -math.inf).amax(dim=1)
-    init_mean = torch.where(fitted[:, None], torch.stack((low, high), dim=1), 0.0)
+    init_mean = torch.where(fitted[:, None], torch.stack((low, high), dim=1), 0.0).unsqueeze(-1)
     ones = torch.ones_like(init_mean)
     coef = _coefficients(init_mean, ones, 0.5 * ones)
 
     compile_em = _default_compile() if compile_em is None else compile_em
+    # On the CPU an iteration costs in proportion to the working set, so check often and shrink it early; on an
+    # accelerator, or compiled, an iteration costs a fixed launch overhead and a check is a synchronisation.
+    shrink_early = device.type == "cpu" and not compile_em
+    if check_every is None:
+        check_every = 2 if shrink_early else 8
     rows = torch.nonzero(fitted).squeeze(1)  # the working set
-    work = [features[rows], features.transpose(1, 2)[rows], feature_means[rows], valid_weight[rows]]
+    work = [features[rows], moment_features[rows], valid_weight[rows]]
     coef_work = coef[rows]
-    prev_bound = torch.full((rows.numel(),), -math.inf, dtype=dtype, device=device)
+    prev_bound = torch.full((rows.numel(), 1, 1), -math.inf, dtype=dtype, device=device)
     active = torch.ones(rows.numel(), 1, 1, dtype=torch.bool, device=device)
     done = 0  # all rows start together, so a row still active has run exactly `done` iterations
     while done < max_iter and rows.numel():
-        steps = min(check_every, max_iter - done)
+        # a large working set is checked after every iteration: an iteration there costs more than a check
+        steps = min(1 if shrink_early and rows.numel() >= LARGE_WORKING_SET else check_every, max_iter - done)
         coef_work, prev_bound, active = _run_em_steps(compile_em, *work, coef_work, prev_bound, active, steps)
         done += steps
         still = torch.nonzero(active.view(-1)).squeeze(1)
@@ -164,6 +174,6 @@ def fit_predict_1d(losses: Tensor, valid: Tensor, *, check_every: int = 2, max_i
             work = [tensor[still] for tensor in work]
     coef[rows] = coef_work
 
-    log_prob = torch.bmm(coef, torch.stack((torch.ones_like(x), x, x_sq), dim=1))  # [G, 2, K]
+    log_prob = torch.bmm(coef, torch.stack((torch.ones_like(x), x, -0.5 * x_sq), dim=1))  # [G, 2, K]
     component = (log_prob[:, 1] > log_prob[:, 0]).long()  # argmax over the two components, ties to component 0
-    return component, torch.logaddexp(log_prob[:, 0], log_prob[:, 1])
+    return component, torch.logaddexp(log_prob[:, 0], log_prob[:, 1]) - HALF_LOG_2PI

@@ -93,6 +93,49 @@ class ColadChoice:
             out.append(taught / total if total else float("nan"))
         return out
 
+    def role_counts(self, gt_boxes: list[Tensor]) -> dict[str, list[int]]:
+        """(GT, level) pairs where B taught / that were defined, per FPN level and per object size (COCO's
+        small < 32^2 <= medium < 96^2 <= large, by GT box area in network-input pixels). Plain ints, so counts
+        of several images, workers or steps add up before the ratios are taken."""
+        levels = self.defined[0].shape[1] if self.defined else 0
+        out = {"taught_level": [0] * levels, "defined_level": [0] * levels,
+               "taught_size": [0, 0, 0], "defined_size": [0, 0, 0]}
+        for b, d, g in zip(self.b_was_teacher, self.defined, gt_boxes):
+            taught = b & d
+            out["taught_level"] = [x + int(y) for x, y in zip(out["taught_level"], taught.sum(0).tolist())]
+            out["defined_level"] = [x + int(y) for x, y in zip(out["defined_level"], d.sum(0).tolist())]
+            g = g[: d.shape[0]].float()
+            area = (g[:, 2] - g[:, 0]).clamp_min(0) * (g[:, 3] - g[:, 1]).clamp_min(0)
+            size = torch.bucketize(area, SIZE_BOUNDS.to(area.device), right=True)
+            for s in range(3):
+                mask = size == s
+                out["taught_size"][s] += int(taught[mask].sum())
+                out["defined_size"][s] += int(d[mask].sum())
+        return out
+
+    def teacher_ratio_by_size(self, gt_boxes: list[Tensor]) -> dict[str, float]:
+        return ratios_by_size(self.role_counts(gt_boxes))
+
+
+SIZES = ("small", "medium", "large")
+SIZE_BOUNDS = torch.tensor([32.0 ** 2, 96.0 ** 2])
+
+
+def _ratio(taught: int, total: int) -> float:
+    return taught / total if total else float("nan")
+
+
+def ratios_by_size(counts: dict[str, list[int]]) -> dict[str, float]:
+    return {name: _ratio(t, d) for name, t, d in zip(SIZES, counts["taught_size"], counts["defined_size"])}
+
+
+def ratios_by_level(counts: dict[str, list[int]]) -> list[float]:
+    return [_ratio(t, d) for t, d in zip(counts["taught_level"], counts["defined_level"])]
+
+
+def ratio_total(counts: dict[str, list[int]]) -> float:
+    return _ratio(sum(counts["taught_level"]), sum(counts["defined_level"]))
+
 
 def colad_choose(losses_a: list[Tensor], losses_b: list[Tensor], cand_gt: list[Tensor],
                  num_anchors_per_level: list[int], policy: RolePolicy, step: int) -> ColadChoice:

@@ -1,0 +1,169 @@
+"""Co-learning through Ray on a private 2-CPU local Ray (one session for the module): `inline` and `split` train
+exactly what the in-process CoLAD loop trains (same assignments, losses, evaluations, weights, checkpoints), and
+the coordinator picks up the control plane's roles.json and pushes it to the trainer without costing a step."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.stream_testing import make_data, tiny_config
+from trainer.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.e2e
+
+TIMING = ("_ms", "images_per_s", "workers_active")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from pipeline.ray_env import init_local
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already initialised in this process")
+    init_local(num_cpus=2, object_store_memory=200 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+def _metrics(cfg) -> list[dict]:
+    return [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cfg(data, out, name, engine, mode="inline"):
+    cfg = tiny_config(data, out, mode="colad",
+                      train={"epochs": 2, "max_steps": 5, "eval_every": 1, "checkpoint_every": 2},
+                      colearn={"mode": mode}, pipeline={"engine": engine})
+    cfg.name = name
+    return cfg
+
+
+def test_inline_and_split_train_exactly_the_in_process_colad(ray_session, tmp_path):
+    """12 images, batch 4, 5 steps over 2 epochs (the 2nd cut mid-epoch), evaluation every epoch, checkpoint every
+    2 steps. inline is stopped mid-run through the coordinator (as SIGTERM does) and resumed; in split, network
+    B's worker raises before step 4: A must fail at once (not wait out the exchange timeout), then the run resumes
+    from last.pt. Every logged number (losses of A and B, positives, teacher ratio per level and size), eval.json,
+    both networks' weights, the optimizer state and the checkpoints equal the in-process run's; inline's and
+    split's per-step assignment digests are equal."""
+    from pipeline.colearn_run import train as ray_train
+    from pipeline.local import train as local_train
+
+    data = make_data(tmp_path / "data", num_train=12, num_val=4)
+    out = tmp_path / "runs"
+    local = _cfg(data, out, "local", "local")
+    threads = torch.get_num_threads()
+    local_eval = local_train(local, progress=False)
+    traces, runs = {}, {}
+    for mode in ("inline", "split"):
+        cfg = _cfg(data, out, mode, "ray", mode)
+        cfg.colearn.exchange_timeout_s = 300
+        traces[mode] = tmp_path / f"trace_{mode}"
+        traces[mode].mkdir()
+        faults = {"trace_dir": str(traces[mode])}
+        if mode == "inline":
+            assert ray_train(cfg, progress=False, faults={**faults, "stop_request_at_step": 2}) == {}
+            assert json.loads((cfg.run_dir / "progress.json").read_text())["state"] == "stopped"
+        else:
+            t0 = time.monotonic()
+            with pytest.raises(RuntimeError, match="side b rank 0: RuntimeError: injected failure before step 4"):
+                ray_train(cfg, progress=False, faults={**faults, "fail_at_step": {"side": "b", "step": 4}})
+            assert time.monotonic() - t0 < 200, "side A waited for the dead side B"
+            progress = json.loads((cfg.run_dir / "progress.json").read_text())
+            assert progress["state"] == "failed" and "injected failure" in progress["error"]
+        stopped_at = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")["step"]
+        assert 2 <= stopped_at <= 3
+        assert ray_train(cfg, progress=False, faults=faults) == local_eval  # resumes from last.pt
+        runs[mode] = (cfg, stopped_at)
+    torch.set_num_threads(threads)
+
+    ref = _metrics(local)
+    assert [m["step"] for m in ref] == [1, 2, 3, 4, 5]
+    for mode, (cfg, stopped_at) in runs.items():
+        got = _metrics(cfg)
+        assert [m["step"] for m in got] == [1, 2, 3, 4, 5], mode
+        for x, y in zip(ref, got):
+            for key, value in x.items():
+                if not key.endswith(TIMING):
+                    assert y.get(key) == value, (mode, x["step"], key, value, y.get(key))
+        evals = json.loads((cfg.run_dir / "eval.json").read_text())
+        assert evals == json.loads((local.run_dir / "eval.json").read_text())
+        assert [(e["epoch"], e["network"]) for e in evals] == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+        progress = json.loads((cfg.run_dir / "progress.json").read_text())
+        assert progress["state"] == "succeeded" and progress["step"] == 5
+        for ckpt in ("last.pt", "best.pt"):
+            a, b = load_checkpoint(local.run_dir / "checkpoints" / ckpt), load_checkpoint(cfg.run_dir / "checkpoints" / ckpt)
+            assert (a["step"], a["epoch"], a["progress"], a["best"], a["policy"]) == \
+                (b["step"], b["epoch"], b["progress"], b["best"], b["policy"]), (mode, ckpt)
+            for net in ("a", "b"):
+                for k, v in a["models"][net].items():
+                    assert torch.equal(v, b["models"][net][k]), (mode, ckpt, net, k)
+            for k, v in a["optimizer"]["state"].items():
+                assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), (mode, k)
+        summary = json.loads((cfg.run_dir / "colearn.json").read_text())  # of the resumed run
+        assert [s["step"] for s in summary["steps"]] == list(range(stopped_at + 1, 6))
+        assert [s["teacher_ratio"] for s in summary["steps"]] == [m["teacher_ratio"] for m in ref[stopped_at:]]
+        assert summary["history"][0] == {**summary["history"][0], "policy": "auto", "from_step": stopped_at + 1,
+                                         "source": "checkpoint"}
+        assert summary["totals"]["by_size"]
+
+    def digests(path: Path) -> dict:  # step -> assignment digest; a step trained again after a crash must agree
+        out = {}
+        for rec in map(json.loads, path.read_text().splitlines()):
+            assert out.setdefault(rec["step"], rec["labels"]) == rec["labels"], rec
+        return out
+
+    inline = digests(traces["inline"] / "trace.both.rank0.jsonl")
+    assert sorted(inline) == [1, 2, 3, 4, 5]
+    for side in ("a", "b"):
+        assert digests(traces["split"] / f"trace.{side}.rank0.jsonl") == inline
+
+
+def test_coordinator_pushes_the_control_planes_request_within_a_step(ray_session, tmp_path):
+    """PUT /runs/{id}/roles writes control/roles.json (services.rundir); the coordinator picks it up and the
+    trainer's `PolicyWatch.poll()` sees the new version without ever blocking; polling costs microseconds."""
+    import ray
+
+    from pipeline.colearn import PolicyWatch, coordinator_name, get_or_create, lookup, NAMESPACE
+    from services.rundir import RunFiles
+
+    data = make_data(tmp_path / "data", num_train=4, num_val=2)
+    cfg = _cfg(data, tmp_path / "runs", "coord", "ray")
+    cfg.run_dir.mkdir(parents=True)
+    coordinator = get_or_create(cfg, "auto")
+    try:
+        assert get_or_create(cfg, "pin-a")._actor_id == coordinator._actor_id  # get_if_exists: the same actor
+        assert lookup(cfg)._actor_id == coordinator._actor_id
+        assert ray.get_actor(coordinator_name(cfg), namespace=NAMESPACE)._actor_id == coordinator._actor_id
+        watch = PolicyWatch(coordinator)
+        assert watch.poll() == {"version": 0, "policy": "auto", "stop": False}
+        n, t0 = 2000, time.perf_counter()
+        for _ in range(n):
+            watch.poll()
+        per_poll_ms = (time.perf_counter() - t0) * 1e3 / n
+        assert per_poll_ms < 0.5, per_poll_ms
+
+        RunFiles(cfg.run_dir).request_roles("pin-b")
+        t_put = time.perf_counter()
+        while watch.poll()["policy"] != "pin-b":
+            assert time.perf_counter() - t_put < 5, "the request did not reach the trainer"
+            time.sleep(0.005)
+        state = watch.poll()
+        assert state["version"] == 1
+        ray.get(coordinator.applied.remote(7, "pin-b"))  # rank 0 switched before step 8
+        ray.get(coordinator.set_policy.remote("alternate:3"))
+        while watch.poll()["policy"] != "alternate:3":
+            time.sleep(0.005)
+        ray.get(coordinator.request_stop.remote())
+        while not watch.poll()["stop"]:
+            time.sleep(0.005)
+        (cfg.run_dir / "control" / "roles.json").write_text("{not json")  # a torn or foreign file is ignored
+        time.sleep(0.2)
+        summary = ray.get(coordinator.summary.remote())
+        assert summary["requested"] == "alternate:3" and summary["policy"] == "pin-b"
+        assert [(h["policy"], h["from_step"], h["source"]) for h in summary["history"]] == \
+            [("auto", 1, "config"), ("pin-b", 8, "rest")]
+    finally:
+        ray.kill(coordinator)
