@@ -168,63 +168,110 @@ def cmd_poll(args) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _series(run: Path) -> tuple[list[int], list[dict]]:
+    """Per step role counts: from the coordinator's colearn.json (Ray runs), else rebuilt from metrics.jsonl ratios
+    (in-process runs log ratios only: each step then weighs 1 per level, a coarser smoothing)."""
+    path = run / "colearn.json"
+    if path.exists():
+        steps = json.loads(path.read_text())["steps"]
+        if steps and "counts" in steps[0]:
+            return [s["step"] for s in steps], [s["counts"] for s in steps], True
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [m for m in lines if "teacher_ratio" in m and "loss" in m]
+    counts = []
+    for m in lines:
+        lv = [r for r in m["teacher_ratio_by_level"]]
+        sz = [(m.get("teacher_ratio_by_size") or {}).get(k) for k in ("small", "medium", "large")]
+        counts.append({"taught_level": [r or 0.0 for r in lv], "defined_level": [0 if r is None else 1 for r in lv],
+                       "taught_size": [r or 0.0 for r in sz], "defined_size": [0 if r is None else 1 for r in sz]})
+    return [m["step"] for m in lines], counts, False
+
+
 def cmd_plot(args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import yaml
 
     run = Path(args.run_dir)
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    lines = [m for m in lines if "teacher_ratio" in m and "loss" in m]
-    cfg = {}
-    try:
-        import yaml
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-    except Exception:
-        pass
-    levels = (cfg.get("model") or {}).get("fpn_levels") or list(range(len(lines[0]["teacher_ratio_by_level"])))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    steps, counts, exact = _series(run)
+    levels = cfg["model"]["fpn_levels"]
+    w = args.window
 
-    def smooth(values):
-        out, w = [], args.window
-        for i in range(len(values)):
-            window = [v for v in values[max(0, i - w + 1):i + 1] if v is not None]
-            out.append(sum(window) / len(window) if window else None)
+    def windowed(taught_key, defined_key, k):
+        """Moving ratio over the last `w` steps: pairs B taught / pairs defined in the window (count-weighted)."""
+        out = []
+        for i in range(len(counts)):
+            win = counts[max(0, i - w + 1):i + 1]
+            t = sum(c[taught_key][k] for c in win)
+            d = sum(c[defined_key][k] for c in win)
+            out.append(t / d if d else None)
         return out
 
-    steps = [m["step"] for m in lines]
+    total = [{"t": [sum(c["taught_level"])], "d": [sum(c["defined_level"])]} for c in counts]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    ax1.plot(steps, smooth([m["teacher_ratio"] for m in lines]), color="black", lw=2, label="all levels")
+    all_ratio = []
+    for i in range(len(total)):
+        win = total[max(0, i - w + 1):i + 1]
+        d = sum(x["d"][0] for x in win)
+        all_ratio.append(sum(x["t"][0] for x in win) / d if d else None)
+    ax1.plot(steps, all_ratio, color="black", lw=2, label="all levels")
+    pairs_level = [sum(c["defined_level"][k] for c in counts) for k in range(len(levels))]
+    steps_with = [sum(1 for c in counts if c["defined_level"][k]) for k in range(len(levels))]
     for k, lv in enumerate(levels):
-        ax1.plot(steps, smooth([(m["teacher_ratio_by_level"] or [None] * len(levels))[k] for m in lines]),
-                 label=f"P{lv} (stride {2 ** lv})")
-    for size in ("small", "medium", "large"):
-        series = smooth([(m.get("teacher_ratio_by_size") or {}).get(size) for m in lines])
-        if any(v is not None for v in series):
-            ax2.plot(steps, series, label=size)
-    for ax, title in ((ax1, "per FPN level"), (ax2, "per object size (GT area, input pixels)")):
+        label = f"P{lv} (stride {2 ** lv}): " + (f"{pairs_level[k]:g} (GT, level) pairs" if exact else
+                                                  f"pairs in {steps_with[k]} of {len(steps)} steps")
+        if steps_with[k] < len(steps) / 2:  # a sparse level: a moving ratio would jump between 0 and 1; show points
+            pts = [(s, c["taught_level"][k] / c["defined_level"][k]) for s, c in zip(steps, counts)
+                   if c["defined_level"][k]]
+            ax1.scatter([x for x, _ in pts], [y for _, y in pts], s=14, alpha=0.7, label=label + " (per step)")
+        else:
+            ax1.plot(steps, windowed("taught_level", "defined_level", k), label=label)
+    sizes = ("small", "medium", "large")
+    pairs_size = [sum(c["defined_size"][k] for c in counts) for k in range(3)]
+    for k, size in enumerate(sizes):
+        if pairs_size[k]:
+            ax2.plot(steps, windowed("taught_size", "defined_size", k),
+                     label=f"{size}: {pairs_size[k]:g} pairs" if exact else size)
+    for ax, title in ((ax1, "per FPN level"), (ax2, "per object size (GT area, COCO bounds)")):
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("step")
-        ax.set_title(f"teacher ratio (share of (GT, level) pairs B taught), {title}", fontsize=9)
+        ax.set_title(f"B taught / (GT, level) pairs, {title}", fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    ax1.set_ylabel(f"teacher ratio, moving mean of {args.window} steps")
-    ax1.set_ylim(0, 1)
-    a = (cfg.get("model") or {}).get("depth")
+    ax1.set_ylabel(f"teacher ratio, last {w} steps" + ("" if exact else " (mean of step ratios)"))
+    ax1.set_ylim(-0.03, 1.03)
+    a = cfg["model"]["depth"]
     b = ((cfg.get("colearn") or {}).get("model_b") or {}).get("depth", a)
-    fig.suptitle(f"CoLAD on the built-in digits: A = ResNet-{a}, B = ResNet-{b}, policy auto "
-                 f"({len(steps)} steps, {run.name})", fontsize=10)
+    fig.suptitle(f"CoLAD on the built-in digits: A = ResNet-{a}, B = ResNet-{b}, policy "
+                 f"{cfg['colearn']['policy']}, input {cfg['data']['input_size']}, batch {cfg['train']['batch_size']} "
+                 f"({len(steps)} steps, run {run.name})", fontsize=10)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
-    total = [m["teacher_ratio"] for m in lines if m["teacher_ratio"] is not None]
-    per_level = [[m["teacher_ratio_by_level"][k] for m in lines if m["teacher_ratio_by_level"][k] is not None]
-                 for k in range(len(levels))]
-    q = max(1, len(total) // 4)
-    row = {"run": str(run), "steps": len(steps), "mean": round(statistics.mean(total), 3),
-           "first_quarter": round(statistics.mean(total[:q]), 3), "last_quarter": round(statistics.mean(total[-q:]), 3),
-           "by_level_mean": {f"P{lv}": round(statistics.mean(v), 3) if v else None for lv, v in zip(levels, per_level)},
-           "plot": str(args.out)}
+
+    def ratio(part, key_t, key_d, k=None):
+        t = sum(c[key_t][k] if k is not None else sum(c[key_t]) for c in part)
+        d = sum(c[key_d][k] if k is not None else sum(c[key_d]) for c in part)
+        return round(t / d, 3) if d else None
+
+    q = max(1, len(counts) // 4)
+    row = {"run": str(run), "steps": len(steps), "teacher_ratio": ratio(counts, "taught_level", "defined_level"),
+           "first_quarter": ratio(counts[:q], "taught_level", "defined_level"),
+           "last_quarter": ratio(counts[-q:], "taught_level", "defined_level"),
+           "by_level": {f"P{lv}": ratio(counts, "taught_level", "defined_level", k) for k, lv in enumerate(levels)},
+           "pairs_by_level": {f"P{lv}": pairs_level[k] for k, lv in enumerate(levels)},
+           "by_size": {s: ratio(counts, "taught_size", "defined_size", k) for k, s in enumerate(sizes)},
+           "pairs_by_size": dict(zip(sizes, pairs_size)), "count_weighted": exact, "plot": str(args.out)}
+    summary = run / "colearn.json"
+    if summary.exists():  # the coordinator's exact totals over the whole run
+        totals = json.loads(summary.read_text()).get("totals") or {}
+        row["coordinator_totals"] = {k: totals.get(k) for k in ("teacher_ratio", "by_level", "by_size", "counts")}
+    if not exact:  # per-step ratios only: these are numbers of steps, and the ratios are means of step ratios
+        row["steps_with_pairs_by_level"] = row.pop("pairs_by_level")
+        row["steps_with_pairs_by_size"] = row.pop("pairs_by_size")
     print(json.dumps(row, indent=1))
     _save("teacher_ratio", row)
 

@@ -266,11 +266,15 @@ def main(argv=None) -> int:
     if not args.skip_service:
         import ray
 
-        from pipeline.ray_env import init_local
-        init_local(num_cpus=os.cpu_count())
+        from pipeline import ray_env
+        ray_env.init_local(num_cpus=os.cpu_count())
         try:
             for pool in [int(x) for x in args.pool_sizes.split(",")]:
-                s = service(args, root, teacher, pool, n + 1)
+                try:
+                    s = service(args, root, teacher, pool, n + 1)
+                except ray_env.PipelineResourceError as e:
+                    print(f"pool {pool}: skipped, {e}")
+                    continue
                 s["bare_ms_after"] = median(steps.bare_again())  # (a) again, under the load of this moment
                 s["pool_alone"] = pool_throughput(args, root, teacher, coco, pool, n)
                 services.append(s)
@@ -280,13 +284,17 @@ def main(argv=None) -> int:
     for s in services:  # against the mean of (a) timed with the others and (a) timed right after this run
         s["bare_ms_ref"] = round((bare + s["bare_ms_after"]) / 2, 3)
         s["ratio_to_bare"] = round(s["ms_per_step"] / s["bare_ms_ref"], 3)
+        # within the run, insensitive to the machine's load changing between variants: what the student waits
+        # for beyond its own step (the step there is (a), run beside the assigners)
+        s["ratio_to_own_step"] = round(s["ms_per_step"] / s["step_ms"], 3)
     rows = [(name, median(v), bare, None) for name, v in res.items()]
     rows += [(f"d_service_pool{s['pool']}", s["ms_per_step"], s["bare_ms_ref"], s["data_wait_ms"]) for s in services]
     print(f"\ninput {args.input_size}, batch {args.batch_size}, student R{args.student_depth}, teacher "
           f"R{args.teacher_depth}, device {device}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"{'variant':<20}{'ms/step':>10}{'x bare':>9}{'wait ms':>10}")
+    print(f"{'variant':<20}{'ms/step':>10}{'x bare':>9}{'wait ms':>10}{'x own step':>12}")
     for name, ms, ref, wait in rows:
-        print(f"{name:<20}{ms:>10.1f}{ms / ref:>9.2f}{'' if wait is None else f'{wait:10.1f}'}")
+        own = next((f"{s['ratio_to_own_step']:12.3f}" for s in services if name.endswith(f"pool{s['pool']}")), "")
+        print(f"{name:<20}{ms:>10.1f}{ms / ref:>9.2f}{'' if wait is None else f'{wait:10.1f}'}{own}")
     for s in services:
         pa_ = s["pool_alone"]
         print(f"pool {s['pool']} alone (no student): {pa_['batches_per_s']} batches/s"

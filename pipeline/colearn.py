@@ -77,6 +77,7 @@ class RoleBook:
         self.roles_path = roles_path
         self._roles_mtime: Optional[float] = None
         self.requested_at: Optional[float] = None
+        self._source = source
         self.history: list[dict] = [{"policy": policy, "from_step": start_step + 1, "source": source,
                                      "requested_at": None, "applied_at": time.time()}]
         self.steps: list[dict] = []           # per step: step, epoch, policy, counts
@@ -135,7 +136,7 @@ class RoleBook:
         if policy == self.applied_policy:
             return
         self.history.append({"policy": policy, "from_step": step_index + 1,
-                             "source": getattr(self, "_source", "api"), "requested_at": self.requested_at,
+                             "source": self._source, "requested_at": self.requested_at,
                              "applied_at": time.time()})
 
     def record(self, step: int, epoch: int, policy: str, counts: dict) -> None:
@@ -153,7 +154,8 @@ class RoleBook:
                                "teacher_ratio": _ratio(sum(c["taught_level"]), sum(c["defined_level"])),
                                "by_level": [_ratio(t, d) for t, d in zip(c["taught_level"], c["defined_level"])],
                                "by_size": {n: _ratio(t, d) for n, t, d in zip(_SIZES, c["taught_size"],
-                                                                               c["defined_size"])}})
+                                                                               c["defined_size"])},
+                               "counts": c})
         out = {"policy": self.applied_policy, "requested": self.policy, "version": self.version,
                "stop": self.stop, "history": list(self.history), "steps": series}
         if totals:

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from pipeline.local import StopRequested, epoch_order, load_datasets
 from pipeline.rundir import RunDir
@@ -522,6 +521,5 @@ def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
                 first_error = e
                 coordinator.abort.remote(f"worker group {refs[done[0]]} failed")
     if first_error is not None:
-        result = ray.get(coordinator.summary.remote())  # noqa: F841  (keeps the actor reachable for the message)
-        error = ray.get(coordinator.error_message.remote())
+        error = ray.get(coordinator.error_message.remote())  # the first failure reported (the root cause)
         raise RuntimeError(f"split co-learning failed: {error or first_error}") from first_error

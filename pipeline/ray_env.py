@@ -44,11 +44,26 @@ def connect(cfg: RunConfig, *, num_cpus: Optional[float] = None) -> bool:
 
 
 def init_local(num_cpus: Optional[float] = None, object_store_memory: Optional[int] = None, **kwargs) -> None:
-    """A private Ray in this process (never an existing cluster), whose workers import this project."""
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)}
-    # The dashboard stays on: Ray Train V2's controller reads actor states through it (state API).
+    """A private Ray in this process (never an existing cluster), whose workers import this project.
+
+    The dashboard stays on (Ray Train V2 reads actor states through it, the state API) on a free port, and
+    every process of this Ray is told that address (`RAY_API_SERVER_ADDRESS`): otherwise, with another Ray on
+    the same machine, Train's placement-group cleaner cannot tell which cluster is its own and logs errors.
+    """
+    port = _free_port()
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p),
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=object_store_memory,
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": env}, **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown(started: bool) -> None:

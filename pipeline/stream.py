@@ -386,6 +386,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults:
 
     from pipeline import ray_env
 
+    # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     cfg = absolute_paths(cfg)
     data = load_datasets(cfg)
     run = RunDir(cfg.run_dir)

@@ -122,3 +122,34 @@ def test_split_needs_matching_anchors_and_ray():
         SideEngine(_cfg(colearn={"model_b": {**TINY, "fpn_levels": [3, 4, 5]}}), "b")
     with pytest.raises(ConfigError, match="pipeline.engine"):
         _cfg(colearn={"mode": "split"})
+
+
+def test_role_book_follows_the_control_planes_file(tmp_path):
+    """The coordinator's state without Ray: roles.json requests (as PUT writes them) bump the version once each,
+    a torn file is ignored, the history records the step a policy took effect from, statistics add up."""
+    from pipeline.colearn import RoleBook, policy_code, policy_name
+    from services.rundir import RunFiles
+
+    files = RunFiles(tmp_path)
+    book = RoleBook("auto", files.roles_path, start_step=10, source="checkpoint")
+    assert not book.poll_file()  # no request yet
+    files.request_roles("pin-b")
+    assert book.poll_file() and book.control() == {"version": 1, "policy": "pin-b", "stop": False}
+    assert not book.poll_file()  # unchanged file: nothing new
+    files.roles_path.write_text('{"policy": "pin-')  # torn write of a foreign writer
+    assert not book.poll_file() and book.policy == "pin-b"
+    book.applied(12, "pin-b")
+    files.request_roles("alternate:4")
+    assert book.poll_file() and book.version == 2
+    assert book.request_stop() and book.control()["stop"] and book.version == 3
+    assert [(h["policy"], h["from_step"], h["source"]) for h in book.history] == [("auto", 11, "checkpoint"),
+                                                                                   ("pin-b", 13, "rest")]
+    counts = {"taught_level": [1, 0], "defined_level": [2, 1], "taught_size": [1, 0, 0], "defined_size": [2, 1, 0]}
+    book.record(11, 0, "auto", counts)
+    book.record(12, 0, "auto", counts)
+    summary = book.summary()
+    assert summary["totals"]["teacher_ratio"] == 2 / 6 and summary["totals"]["by_level"] == [0.5, 0.0]
+    assert summary["totals"]["by_size"] == {"small": 0.5, "medium": 0.0, "large": None}
+    assert summary["policy"] == "pin-b" and summary["requested"] == "alternate:4"
+    for name in ("auto", "pin-a", "pin-b", "alternate:7"):
+        assert policy_name(policy_code(name)) == name

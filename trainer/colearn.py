@@ -28,9 +28,9 @@ from schemas.config import ConfigError, RunConfig
 from trainer.anchors import make_anchors
 from trainer.assigner_core import labels_to_sparse
 from trainer.checkpoint import load_network
-from trainer.engine import Timer, lr_factor
-from trainer.labeler import RolePolicy, candidates, colad_choose, ratio_total, ratios_by_level, ratios_by_size, \
-    scored_candidates, select
+from trainer.engine import lr_factor
+from trainer.labeler import (RolePolicy, candidates, colad_choose, ratio_total, ratios_by_level, ratios_by_size,
+                             scored_candidates, select)
 from trainer.losses import BatchLabels, detection_loss
 from trainer.model import HeadOutputs, build_model
 
