@@ -130,7 +130,6 @@ def _candidate_table(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], 
     first_gt = torch.cumsum(gts_per_image, 0) - gts_per_image  # GTs are numbered image after image
     gt = first_gt.index_select(0, image) + local_gt
     flat = image * num_anchors + anchor
-    segment = image * num_levels + level_of_anchor.index_select(0, anchor)
     num_gt = int(gts_per_image.sum())
     width = topk * num_levels
     table_loss = torch.zeros(num_gt, width, dtype=torch.float32, device=device)
@@ -138,9 +137,18 @@ def _candidate_table(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], 
     if flat.numel() == 0:
         return table_loss, table_anchor >= 0, table_anchor
     loss_key = _order_key(loss)
-    # Top-k lowest losses per (GT, level): one stable sort on (GT, segment, loss); ties keep anchor order.
-    group = gt * (num_images * num_levels) + segment
-    order = torch.argsort((group << 32) | loss_key, stable=True)
+    # Top-k lowest losses per (GT, level): one stable sort on (GT, level, loss); ties keep anchor order.
+    group = gt * num_levels + level_of_anchor.index_select(0, anchor)
+    key = (group << 32) | loss_key
+    # The sort costs ~40 ns a candidate, so first drop candidates that cannot be in their group's top-k: split
+    # each group into k classes (by position), the largest of the k class minima is >= the group's k-th smallest
+    # key (an empty class gives no bound); this keeps about a third of the candidates.
+    cls = group * topk + torch.arange(key.numel(), device=device) % topk
+    class_min = torch.full((num_gt * num_levels * topk,), torch.iinfo(torch.long).max, device=device)
+    class_min.scatter_reduce_(0, cls, key, reduce="amin")
+    bound = class_min.view(-1, topk).amax(dim=1)
+    keep = torch.nonzero(key <= bound.index_select(0, group)).squeeze(1)
+    order = keep.index_select(0, torch.argsort(key.index_select(0, keep), stable=True))
     order = order[_rank_in_runs(group.index_select(0, order)) < topk]
     # Per GT, the kept candidates in ascending loss (ties: lower anchor index first).
     row = gt.index_select(0, order)

@@ -34,49 +34,54 @@ NK_EPS = 10 * torch.finfo(torch.float64).eps  # scikit-learn pads nk with 10 eps
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _coefficients(mean: Tensor, var: Tensor, weight: Tensor) -> Tensor:
-    """`[G, 2, 3]`: per component c, (a, b, p) with log(w_c N(x; mean_c, var_c)) + log(2 pi)/2 = a + b x - p x^2/2.
+def _coefficients(moments: Tensor, nk_eps: Tensor, reg_covar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """scikit-learn's M-step from the moments `[3, 2, G, 1]` (sum r, sum r x, sum r x^2 of each component), as
+    the coefficients (a, b, p), each `[2, G, 1]`, of log(w N(x; mean, var)) + log(2 pi)/2 = a + b x - p x^2/2.
 
-    The constant -log(2 pi)/2, common to both components, is left out here and added back to the final score:
-    it changes neither the posteriors nor the change of the mean log-likelihood. The precision p is squared from
-    1/sqrt(var), as scikit-learn derives it from its Cholesky factor. Inputs are `[G, 2, 1]`.
+    Raw moments `E[x^2] - mean^2 + reg_covar`, nk padded by 10 float64 eps, weights nk / sum(nk), the precision
+    squared from 1/sqrt(var) as scikit-learn derives it from its Cholesky factor. The constant -log(2 pi)/2, the
+    same for both components, is added back to the final score only: it changes neither the posteriors nor the
+    change of the mean log-likelihood. nk_eps and reg_covar are 0-d tensors (cheaper operands than floats).
     """
+    nk = moments.select(0, 0) + nk_eps
+    mean = moments.select(0, 1) / nk
+    var = torch.addcmul(moments.select(0, 2) / nk, mean, mean, value=-1.0).add_(reg_covar)
+    var.masked_fill_(var <= 0, reg_covar)  # where scikit-learn raises "ill-defined empirical covariance"
     inv_std = torch.rsqrt(var)
     precision = inv_std * inv_std
     linear = mean * precision
-    const = torch.addcmul(torch.log(weight * inv_std), mean, linear, value=-0.5)
-    return torch.cat((const, linear, precision), dim=2)
+    const = torch.addcmul(torch.log(nk / nk.sum(dim=0) * inv_std), mean, linear, value=-0.5)
+    return const, linear, precision
 
 
-def _em_steps(features: Tensor, moment_features: Tensor, valid_weight: Tensor, coef: Tensor, prev_bound: Tensor,
-              active: Tensor, num_steps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """`num_steps` EM iterations over all rows; inactive rows (converged or never fitted) do not change.
+def _em_steps(x: Tensor, neg_half_x_sq: Tensor, moment_features: Tensor, valid_weight: Tensor, coef: tuple,
+              moments: Tensor, prev_bound: Tensor, active: Tensor, constants: tuple, num_steps: int):
+    """`num_steps` EM iterations over the working rows; rows no longer `active` keep their moments.
 
-    features `[G, 3, K]` rows (valid, x, -x^2/2) so that coef @ features gives both components' log-densities;
-    moment_features `[G, K, 3]` columns (valid, x, x^2), 0 where padded, so that resp @ moment_features gives
-    their (nk, sum r x, sum r x^2) with the padding left out; valid_weight `[G, 1, K]` = valid / count; coef
-    `[G, 2, 3]`; prev_bound `[G, 1, 1]` the mean log-likelihood of the previous iteration; active `[G, 1, 1]`.
+    Component first: x, neg_half_x_sq `[G, K]` (0 where padded); moment_features `[3, 1, G, K]` = (valid, x, x^2),
+    0 where padded, so that the padding drops out of the moments; valid_weight `[G, K]` = valid / count; coef the
+    (a, b, p) `[2, G, 1]` that the next E-step uses; moments `[3, 2, G, 1]`; prev_bound `[G, 1]` the previous
+    mean log-likelihood; active `[G, 1]`; constants the 0-d tensors (nk_eps, reg_covar, tol).
 
-    Written for few operations per iteration: at these sizes the cost is per operation, not per element.
+    Written for few operations per iteration (about 30 elementwise ops and short reductions; a batched matmul of
+    these shapes costs several times more): at these sizes the cost is per operation, not per element. A frozen
+    row recomputes its parameters from its frozen moments, which gives the same values again.
     """
+    const, linear, precision = coef
+    nk_eps, reg_covar, tol = constants
     for _ in range(num_steps):
-        # E-step: log-densities, their log-sum (per entry), responsibilities, mean log-likelihood.
-        log_prob = torch.bmm(coef, features)  # [G, 2, K]
-        log_norm = torch.logaddexp(log_prob[:, 0:1], log_prob[:, 1:2])
-        resp = torch.exp(log_prob - log_norm)
-        bound = (log_norm * valid_weight).sum(dim=2, keepdim=True)
-        # M-step with scikit-learn's raw moments: var = E[x^2] - mean^2 + reg_covar.
-        moments = torch.bmm(resp, moment_features)  # [G, 2, 3] = (nk, sum r x, sum r x^2)
-        nk = moments[:, :, :1] + NK_EPS
-        stats = moments / nk
-        mean = stats[:, :, 1:2]
-        var = torch.addcmul(stats[:, :, 2:], mean, mean, value=-1.0).add_(REG_COVAR)
-        var.masked_fill_(var <= 0, REG_COVAR)  # where scikit-learn raises "ill-defined empirical covariance"
-        coef = torch.where(active, _coefficients(mean, var, nk / nk.sum(dim=1, keepdim=True)), coef)
+        # E-step: both components' log-densities, their log-sum, responsibilities (in place), mean log-likelihood.
+        log_prob = torch.addcmul(const, linear, x).addcmul_(precision, neg_half_x_sq)  # [2, G, K]
+        log_norm = torch.logaddexp(*log_prob.unbind(0))  # [G, K]
+        resp = log_prob.sub_(log_norm).exp_()
+        bound = (log_norm * valid_weight).sum(dim=1, keepdim=True)
+        # M-step: rows that stopped keep the moments of the iteration they stopped at.
+        moments = torch.where(active, (resp * moment_features).sum(dim=3, keepdim=True), moments)
+        const, linear, precision = _coefficients(moments, nk_eps, reg_covar)
         # Stopping rule: rows whose bound moved less than TOL keep this M-step and freeze.
-        active = active & ((bound - prev_bound).abs() >= TOL)
+        active = ((bound - prev_bound).abs_() >= tol).logical_and_(active)
         prev_bound = bound
-    return coef, prev_bound, active
+    return (const, linear, precision), moments, prev_bound, active
 
 
 _compiled_em_steps = None
@@ -137,16 +142,18 @@ def _fit_predict(losses: Tensor, valid: Tensor, check_every: int | None, max_ite
     x_sq = (losses32 * losses32).to(dtype)  # the float32 product scikit-learn takes
     count = valid.sum(dim=1)
     valid_f = valid.to(dtype)
-    features = torch.stack((valid_f, x, -0.5 * x_sq), dim=1)  # x, x_sq are 0 where padded
-    moment_features = torch.stack((valid_f, x, x_sq), dim=2)
-    valid_weight = (valid_f / count.clamp_min(1).to(dtype)[:, None]).unsqueeze(1)
+    # one tensor, so that shrinking the working set is one indexing: (valid, x, x^2, -x^2/2, valid/count) `[5, G, K]`
+    data = torch.stack((valid_f, x, x_sq, -0.5 * x_sq, valid_f / count.clamp_min(1).to(dtype)[:, None]))
+    constants = tuple(torch.tensor(value, dtype=dtype, device=device) for value in (NK_EPS, REG_COVAR, TOL))
 
     fitted = count >= 2
     low = torch.where(valid, x, math.inf).amin(dim=1)
     high = torch.where(valid, x, -math.inf).amax(dim=1)
-    init_mean = torch.where(fitted[:, None], torch.stack((low, high), dim=1), 0.0).unsqueeze(-1)
+    # scikit-learn's start (weights 0.5, means at min and max, precisions 1) as _coefficients would write it
+    init_mean = torch.where(fitted, torch.stack((low, high)), 0.0)[:, :, None]  # [2, G, 1]
     ones = torch.ones_like(init_mean)
-    coef = _coefficients(init_mean, ones, 0.5 * ones)
+    coef = (torch.addcmul(torch.log(0.5 * ones), init_mean, init_mean, value=-0.5), init_mean, ones)
+    moments = torch.zeros(3, 2, num_rows, 1, dtype=dtype, device=device)  # rows not fitted stay at 0 (finite)
 
     compile_em = _default_compile() if compile_em is None else compile_em
     # On the CPU an iteration costs in proportion to the working set, so check often and shrink it early; on an
@@ -155,25 +162,30 @@ def _fit_predict(losses: Tensor, valid: Tensor, check_every: int | None, max_ite
     if check_every is None:
         check_every = 2 if shrink_early else 8
     rows = torch.nonzero(fitted).squeeze(1)  # the working set
-    work = [features[rows], moment_features[rows], valid_weight[rows]]
-    coef_work = coef[rows]
-    prev_bound = torch.full((rows.numel(), 1, 1), -math.inf, dtype=dtype, device=device)
-    active = torch.ones(rows.numel(), 1, 1, dtype=torch.bool, device=device)
+    work = data[:, rows]
+    coef_work = tuple(c[:, rows] for c in coef)
+    moments_work = moments[:, :, rows]
+    prev_bound = torch.full((rows.numel(), 1), -math.inf, dtype=dtype, device=device)
+    active = torch.ones(rows.numel(), 1, dtype=torch.bool, device=device)
     done = 0  # all rows start together, so a row still active has run exactly `done` iterations
     while done < max_iter and rows.numel():
         # a large working set is checked after every iteration: an iteration there costs more than a check
         steps = min(1 if shrink_early and rows.numel() >= LARGE_WORKING_SET else check_every, max_iter - done)
-        coef_work, prev_bound, active = _run_em_steps(compile_em, *work, coef_work, prev_bound, active, steps)
+        views = (work[1], work[3], work[0:3, None], work[4])
+        coef_work, moments_work, prev_bound, active = _run_em_steps(compile_em, *views, coef_work, moments_work,
+                                                                    prev_bound, active, constants, steps)
         done += steps
         still = torch.nonzero(active.view(-1)).squeeze(1)
         if still.numel() * 4 <= rows.numel() * 3:  # shrink the working set to the rows still iterating
             if 0 < still.numel() < 2:  # keep two rows (a frozen one is harmless): compiled code need not respecialise
                 still = torch.cat((still, torch.nonzero(~active.view(-1)).squeeze(1)[:1]))
-            coef[rows] = coef_work
-            rows, coef_work, prev_bound, active = rows[still], coef_work[still], prev_bound[still], active[still]
-            work = [tensor[still] for tensor in work]
-    coef[rows] = coef_work
+            moments[:, :, rows] = moments_work
+            rows, work, moments_work, prev_bound, active = (rows[still], work[:, still], moments_work[:, :, still],
+                                                            prev_bound[still], active[still])
+            coef_work = tuple(c[:, still] for c in coef_work)
+    moments[:, :, rows] = moments_work
 
-    log_prob = torch.bmm(coef, torch.stack((torch.ones_like(x), x, -0.5 * x_sq), dim=1))  # [G, 2, K]
-    component = (log_prob[:, 1] > log_prob[:, 0]).long()  # argmax over the two components, ties to component 0
-    return component, torch.logaddexp(log_prob[:, 0], log_prob[:, 1]) - HALF_LOG_2PI
+    const, linear, precision = _coefficients(moments, *constants[:2])
+    log_prob = torch.addcmul(const, linear, x).addcmul_(precision, -0.5 * x_sq)  # [2, G, K]
+    component = (log_prob[1] > log_prob[0]).long()  # argmax over the two components, ties to component 0
+    return component, torch.logaddexp(log_prob[0], log_prob[1]) - HALF_LOG_2PI
