@@ -153,6 +153,8 @@ def main() -> int:
     ap.add_argument("--alternate", type=int, default=20, help="N of the alternate:N CoLAD policy")
     ap.add_argument("--only", default=None, help="comma-separated groups to run: table2,table3,colad")
     ap.add_argument("--quick", action="store_true", help="tiny data and schedule, one seed: a smoke run")
+    ap.add_argument("--summarise-only", action="store_true",
+                    help="train nothing: rebuild the table and plot from the runs already in --out")
     a = ap.parse_args()
     if a.quick:
         a.seeds, a.epochs, a.num_train, a.num_val = a.seeds[:1], 1, 48, 16
@@ -170,11 +172,12 @@ def main() -> int:
         teachers = {o.split("/")[-3] for s in specs if s.name in needed for o in s.overrides if "checkpoint=" in o}
         specs = [s for s in specs if s.name in needed | teachers]
     log = {}
-    bar = tqdm(specs, desc="replicate", unit="run", dynamic_ncols=True)
+    bar = tqdm([] if a.summarise_only else specs, desc="replicate", unit="run", dynamic_ncols=True)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         log[spec.name] = run_spec(spec, out, data, schedule)
-    summary = summarise(out, specs)
+    summary = summarise(out, [s for s in specs if RunDir(out / s.name).progress_path.exists()
+                              and json.loads(RunDir(out / s.name).progress_path.read_text())["state"] == "succeeded"])
     md = table_markdown(summary)
     (out / "table.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(a), "command": " ".join(sys.argv), "runs": log,

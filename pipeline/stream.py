@@ -375,11 +375,9 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults:
     """
     if faults is None and os.environ.get(FAULTS_ENV):
         faults = json.loads(os.environ[FAULTS_ENV])
-    if cfg.mode == "colad":
-        print("note: mode colad is not served by the assigner pipeline yet (both networks assign each other's "
-              "labels every step); training in-process (pipeline.engine local)", file=sys.stderr)
-        from pipeline.local import train as local_train
-        return local_train(cfg, progress=progress, resume=resume)
+    if cfg.mode == "colad":  # both networks assign each other's labels: no frozen-teacher pool applies
+        from pipeline.colearn_run import train as colearn_train
+        return colearn_train(cfg, progress=progress, resume=resume)
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
