@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -250,6 +251,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="lad_bench_pipeline_"))
+    try:
+        return run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args, root: Path) -> int:
     args.data = str(make_data(args.data or root / "data", image_size=args.input_size, num_train=args.num_train,
                               num_val=8))
     device = torch.device(args.device)
