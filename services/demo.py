@@ -15,8 +15,8 @@ from schemas.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-FULL = dict(num_train=1200, num_val=200, teacher_epochs=6, student_epochs=6, max_steps=None)
-QUICK = dict(num_train=320, num_val=64, teacher_epochs=6, student_epochs=4, max_steps=None)
+FULL = dict(num_train=1200, num_val=200, teacher_epochs=6, student_epochs=6, warmup_steps=100)
+QUICK = dict(num_train=320, num_val=64, teacher_epochs=6, student_epochs=4, warmup_steps=20)
 
 
 def demo(quick: bool = False, out: str = "runs/demo", progress: bool = True, engine: str | None = None) -> int:
@@ -28,7 +28,8 @@ def demo(quick: bool = False, out: str = "runs/demo", progress: bool = True, eng
         from pipeline.digits import make_digits
         print(f"[1/3] built-in dataset -> {data}")
         make_digits(data, num_train=size["num_train"], num_val=size["num_val"], progress=progress)
-    common = [f"output_dir={out_dir}", f"data.train={data / 'train.json'}", f"data.val={data / 'val.json'}"]
+    common = [f"output_dir={out_dir}", f"data.train={data / 'train.json'}", f"data.val={data / 'val.json'}",
+              f"train.warmup_steps={size['warmup_steps']}"]
     teacher = load_config(CONFIGS / "paa_digits.yaml", common + [
         "name=teacher_r34", "model.depth=34", f"train.epochs={size['teacher_epochs']}", "train.eval_every=0"])
     print(f"[2/3] teacher: PAA ResNet-{teacher.model.depth}, {teacher.train.epochs} epochs -> {teacher.run_dir}")
