@@ -132,7 +132,7 @@ def _worker(config: dict, rank: int, world: int) -> None:
     from pipeline.coco import load_coco
     from pipeline.colearn import PolicyWatch, policy_code, policy_name
     from pipeline.dataset import DetectionDataset, collate
-    from pipeline.local import checkpoint_payload, evaluate_all, to_device
+    from pipeline.local import checkpoint_payload, evaluate_and_keep_best, to_device
     from pipeline.validate import evaluate_network
     from trainer.assigner_core import sparse_to_labels
     from trainer.checkpoint import save_checkpoint
@@ -333,15 +333,8 @@ def _worker(config: dict, rank: int, world: int) -> None:
         evaluate = val is not None and (finished or due)
         if inline:
             if rank == 0 and evaluate:
-                last_eval = evaluate_all(engine, cfg, val, device, False)
-                for name, stats in last_eval.items():
-                    run.add_eval({"epoch": epoch, "step": engine.step_count, "network": name, "stats": stats})
-                if last_eval["a"]["AP"] > best["AP"]:
-                    best = {"AP": last_eval["a"]["AP"], "step": engine.step_count}
-                    save_checkpoint(run.best, checkpoint_payload(engine, cfg, epoch + 1, [], best))
-                if config["progress"]:
-                    _say(f"epoch {epoch} step {engine.step_count}: " + ", ".join(
-                        f"{n.upper()} AP {s['AP']:.3f} AP50 {s['AP50']:.3f}" for n, s in last_eval.items()))
+                last_eval, best = evaluate_and_keep_best(engine, cfg, val, device, run, epoch, best,
+                                                         say=_say if config["progress"] else None)
             ids_after = [] if epoch_done else trained
             if finished:
                 save_last(epoch + int(epoch_done), ids_after)

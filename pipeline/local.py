@@ -86,6 +86,22 @@ def evaluate_all(engine: Engine, cfg: RunConfig, val: CocoDataset, device, progr
             for name, net in engine.networks().items()}
 
 
+def evaluate_and_keep_best(engine: Engine, cfg: RunConfig, val: CocoDataset, device, run: RunDir, epoch: int,
+                           best: dict, say=None, progress: bool = False) -> tuple[dict[str, dict], dict]:
+    """End-of-epoch evaluation shared by every training loop: COCO stats of each network go to eval.json, `say`
+    (if given) prints them, and best.pt is rewritten when network A's AP improved. Returns (stats, best)."""
+    last_eval = evaluate_all(engine, cfg, val, device, progress)
+    for name, stats in last_eval.items():
+        run.add_eval({"epoch": epoch, "step": engine.step_count, "network": name, "stats": stats})
+    if say is not None:
+        say(f"epoch {epoch} step {engine.step_count}: " + ", ".join(
+            f"{n.upper()} AP {s['AP']:.3f} AP50 {s['AP50']:.3f}" for n, s in last_eval.items()))
+    if last_eval["a"]["AP"] > best["AP"]:
+        best = {"AP": last_eval["a"]["AP"], "step": engine.step_count}
+        save_checkpoint(run.best, checkpoint_payload(engine, cfg, epoch + 1, [], best))
+    return last_eval, best
+
+
 def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True) -> dict:
     """Train `cfg` in this process; returns the last evaluation ({network: stats}) or {}."""
     if cfg.train.threads:
@@ -157,15 +173,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True) -> dict
             finished = engine.step_count >= steps
             due = cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0
             if data.val is not None and (finished or due):
-                last_eval = evaluate_all(engine, cfg, data.val, device, progress)
-                for name, stats in last_eval.items():
-                    run.add_eval({"epoch": epoch, "step": engine.step_count, "network": name, "stats": stats})
-                ap = last_eval["a"]["AP"]
-                bar.write(f"epoch {epoch} step {engine.step_count}: " + ", ".join(
-                    f"{n.upper()} AP {s['AP']:.3f} AP50 {s['AP50']:.3f}" for n, s in last_eval.items()))
-                if ap > best["AP"]:
-                    best = {"AP": ap, "step": engine.step_count}
-                    save_checkpoint(run.best, checkpoint_payload(engine, cfg, epoch + 1, [], best))
+                last_eval, best = evaluate_and_keep_best(engine, cfg, data.val, device, run, epoch, best,
+                                                         say=bar.write, progress=progress)
             if epoch_done:
                 trained = []
             if finished:

@@ -184,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from pipeline.coco import load_coco
-    from pipeline.local import checkpoint_payload, evaluate_all
+    from pipeline.local import checkpoint_payload, evaluate_and_keep_best
     from trainer.checkpoint import save_checkpoint
     from trainer.engine import Engine
     from trainer.worker import EPOCH_COLUMN, ActiveMean, decode_stream_batch, null_batch, split_batches
@@ -246,15 +246,8 @@ def train_loop_per_worker(config: dict) -> None:
             epoch_done = len(trained) >= n_images
             due = cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0
             if val is not None and (finished or due):
-                last_eval = evaluate_all(engine, cfg, val, device, False)
-                for name, stats in last_eval.items():
-                    run.add_eval({"epoch": epoch, "step": engine.step_count, "network": name, "stats": stats})
-                if last_eval["a"]["AP"] > best["AP"]:
-                    best = {"AP": last_eval["a"]["AP"], "step": engine.step_count}
-                    save_checkpoint(run.best, checkpoint_payload(engine, cfg, epoch + 1, [], best))
-                if config["progress"]:
-                    _say(f"epoch {epoch} step {engine.step_count}: " + ", ".join(
-                        f"{n.upper()} AP {s['AP']:.3f} AP50 {s['AP50']:.3f}" for n, s in last_eval.items()))
+                last_eval, best = evaluate_and_keep_best(engine, cfg, val, device, run, epoch, best,
+                                                         say=_say if config["progress"] else None)
             sync.barrier()
             if epoch_done:
                 trained = []
