@@ -16,19 +16,6 @@ pytestmark = pytest.mark.e2e
 TIMING = ("_ms", "images_per_s", "workers_active")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from pipeline.ray_env import init_local
-
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already initialised in this process")
-    init_local(num_cpus=2, object_store_memory=200 * 1024 * 1024)
-    yield
-    ray.shutdown()
-
-
 def _metrics(cfg) -> list[dict]:
     return [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -3,11 +3,19 @@
 that the image installs the project from pyproject.toml. Commands are checked against the real CLIs' options."""
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
+import tempfile
+import time
 from pathlib import Path
+
+import httpx
 
 import pytest
 import yaml
@@ -20,9 +28,33 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 SERVICES = ("ray-head", "ray-worker", "control-plane")
 
 
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable interpolation for the forms compose.yaml uses: ${VAR}, ${VAR:-default} and
+    ${VAR:+alternative} (operands may hold ${VAR}); any other `$` form fails, so a new one is noticed."""
+    pattern = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\+)((?:[^{}]|\{[^{}]*\})*))?\}")
+
+    def one(m: re.Match) -> str:
+        name, op, operand = m.group(1), m.group(2), m.group(3) or ""
+        value = env.get(name, "")
+        if op == ":-":
+            return value or interpolate(operand, env)
+        if op == ":+":
+            return interpolate(operand, env) if value else ""
+        return value
+
+    out = pattern.sub(one, text)
+    leftover = re.search(r"\$(?!\$)[{A-Za-z_]", out)
+    assert leftover is None, f"compose.yaml uses an interpolation form this test does not know: {out[leftover.start():][:40]}"
+    return out
+
+
+def load_compose(env: dict[str, str] | None = None) -> dict:
+    return yaml.safe_load(interpolate(COMPOSE.read_text(), env or {}))
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+    return load_compose()  # as `docker compose up` reads it with no variables set
 
 
 def command(service: dict) -> list[str]:
@@ -87,6 +119,15 @@ def test_ray_commands(compose):
         help_text = subprocess.run(["ray", "start", "--help"], capture_output=True, text=True, timeout=60).stdout
         for opt in {a.split("=")[0] for a in head + worker if a.startswith("--")}:
             assert opt in help_text, f"`ray start` has no option {opt}"
+
+
+def test_head_coordinates_and_workers_compute(compose):
+    """The head advertises no CPUs (work lands on workers); RAY_WORKER_CPUS caps a worker, unset it auto-detects."""
+    assert "--num-cpus=0" in command(compose["services"]["ray-head"])
+    assert not any(a.startswith("--num-cpus") for a in command(compose["services"]["ray-worker"]))
+    capped = command(load_compose({"RAY_WORKER_CPUS": "3"})["services"]["ray-worker"])
+    assert capped[-1] == "--num-cpus=3"
+    assert load_compose({"LAD_IMAGE": "me/lad:1"})["services"]["ray-head"]["image"] == "me/lad:1"
 
 
 def test_control_plane_command_parses_with_lad_serve(compose):
@@ -165,3 +206,184 @@ def test_docker_compose_config_is_valid(tmp_path):
     finally:
         if created:
             shutil.rmtree(secrets)
+
+
+# ---- the compose services' own commands, on loopback ------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(fn, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def on_loopback(cmd: list[str], swaps: dict[str, str], extra: list[str]) -> list[str]:
+    """A service's command with container names, ports and volume paths swapped for loopback ones. Every swap
+    must match (a compose edit that renames an option fails here instead of silently testing something else)."""
+    out, used = [], set()
+    for arg in cmd:
+        for old, new in swaps.items():
+            if arg == old or arg.startswith(old + "/"):
+                arg, used = new + arg[len(old):], used | {old}
+                break
+        out.append(arg)
+    assert used == set(swaps), f"not in {cmd}: {sorted(set(swaps) - used)}"
+    return out + extra
+
+
+class Processes:
+    """Processes started in their own sessions, stopped (SIGTERM, then SIGKILL to the group) in reverse order."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.procs = logs, []
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc, log))
+        return proc
+
+    def alive(self, name: str) -> bool:
+        proc = next(p for n, p, _ in self.procs if n == name)
+        assert proc.poll() is None, f"{name} exited with {proc.returncode}:\n{self.tail(name)}"
+        return True
+
+    def tail(self, name: str, chars: int = 3000) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-chars:]
+
+    def stop_all(self) -> None:
+        for name, proc, log in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()  # `ray start --block` stops the Ray processes it started on SIGTERM
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pass
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            log.close()
+
+
+def ray_state(dash: str, token: str, what: str) -> list[dict]:
+    """Ray's state API (nodes, actors, tasks) over HTTP, with the cluster token."""
+    r = httpx.get(f"{dash}/api/v0/{what}", params={"limit": 10000, "detail": 1},
+                  headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["data"]["result"]["result"]
+
+
+@pytest.mark.e2e
+def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
+    """`docker compose up` without Docker: the head's, a worker's and the control plane's own commands from
+    compose.yaml, started on 127.0.0.1 with Ray token auth; a tiny LAD run POSTed to the control plane
+    succeeds, and its Train workers and assigner actors ran on the worker node (the head advertises no CPUs)."""
+    if shutil.which("ray") is None or shutil.which("lad") is None:
+        pytest.skip("the ray and lad commands are not installed")
+    from pipeline.stream_testing import make_data, make_teacher, tiny_config
+
+    spec = load_compose()["services"]
+    ray_token, api_token = "ray-" + os.urandom(16).hex(), "api-" + os.urandom(16).hex()
+    secrets, data, runs, lib = (tmp_path / d for d in ("secrets", "data", "runs", "lib"))
+    for d in (secrets, data, runs, lib):
+        d.mkdir()
+    for name, value in (("ray_token", ray_token), ("api_token", api_token)):
+        (secrets / name).write_text(value)
+        (secrets / name).chmod(0o600)
+    digits = make_data(data / "digits")
+    teacher = make_teacher(tiny_config(digits, runs, mode="paa"), data / "teacher.pt", depth=34)
+
+    gcs, dash_port, api_port = free_port(), free_port(), free_port()
+    dash = f"http://127.0.0.1:{dash_port}"
+    ray_tmp = tempfile.mkdtemp(prefix="lad-ray-", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LAD_"))}
+    base["PYTHONPATH"] = str(REPO)
+
+    def service_env(name: str) -> dict:
+        e = {k: str(v) for k, v in env(spec[name]).items()}
+        e = {k: str(secrets / Path(v).name) if v.startswith("/run/secrets/") else v for k, v in e.items()}
+        return {**base, **e}
+
+    # Two Ray nodes share this host: each gets its own agent ports and a small object store.
+    node = ["--node-ip-address=127.0.0.1", f"--temp-dir={ray_tmp}", "--object-store-memory=200000000"]
+    head_cmd = on_loopback(command(spec["ray-head"]), {
+        "--port=6379": f"--port={gcs}", "--dashboard-host=0.0.0.0": "--dashboard-host=127.0.0.1",
+        "--dashboard-port=8265": f"--dashboard-port={dash_port}"},
+        node + [f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"])
+    worker_cmd = on_loopback(command(spec["ray-worker"]), {"--address=ray-head:6379": f"--address=127.0.0.1:{gcs}"},
+                             node + [f"--dashboard-agent-listen-port={free_port()}"])
+    serve_cmd = on_loopback(command(spec["control-plane"]), {
+        "lad": shutil.which("lad"), "0.0.0.0": "127.0.0.1", "8000": str(api_port),
+        "http://ray-head:8265": dash, "/run/secrets": str(secrets), "/var/lib/lad": str(lib),
+        "/runs": str(runs), "/data": str(data)}, ["--log-level", "warning"])
+    assert "--ray-token-file" not in serve_cmd  # the control plane finds Ray's token as compose gives it: env
+
+    procs = Processes(tmp_path)
+    try:
+        procs.start("ray-head", head_cmd, service_env("ray-head"), tmp_path)
+
+        def head_up():
+            procs.alive("ray-head")
+            try:  # the job server answers 401 without the token: answering at all means it is up
+                return httpx.get(f"{dash}/api/version", timeout=2).status_code == 401
+            except httpx.TransportError:
+                return False
+        wait_for(head_up, 120, "the Ray head")
+        procs.start("ray-worker", worker_cmd, service_env("ray-worker"), tmp_path)
+        nodes = wait_for(lambda: procs.alive("ray-worker") and (lambda ns: ns if len(ns) == 2 else None)(
+            [n for n in ray_state(dash, ray_token, "nodes") if n["state"] == "ALIVE"]), 120, "the worker to join")
+        head_node = next(n for n in nodes if n["is_head_node"])
+        worker_node = next(n for n in nodes if not n["is_head_node"])
+        assert head_node["resources_total"].get("CPU", 0) == 0 and worker_node["resources_total"]["CPU"] >= 1
+
+        procs.start("control-plane", serve_cmd, service_env("control-plane"), tmp_path)
+        api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30,
+                           headers={"Authorization": f"Bearer {api_token}"})
+
+        def api_up():
+            procs.alive("control-plane")
+            try:
+                return api.get("/healthz").json()
+            except httpx.TransportError:
+                return None
+        health = wait_for(api_up, 60, "the control plane")
+        assert health["launcher"] == "ray" and health["ray_address"] == dash
+
+        body = tiny_config(digits, runs, mode="lad", teacher=str(teacher),
+                           train={"max_steps": 4, "eval_every": 4, "checkpoint_every": 2}).to_dict()
+        body["name"] = "compose-lad"
+        body["pipeline"]["engine"] = "ray"
+        assert httpx.post(f"http://127.0.0.1:{api_port}/runs", json=body).status_code == 401  # token needed
+        r = api.post("/runs", json=body)
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        done = wait_for(lambda: (lambda d: d if d["state"] in ("succeeded", "failed", "stopped") else None)(
+            api.get(f"/runs/{run_id}").json()), 420, "the LAD run", interval=1.0)
+        assert done["state"] == "succeeded", (done, procs.tail("control-plane"), procs.tail("ray-head"))
+        assert done["ray_job_id"] == run_id and done["progress"]["step"] == 4
+        assert {c["name"] for c in done["checkpoints"]} >= {"last.pt"}
+        metrics = api.get(f"/runs/{run_id}/metrics").json()["items"]
+        assert [m["step"] for m in metrics if "loss" in m][-1] == 4 and all(m["num_pos"] > 0 for m in metrics
+                                                                             if "num_pos" in m)
+        assert done["eval"] and done["eval"][-1]["stats"]["AP"] >= 0
+
+        # where the work ran: the actors that held CPUs (Train workers, assigners) on the worker node only
+        actors = ray_state(dash, ray_token, "actors")  # this cluster ran nothing but this run
+        working = [a for a in actors if (a.get("required_resources") or {}).get("CPU", 0) > 0]
+        assert working, [a["class_name"] for a in actors]
+        assert {a["node_id"] for a in working} == {worker_node["node_id"]}, [
+            (a["class_name"], a["node_id"]) for a in working]
+        api.close()
+    finally:
+        procs.stop_all()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert all(p.poll() is not None for _, p, _ in procs.procs)

@@ -22,19 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from pipeline.ray_env import init_local
-
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already initialised in this process")
-    init_local(num_cpus=2, object_store_memory=200 * 1024 * 1024)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream_ray")
     data = make_data(root / "data")
