@@ -387,3 +387,14 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
         procs.stop_all()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert all(p.poll() is not None for _, p, _ in procs.procs)
+    wait_for(lambda: not processes_mentioning(ray_tmp), 30, "every Ray process of the test cluster to exit")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text` (Ray's raylet, GCS and workers name their session's temp dir)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+    return pids
