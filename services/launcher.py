@@ -199,6 +199,20 @@ def load_ray_token(token_file: Optional[str] = None) -> Optional[str]:
         return None
 
 
+def driver_resources(config: dict[str, Any]) -> dict[str, float]:
+    """What a run's entrypoint (the Ray job's driver) asks of the cluster, so Ray places it on a node that can
+    hold it. An in-process run (`pipeline.engine: local`) trains inside the driver: it asks for its threads' CPUs
+    (one if unset) and a GPU when its device is CUDA, which puts it on a worker (the compose head advertises no
+    CPUs). A `ray` engine driver only coordinates the Train workers and assigners Ray places itself: nothing."""
+    if (config.get("pipeline") or {}).get("engine", "local") == "ray":
+        return {}
+    train = config.get("train") or {}
+    wants = {"entrypoint_num_cpus": float(train.get("threads") or 1)}
+    if str(train.get("device") or "auto").startswith("cuda"):
+        wants["entrypoint_num_gpus"] = 1.0
+    return wants
+
+
 class RayLauncher:
     kind = "ray"
 
@@ -242,7 +256,7 @@ class RayLauncher:
         entrypoint = f"{self.entrypoint} {shlex.quote(rec.config_path)}"
         try:
             self._call("submit", client.submit_job, entrypoint=entrypoint, submission_id=rec.id,
-                       metadata={"lad_run_id": rec.id, "lad_run_name": rec.name})
+                       metadata={"lad_run_id": rec.id, "lad_run_name": rec.name}, **driver_resources(rec.config))
         except LaunchError:
             raise
         except RuntimeError as e:

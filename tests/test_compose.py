@@ -382,12 +382,28 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
         assert working, [a["class_name"] for a in actors]
         assert {a["node_id"] for a in working} == {worker_node["node_id"]}, [
             (a["class_name"], a["node_id"]) for a in working]
+        assert job_driver_node(dash, ray_token, run_id) == head_node["node_id"]  # it only coordinates
+
+        # an in-process run trains inside its driver: the driver itself goes to the worker
+        body = tiny_config(digits, runs, mode="paa", train={"max_steps": 2}).to_dict()
+        body["name"] = "compose-paa-local"
+        run_id = api.post("/runs", json=body).json()["id"]
+        done = wait_for(lambda: (lambda d: d if d["state"] in ("succeeded", "failed", "stopped") else None)(
+            api.get(f"/runs/{run_id}").json()), 300, "the in-process run", interval=1.0)
+        assert done["state"] == "succeeded", done
+        assert job_driver_node(dash, ray_token, run_id) == worker_node["node_id"]
         api.close()
     finally:
         procs.stop_all()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert all(p.poll() is not None for _, p, _ in procs.procs)
     wait_for(lambda: not processes_mentioning(ray_tmp), 30, "every Ray process of the test cluster to exit")
+
+
+def job_driver_node(dash: str, token: str, job_id: str) -> str:
+    r = httpx.get(f"{dash}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["driver_node_id"]
 
 
 def processes_mentioning(text: str) -> list[int]:

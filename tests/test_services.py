@@ -26,7 +26,7 @@ with warnings.catch_warnings():  # starlette's notice that it prefers httpx2 for
     from fastapi.testclient import TestClient
 
 from services.app import Settings, create_app
-from services.launcher import LocalLauncher, Observation, RayLauncher
+from services.launcher import LocalLauncher, Observation, RayLauncher, driver_resources
 from services.registry import Registry, RegistryError
 from services.scheduler import VANISHED, conclude, default_max_concurrent
 from services.security import (MAX_BODY_BYTES, SecurityError, check_bind, is_loopback, load_token,
@@ -506,10 +506,22 @@ def test_ray_launcher_passes_the_token_explicitly(monkeypatch):
 
     class Rec:
         id, name, config_path = "r-1", "n", "/runs/n/config.yaml"
+        config = {"pipeline": {"engine": "local"}, "train": {"threads": 3, "device": "cuda:1"}}
     ids = launcher.start(Rec())
     assert seen["headers"] == {"Authorization": "Bearer ray-secret"}
     assert seen["submit"]["entrypoint"] == "python -m pipeline.run --quiet /runs/n/config.yaml"
     assert seen["submit"]["submission_id"] == "r-1" and ids["ray_job_id"] == "r-1"
+    assert seen["submit"]["entrypoint_num_cpus"] == 3.0 and seen["submit"]["entrypoint_num_gpus"] == 1.0
+
+
+@pytest.mark.parametrize("config,wants", [
+    ({"pipeline": {"engine": "ray"}, "train": {"threads": 4, "device": "cuda"}}, {}),  # the driver coordinates
+    ({"pipeline": {"engine": "local"}, "train": {"device": "auto"}}, {"entrypoint_num_cpus": 1.0}),
+    ({"train": {"threads": 2, "device": "cpu"}}, {"entrypoint_num_cpus": 2.0}),
+    ({"train": {"device": "cuda:0"}}, {"entrypoint_num_cpus": 1.0, "entrypoint_num_gpus": 1.0}),
+])
+def test_driver_resources_place_in_process_runs_on_workers(config, wants):
+    assert driver_resources(config) == wants
 
 
 # ---- end to end with the real entrypoint ----------------------------------------------------------------------
