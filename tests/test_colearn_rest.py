@@ -6,35 +6,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.helpers import free_port, wait_for
+
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
 FINAL = ("succeeded", "failed", "stopped")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(fn, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def _steps(client, run_id) -> list[dict]:
@@ -56,7 +39,7 @@ def _switch(client, run_id: str, policy: str, expect: float, after: int = 3) -> 
         later = [m for m in items[events[-1] + 1:] if "loss" in m]
         return (items[events[-1]], later) if len(later) >= after else None
 
-    event, later = _wait(switched, 180, f"{after} steps under {policy}")
+    event, later = wait_for(switched, 180, f"{after} steps under {policy}", interval=0.2)
     assert later[0]["step"] == event["step"] + 1, "the change must apply from the next step"
     for m in later:
         assert m["policy"] == policy and m["teacher_ratio"] == expect, m
@@ -69,7 +52,7 @@ def test_rest_switches_the_roles_of_a_running_ray_colad_run(tmp_path):
     from pipeline.digits import make_digits
 
     make_digits(str(tmp_path / "data" / "digits"), image_size=64, num_train=16, num_val=4, progress=False)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("LAD_API_TOKEN", "RAY_ADDRESS")}
     env["PYTHONPATH"] = str(REPO)
     log = open(tmp_path / "server.log", "wb")
@@ -84,7 +67,7 @@ def test_rest_switches_the_roles_of_a_running_ray_colad_run(tmp_path):
                 return client.get("/healthz").status_code == 200
             except httpx.TransportError:
                 return False
-        _wait(up, 30, "the server")
+        wait_for(up, 30, "the server", interval=0.2)
         body = {"name": "colad-rest", "mode": "colad",
                 "data": {"train": "data/digits/train.json", "val": "data/digits/val.json", "input_size": 64},
                 "model": {"depth": 18, "fpn_levels": [3, 4], "fpn_channels": 16, "head_convs": 1,
@@ -103,7 +86,7 @@ def test_rest_switches_the_roles_of_a_running_ray_colad_run(tmp_path):
             d = client.get(f"/runs/{run_id}").json()
             assert d["state"] not in FINAL, (d, (Path(d["run_dir"]) / "logs" / "stderr.log").read_text()[-3000:])
             return len([m for m in _steps(client, run_id) if "loss" in m]) >= 2
-        _wait(running_steps, 240, "the Ray colad run to log 2 steps")
+        wait_for(running_steps, 240, "the Ray colad run to log 2 steps", interval=0.2)
         first = [m for m in _steps(client, run_id) if "loss" in m]
         assert all(m["policy"] == "auto" and 0.0 <= m["teacher_ratio"] <= 1.0 for m in first)
 
@@ -121,8 +104,8 @@ def test_rest_switches_the_roles_of_a_running_ray_colad_run(tmp_path):
         assert all(p["teacher_ratio_by_level"] is not None for p in points)
 
         assert client.post(f"/runs/{run_id}/stop").status_code == 202
-        done = _wait(lambda: (lambda d: d if d["state"] in FINAL else None)(client.get(f"/runs/{run_id}").json()),
-                     180, "the run to stop")
+        done = wait_for(lambda: (lambda d: d if d["state"] in FINAL else None)(client.get(f"/runs/{run_id}").json()),
+                        180, "the run to stop", interval=0.2)
         assert done["state"] == "stopped", done
         assert client.put(f"/runs/{run_id}/roles", json={"policy": "auto"}).status_code == 409
         assert client.get(f"/runs/{run_id}/roles").json()["policy"] == "pin-a"  # finished runs keep their history
@@ -136,7 +119,8 @@ def test_rest_switches_the_roles_of_a_running_ray_colad_run(tmp_path):
             if d["state"] not in FINAL:
                 client.post(f"/runs/{run_id}/stop")
                 try:
-                    _wait(lambda: client.get(f"/runs/{run_id}").json()["state"] in FINAL, 120, "the stop")
+                    wait_for(lambda: client.get(f"/runs/{run_id}").json()["state"] in FINAL, 120, "the stop",
+                             interval=0.2)
                 except AssertionError:
                     if d.get("pid"):
                         try:

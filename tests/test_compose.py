@@ -9,10 +9,8 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +19,7 @@ import pytest
 import yaml
 
 from services.server import build_parser
+from tests.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker" / "compose.yaml"
@@ -209,23 +208,6 @@ def test_docker_compose_config_is_valid(tmp_path):
 
 
 # ---- the compose services' own commands, on loopback ------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
 def on_loopback(cmd: list[str], swaps: dict[str, str], extra: list[str]) -> list[str]:
     """A service's command with container names, ports and volume paths swapped for loopback ones. Every swap
     must match (a compose edit that renames an option fails here instead of silently testing something else)."""
@@ -337,10 +319,11 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
                 return httpx.get(f"{dash}/api/version", timeout=2).status_code == 401
             except httpx.TransportError:
                 return False
-        wait_for(head_up, 120, "the Ray head")
+        wait_for(head_up, 120, "the Ray head", interval=0.5)
         procs.start("ray-worker", worker_cmd, service_env("ray-worker"), tmp_path)
         nodes = wait_for(lambda: procs.alive("ray-worker") and (lambda ns: ns if len(ns) == 2 else None)(
-            [n for n in ray_state(dash, ray_token, "nodes") if n["state"] == "ALIVE"]), 120, "the worker to join")
+            [n for n in ray_state(dash, ray_token, "nodes") if n["state"] == "ALIVE"]), 120, "the worker to join",
+            interval=0.5)
         head_node = next(n for n in nodes if n["is_head_node"])
         worker_node = next(n for n in nodes if not n["is_head_node"])
         assert head_node["resources_total"].get("CPU", 0) == 0 and worker_node["resources_total"]["CPU"] >= 1
@@ -355,7 +338,7 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
                 return api.get("/healthz").json()
             except httpx.TransportError:
                 return None
-        health = wait_for(api_up, 60, "the control plane")
+        health = wait_for(api_up, 60, "the control plane", interval=0.5)
         assert health["launcher"] == "ray" and health["ray_address"] == dash
 
         body = tiny_config(digits, runs, mode="lad", teacher=str(teacher),
@@ -397,7 +380,8 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
         procs.stop_all()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert all(p.poll() is not None for _, p, _ in procs.procs)
-    wait_for(lambda: not processes_mentioning(ray_tmp), 30, "every Ray process of the test cluster to exit")
+    wait_for(lambda: not processes_mentioning(ray_tmp), 30, "every Ray process of the test cluster to exit",
+             interval=0.5)
 
 
 def job_driver_node(dash: str, token: str, job_id: str) -> str:

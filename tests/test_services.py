@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,29 +31,14 @@ from services.scheduler import VANISHED, conclude, default_max_concurrent
 from services.security import (MAX_BODY_BYTES, SecurityError, check_bind, is_loopback, load_token,
                                token_matches)
 
+from tests.helpers import free_port, wait_for  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 FAKE = [sys.executable, str(REPO / "tests" / "fake_run.py")]
 TOKEN = "t0k3n-for-tests-0123456789abcdef"
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
 def make_workspace(root: Path) -> Path:
     (root / "data").mkdir(parents=True)
     (root / "data" / "train.json").write_text("{}")
