@@ -42,7 +42,8 @@ from typing import Optional
 from pipeline.local import StopRequested, epoch_order, load_datasets
 from pipeline.rundir import RunDir
 from schemas.config import ConfigError, RunConfig
-from trainer.checkpoint import atomic_write_text, load_checkpoint
+from schemas.files import atomic_write_text
+from trainer.checkpoint import load_checkpoint
 
 Plan = list  # [(epoch, [[dataset indices | None] per rank] per step)]
 

@@ -8,7 +8,8 @@ from pipeline.coco import load_coco
 from pipeline.validate import evaluate_network
 from schemas.config import RunConfig
 from trainer.anchors import make_anchors
-from trainer.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_weights
+from schemas.files import atomic_write_text
+from trainer.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from trainer.engine import pick_device
 from trainer.model import build_model
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config import RunConfig, dump_config
-from trainer.checkpoint import atomic_write_text
+from schemas.files import atomic_write_text
 
 
 def _clean(value: Any) -> Any:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from schemas.files import atomic_write_json
 
 _TAIL_CHUNK = 64 * 1024
 
@@ -24,22 +25,6 @@ def _read_json(path: Path) -> Any:
         return None
     except (OSError, ValueError):
         return None  # unreadable or torn by a non-atomic writer: treat as absent, the next poll sees it whole
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    """Readers (the trainer polling control/) see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class RunFiles:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from schemas.api import FINAL_STATES
 from schemas.config import RunConfig, dump_config
+from schemas.files import atomic_write_text
 from services.launcher import Launcher, LaunchError, Observation
 from services.registry import Registry, RunRecord
 from services.rundir import RunFiles
@@ -118,7 +119,7 @@ class Scheduler:
             if files.path.exists() and (not files.path.is_dir() or any(files.path.iterdir())):
                 raise Conflict(f"{files.path} already exists and is not empty; choose another name", "name")
             files.path.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(files.config_path, dump_config(cfg))
+            atomic_write_text(files.config_path, dump_config(cfg))
             rec = RunRecord(id=run_id, name=cfg.name, mode=cfg.mode, config=cfg.to_dict(), state="pending",
                             created_at=time.time(), run_dir=str(files.path), config_path=str(files.config_path),
                             launcher=self.launcher.kind)
@@ -231,11 +232,3 @@ class Scheduler:
         log.info("started run %s (%s)", rec.id, ", ".join(f"{k}={v}" for k, v in ids.items() if v is not None))
         return True
 
-
-def _atomic_write_text(path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

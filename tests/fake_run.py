@@ -11,19 +11,12 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-
-def atomic_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
+from schemas.files import atomic_write_json
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +33,7 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("requested", True))
 
     def progress(state: str, step: int, error=None) -> None:
-        atomic_json(run_dir / "progress.json", {"state": state, "step": step, "total_steps": total, "epoch": 0,
+        atomic_write_json(run_dir / "progress.json", {"state": state, "step": step, "total_steps": total, "epoch": 0,
                                                 "error": error, "pid": os.getpid()})
 
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -64,7 +57,7 @@ def main(argv: list[str]) -> int:
             progress("stopped", step)
             return 0
         progress("running", step)
-    atomic_json(run_dir / "eval.json", [{"epoch": 0, "step": total, "stats": {"AP": 0.5, "AP50": 0.7}}])
+    atomic_write_json(run_dir / "eval.json", [{"epoch": 0, "step": total, "stats": {"AP": 0.5, "AP50": 0.7}}])
     progress("succeeded", total)
     return 0
 

@@ -5,14 +5,13 @@ A checkpoint is a plain dict: {"format", "version", "config" (the resolved run c
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import torch
 
 from schemas.config import ModelConfig, RunConfig
+from schemas.files import atomic_write
 
 FORMAT = "lad-checkpoint"
 VERSION = 1
@@ -22,26 +21,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the difference."""
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, fsync, then rename over `path`:
-    readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
