@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import signal
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from pipeline.local import StopRequested, epoch_order, load_datasets
+from pipeline.local import StopRequested, epoch_order, prepare_run
 from pipeline.rundir import RunDir
 from schemas.config import ConfigError, RunConfig
 from schemas.files import atomic_write_text
@@ -47,12 +46,6 @@ from trainer.checkpoint import load_checkpoint
 
 Plan = list  # [(epoch, [[dataset indices | None] per rank] per step)]
 
-
-def total_steps(cfg: RunConfig, num_images: int) -> int:
-    """Optimizer steps: each step takes one batch of `train.batch_size` per worker (as the assigner stream)."""
-    per_epoch = math.ceil(num_images / (cfg.train.batch_size * cfg.pipeline.num_workers))
-    steps = per_epoch * cfg.train.epochs
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
 def plan_run(cfg: RunConfig, image_ids: list[int], start_epoch: int, trained_ids: list[int],
@@ -73,19 +66,6 @@ def plan_run(cfg: RunConfig, image_ids: list[int], start_epoch: int, trained_ids
         remaining_steps -= len(steps)
     return plan
 
-
-def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Resolve relative paths on the driver: Ray workers may run in another directory."""
-    cfg = cfg.model_copy(deep=True)
-    for obj, key in ((cfg.data, "train"), (cfg.data, "val"), (cfg.data, "image_root"), (cfg.model, "pretrained"),
-                     (cfg.colearn, "checkpoint_a"), (cfg.colearn, "checkpoint_b")):
-        value = getattr(obj, key)
-        if value:
-            setattr(obj, key, str(Path(value).resolve()))
-    if cfg.colearn.model_b is not None and cfg.colearn.model_b.pretrained:
-        cfg.colearn.model_b.pretrained = str(Path(cfg.colearn.model_b.pretrained).resolve())
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    return cfg
 
 
 def _digest(labels) -> str:
@@ -416,12 +396,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults:
     from trainer.colearn import check_pair
 
     check_pair(cfg)
-    cfg = absolute_paths(cfg)
-    data = load_datasets(cfg)
-    run = RunDir(cfg.run_dir)
-    run.create(cfg)
+    cfg, data, run, steps = prepare_run(cfg, workers=cfg.pipeline.num_workers)
     records = data.train.records
-    steps = total_steps(cfg, len(records))
     step, start_epoch, trained, best = 0, 0, [], {"AP": -1.0, "step": 0}
     policy, source = cfg.colearn.policy, "config"
     resuming = resume and run.last.exists()

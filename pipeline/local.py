@@ -9,6 +9,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,10 +62,36 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
-def total_steps(cfg: RunConfig, num_images: int) -> int:
-    per_epoch = math.ceil(num_images / cfg.train.batch_size)
+def total_steps(cfg: RunConfig, num_images: int, workers: int = 1) -> int:
+    """Optimizer steps of the run: each step takes one batch of `train.batch_size` per worker."""
+    per_epoch = math.ceil(num_images / (cfg.train.batch_size * workers))
     steps = per_epoch * cfg.train.epochs
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy with every path resolved here, on the driver: Ray workers may run in another directory."""
+    cfg = cfg.model_copy(deep=True)
+    fields = [(cfg.data, "train"), (cfg.data, "val"), (cfg.data, "image_root"), (cfg.teacher, "checkpoint"),
+              (cfg.model, "pretrained"), (cfg.colearn, "checkpoint_a"), (cfg.colearn, "checkpoint_b")]
+    if cfg.colearn.model_b is not None:
+        fields.append((cfg.colearn.model_b, "pretrained"))
+    for obj, key in fields:
+        value = getattr(obj, key)
+        if value:
+            setattr(obj, key, str(Path(value).resolve()))
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    return cfg
+
+
+def prepare_run(cfg: RunConfig, workers: int = 1) -> tuple[RunConfig, Datasets, RunDir, int]:
+    """What every Ray training driver does first: absolute paths, validated datasets, the run directory (config
+    written), and the run's step count. Returns (cfg with absolute paths, datasets, run dir, total steps)."""
+    cfg = absolute_paths(cfg)
+    data = load_datasets(cfg)
+    run = RunDir(cfg.run_dir)
+    run.create(cfg)
+    return cfg, data, run, total_steps(cfg, len(data.train.records), workers)
 
 
 def to_device(batch: dict, device: torch.device):

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, plan_batches, read_batch
-from pipeline.local import StopRequested, epoch_order, load_datasets
+from pipeline.local import StopRequested, epoch_order, prepare_run
 from pipeline.rundir import RunDir
 from schemas.config import RunConfig
 from trainer.checkpoint import load_checkpoint
@@ -37,12 +37,6 @@ from trainer.checkpoint import load_checkpoint
 TRACE_NAME = "trace.rank{rank}.jsonl"
 FAULTS_ENV = "LAD_PIPELINE_FAULTS"
 
-
-def total_steps(cfg: RunConfig, num_images: int) -> int:
-    """Optimizer steps of the run: each step takes one batch of `train.batch_size` per worker."""
-    per_epoch = math.ceil(num_images / (cfg.train.batch_size * cfg.pipeline.num_workers))
-    steps = per_epoch * cfg.train.epochs
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
 def plan_run(cfg: RunConfig, records: list, start_epoch: int, trained_ids: list[int], remaining_steps: int) -> list:
@@ -66,18 +60,6 @@ def plan_run(cfg: RunConfig, records: list, start_epoch: int, trained_ids: list[
         remaining_steps -= steps
     return items
 
-
-def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Resolve the config's relative paths here, on the driver: Ray workers may run in another directory."""
-    cfg = cfg.model_copy(deep=True)
-    for section, key in (("data", "train"), ("data", "val"), ("data", "image_root"), ("teacher", "checkpoint"),
-                         ("model", "pretrained")):
-        obj = getattr(cfg, section)
-        value = getattr(obj, key)
-        if value:
-            setattr(obj, key, str(Path(value).resolve()))
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    return cfg
 
 
 def build_dataset(cfg: RunConfig, items: list, monitor: Any = None, faults: Optional[dict] = None):
@@ -379,12 +361,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults:
 
     # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    cfg = absolute_paths(cfg)
-    data = load_datasets(cfg)
-    run = RunDir(cfg.run_dir)
-    run.create(cfg)
+    cfg, data, run, steps = prepare_run(cfg, workers=cfg.pipeline.num_workers)
     records = data.train.records
-    steps = total_steps(cfg, len(records))
     stop = StopRequested()
     monitor = None
 

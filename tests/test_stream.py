@@ -9,7 +9,8 @@ from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, plan_bat
 from pipeline.coco import load_coco
 from pipeline.dataset import DetectionDataset, collate
 from pipeline.local import epoch_order
-from pipeline.stream import plan_run, total_steps
+from pipeline.local import total_steps
+from pipeline.stream import plan_run
 from pipeline.stream_testing import make_data, make_teacher, tiny_config
 from schemas.assignment import SchemaMismatch
 from trainer.assigner_core import labels_to_sparse, soft_fill, sparse_to_labels
@@ -68,7 +69,7 @@ def test_plan_run_skips_trained_ids_and_stops_at_the_step_budget(tiny):
                       pipeline={"num_workers": 2})
     records = load_coco(cfg.data.train).records
     n = len(records)
-    assert total_steps(cfg, n) == 3 * -(-n // 10)
+    assert total_steps(cfg, n, workers=2) == 3 * -(-n // 10)
     trained = [records[int(i)].image_id for i in epoch_order(n, cfg.seed, 1)[:7]]
     items = plan_run(cfg, records, 1, trained, remaining_steps=4)
     first = [i for it in items if it["epoch"] == 1 for i in it["image_id"]]
