@@ -5,11 +5,13 @@
     python bench/replicate.py --seeds 0 1 2 --epochs 4 --out bench/results/replicate
 
 Resumable: a finished run (progress.json says succeeded) is skipped, an interrupted one resumes from its
-last.pt. Per seed it trains, all with the same data and schedule:
-  Table 2 (strong teacher -> small student): PAA-R34 teacher; R18 students: PAA baseline, KD, LAD, SoLAD
-  Table 3 (small teacher -> large student): the R18 PAA baseline teaches R34 with LAD and KD; R34's own
-           baseline is the Table 2 teacher (same schedule and init seed)
+last.pt. Per seed it trains, every student with the same data and schedule (--epochs):
+  Table 2 (strong teacher -> small student): a PAA-R34 teacher trained --teacher-epochs (as the paper's teachers
+           are trained to convergence before they teach); R18 students: PAA baseline, KD, LAD, SoLAD
+  Table 3 (small teacher -> large student): the R18 PAA baseline teaches R34 with LAD and KD, against R34's own
+           PAA baseline (student schedule, same init seed)
   CoLAD: R18 + R34 together (auto, pin-a, pin-b, alternate:N) vs each alone (the two PAA baselines, same init)
+Tables 2 and 3 of every seed are trained before any CoLAD run, so a cut-short run still has whole tables.
 Writes results.json, table.md and ap_curves.png into --out, and prints the table.
 """
 from __future__ import annotations
@@ -42,17 +44,19 @@ class Spec:
     label: str = ""
 
 
-def specs_for_seed(seed: int, alt_n: int) -> list[Spec]:
+def specs_for_seed(seed: int, alt_n: int, teacher_epochs: int) -> list[Spec]:
     """Runs of one seed, teachers first. Network B of CoLAD uses init seed `seed + 1`, as its PAA baseline does."""
     s = f"s{seed}"
-    teacher_big = f"{s}_paa_r{LARGE}"
+    teacher_big = f"{s}_teacher_r{LARGE}"
     teacher_small = f"{s}_paa_r{SMALL}"
     ck = lambda run: f"teacher.checkpoint={{out}}/{run}/checkpoints/last.pt"  # noqa: E731
     big = [f"model.depth={LARGE}", f"model_seed={seed + 1}"]
     colad = [f"colearn.model_b.depth={LARGE}", f"model_seed={seed}", f"colearn.seed_b={seed + 1}"]
     return [
-        Spec(teacher_big, "paa_digits", big, "table3", f"R{LARGE} PAA (own baseline)"),
+        Spec(teacher_big, "paa_digits", big + [f"train.epochs={teacher_epochs}", "train.eval_every=3"], "table2",
+             f"R{LARGE} PAA teacher ({teacher_epochs} epochs)"),
         Spec(teacher_small, "paa_digits", [f"model_seed={seed}"], "table2", f"R{SMALL} PAA baseline"),
+        Spec(f"{s}_paa_r{LARGE}", "paa_digits", big, "table3", f"R{LARGE} PAA (own baseline)"),
         Spec(f"{s}_kd_r{SMALL}", "kd_digits", [ck(teacher_big), f"model_seed={seed}"], "table2",
              f"R{SMALL} soft-label KD (R{LARGE} teacher)"),
         Spec(f"{s}_lad_r{SMALL}", "lad_digits", [ck(teacher_big), f"model_seed={seed}"], "table2",
@@ -147,8 +151,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/replicate")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--num-train", type=int, default=600)
+    ap.add_argument("--epochs", type=int, default=4, help="every student's schedule")
+    ap.add_argument("--teacher-epochs", type=int, default=None,
+                    help="the Table 2 teacher's schedule (default 3x --epochs: a teacher trained longer)")
+    ap.add_argument("--warmup", type=int, default=40, help="linear warm-up steps of every run")
+    ap.add_argument("--num-train", type=int, default=480)
     ap.add_argument("--num-val", type=int, default=150)
     ap.add_argument("--alternate", type=int, default=20, help="N of the alternate:N CoLAD policy")
     ap.add_argument("--only", default=None, help="comma-separated groups to run: table2,table3,colad")
@@ -157,15 +164,18 @@ def main() -> int:
                     help="train nothing: rebuild the table and plot from the runs already in --out")
     a = ap.parse_args()
     if a.quick:
-        a.seeds, a.epochs, a.num_train, a.num_val = a.seeds[:1], 1, 48, 16
+        a.seeds, a.epochs, a.num_train, a.num_val, a.warmup = a.seeds[:1], 1, 48, 16, 2
+    a.teacher_epochs = a.teacher_epochs or 3 * a.epochs
     out = Path(a.out)
     data = out / "data"
     if not (data / "val.json").exists():
         from pipeline.digits import make_digits
         make_digits(data, num_train=a.num_train, num_val=a.num_val, seed=1234, progress=False)
     schedule = [f"train.epochs={a.epochs}", "train.eval_every=1", "train.log_every=5",
-                f"train.warmup_steps={20 if a.quick else 100}"]
-    specs = [s for seed in a.seeds for s in specs_for_seed(seed, a.alternate)]
+                f"train.warmup_steps={a.warmup}"]
+    per_seed = [specs_for_seed(seed, a.alternate, a.teacher_epochs) for seed in a.seeds]
+    specs = [s for group in (("table2", "table3"), ("colad",)) for seed_specs in per_seed
+             for s in seed_specs if s.group in group]
     if a.only:
         keep = set(a.only.split(","))
         needed = {s.name for s in specs if s.group in keep}
