@@ -27,7 +27,8 @@ from trainer.checkpoint import save_checkpoint  # noqa: E402
 from trainer.engine import Engine, pick_device  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 
-SECTIONS = ["forward_ms", "teacher_ms", "assign_ms", "backward_ms"]
+# backward_ms covers the losses, the backward pass and the SGD update; soft_ms is KD/SoLAD building the soft targets
+SECTIONS = ["forward_ms", "teacher_ms", "soft_ms", "assign_ms", "backward_ms"]
 
 
 def random_batch(batch: int, size: int, gt_range: tuple[int, int], seed: int, device):

@@ -393,9 +393,6 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults:
 
     from pipeline import ray_env
     from pipeline.colearn import get_or_create
-    from trainer.colearn import check_pair
-
-    check_pair(cfg)
     cfg, data, run, steps = prepare_run(cfg, workers=cfg.pipeline.num_workers)
     records = data.train.records
     step, start_epoch, trained, best = 0, 0, [], {"AP": -1.0, "step": 0}

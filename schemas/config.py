@@ -132,7 +132,15 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(200, ge=1, description="also checkpoint every N steps")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
-    amp: bool = False
+    amp: bool = Field(False, description="reserved: mixed precision is not implemented; only false is accepted")
+
+    @field_validator("amp")
+    @classmethod
+    def _no_amp_yet(cls, v: bool) -> bool:
+        if v:  # kept as a field so that configs and checkpoints that say `amp: false` stay valid
+            raise ValueError("mixed precision (amp) is not implemented yet: training runs in float32; "
+                             "remove train.amp or set it to false")
+        return v
 
 
 class InferenceConfig(_Strict):
@@ -184,6 +192,12 @@ class RunConfig(_Strict):
         if self.mode == "colad" and self.colearn.mode == "split" and self.pipeline.engine != "ray":
             raise ValueError("colearn.mode 'split' trains A and B on separate Ray worker groups: it needs "
                              "pipeline.engine: ray (pipeline.engine local trains both networks in one process)")
+        if self.mode == "colad" and self.colearn.model_b is not None:
+            for key in ("fpn_levels", "octave_base_scale", "num_classes"):  # what decides the anchors and labels
+                a, b = getattr(self.model, key), getattr(self.colearn.model_b, key)
+                if a != b:
+                    raise ValueError(f"colearn.model_b.{key} is {b!r} but model.{key} is {a!r}: co-learning assigns "
+                                     "both networks on the same anchors and classes, so they must agree")
         if self.mode in KD_DEFAULTS:
             for key, value in KD_DEFAULTS[self.mode].items():
                 if getattr(self.distill, key) is None:

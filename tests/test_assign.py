@@ -10,7 +10,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_los
 
 from trainer import gmm as gmm_module
 from trainer.anchors import feature_sizes_for, make_anchors
-from trainer.assign import (Assignment, candidate_losses, colad_merge, paa_assign, paa_select, paa_select_batch,
+from trainer.assign import (Assignment, candidate_losses, colad_merge, colad_merge_with_pairs, paa_assign, paa_select, paa_select_batch,
                             preassign)
 from trainer.box_coder import decode, encode
 from trainer.gmm import fit_predict_1d
@@ -414,13 +414,15 @@ def test_colad_merge_hand_made():
     put([10], 0, [1.0], [1.0])  # GT0 L2: one candidate, equal means -> A
     put([3, 4], 1, [1.0, 3.0], [1.0, 1.5])  # GT1 L0: A spreads more -> A
     put([11], 1, [2.0], [1.0])  # GT1 L2: one candidate, B lower -> B; GT1 has nothing on L1
-    merged, b_teacher, defined = colad_merge(a, b, cand, levels)
+    merged, b_teacher = colad_merge(a, b, cand, levels)  # the contract's two results
     assert b_teacher.tolist() == [[True, True, False], [False, False, True]]
+    merged2, b_teacher2, defined = colad_merge_with_pairs(a, b, cand, levels)
+    assert torch.equal(merged2, merged) and torch.equal(b_teacher2, b_teacher)
     assert defined.tolist() == [[True, True, True], [True, False, True]]
     expected = a.clone()
     expected[[0, 1, 2, 6, 7, 11]] = b[[0, 1, 2, 6, 7, 11]]
     assert torch.equal(merged, expected)
-    _, b_teacher3, defined3 = colad_merge(a, b, cand, levels, num_gt=3)
+    _, b_teacher3, defined3 = colad_merge_with_pairs(a, b, cand, levels, num_gt=3)
     assert b_teacher3.shape == (3, 3) and not defined3[2].any() and not b_teacher3[2].any()
 
 
@@ -429,7 +431,7 @@ def test_colad_merge_matches_plain_loop():
     for _ in range(5):
         loss_a, cand, levels = _random_loss_sets(gen, 5)
         loss_b = loss_a * (0.5 + torch.rand(loss_a.shape, generator=gen)) + 0.1
-        merged, b_teacher, defined = colad_merge(loss_a, loss_b, cand, levels)
+        merged, b_teacher, defined = colad_merge_with_pairs(loss_a, loss_b, cand, levels)
         level = torch.bucketize(torch.arange(len(cand)), torch.tensor(np.cumsum(levels)), right=True)
         expected = loss_a.clone()
         for gt in range(5):

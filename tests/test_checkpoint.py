@@ -88,3 +88,39 @@ def test_failed_write_leaves_previous_file_intact(tmp_path):
         save_checkpoint(tmp_path / "t.pt", {"config": cfg.to_dict(), "models": {"a": {}}, "x": Boom()})
     assert (tmp_path / "t.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.pt"]
+
+
+def test_unexpected_keys_and_shapes_are_named(tmp_path):
+    cfg = _cfg()
+    state = build_model(cfg.model).state_dict()
+    state["head.extra.weight"] = torch.zeros(3)
+    state["head.cls_logits.bias"] = torch.zeros(99)
+    save_checkpoint(tmp_path / "t.pt", {"config": cfg.to_dict(), "models": {"a": state}})
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*head.extra.weight.*shape mismatches.*"
+                                              r"head.cls_logits.bias \(99,\)"):
+        load_network(tmp_path / "t.pt", cfg)
+
+
+def _colad(**b):
+    return config_from_dict({"mode": "colad", "model": SMALL, "colearn": {"model_b": {**SMALL, **b}}})
+
+
+def test_colad_side_from_a_checkpoint_is_the_configured_network(tmp_path):
+    """A CoLAD network initialised from a checkpoint must be the network the run's config names (its own
+    checkpoints and `lad eval` rebuild that one); from a CoLAD checkpoint each side takes its own network."""
+    from trainer.checkpoint import load_colearn_side
+    r34 = _cfg(depth=34)
+    net = _save(tmp_path / "r34.pt", r34)
+    loaded = load_colearn_side(tmp_path / "r34.pt", _colad(depth=34), "b")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"r34.pt: its network A is not the configured network B: "
+                                              r"colearn.model_b.depth: checkpoint 34, config 18"):
+        load_colearn_side(tmp_path / "r34.pt", _colad(), "b")
+    with pytest.raises(CheckpointError, match=r"model.depth: checkpoint 34, config 18"):
+        load_colearn_side(tmp_path / "r34.pt", _colad(depth=34), "a")
+    pair = _colad(depth=34)
+    a, b = build_model(pair.model), build_model(pair.model_b)
+    save_checkpoint(tmp_path / "pair.pt", {"config": pair.to_dict(), "models": {"a": a.state_dict(),
+                                                                                   "b": b.state_dict()}})
+    got_b = load_colearn_side(tmp_path / "pair.pt", pair, "b")
+    assert all(torch.equal(v, got_b.state_dict()[k]) for k, v in b.state_dict().items())

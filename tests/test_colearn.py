@@ -118,8 +118,9 @@ def test_role_counts_by_level_and_size():
 
 
 def test_split_needs_matching_anchors_and_ray():
-    with pytest.raises(ConfigError, match="fpn_levels"):
-        SideEngine(_cfg(colearn={"model_b": {**TINY, "fpn_levels": [3, 4, 5]}}), "b")
+    for key, value in (("fpn_levels", [3, 4, 5]), ("num_classes", 3), ("octave_base_scale", 4)):
+        with pytest.raises(ConfigError, match=rf"colearn.model_b.{key} is .* but model.{key} is"):
+            _cfg(colearn={"model_b": {**TINY, key: value}})  # refused for every engine, before anything starts
     with pytest.raises(ConfigError, match="pipeline.engine"):
         _cfg(colearn={"mode": "split"})
 

@@ -28,6 +28,7 @@ def test_set_overrides_parse_yaml_values():
     ("model.depth=19", "model.depth"),
     ("model.fpn_levels=[3,5]", "model.fpn_levels"),
     ("colearn.policy=sometimes", "colearn.policy"),
+    ("train.amp=true", "train.amp"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:

@@ -102,3 +102,7 @@ def test_distillation_modes_train(tmp_path, mode):
     assert ("loss_cls" in m) == (mode == "solad")
     assert any(not torch.equal(b, p) for b, p in zip(before, eng.model.parameters()))
     assert all(not p.requires_grad for p in eng.teacher.parameters())
+    assert not eng.teacher.training and eng.model.training  # the frozen teacher predicts in eval mode
+    teacher_state = {k: v.clone() for k, v in eng.teacher.state_dict().items()}
+    eng.step(*_batch(1))
+    assert all(torch.equal(v, eng.teacher.state_dict()[k]) for k, v in teacher_state.items())

@@ -1,7 +1,10 @@
 """Losses: the soft-label KD against a direct float64 formula, and PAA's detection loss on a hand-made case."""
 import torch
 
-from trainer.losses import BatchLabels, SoftTargets, aligned_iou, bernoulli_kd, detection_loss, soft_label_kd
+from torchvision.ops import box_iou
+
+from trainer.losses import (BatchLabels, SoftTargets, aligned_iou, bernoulli_kd, detection_loss, soft_label_kd,
+                            soft_targets)
 
 
 def test_kd_is_zero_with_zero_gradient_when_student_equals_teacher():
@@ -56,3 +59,23 @@ def test_aligned_iou():
     a = torch.tensor([[0., 0., 10., 10.], [0., 0., 10., 10.]])
     b = torch.tensor([[0., 0., 10., 10.], [5., 0., 15., 10.]])
     assert torch.allclose(aligned_iou(a, b), torch.tensor([1.0, 1 / 3]))
+
+
+def test_soft_targets_select_teacher_boxes_overlapping_a_gt_by_more_than_min_iou():
+    """Zero deltas decode to the anchors themselves: the selected anchors are exactly those whose box overlaps
+    some GT of its own image by more than min_iou, each weighted by its largest IoU; images without GT give none."""
+    gen = torch.Generator().manual_seed(3)
+    xy = torch.rand(40, 2, generator=gen) * 48
+    anchors = torch.cat([xy, xy + 8 + torch.rand(40, 2, generator=gen) * 16], 1)
+    gts = [torch.tensor([[4.0, 4.0, 20.0, 24.0], [30.0, 30.0, 60.0, 50.0]]), torch.zeros(0, 4),
+           torch.tensor([[10.0, 0.0, 40.0, 30.0]])]
+    cls, iou = torch.randn(3, 40, 10, generator=gen), torch.randn(3, 40, generator=gen)
+    t = soft_targets(cls, torch.zeros(3, 40, 4), iou, anchors, gts, min_iou=0.3)
+    expected = [(b, a, float(box_iou(anchors[a:a + 1], gt).max())) for b, gt in enumerate(gts) if len(gt)
+                for a in range(40) if box_iou(anchors[a:a + 1], gt).max() > 0.3]
+    assert len(expected) > 3 and 1 not in t.batch_idx.tolist()
+    assert list(zip(t.batch_idx.tolist(), t.anchor_idx.tolist())) == [(b, a) for b, a, _ in expected]
+    assert torch.allclose(t.weight, torch.tensor([w for _, _, w in expected]))
+    assert torch.allclose(t.box, anchors[t.anchor_idx])
+    assert torch.allclose(t.iou_prob, torch.sigmoid(iou[t.batch_idx, t.anchor_idx]))
+    assert torch.allclose(t.cls_prob, torch.sigmoid(cls))

@@ -270,15 +270,23 @@ def paa_assign(anchors: Tensor, num_anchors_per_level: list[int], cls_logits: Te
 
 
 def colad_merge(losses_a: Tensor, losses_b: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int],
-                num_gt: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """CoLAD's std/mean criterion: per (GT, level), over all its candidates, whose losses the selection uses.
+                num_gt: int | None = None) -> tuple[Tensor, Tensor]:
+    """CoLAD's std/mean criterion (the CONTRACT): (merged_losses [A], b_was_teacher [G, L]).
 
-    With >= 2 candidates B's losses are used where std_B/mean_B >= std_A/mean_A (unbiased std; ties to B),
-    with one candidate where mean_B < mean_A (ties to A). Returns (merged_losses [A], b_was_teacher [G, L],
-    defined [G, L]): `defined` marks the (GT, level) pairs that have at least one candidate; b_was_teacher is
-    False on the others, so the teacher ratio is b_was_teacher.sum() / defined.sum(). G is `num_gt` if given
-    (GTs without candidates then get all-undefined rows), else cand_gt.max() + 1.
+    Per (GT, level), over all its candidates: with >= 2 candidates B's losses are used where
+    std_B/mean_B >= std_A/mean_A (unbiased std; ties to B), with one candidate where mean_B < mean_A (ties to A).
+    b_was_teacher is False on (GT, level) pairs without candidates: mask them with `colad_merge_with_pairs`'s
+    third result to count a teacher ratio. G is `num_gt` if given, else cand_gt.max() + 1.
     """
+    merged, b_was_teacher, _ = colad_merge_with_pairs(losses_a, losses_b, cand_gt, num_anchors_per_level, num_gt)
+    return merged, b_was_teacher
+
+
+def colad_merge_with_pairs(losses_a: Tensor, losses_b: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int],
+                           num_gt: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`colad_merge` plus `defined` [G, L]: the (GT, level) pairs with at least one candidate, where the criterion
+    decided something (teacher ratio = b_was_teacher.sum() / defined.sum()); GTs without candidates (possible
+    when `num_gt` is given) get all-undefined rows."""
     num_levels = len(num_anchors_per_level)
     device = cand_gt.device
     if num_gt is None:

@@ -97,3 +97,20 @@ def load_network(path: str | Path, student: RunConfig, which: str = "a", device:
     model = build_model(tmodel)
     load_model_weights(model, ckpt["models"][which], path, f"network {which.upper()}")
     return model.to(device), tmodel, int(ckpt.get("step", 0))
+
+
+def load_colearn_side(path: str | Path, cfg: RunConfig, side: str):
+    """CoLAD network `side` ("a" or "b") initialised from a checkpoint: the network the run's config describes
+    (`model` or `colearn.model_b`, which the run's own checkpoints and `lad eval` rebuild), so the checkpoint's
+    network must be that same network. A CoLAD checkpoint gives its network of the same side; any other its A."""
+    ckpt = load_checkpoint(path)
+    which = side if len(ckpt["models"]) > 1 and side in ckpt["models"] else "a"
+    tcfg = RunConfig.model_validate(ckpt["config"])
+    held = tcfg.model_b if which == "b" else tcfg.model
+    wanted, field = (cfg.model, "model") if side == "a" else (cfg.model_b, "colearn.model_b")
+    diff = [f"{field}.{k}: checkpoint {v}, config {getattr(wanted, k)}"
+            for k, v in held.model_dump().items() if getattr(wanted, k) != v]
+    if diff:
+        raise CheckpointError(f"{path}: its network {which.upper()} is not the configured network "
+                              f"{side.upper()}: " + "; ".join(diff) + f" (set {field} to match the checkpoint)")
+    return load_network(path, cfg, which=which)[0]

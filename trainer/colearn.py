@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from schemas.config import ConfigError, RunConfig
+from schemas.config import RunConfig
 from trainer.anchors import make_anchors
 from trainer.assigner_core import labels_to_sparse
-from trainer.checkpoint import load_network
+from trainer.checkpoint import load_colearn_side
 from trainer.engine import lr_factor
 from trainer.labeler import (RolePolicy, candidates, colad_choose, ratio_total, ratios_by_level, ratios_by_size,
                              scored_candidates, select)
@@ -35,15 +35,6 @@ from trainer.losses import BatchLabels, detection_loss
 from trainer.model import HeadOutputs, build_model
 
 SIDES = ("a", "b")
-
-
-def check_pair(cfg: RunConfig) -> None:
-    """Both networks must score the same anchors: same pyramid levels, anchor scale and classes."""
-    a, b = cfg.model, cfg.model_b
-    for key in ("fpn_levels", "octave_base_scale", "num_classes"):
-        if getattr(a, key) != getattr(b, key):
-            raise ConfigError(f"colearn.model_b.{key} is {getattr(b, key)!r} but model.{key} is {getattr(a, key)!r}: "
-                              "co-learning assigns both networks on the same anchors, so they must agree")
 
 
 def seed_of(cfg: RunConfig, side: str) -> int:
@@ -58,7 +49,7 @@ def build_side(cfg: RunConfig, side: str):
     torch.manual_seed(seed_of(cfg, side))
     path = cfg.colearn.checkpoint_a if side == "a" else cfg.colearn.checkpoint_b
     if path:
-        return load_network(path, cfg, which="a")[0]
+        return load_colearn_side(path, cfg, side)
     return build_model(cfg.model if side == "a" else cfg.model_b)
 
 
@@ -78,7 +69,6 @@ class SideEngine:
     def __init__(self, cfg: RunConfig, side: str, device: torch.device | str = "cpu", total_steps: int = 1):
         if side not in SIDES:
             raise ValueError(f"side must be 'a' or 'b', got {side!r}")
-        check_pair(cfg)
         self.cfg, self.side = cfg, side
         self.device = torch.device(device)
         self.total_steps = max(1, total_steps)
@@ -97,7 +87,8 @@ class SideEngine:
 
     def anchors(self, level_sizes) -> tuple[Tensor, list[int]]:
         key = tuple(level_sizes)
-        if key not in self._anchors:  # network A's anchor settings, as Engine uses for both (check_pair)
+        if key not in self._anchors:  # network A's anchor settings, as Engine uses for both (the config
+                                                          # refuses a pair whose anchors differ)
             self._anchors[key] = make_anchors(list(level_sizes), self.cfg.model.strides,
                                               self.cfg.model.octave_base_scale, device=self.device)
         return self._anchors[key]

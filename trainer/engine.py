@@ -21,7 +21,7 @@ from torch import Tensor
 from schemas.config import RunConfig
 from trainer.anchors import make_anchors
 from trainer.assigner_core import assign_hard, assign_soft
-from trainer.checkpoint import load_network
+from trainer.checkpoint import load_colearn_side, load_network
 from trainer.labeler import ColadChoice, RolePolicy, candidates, colad_choose, scored_candidates, select
 from trainer.losses import BatchLabels, SoftTargets, detection_loss, soft_label_kd
 from trainer.model import HeadOutputs, PAADetector, build_model
@@ -107,7 +107,7 @@ class Engine:
     def _network(self, which: str) -> PAADetector:
         path = self.cfg.colearn.checkpoint_a if which == "a" else self.cfg.colearn.checkpoint_b
         if self.mode == "colad" and path:
-            return load_network(path, self.cfg, which="a")[0]
+            return load_colearn_side(path, self.cfg, which)
         return build_model(self.cfg.model if which == "a" else self.cfg.model_b)
 
     # -- helpers -------------------------------------------------------------------------------------------------
@@ -163,6 +163,7 @@ class Engine:
         labels, soft = None, None
         if self.mode in ("kd", "solad"):
             soft = self.soft_targets(tout, anchors, gt_boxes)
+            timer.lap("soft_ms")
         if self.mode != "kd":  # the same call as the assigner service's (trainer/assigner_core.py)
             scorer = out.detach() if self.mode == "paa" else tout
             labels = assign_hard(self.cfg, scorer, anchors, nl, gt_boxes, gt_labels)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trainer.assign import candidate_losses, colad_merge, paa_select_batch, preassign
+from trainer.assign import candidate_losses, colad_merge_with_pairs, paa_select_batch, preassign
 from trainer.losses import BatchLabels
 from trainer.model import HeadOutputs
 
@@ -143,7 +143,7 @@ def colad_choose(losses_a: list[Tensor], losses_b: list[Tensor], cand_gt: list[T
     merged, b_teacher, defined = [], [], []
     pin = policy.pinned(step)
     for la, lb, cand in zip(losses_a, losses_b, cand_gt):
-        m, b, d = colad_merge(la, lb, cand, num_anchors_per_level)
+        m, b, d = colad_merge_with_pairs(la, lb, cand, num_anchors_per_level)
         if pin is not None:
             m = la if pin == "a" else lb
             b = torch.full_like(b, pin == "b")
