@@ -520,58 +520,115 @@ def _require_pipeline_run() -> None:
         pytest.skip(f"pipeline.run is not importable yet: {e}")
 
 
+def _lad_serve(ws: Path, port: int, log) -> subprocess.Popen:
+    """`lad serve` (the installed console script; `python -m services.cli serve` where it is not on PATH)."""
+    lad = shutil.which("lad")
+    cmd = [lad] if lad else [sys.executable, "-m", "services.cli"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LAD_API_TOKEN", None)
+    return subprocess.Popen(cmd + ["serve", "--port", str(port), "--max-concurrent", "1"], cwd=ws, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _assert_nothing_half_written(run_dir: Path) -> None:
+    """Every file of a run directory is whole: no temporary files of atomic writes left, every JSON file and
+    every metrics line parses, every checkpoint loads."""
+    from trainer.checkpoint import load_checkpoint
+    leftovers = [p.name for p in run_dir.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.startswith("."))]
+    assert not leftovers, leftovers
+    for path in run_dir.rglob("*.json"):
+        json.loads(path.read_text())
+    text = (run_dir / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and all(json.loads(line)["step"] >= 1 for line in text.splitlines())
+    for ckpt in (run_dir / "checkpoints").glob("*.pt"):
+        assert load_checkpoint(ckpt)["step"] >= 1
+
+
 @pytest.mark.e2e
-def test_e2e_real_pipeline_run(tmp_path):
+def test_e2e_lad_serve_runs_stops_and_restarts(tmp_path):
+    """The issue's story with the real entrypoint: `lad serve` on 127.0.0.1; a PAA teacher and then a LAD student
+    posted by REST and polled to success (metrics, checkpoints, COCO results); a second LAD run stopped mid-way
+    (state stopped, nothing half-written); the server restarted on the same registry finds every run as it was."""
     _require_pipeline_run()
     from pipeline.digits import make_digits
 
     ws = tmp_path
-    make_digits(ws / "data" / "digits", image_size=64, num_train=16, num_val=8)
+    make_digits(ws / "data" / "digits", image_size=64, num_train=16, num_val=8, progress=False)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("LAD_API_TOKEN", None)
-    log = open(ws / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.server", "--port", str(port), "--max-concurrent", "1"],
-                            cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = open(ws / "server.log", "ab")
+    proc = _lad_serve(ws, port, log)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-    try:
-        def up():
-            assert proc.poll() is None, (ws / "server.log").read_text()
-            try:
-                return client.get("/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-        wait_for(up, timeout=30, what="server")
-        body = {"name": "e2e", "data": {"train": "data/digits/train.json", "val": "data/digits/val.json",
-                                        "input_size": 64},
-                "train": {"max_steps": 3, "batch_size": 4, "device": "cpu"}}
-        r = client.post("/runs", json=body)
-        assert r.status_code == 201, r.text
-        run_id = r.json()["id"]
-        done = wait_for(lambda: (lambda d: d if d["state"] in ("succeeded", "failed", "stopped") else None)(
-            client.get(f"/runs/{run_id}").json()), timeout=300, interval=0.5, what="the real run")
-        stderr = (Path(done["run_dir"]) / "logs" / "stderr.log")
-        assert done["state"] == "succeeded", (done, stderr.read_text() if stderr.exists() else "")
-        assert done["progress"]["state"] == "succeeded"
-        assert any(c["name"] == "last.pt" for c in done["checkpoints"])
-        page = client.get(f"/runs/{run_id}/metrics").json()
-        assert page["items"] and all("step" in m for m in page["items"])
 
-        # a real run stops on request after its current step, with state "stopped"
-        body = {**body, "name": "e2e-stop",
-                "train": {**body["train"], "max_steps": 100_000, "log_every": 1, "eval_every": 0}}
-        run_id = client.post("/runs", json=body).json()["id"]
-        wait_for(lambda: (client.get(f"/runs/{run_id}").json().get("progress") or {}).get("step", 0) >= 1,
-                 timeout=120, interval=0.5, what="the real run to take a step")
-        assert client.post(f"/runs/{run_id}/stop").status_code == 202
-        done = wait_for(lambda: (lambda d: d if d["state"] in ("succeeded", "failed", "stopped") else None)(
-            client.get(f"/runs/{run_id}").json()), timeout=120, interval=0.5, what="the real run to stop")
-        assert done["state"] == "stopped" and done["error"] is None, done
-        assert done["progress"]["state"] == "stopped"
+    def up():
+        assert proc.poll() is None, (ws / "server.log").read_text()
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def finished(run_id, timeout):
+        return wait_for(lambda: (lambda d: d if d["state"] in ("succeeded", "failed", "stopped") else None)(
+            client.get(f"/runs/{run_id}").json()), timeout=timeout, interval=0.5, what=f"run {run_id} to end")
+
+    def succeeded(run_id):
+        done = finished(run_id, 300)
+        stderr = Path(done["run_dir"]) / "logs" / "stderr.log"
+        assert done["state"] == "succeeded", (done, stderr.read_text() if stderr.exists() else "")
+        return done
+
+    try:
+        wait_for(up, timeout=60, what="lad serve")
+        assert client.get("/docs").status_code == 200  # the OpenAPI page
+        data = {"train": "data/digits/train.json", "val": "data/digits/val.json", "input_size": 64}
+        train = {"max_steps": 3, "batch_size": 4, "device": "cpu", "threads": 1, "log_every": 1}
+        r = client.post("/runs", json={"name": "teacher", "mode": "paa", "data": data, "train": train,
+                                       "model": {"depth": 34}})
+        assert r.status_code == 201, r.text
+        teacher = succeeded(r.json()["id"])
+        assert any(c["name"] == "last.pt" for c in teacher["checkpoints"])
+
+        lad_body = {"name": "student", "mode": "lad", "data": data, "train": train,
+                    "teacher": {"checkpoint": "runs/teacher/checkpoints/last.pt"}}
+        r = client.post("/runs", json=lad_body)
+        assert r.status_code == 201, r.text
+        student_id = r.json()["id"]
+        student = succeeded(student_id)
+        assert student["mode"] == "lad" and student["progress"]["step"] == 3
+        assert {"teacher_ms", "assign_ms", "loss_cls", "num_pos"} <= set(student["latest_metrics"])
+        page = client.get(f"/runs/{student_id}/metrics", params={"since": 1}).json()
+        assert [m["step"] for m in page["items"]] == [2, 3]
+        final = student["eval"][-1]
+        assert final["network"] == "a" and len(final["stats"]) == 12 and 0.0 <= final["stats"]["AP50"] <= 1.0
+        assert {c["name"] for c in student["checkpoints"]} >= {"last.pt", "best.pt"}
+
+        # a second LAD run stops on request after its current step, with nothing half-written
+        stop_body = {**lad_body, "name": "student-stopped",
+                     "train": {**train, "max_steps": 100_000, "checkpoint_every": 1, "eval_every": 0}}
+        stop_id = client.post("/runs", json=stop_body).json()["id"]
+        wait_for(lambda: (client.get(f"/runs/{stop_id}").json().get("progress") or {}).get("step", 0) >= 2,
+                 timeout=180, interval=0.5, what="the run to take two steps")
+        assert client.post(f"/runs/{stop_id}/stop").status_code == 202
+        stopped = finished(stop_id, 120)
+        assert stopped["state"] == "stopped" and stopped["error"] is None, stopped
+        assert stopped["progress"]["state"] == "stopped"
+        assert client.post(f"/runs/{stop_id}/stop").status_code == 409
+        _assert_nothing_half_written(Path(stopped["run_dir"]))
+        before = {r["id"]: r for r in client.get("/runs").json()["runs"]}
+
+        # restart on the same registry: every run, its state, times and config as before
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc = _lad_serve(ws, port, log)
+        wait_for(up, timeout=60, what="the restarted lad serve")
+        after = {r["id"]: r for r in client.get("/runs").json()["runs"]}
+        assert after == before and [after[i]["state"] for i in (teacher["id"], student_id, stop_id)] == [
+            "succeeded", "succeeded", "stopped"]
+        again = client.get(f"/runs/{student_id}").json()
+        assert again["config"] == student["config"] and again["eval"] == student["eval"]
     finally:
         client.close()
         proc.terminate()
-        proc.wait(timeout=15)
+        proc.wait(timeout=30)
         log.close()
 
 
