@@ -141,19 +141,34 @@ def test_control_plane_command_parses_with_lad_serve(compose):
     assert args.registry.startswith("/var/lib/lad/")
 
 
+def healthcheck(service: dict) -> list[str]:
+    """A service's health-check command as argv (CMD) or as a shell line (CMD-SHELL)."""
+    test = service["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL"), test
+    return test[1:] if test[0] == "CMD" else ["sh", "-c", test[1]]
+
+
 def test_healthchecks_gate_startup(compose):
     s = compose["services"]
-    head_check = " ".join(s["ray-head"]["healthcheck"]["test"])
-    assert "ray health-check" in head_check and "8265" in head_check
-    assert "/healthz" in " ".join(s["control-plane"]["healthcheck"]["test"])
+    assert "ray health-check" in healthcheck(s["ray-head"])[-1] and "8265" in healthcheck(s["ray-head"])[-1]
+    assert "--raylet" in healthcheck(s["ray-worker"])[-1]
+    assert healthcheck(s["control-plane"])[-1].endswith("/healthz")
     for name in ("ray-worker", "control-plane"):
         assert s[name]["depends_on"]["ray-head"]["condition"] == "service_healthy"
-    for name in ("ray-head", "control-plane"):
-        test = s[name]["healthcheck"]["test"]
-        snippet = next((t for t in test if "import urllib" in t), None) or re.search(r'-c \\?"(.*?)\\?"', test[-1])
-        code = snippet if isinstance(snippet, str) else snippet.group(1)
-        code = code.split('-c "', 1)[-1].rstrip('"').replace('\\"', '"')
-        compile(code, f"{name} healthcheck", "exec")
+    for name in SERVICES:  # each runs the project's checker, whose options must parse
+        assert "python -m services.healthcheck" in " ".join(healthcheck(s[name]))
+
+
+def test_healthcheck_module_reports_what_is_wrong(tmp_path):
+    from services.healthcheck import check_http, check_raylet, main
+    assert "Connection refused" in check_http(f"http://127.0.0.1:{free_port()}/healthz")
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "cmdline").write_bytes(b"/usr/bin/python\0-m\0raylet\0")  # raylet as an argument only
+    assert "no raylet" in check_raylet(tmp_path)
+    (tmp_path / "43").mkdir()
+    (tmp_path / "43" / "cmdline").write_bytes(b"/opt/venv/lib/ray/core/src/ray/raylet/raylet\0--node\0")
+    assert check_raylet(tmp_path) is None
+    assert main([f"http://127.0.0.1:{free_port()}/x"]) == 1
 
 
 def test_shm_and_gpu_block(compose):
@@ -309,8 +324,21 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
         "/runs": str(runs), "/data": str(data)}, ["--log-level", "warning"])
     assert "--ray-token-file" not in serve_cmd  # the control plane finds Ray's token as compose gives it: env
 
+    def health(name: str, swaps: dict[str, str]) -> subprocess.CompletedProcess:
+        """The service's own compose health check, pointed at the loopback ports."""
+        cmd = healthcheck(spec[name])
+        line = cmd[-1]
+        for old, new in swaps.items():
+            assert old in line, (old, line)
+            line = line.replace(old, new)
+        return subprocess.run(cmd[:-1] + [line], env=service_env(name), cwd=tmp_path, capture_output=True,
+                              text=True, timeout=90)
+
+    head_swaps = {"127.0.0.1:6379": f"127.0.0.1:{gcs}", "127.0.0.1:8265": f"127.0.0.1:{dash_port}"}
+    api_swaps = {"127.0.0.1:8000": f"127.0.0.1:{api_port}"}
     procs = Processes(tmp_path)
     try:
+        assert health("ray-head", head_swaps).returncode != 0  # nothing runs yet: the check can fail
         procs.start("ray-head", head_cmd, service_env("ray-head"), tmp_path)
 
         def head_up():
@@ -324,11 +352,13 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
         nodes = wait_for(lambda: procs.alive("ray-worker") and (lambda ns: ns if len(ns) == 2 else None)(
             [n for n in ray_state(dash, ray_token, "nodes") if n["state"] == "ALIVE"]), 120, "the worker to join",
             interval=0.5)
+        for name, swaps in (("ray-head", head_swaps), ("ray-worker", {"ray-head:6379": f"127.0.0.1:{gcs}"})):
+            check = health(name, swaps)
+            assert check.returncode == 0, (name, check.stdout, check.stderr)
         head_node = next(n for n in nodes if n["is_head_node"])
         worker_node = next(n for n in nodes if not n["is_head_node"])
         assert head_node["resources_total"].get("CPU", 0) == 0 and worker_node["resources_total"]["CPU"] >= 1
 
-        procs.start("control-plane", serve_cmd, service_env("control-plane"), tmp_path)
         api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30,
                            headers={"Authorization": f"Bearer {api_token}"})
 
@@ -338,8 +368,12 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
                 return api.get("/healthz").json()
             except httpx.TransportError:
                 return None
-        health = wait_for(api_up, 60, "the control plane", interval=0.5)
-        assert health["launcher"] == "ray" and health["ray_address"] == dash
+        assert health("control-plane", api_swaps).returncode != 0
+        procs.start("control-plane", serve_cmd, service_env("control-plane"), tmp_path)
+        status = wait_for(api_up, 60, "the control plane", interval=0.5)
+        assert status["launcher"] == "ray" and status["ray_address"] == dash
+        check = health("control-plane", api_swaps)
+        assert check.returncode == 0, (check.stdout, check.stderr)
 
         body = tiny_config(digits, runs, mode="lad", teacher=str(teacher),
                            train={"max_steps": 4, "eval_every": 4, "checkpoint_every": 2}).to_dict()
