@@ -75,7 +75,7 @@ def _dotted_fields(model: type, prefix: str = "") -> list[str]:
             if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
                 out.extend(_dotted_fields(candidate, path + "."))
         out.append(path)
-    return sorted(set(out), key=lambda p: -p.count("."))
+    return sorted(set(out), key=lambda p: (-p.count("."), p))  # deepest first; the same order in every process
 
 
 _RUN_FIELDS = _dotted_fields(RunConfig)

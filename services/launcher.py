@@ -40,6 +40,9 @@ class LaunchError(RuntimeError):
         self.transient = transient
 
 
+PENDING_NOTE = "Ray job PENDING: waiting for the cluster to have the driver's CPUs/GPUs free"
+
+
 @dataclass
 class Observation:
     """What a launcher can tell about a run right now."""
@@ -113,6 +116,7 @@ class LocalLauncher:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["LAD_RUN_ID"] = rec.id
+        env.pop("LAD_API_TOKEN", None)  # the API's secret is the server's, not the training code's
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if PROJECT_ROOT not in paths:  # the packages import even when the project is not pip-installed
             env["PYTHONPATH"] = os.pathsep.join([PROJECT_ROOT, *paths])
@@ -281,6 +285,9 @@ class RayLauncher:
         status = str(getattr(info.status, "value", info.status))
         if status in _RAY_OUTCOME:
             return Observation(alive=False, outcome=_RAY_OUTCOME[status], message=_last_line(info.message))
+        if status == "PENDING":  # submitted, but the cluster has not placed its driver yet
+            return Observation(alive=True, message=PENDING_NOTE + (f" ({_last_line(info.message)})"
+                                                                    if info.message else ""))
         return Observation(alive=True)
 
     def stop(self, rec: RunRecord) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from schemas.api import FINAL_STATES
 from schemas.config import RunConfig, dump_config
 from schemas.files import atomic_write_text
-from services.launcher import Launcher, LaunchError, Observation
+from services.launcher import PENDING_NOTE, Launcher, LaunchError, Observation
 from services.registry import Registry, RunRecord
 from services.rundir import RunFiles
 
@@ -116,6 +116,8 @@ class Scheduler:
             other = self.registry.find_by_run_dir(str(files.path))
             if other is not None:
                 raise Conflict(f"run {other.id} already uses {files.path}; choose another name", "name")
+            if files.path.is_symlink():  # it would write wherever the link points, outside the runs root
+                raise Conflict(f"{files.path} is a symbolic link; choose another name", "name")
             if files.path.exists() and (not files.path.is_dir() or any(files.path.iterdir())):
                 raise Conflict(f"{files.path} already exists and is not empty; choose another name", "name")
             files.path.mkdir(parents=True, exist_ok=True)
@@ -197,6 +199,9 @@ class Scheduler:
         if self.launcher.kind == "ray":
             self.launcher_reachable = True
         if obs.alive:
+            note = obs.message if obs.message and obs.message.startswith(PENDING_NOTE) else None
+            if note != rec.error and (rec.error is None or rec.error.startswith(PENDING_NOTE)):
+                self.registry.update(rec.id, error=note)  # Ray queues it: say so, and clear it once placed
             overdue = rec.stop_requested_at is not None and time.time() - rec.stop_requested_at > self.stop_grace_s
             if overdue and rec.id not in self._killed:
                 log.warning("run %s did not stop within %.0f s; killing it", rec.id, self.stop_grace_s)

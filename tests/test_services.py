@@ -463,6 +463,46 @@ def test_registry_lock_and_persistence(tmp_path):
     Registry(path).close()  # free again once the owner closes (or dies)
 
 
+def test_ray_pending_is_noted_while_queued_by_ray_and_cleared_once_placed(tmp_path, monkeypatch):
+    """Ray holds a job PENDING until a node has its driver's resources: the run says so in `error` meanwhile."""
+    from schemas.config import config_from_dict
+    from services.launcher import PENDING_NOTE
+    from services.scheduler import Scheduler
+    status = {"now": "PENDING"}
+
+    class FakeClient:
+        def __init__(self, address, headers=None, **kw):
+            pass
+
+        def submit_job(self, **kw):
+            return kw["submission_id"]
+
+        def get_job_info(self, job_id):
+            return type("Info", (), {"status": status["now"], "message": None})()
+
+    import ray.job_submission
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    reg = Registry(tmp_path / "reg.sqlite")
+    sched = Scheduler(reg, RayLauncher("http://ray-head:8265", token="x" * 20), max_concurrent=2)
+    cfg = config_from_dict({"name": "queued", "output_dir": str(tmp_path / "runs")})
+    sched.submit(cfg, "r-1")
+    sched.tick()  # launched
+    assert reg.get("r-1").state == "running" and reg.get("r-1").error is None
+    sched.tick()  # watched: Ray says PENDING
+    rec = reg.get("r-1")
+    assert rec.state == "running" and rec.error.startswith(PENDING_NOTE)
+    status["now"] = "RUNNING"
+    sched.tick()
+    assert reg.get("r-1").error is None
+    status["now"] = "SUCCEEDED"
+    sched.tick()
+    assert reg.get("r-1").state in ("succeeded", "failed")  # decided from progress.json, which no one wrote
+    (tmp_path / "runs" / "link").symlink_to(tmp_path)
+    with pytest.raises(Exception, match="symbolic link"):
+        sched.submit(config_from_dict({"name": "link", "output_dir": str(tmp_path / "runs")}), "r-2")
+    reg.close()
+
+
 def test_local_launcher_exports_threads_and_project_path():
     launcher = LocalLauncher(command=FAKE, threads_per_run=3)
 
