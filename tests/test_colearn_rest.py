@@ -13,11 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import FINAL_STATES as FINAL, free_port, wait_for, wait_run_final, wait_server_up
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
-FINAL = ("succeeded", "failed", "stopped")
 
 
 def _steps(client, run_id) -> list[dict]:
@@ -61,13 +60,7 @@ def test_rest_switches_the_roles_of_a_running_ray_colad_run(tmp_path):
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     run_id = None
     try:
-        def up():
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                return client.get("/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-        wait_for(up, 30, "the server", interval=0.2)
+        wait_server_up(proc, client, tmp_path / "server.log", timeout=30)
         body = {"name": "colad-rest", "mode": "colad",
                 "data": {"train": "data/digits/train.json", "val": "data/digits/val.json", "input_size": 64},
                 "model": {"depth": 18, "fpn_levels": [3, 4], "fpn_channels": 16, "head_convs": 1,
@@ -104,8 +97,7 @@ def test_rest_switches_the_roles_of_a_running_ray_colad_run(tmp_path):
         assert all(p["teacher_ratio_by_level"] is not None for p in points)
 
         assert client.post(f"/runs/{run_id}/stop").status_code == 202
-        done = wait_for(lambda: (lambda d: d if d["state"] in FINAL else None)(client.get(f"/runs/{run_id}").json()),
-                        180, "the run to stop", interval=0.2)
+        done = wait_run_final(client, run_id, 180, "the run to stop")
         assert done["state"] == "stopped", done
         assert client.put(f"/runs/{run_id}/roles", json={"policy": "auto"}).status_code == 409
         assert client.get(f"/runs/{run_id}/roles").json()["policy"] == "pin-a"  # finished runs keep their history

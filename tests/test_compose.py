@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from services.server import build_parser
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, wait_for, wait_run_final
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker" / "compose.yaml"
@@ -383,8 +383,7 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
         r = api.post("/runs", json=body)
         assert r.status_code == 201, r.text
         run_id = r.json()["id"]
-        done = wait_for(lambda: (lambda d: d if d["state"] in ("succeeded", "failed", "stopped") else None)(
-            api.get(f"/runs/{run_id}").json()), 420, "the LAD run", interval=1.0)
+        done = wait_run_final(api, run_id, 420, "the LAD run")
         assert done["state"] == "succeeded", (done, procs.tail("control-plane"), procs.tail("ray-head"))
         assert done["ray_job_id"] == run_id and done["progress"]["step"] == 4
         assert {c["name"] for c in done["checkpoints"]} >= {"last.pt"}
@@ -405,8 +404,7 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
         body = tiny_config(digits, runs, mode="paa", train={"max_steps": 2}).to_dict()
         body["name"] = "compose-paa-local"
         run_id = api.post("/runs", json=body).json()["id"]
-        done = wait_for(lambda: (lambda d: d if d["state"] in ("succeeded", "failed", "stopped") else None)(
-            api.get(f"/runs/{run_id}").json()), 300, "the in-process run", interval=1.0)
+        done = wait_run_final(api, run_id, 300, "the in-process run")
         assert done["state"] == "succeeded", done
         assert job_driver_node(dash, ray_token, run_id) == worker_node["node_id"]
         api.close()

@@ -31,7 +31,7 @@ from services.scheduler import VANISHED, conclude, default_max_concurrent
 from services.security import (MAX_BODY_BYTES, SecurityError, check_bind, is_loopback, load_token,
                                token_matches)
 
-from tests.helpers import free_port, wait_for  # noqa: E402
+from tests.helpers import free_port, wait_for, wait_run_final, wait_server_up  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE = [sys.executable, str(REPO / "tests" / "fake_run.py")]
@@ -599,25 +599,14 @@ def test_e2e_lad_serve_runs_stops_and_restarts(tmp_path):
     proc = _lad_serve(ws, port, log)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
 
-    def up():
-        assert proc.poll() is None, (ws / "server.log").read_text()
-        try:
-            return client.get("/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def finished(run_id, timeout):
-        return wait_for(lambda: (lambda d: d if d["state"] in ("succeeded", "failed", "stopped") else None)(
-            client.get(f"/runs/{run_id}").json()), timeout=timeout, interval=0.5, what=f"run {run_id} to end")
-
     def succeeded(run_id):
-        done = finished(run_id, 300)
+        done = wait_run_final(client, run_id, 300)
         stderr = Path(done["run_dir"]) / "logs" / "stderr.log"
         assert done["state"] == "succeeded", (done, stderr.read_text() if stderr.exists() else "")
         return done
 
     try:
-        wait_for(up, timeout=60, what="lad serve")
+        wait_server_up(proc, client, ws / "server.log", what="lad serve")
         assert client.get("/docs").status_code == 200  # the OpenAPI page
         data = {"train": "data/digits/train.json", "val": "data/digits/val.json", "input_size": 64}
         train = {"max_steps": 3, "batch_size": 4, "device": "cpu", "threads": 1, "log_every": 1}
@@ -648,7 +637,7 @@ def test_e2e_lad_serve_runs_stops_and_restarts(tmp_path):
         wait_for(lambda: (client.get(f"/runs/{stop_id}").json().get("progress") or {}).get("step", 0) >= 2,
                  timeout=180, interval=0.5, what="the run to take two steps")
         assert client.post(f"/runs/{stop_id}/stop").status_code == 202
-        stopped = finished(stop_id, 120)
+        stopped = wait_run_final(client, stop_id, 120)
         assert stopped["state"] == "stopped" and stopped["error"] is None, stopped
         assert stopped["progress"]["state"] == "stopped"
         assert client.post(f"/runs/{stop_id}/stop").status_code == 409
@@ -659,7 +648,7 @@ def test_e2e_lad_serve_runs_stops_and_restarts(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         proc = _lad_serve(ws, port, log)
-        wait_for(up, timeout=60, what="the restarted lad serve")
+        wait_server_up(proc, client, ws / "server.log", what="the restarted lad serve")
         after = {r["id"]: r for r in client.get("/runs").json()["runs"]}
         assert after == before and [after[i]["state"] for i in (teacher["id"], student_id, stop_id)] == [
             "succeeded", "succeeded", "stopped"]
