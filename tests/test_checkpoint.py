@@ -124,3 +124,13 @@ def test_colad_side_from_a_checkpoint_is_the_configured_network(tmp_path):
                                                                                    "b": b.state_dict()}})
     got_b = load_colearn_side(tmp_path / "pair.pt", pair, "b")
     assert all(torch.equal(v, got_b.state_dict()[k]) for k, v in b.state_dict().items())
+
+
+def test_a_teachers_pretrained_backbone_file_is_not_needed_to_load_it(tmp_path):
+    cfg = _cfg()
+    net = build_model(cfg.model)  # trained elsewhere from a pretrained backbone file this machine lacks
+    trained = config_from_dict({"model": {**SMALL, "pretrained": str(tmp_path / "gone.pth")}})
+    save_checkpoint(tmp_path / "t.pt", {"config": trained.to_dict(), "models": {"a": net.state_dict()}})
+    loaded, model_cfg, _ = load_network(tmp_path / "t.pt", cfg)  # gone.pth never existed on this machine
+    assert model_cfg.pretrained.endswith("gone.pth")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())

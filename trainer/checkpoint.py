@@ -84,9 +84,12 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path, wh
 def load_network(path: str | Path, student: RunConfig, which: str = "a", device: str | torch.device = "cpu"):
     """Build the network a checkpoint describes and load it strictly, refusing one whose anchors, input size or
     classes differ from `student`'s. Returns (model, its ModelConfig, the checkpoint's step)."""
+    return _network_from(load_checkpoint(path), path, student, which, device)
+
+
+def _network_from(ckpt: dict, path: str | Path, student: RunConfig, which: str, device):
     from trainer.model import build_model
 
-    ckpt = load_checkpoint(path)
     tcfg = RunConfig.model_validate(ckpt["config"])
     tmodel = tcfg.model_b if which == "b" else tcfg.model
     problems = compatibility_problems(tcfg, tmodel, student)
@@ -94,23 +97,28 @@ def load_network(path: str | Path, student: RunConfig, which: str = "a", device:
         raise CheckpointError(f"{path}: network {which.upper()} does not match this run: " + "; ".join(problems))
     if which not in ckpt["models"]:
         raise CheckpointError(f"{path}: checkpoint holds networks {sorted(ckpt['models'])}, not {which!r}")
-    model = build_model(tmodel)
+    # the checkpoint's weights replace everything: its backbone's `pretrained` file is neither needed nor read
+    model = build_model(tmodel.model_copy(update={"pretrained": None}))
     load_model_weights(model, ckpt["models"][which], path, f"network {which.upper()}")
     return model.to(device), tmodel, int(ckpt.get("step", 0))
+
+
+ARCHITECTURE = ("depth", "num_classes", "fpn_levels", "fpn_channels", "head_convs", "head_channels",
+                "octave_base_scale")
 
 
 def load_colearn_side(path: str | Path, cfg: RunConfig, side: str):
     """CoLAD network `side` ("a" or "b") initialised from a checkpoint: the network the run's config describes
     (`model` or `colearn.model_b`, which the run's own checkpoints and `lad eval` rebuild), so the checkpoint's
-    network must be that same network. A CoLAD checkpoint gives its network of the same side; any other its A."""
+    network must have that architecture. A CoLAD checkpoint gives its network of the same side; any other its A."""
     ckpt = load_checkpoint(path)
     which = side if len(ckpt["models"]) > 1 and side in ckpt["models"] else "a"
     tcfg = RunConfig.model_validate(ckpt["config"])
     held = tcfg.model_b if which == "b" else tcfg.model
     wanted, field = (cfg.model, "model") if side == "a" else (cfg.model_b, "colearn.model_b")
-    diff = [f"{field}.{k}: checkpoint {v}, config {getattr(wanted, k)}"
-            for k, v in held.model_dump().items() if getattr(wanted, k) != v]
+    diff = [f"{field}.{k}: checkpoint {getattr(held, k)}, config {getattr(wanted, k)}"
+            for k in ARCHITECTURE if getattr(wanted, k) != getattr(held, k)]
     if diff:
         raise CheckpointError(f"{path}: its network {which.upper()} is not the configured network "
                               f"{side.upper()}: " + "; ".join(diff) + f" (set {field} to match the checkpoint)")
-    return load_network(path, cfg, which=which)[0]
+    return _network_from(ckpt, path, cfg, which, "cpu")[0]
