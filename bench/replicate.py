@@ -126,21 +126,32 @@ def table_markdown(summary: dict) -> str:
 
 
 def plot_curves(summary: dict, path: Path) -> None:
+    """One panel per group, mean AP over seeds per epoch. The CoLAD panel also shows each network trained alone
+    (dashed), and the Table 2 teacher, which trains 3x longer, is a dashed line at its final AP (its own curve
+    would squash the students')."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    groups = sorted({r["group"] for r in summary["rows"].values()})
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    rows, curves = summary["rows"], summary["curves"]
+    alone = [label for label in rows if label.startswith(f"R{SMALL} PAA baseline") or
+             label.startswith(f"R{LARGE} PAA (own baseline)")]
+    groups = sorted({r["group"] for r in rows.values()})
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
     for ax, group in zip(axes[0], groups):
-        for label, runs in summary["curves"].items():
-            if summary["rows"][label]["group"] != group:
+        labels = [label for label in curves if rows[label]["group"] == group]
+        extra = alone if group == "colad" else []
+        for label in labels + [a for a in extra if a not in labels]:
+            runs = curves[label]
+            if label.startswith(f"R{LARGE} PAA teacher"):
+                ax.axhline(100 * rows[label]["AP_mean"], color="k", ls=":", label=f"{label}: final AP")
                 continue
             epochs = sorted({e for run in runs for e, _ in run})
             mean = [statistics.fmean([ap for run in runs for e, ap in run if e == ep]) for ep in epochs]
-            ax.plot([e + 1 for e in epochs], [100 * m for m in mean], marker="o", label=label)
+            ax.plot([e + 1 for e in epochs], [100 * m for m in mean], marker="o", label=label,
+                    ls="--" if label in extra else "-")
         ax.set_title(group)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("val AP (mean over seeds)")
+        ax.set_ylabel("val AP x 100 (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -190,8 +201,13 @@ def main() -> int:
                               and json.loads(RunDir(out / s.name).progress_path.read_text())["state"] == "succeeded"])
     md = table_markdown(summary)
     (out / "table.md").write_text(md + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(a), "command": " ".join(sys.argv), "runs": log,
-                                                  **summary}, indent=1))
+    record = {"args": vars(a), "command": " ".join(sys.argv), "runs": log}
+    previous = out / "results.json"
+    if a.summarise_only and previous.exists():  # keep the training invocation's command, arguments and run log
+        old = json.loads(previous.read_text())
+        record = {**{k: old[k] for k in ("args", "command", "runs") if k in old},
+                  "summarised_by": " ".join(sys.argv)}
+    (out / "results.json").write_text(json.dumps({**record, **summary}, indent=1))
     plot_curves(summary, out / "ap_curves.png")
     print(md)
     print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'ap_curves.png'}")
