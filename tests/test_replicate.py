@@ -1,0 +1,87 @@
+"""bench/replicate.py's bookkeeping on hand-made run directories (no training): which runs a seed trains, the
+summary's per-seed values, means and spreads, the markdown table, the plot, and --summarise-only keeping the
+training invocation's log."""
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def replicate():
+    spec = importlib.util.spec_from_file_location("bench_replicate", REPO / "bench" / "replicate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _fake_run(out: Path, name: str, aps: dict[str, list[float]], step_ms: float) -> None:
+    """A finished run: eval.json with one AP per epoch per network, metrics with step_ms, progress succeeded."""
+    run = out / name
+    run.mkdir(parents=True)
+    evals = [{"epoch": e, "step": 10 * (e + 1), "network": net, "stats": {"AP": ap, "AP50": 2 * ap}}
+             for net, curve in aps.items() for e, ap in enumerate(curve)]
+    (run / "eval.json").write_text(json.dumps(evals))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "step_ms": step_ms + s}) + "\n"
+                                               for s in (1, 2, 3)))
+    (run / "progress.json").write_text(json.dumps({"state": "succeeded"}))
+
+
+def test_each_seed_trains_teachers_first_and_every_group(replicate):
+    specs = replicate.specs_for_seed(3, alt_n=20, teacher_epochs=12)
+    names = [s.name for s in specs]
+    assert names[:3] == ["s3_teacher_r34", "s3_paa_r18", "s3_paa_r34"]
+    assert {s.group for s in specs} == {"table2", "table3", "colad"}
+    teacher = specs[0]
+    assert "train.epochs=12" in teacher.overrides and "model.depth=34" in teacher.overrides
+    by_name = {s.name: s for s in specs}
+    # Table 2 students learn from the long-trained R34; Table 3's R34 students from the R18 baseline
+    assert any("s3_teacher_r34/checkpoints" in o for o in by_name["s3_lad_r18"].overrides)
+    assert any("s3_paa_r18/checkpoints" in o for o in by_name["s3_lad_r34"].overrides)
+    # R34 has init seed s + 1 wherever it appears: alone, as a student, as CoLAD's network B
+    assert "model_seed=4" in by_name["s3_paa_r34"].overrides and "model_seed=4" in by_name["s3_kd_r34"].overrides
+    assert "colearn.seed_b=4" in by_name["s3_colad_auto"].overrides
+    assert [s.name for s in specs if s.group == "colad"] == [
+        "s3_colad_auto", "s3_colad_pin-a", "s3_colad_pin-b", "s3_colad_alternate20"]
+
+
+def test_summary_table_and_plot(replicate, tmp_path):
+    specs = [s for seed in (0, 1) for s in replicate.specs_for_seed(seed, 20, 12)]
+    finals = {0: 0.10, 1: 0.14}
+    for seed in (0, 1):
+        _fake_run(tmp_path, f"s{seed}_paa_r18", {"a": [0.02, finals[seed]]}, 100.0)
+        _fake_run(tmp_path, f"s{seed}_colad_auto", {"a": [0.03, 0.2 + seed / 10], "b": [0.01, 0.05]}, 300.0)
+    summary = replicate.summarise(tmp_path, [s for s in specs if (tmp_path / s.name).exists()])
+    base = summary["rows"]["R18 PAA baseline"]
+    assert base["AP"] == [0.10, 0.14] and base["AP_mean"] == pytest.approx(0.12)
+    assert base["AP_std"] == pytest.approx(statistics.stdev([0.10, 0.14]))
+    assert base["AP50"] == [0.20, 0.28] and base["ms_per_step"] == [102.0, 102.0]
+    colad_a = summary["rows"]["CoLAD R18+R34 auto -> network A (R18)"]
+    colad_b = summary["rows"]["CoLAD R18+R34 auto -> network B (R34)"]
+    assert colad_a["AP"] == pytest.approx([0.2, 0.3]) and colad_b["AP"] == [0.05, 0.05] and colad_b["AP_std"] == 0.0
+    table = replicate.table_markdown(summary)
+    assert "| table2 | R18 PAA baseline | 2 | 12.0 ± 2.8 | 24.0 ± 5.7 | 102 |" in table
+    replicate.plot_curves(summary, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_summarise_only_keeps_the_training_runs_log(replicate, tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "val.json").write_text("{}")  # no dataset is made when one is there
+    _fake_run(out, "s0_paa_r18", {"a": [0.02, 0.1]}, 100.0)
+    trained = {"args": {"seeds": [0]}, "command": "bench/replicate.py --seeds 0", "runs": {"s0_paa_r18": {"wall_s": 5}}}
+    (out / "results.json").write_text(json.dumps(trained))
+    monkeypatch.setattr(sys, "argv", ["bench/replicate.py", "--summarise-only", "--seeds", "0", "--out", str(out)])
+    assert replicate.main() == 0
+    record = json.loads((out / "results.json").read_text())
+    assert {k: record[k] for k in trained} == trained
+    assert record["summarised_by"].endswith(f"--out {out}") and "R18 PAA baseline" in record["rows"]
+    assert "R18 PAA baseline" in (out / "table.md").read_text()
