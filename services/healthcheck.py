@@ -17,16 +17,6 @@ import urllib.request
 from pathlib import Path
 
 
-def ray_token() -> str | None:
-    """The cluster token as Ray reads it (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if path and Path(path).is_file():
-        return Path(path).read_text().strip()
-    return None
-
-
 def check_http(url: str, token: str | None = None, timeout: float = 5.0) -> str | None:
     """None when `url` answers 200, else why not."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -60,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.urls and not a.raylet:
         p.error("nothing to check: give a URL or --raylet")
-    token = ray_token() if a.ray_token else None
     problems = [check_raylet()] if a.raylet else []
+    token = None
+    if a.ray_token:
+        from services.launcher import load_ray_token  # where Ray itself looks for it
+        try:
+            token = load_ray_token()
+        except OSError as e:
+            problems.append(f"cannot read the Ray token: {e}")
     problems += [check_http(url, token) for url in a.urls]
     problems = [x for x in problems if x]
     for problem in problems:
