@@ -55,7 +55,7 @@ def _config(data: Path, out: Path, name: str, mode: str, steps: int, input_size:
 def cmd_steps(args) -> None:
     import ray
 
-    from pipeline.colearn_run import train
+    from pipeline.ray_driver import train
     from pipeline.ray_env import init_local
 
     data = Path(args.data)
@@ -107,7 +107,7 @@ def _payload_bytes(data: Path, input_size: int, batch: int) -> dict:
     from pipeline.coco import load_coco
     from pipeline.dataset import DetectionDataset, collate
     from schemas.config import load_config
-    from trainer.colearn import SideEngine, to_sparse
+    from trainer.colad import SideEngine, to_sparse
 
     cfg = load_config(ROOT / "configs" / "colad_digits.yaml", [f"data.input_size={input_size}"])
     ds = DetectionDataset(load_coco(str(data / "train.json")), input_size, train=False)
@@ -127,7 +127,7 @@ def cmd_poll(args) -> None:
     from pipeline.colearn import PolicyWatch, get_or_create
     from pipeline.ray_env import init_local
     from schemas.config import config_from_dict
-    from services.rundir import RunFiles
+    from schemas.rundir import RunDir
 
     out = Path(tempfile.mkdtemp(prefix="bench-colearn-poll-"))
     cfg = config_from_dict({"name": "poll", "mode": "colad", "output_dir": str(out)})
@@ -144,7 +144,7 @@ def cmd_poll(args) -> None:
         for i in range(args.changes):
             policy = "pin-b" if i % 2 == 0 else "pin-a"
             t0 = time.perf_counter()
-            RunFiles(cfg.run_dir).request_roles(policy)   # what PUT /runs/{id}/roles does
+            RunDir(cfg.run_dir).request_roles(policy)   # what PUT /runs/{id}/roles does
             while watch.poll()["policy"] != policy:
                 time.sleep(0.0005)
             latencies.append((time.perf_counter() - t0) * 1e3)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, plan_batches, read_batch  # noqa: E402
 from pipeline.coco import load_coco  # noqa: E402
 from pipeline.dataset import DetectionDataset, collate  # noqa: E402
-from pipeline.local import epoch_order  # noqa: E402
-from pipeline.stream_testing import make_data, make_teacher, tiny_config  # noqa: E402
+from pipeline.loop import epoch_order  # noqa: E402
+from tests.tiny import make_data, make_teacher, tiny_config  # noqa: E402
 from schemas.assignment import decode_table_rows  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
 from trainer.losses import soft_label_kd  # noqa: E402
@@ -93,7 +93,7 @@ class InProcess:
     they see the same load; `bare_again` re-times (a) later (e.g. right after a service run) for its ratio."""
 
     def __init__(self, args, root, teacher, batches, device):
-        from trainer.assigner_core import assign_hard
+        from trainer.teacher import assign_hard
 
         self.args, self.batches, self.device = args, batches, device
         self.lad = Engine(bench_config(args, root, "lad", teacher), device, 1000)
@@ -176,7 +176,7 @@ def codec(args, root, teacher, coco, plan) -> dict:
 
 
 def service(args, root, teacher, pool: int, steps: int) -> dict:
-    from pipeline.stream import train
+    from pipeline.ray_driver import train
 
     cfg = bench_config(args, root, "lad", teacher, train={"max_steps": steps, "epochs": 100},
                        pipeline={"engine": "ray", "assigners": pool, "num_workers": 1,
@@ -211,7 +211,7 @@ def pool_throughput(args, root, teacher, coco, pool: int, batches: int) -> dict:
     cfg = bench_config(args, root, "lad", teacher, pipeline={"assigners": pool, "num_workers": 1,
                                                              "cpus_per_assigner": args.cpus_per_assigner,
                                                              "gpus_per_assigner": args.gpus_per_assigner})
-    ray_env.configure_data_context(cfg, ray_env.budget(cfg, needs_assigners=True))
+    ray_env.configure_data_context(cfg, ray_env.budget(cfg))
     order = [int(i) for i in epoch_order(len(coco.records), cfg.seed, 0)]
     items = batch_items(coco.records, 0, plan_batches(order, cfg.train.batch_size, 1)[:batches])
     times = []

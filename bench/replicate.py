@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.rundir import RunDir  # noqa: E402
 from schemas.config import load_config  # noqa: E402
+from schemas.rundir import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL, LARGE = 18, 34
@@ -81,7 +81,7 @@ def run_spec(spec: Spec, out: Path, data: Path, schedule: list[str]) -> dict:
     seed = int(spec.name.split("_")[0][1:])
     cfg.seed = seed
     run = RunDir(cfg.run_dir)
-    if run.progress_path.exists() and json.loads(run.progress_path.read_text())["state"] == "succeeded":
+    if (run.progress() or {}).get("state") == "succeeded":
         return {"skipped": True}
     t0 = time.time()
     train(cfg, progress=False)
@@ -94,11 +94,11 @@ def summarise(out: Path, specs: list[Spec]) -> dict:
     curves: dict[str, list] = {}
     for spec in specs:
         run = RunDir(out / spec.name)
-        evals = run.read_evals()
+        evals = run.evals()
         if not evals:
             continue
         nets = sorted({e["network"] for e in evals})
-        step_ms = [m["step_ms"] for m in run.read_metrics() if "step_ms" in m]
+        step_ms = [m["step_ms"] for m in run.iter_metrics() if "step_ms" in m]
         for net in nets:
             label = spec.label + (f" -> network {net.upper()} (R{SMALL if net == 'a' else LARGE})"
                                   if spec.group == "colad" else "")
@@ -197,8 +197,7 @@ def main() -> int:
     for spec in bar:
         bar.set_postfix_str(spec.name)
         log[spec.name] = run_spec(spec, out, data, schedule)
-    summary = summarise(out, [s for s in specs if RunDir(out / s.name).progress_path.exists()
-                              and json.loads(RunDir(out / s.name).progress_path.read_text())["state"] == "succeeded"])
+    summary = summarise(out, [s for s in specs if (RunDir(out / s.name).progress() or {}).get("state") == "succeeded"])
     md = table_markdown(summary)
     (out / "table.md").write_text(md + "\n")
     record = {"args": vars(a), "command": " ".join(sys.argv), "runs": log}

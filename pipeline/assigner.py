@@ -4,11 +4,12 @@
                       flipped images as an Arrow table in the stream's schema (`schemas.assignment`), positives
                       still empty. Mode `paa` streams exactly this (data only: the student assigns itself).
     TeacherAssigner   the actor pool: loads the frozen teacher once, runs its forward and the batched PAA
-                      assignment (`trainer.assigner_core`, the code `Engine.step` runs) on each training batch and
-                      fills in positives, ignores and (kd/solad) sparse fp16 soft labels (+ `soft_fill`).
+                      assignment (`trainer.teacher.teacher_assign`, the code `Engine.step` runs) on each training
+                      batch and fills in positives, ignores and (kd/solad) sparse fp16 soft labels (+ `soft_fill`).
 
-Every block that leaves a stage is one training batch, tagged with `epoch` and `batch_index` columns beside the
-schema's, so the trainer can check that it steps on exactly the batches that were planned.
+Every block that leaves a stage is one training batch, tagged with the schema's batch columns `epoch` and
+`batch_index` (`schemas.assignment.tag_batch`), so the trainer can check that it steps on exactly the batches
+that were planned.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from schemas.assignment import AssignmentRow, anchor_hash, decode_table_rows, encode_batch
+from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, add_soft_fill, anchor_hash, batch_tag,
+                                decode_table_rows, encode_batch, tag_batch)
 from schemas.config import RunConfig
-from trainer.worker import BATCH_COLUMN, EPOCH_COLUMN, FILL_COLUMN, split_batches
+from schemas.modes import mode_spec
+from trainer.worker import split_batches
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class StreamSpec:
         sizes = feature_sizes_for(cfg.data.input_size, strides)
         return cls(anchor_hash(strides, cfg.model.octave_base_scale, cfg.data.input_size, cfg.model.num_classes),
                    sum(h * w for h, w in sizes), cfg.model.num_classes, cfg.data.input_size,
-                   cfg.mode in ("kd", "solad"))
+                   mode_spec(cfg.mode).soft)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -87,15 +90,6 @@ def batch_items(records: list, epoch: int, batches: list[list[int]], first_index
     return items
 
 
-def tag(table: pa.Table | pa.RecordBatch, epoch: int, batch_index: int) -> pa.Table:
-    """Add the epoch / batch_index columns (schema metadata is kept)."""
-    if isinstance(table, pa.RecordBatch):
-        table = pa.Table.from_batches([table])
-    n = table.num_rows
-    table = table.append_column(EPOCH_COLUMN, pa.array(np.full(n, epoch, np.int32)))
-    return table.append_column(BATCH_COLUMN, pa.array(np.full(n, batch_index, np.int32)))
-
-
 # ----------------------------------------------------------------------------------------------- stage 1: read
 
 def read_batch(items: pa.Table, *, spec: StreamSpec, seed: int, flip_prob: float) -> pa.Table:
@@ -122,7 +116,7 @@ def read_batch(items: pa.Table, *, spec: StreamSpec, seed: int, flip_prob: float
                                       pos_anchor=_EMPTY, pos_gt=_EMPTY, ignore_anchor=_EMPTY,
                                       image=image, scale=scale, flip=flip, **(_EMPTY_SOFT if spec.soft else {})))
         rb = encode_batch(rows, spec.anchor_hash, spec.num_anchors, spec.num_classes, spec.soft)
-        out.append(tag(rb, epoch, index))
+        out.append(tag_batch(rb, epoch, index))
     return pa.concat_tables(out)
 
 
@@ -146,8 +140,8 @@ class TeacherAssigner:
     def __init__(self, cfg: dict, monitor: Any = None, faults: Optional[dict] = None):
         import torch
 
-        from trainer.assigner_core import AnchorCache
-        from trainer.checkpoint import load_network
+        from trainer.network import AnchorCache
+        from trainer.teacher import load_teacher
 
         self.cfg = RunConfig.model_validate(cfg)
         p = self.cfg.pipeline
@@ -158,8 +152,7 @@ class TeacherAssigner:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self.spec = StreamSpec.of(self.cfg)
-        self.teacher, _, self.version = load_network(self.cfg.teacher.checkpoint, self.cfg, "a", self.device)
-        self.teacher.eval().requires_grad_(False)
+        self.teacher, self.version = load_teacher(self.cfg, self.device)
         self.anchors = AnchorCache(self.cfg, self.device)
         self.monitor = monitor
         self.faults = faults or {}
@@ -172,7 +165,7 @@ class TeacherAssigner:
             with open(Path(self.faults["trace_dir"]) / "assigned.jsonl", "a") as f:
                 for part in parts:
                     f.write(json.dumps({"time": time.time(), "pid": os.getpid(),
-                                        "epoch": part.column(EPOCH_COLUMN)[0].as_py(),
+                                        "epoch": batch_tag(part)[0],
                                         "ids": part.column("image_id").to_pylist()}) + "\n")
         if self.faults.get("kill_assigner_at_call") == self.calls:
             marker = Path(self.faults["marker"])
@@ -187,8 +180,8 @@ class TeacherAssigner:
     def assign(self, part: pa.Table) -> pa.Table:
         import torch
 
-        from trainer.assigner_core import labels_to_sparse, soft_fill, soft_to_sparse, teacher_assign
-        from trainer.worker import images_tensor
+        from trainer.teacher import teacher_assign
+        from trainer.worker import images_tensor, labels_to_sparse, soft_fill, soft_to_sparse
 
         t0 = time.perf_counter()
         rows = decode_table_rows(part, self.spec.anchor_hash)
@@ -214,10 +207,6 @@ class TeacherAssigner:
         table = table.set_column(i, table.schema.field(i), part.column("image").combine_chunks())
         table = table.replace_schema_metadata(rb.schema.metadata)
         if result.soft is not None:
-            fill = soft_fill(result.soft.cls_prob, self.cfg.pipeline.soft_label_floor).cpu().numpy()
-            offsets = np.arange(len(rows) + 1, dtype=np.int32) * fill.shape[1]
-            table = table.append_column(FILL_COLUMN, pa.ListArray.from_arrays(pa.array(offsets),
-                                                                              pa.array(fill.reshape(-1))))
-        epoch = int(part.column(EPOCH_COLUMN)[0].as_py())
-        index = int(part.column(BATCH_COLUMN)[0].as_py())
-        return tag(table, epoch, index)
+            fill = soft_fill(result.soft.cls_prob, self.cfg.pipeline.soft_label_floor)
+            table = add_soft_fill(table, fill.cpu().numpy())
+        return tag_batch(table, *batch_tag(part))

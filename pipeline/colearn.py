@@ -18,7 +18,7 @@ reaches the trainer at its first step after the file poll (50 ms) saw it.
 
 Split co-learning (`exchange`, `finish`, `sync`): the two worker groups meet here every step, keyed by (step,
 rank) with the image ids checked, and the coordinator merges their sparse candidate losses under the policy it
-freezes for that step (`trainer.colearn.merge_sparse`: `colad_merge` + PAA selection, the in-process code) and
+freezes for that step (`trainer.colad.merge_sparse`: `colad_merge` + PAA selection, the in-process code) and
 returns the common assignment to both; it also writes the run directory (metrics lines, eval.json, checkpoints
 merged from the two halves), because it is the one process that sees both networks.
 """
@@ -33,36 +33,18 @@ from typing import Any, Optional
 
 import ray
 
-from schemas.config import POLICY_RE, RunConfig
+from schemas.config import RunConfig
+from schemas.policy import RolePolicy
+from schemas.rundir import RunDir, json_ready
 
 NAMESPACE = "lad"
 POLL_S = 0.05
-_SIZES = ("small", "medium", "large")
 
 
 def coordinator_name(cfg: RunConfig) -> str:
     """Unique per run directory (two runs never share one), readable by run name."""
     digest = hashlib.sha1(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:10]
     return f"colearn:{cfg.name}:{digest}"
-
-
-def policy_code(name: str) -> int:
-    """A policy as one int (broadcast between data-parallel ranks in one tiny collective)."""
-    if name == "auto":
-        return 0
-    if name == "pin-a":
-        return -1
-    if name == "pin-b":
-        return -2
-    return int(name.split(":")[1])
-
-
-def policy_name(code: int) -> str:
-    return {0: "auto", -1: "pin-a", -2: "pin-b"}.get(int(code)) or f"alternate:{int(code)}"
-
-
-def _ratio(t: int, d: int) -> Optional[float]:
-    return t / d if d else None
 
 
 class RoleBook:
@@ -84,8 +66,7 @@ class RoleBook:
 
     @staticmethod
     def _check(policy: str) -> None:
-        if not isinstance(policy, str) or not POLICY_RE.match(policy):
-            raise ValueError(f"unknown role policy {policy!r}: use auto, pin-a, pin-b or alternate:N")
+        RolePolicy.parse(policy)
 
     @property
     def applied_policy(self) -> str:
@@ -144,27 +125,25 @@ class RoleBook:
 
     def summary(self, every: int = 1) -> dict:
         """Policy, history and the teacher ratio over steps (total, per level, per size), plus run totals."""
+        from trainer.colad import add_counts, count_metrics
+
+        def ratios(counts: dict) -> dict:
+            m = count_metrics(counts)
+            return {"teacher_ratio": m["teacher_ratio"], "by_level": m["teacher_ratio_by_level"],
+                    "by_size": m["teacher_ratio_by_size"], "counts": counts}
+
         totals: Optional[dict] = None
         series = []
         for i, rec in enumerate(self.steps):
-            c = rec["counts"]
-            totals = c if totals is None else {k: [x + y for x, y in zip(totals[k], c[k])] for k in totals}
+            totals = add_counts(totals, rec["counts"])
             if i % every == 0 or i == len(self.steps) - 1:
                 series.append({"step": rec["step"], "epoch": rec["epoch"], "policy": rec["policy"],
-                               "teacher_ratio": _ratio(sum(c["taught_level"]), sum(c["defined_level"])),
-                               "by_level": [_ratio(t, d) for t, d in zip(c["taught_level"], c["defined_level"])],
-                               "by_size": {n: _ratio(t, d) for n, t, d in zip(_SIZES, c["taught_size"],
-                                                                               c["defined_size"])},
-                               "counts": c})
+                               **ratios(rec["counts"])})
         out = {"policy": self.applied_policy, "requested": self.policy, "version": self.version,
                "stop": self.stop, "history": list(self.history), "steps": series}
         if totals:
-            out["totals"] = {"teacher_ratio": _ratio(sum(totals["taught_level"]), sum(totals["defined_level"])),
-                             "by_level": [_ratio(t, d) for t, d in zip(totals["taught_level"], totals["defined_level"])],
-                             "by_size": {n: _ratio(t, d) for n, t, d in zip(_SIZES, totals["taught_size"],
-                                                                             totals["defined_size"])},
-                             "counts": totals}
-        return out
+            out["totals"] = ratios(totals)
+        return json_ready(out)
 
 
 class CoordinatorAborted(RuntimeError):
@@ -179,8 +158,6 @@ class ColearnCoordinator:
     def __init__(self, cfg: dict, policy: str, start_step: int = 0, source: str = "config", split: bool = False,
                  best: Optional[dict] = None, poll_s: float = POLL_S):
         import torch
-
-        from pipeline.rundir import RunDir
 
         self.cfg = RunConfig.model_validate(cfg)
         if self.cfg.train.threads:
@@ -331,8 +308,7 @@ class ColearnCoordinator:
     async def exchange(self, step_index: int, rank: int, side: str, payload: dict) -> dict:
         """Rendezvous 1 of a split step: both sides' sparse candidate losses of one batch (keyed by step and rank,
         image ids checked) in; the common assignment under the step's frozen policy out."""
-        from trainer.colearn import add_counts, merge_sparse
-        from trainer.labeler import RolePolicy
+        from trainer.colad import add_counts, merge_sparse
 
         policy, stop = self._freeze(step_index)
 
@@ -378,7 +354,7 @@ class ColearnCoordinator:
         the step's metrics.jsonl line as `pipeline.local` does."""
         import numpy as np
 
-        from trainer.colearn import count_metrics
+        from trainer.colad import count_metrics
 
         halves = self._lines.setdefault(step_index, {})
         halves[side] = metrics
@@ -390,13 +366,13 @@ class ColearnCoordinator:
                                                         None))
         step, epoch = step_index + 1, int(ma["epoch"]) if "epoch" in ma else None
         record: dict[str, Any] = {"step": step, "epoch": epoch}
-        record.update({k: v for k, v in ma.items() if k not in _TIMING})
-        record.update({k: v for k, v in mb.items() if k not in _TIMING})
+        record.update({k: v for k, v in ma.items() if k not in _TIMING + ("total_steps",)})
+        record.update({k: v for k, v in mb.items() if k not in _TIMING + ("total_steps",)})
         record["loss"] = float(np.float32(ma["loss_a"]) + np.float32(mb["loss_b"]))
         record["num_pos"] = merged["num_pos"] if merged else 0
         record.update(count_metrics(merged["counts"] if merged else None))
         record["policy"] = policy
-        for k in _TIMING[:-2]:
+        for k in _TIMING:
             for name, m in (("a", ma), ("b", mb)):
                 if k in m:
                     record[f"{k}_{name}"] = m[k]
@@ -412,9 +388,9 @@ class ColearnCoordinator:
     async def sync(self, step: int, side: str, part: dict) -> dict:
         """Rendezvous 3 (rare: checkpoints, evaluations, the end): both halves' states and evaluations in; writes
         eval.json, best.pt and last.pt as the in-process loop does, the checkpoint merged into the in-process
-        layout (`trainer.colearn.merge_states`), so it resumes and evaluates like any colad checkpoint."""
+        layout (`trainer.colad.merge_states`), so it resumes and evaluates like any colad checkpoint."""
         from trainer.checkpoint import save_checkpoint
-        from trainer.colearn import merge_states
+        from trainer.colad import merge_states
 
         def combine(pa: dict, pb: dict) -> dict:
             state = merge_states(pa["state"], pb["state"])
@@ -445,8 +421,8 @@ class ColearnCoordinator:
                 "progress": {"epoch": epoch, "trained_ids": list(trained)}, "best": dict(self.best)}
 
 
-# per-side timing keys of a split side's metrics (suffixed _a/_b in the line); the last two are bookkeeping
-_TIMING = ("forward_ms", "exchange_ms", "backward_ms", "finish_ms", "step_ms", "data_wait_ms", "images", "total_steps")
+# per-side timing keys of a split side's metrics (suffixed _a/_b in the line)
+_TIMING = ("forward_ms", "exchange_ms", "backward_ms", "finish_ms", "step_ms", "data_wait_ms")
 
 
 class PolicyWatch:

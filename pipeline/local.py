@@ -1,32 +1,35 @@
-"""In-process training: one process reads the data, assigns labels and trains (the reference for every mode).
+"""In-process training (`pipeline.engine: local`), and what every engine shares about one process's networks.
 
-Resumable: `checkpoints/last.pt` records the step, the epoch and the image ids already trained in that epoch,
-so a resumed run trains each remaining image of the epoch exactly once and none twice.
+The loop is `pipeline.loop.train_loop`; this module gives it batches from a torch DataLoader over the run's plan
+and a `NetworkStepper` that runs `trainer.engine.Engine.step` (every mode, labels assigned in-process). The same
+stepper, with the co-learning coordinator as its control, is co-learning `inline` on Ray.
 """
 from __future__ import annotations
 
-import math
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline.coco import CocoDataset, load_coco
 from pipeline.dataset import DetectionDataset, collate
-from pipeline.rundir import RunDir
+from pipeline.loop import (Batch, Collective, Instruments, Start, Stepped, Stepper, checkpoint_payload, plan_run,
+                           read_start, total_steps, train_loop)
 from pipeline.validate import evaluate_network
 from schemas.config import ConfigError, RunConfig
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from schemas.policy import RolePolicy
+from schemas.rundir import RunDir
+from trainer.checkpoint import save_checkpoint
+from trainer.colad import count_metrics
 from trainer.engine import Engine, pick_device
+from trainer.worker import ActiveMean, null_batch
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and leaves with state 'stopped'."""
+    """SIGTERM sets a flag; the loop checkpoints before its next step and leaves with state 'stopped'."""
 
     def __init__(self):
         self.flag = False
@@ -34,12 +37,14 @@ class StopRequested:
     def install(self) -> None:
         try:
             signal.signal(signal.SIGTERM, self._set)
-        except ValueError:  # not the main thread (e.g. inside a Ray actor): nothing to install
+        except ValueError:  # not the main thread: whoever runs us handles signals
             pass
 
     def _set(self, *_):
         self.flag = True
 
+
+# ------------------------------------------------------------------------------------------------ run set-up
 
 @dataclass
 class Datasets:
@@ -55,18 +60,6 @@ def load_datasets(cfg: RunConfig) -> Datasets:
         raise ConfigError(f"{cfg.data.train}: has {n} categories but model.num_classes is "
                           f"{cfg.model.num_classes}; set --set model.num_classes={n}")
     return Datasets(train, val)
-
-
-def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled image order of an epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
-    return np.random.default_rng([seed, epoch]).permutation(num_images)
-
-
-def total_steps(cfg: RunConfig, num_images: int, workers: int = 1) -> int:
-    """Optimizer steps of the run: each step takes one batch of `train.batch_size` per worker."""
-    per_epoch = math.ceil(num_images / (cfg.train.batch_size * workers))
-    steps = per_epoch * cfg.train.epochs
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -85,13 +78,27 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def prepare_run(cfg: RunConfig, workers: int = 1) -> tuple[RunConfig, Datasets, RunDir, int]:
-    """What every Ray training driver does first: absolute paths, validated datasets, the run directory (config
-    written), and the run's step count. Returns (cfg with absolute paths, datasets, run dir, total steps)."""
+    """What every driver does first, before any process starts: absolute paths, validated datasets, the run
+    directory (config written), the run's step count."""
     cfg = absolute_paths(cfg)
     data = load_datasets(cfg)
     run = RunDir(cfg.run_dir)
     run.create(cfg)
     return cfg, data, run, total_steps(cfg, len(data.train.records), workers)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+def planned_batches(cfg: RunConfig, train: CocoDataset, start: Start, total: int, rank: int = 0,
+                    world: int = 1) -> Iterator[Batch]:
+    """This rank's batches of the rest of the run (`pipeline.loop.plan_run`), decoded by a DataLoader."""
+    dataset = DetectionDataset(train, cfg.data.input_size, train=True, seed=cfg.seed, flip_prob=cfg.data.flip_prob)
+    image_ids = [r.image_id for r in train.records]
+    for epoch, steps in plan_run(cfg, image_ids, start.epoch, start.trained_ids, total - start.step, world):
+        dataset.set_epoch(epoch)
+        mine = [step[rank] for step in steps if rank < len(step)]
+        for b in DataLoader(dataset, batch_sampler=mine, collate_fn=collate, num_workers=cfg.data.num_workers):
+            yield Batch(epoch, b["image_ids"].tolist(), b)
 
 
 def to_device(batch: dict, device: torch.device):
@@ -101,35 +108,118 @@ def to_device(batch: dict, device: torch.device):
     return images, boxes, labels
 
 
-def checkpoint_payload(engine: Engine, cfg: RunConfig, epoch: int, trained: list[int], best: dict) -> dict:
-    return {"config": cfg.to_dict(), **engine.state(), "epoch": epoch,
-            "progress": {"epoch": epoch, "trained_ids": list(trained)}, "best": best}
+def data_parallel(engine, device: torch.device, world: int, modules=("forward_a", "forward_b")) -> ActiveMean:
+    """Wrap the engine's networks in DDP (world > 1) with the gradient mean over the ranks that had a batch."""
+    hook = ActiveMean()
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        engine.wrap(lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None))
+        for name in modules:
+            if getattr(engine, name, None) is not None:
+                hook.register(getattr(engine, name))
+    return hook
 
 
-def evaluate_all(engine: Engine, cfg: RunConfig, val: CocoDataset, device, progress: bool) -> dict[str, dict]:
-    """COCO stats of every network the run trains ('a', and 'b' in CoLAD)."""
-    return {name: evaluate_network(net, engine.anchors, val, cfg.data.input_size, cfg.inference, device,
-                                   progress)[0]
-            for name, net in engine.networks().items()}
+# ------------------------------------------------------------------------------------------------ the stepper
+
+class RunControl:
+    """In-process control: SIGTERM, and the role policy the control plane writes to control/roles.json."""
+
+    def __init__(self, run: RunDir, colad: bool):
+        self.run, self.colad = run, colad
+        self.stop = StopRequested()
+        self.stop.install()
+
+    def poll(self) -> tuple[bool, Optional[int]]:
+        name = self.run.requested_policy() if self.colad else None
+        try:
+            code = RolePolicy.parse(name).code if name else None
+        except ValueError:  # a hand-written bad file: the control plane validates its own
+            code = None
+        return self.stop.flag, code
+
+    def applied(self, step_index: int, name: str) -> None:
+        self.run.log({"step": step_index, "event": "policy", "policy": name})
+
+    def record(self, step: int, epoch: int, policy: str, counts: dict) -> None:
+        """Role statistics of a step: in-process they are in metrics.jsonl only."""
 
 
-def evaluate_and_keep_best(engine: Engine, cfg: RunConfig, val: CocoDataset, device, run: RunDir, epoch: int,
-                           best: dict, say=None, progress: bool = False) -> tuple[dict[str, dict], dict]:
-    """End-of-epoch evaluation shared by every training loop: COCO stats of each network go to eval.json, `say`
-    (if given) prints them, and best.pt is rewritten when network A's AP improved. Returns (stats, best)."""
-    last_eval = evaluate_all(engine, cfg, val, device, progress)
-    for name, stats in last_eval.items():
-        run.add_eval({"epoch": epoch, "step": engine.step_count, "network": name, "stats": stats})
-    if say is not None:
-        say(f"epoch {epoch} step {engine.step_count}: " + ", ".join(
-            f"{n.upper()} AP {s['AP']:.3f} AP50 {s['AP50']:.3f}" for n, s in last_eval.items()))
-    if last_eval["a"]["AP"] > best["AP"]:
-        best = {"AP": last_eval["a"]["AP"], "step": engine.step_count}
-        save_checkpoint(run.best, checkpoint_payload(engine, cfg, epoch + 1, [], best))
-    return last_eval, best
+class Evaluating:
+    """Rank 0's commit for engines that hold every network in one process: evaluate, keep the best, last.pt."""
+
+    def commit(self, epoch, last, best, *, evaluate, final):
+        ev = None
+        if evaluate:
+            ev = {name: evaluate_network(net, self.engine.anchors, self.val, self.cfg.data.input_size,
+                                         self.cfg.inference, self.device)[0]
+                  for name, net in self.engine.networks().items()}
+            for name, stats in ev.items():
+                self.run.add_eval({"epoch": epoch, "step": self.engine.step_count, "network": name, "stats": stats})
+            if ev["a"]["AP"] > best["AP"]:
+                best = {"AP": ev["a"]["AP"], "step": self.engine.step_count}
+                save_checkpoint(self.run.best, checkpoint_payload(self.engine, self.cfg, epoch + 1, [], best))
+        save_checkpoint(self.run.last, checkpoint_payload(self.engine, self.cfg, *last, best))
+        if final == "succeeded" and not self.run.best.exists():
+            save_checkpoint(self.run.best, checkpoint_payload(self.engine, self.cfg, epoch + 1, [], best))
+        return ev, best
 
 
-def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True) -> dict:
+class NetworkStepper(Evaluating, Stepper):
+    """`Engine.step` on each batch (labels assigned in-process). In CoLAD the role counts of every rank are summed
+    before the teacher ratios are logged, and a policy change applies on every rank from the same step."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, engine: Engine, device: torch.device, val, control,
+                 collective: Collective = Collective()):
+        self.cfg, self.run, self.engine, self.device, self.val = cfg, run, engine, device, val
+        self.control, self.collective = control, collective
+        self.colad = cfg.mode == "colad"
+        self.hook = data_parallel(engine, device, collective.world)
+        self.idle = None
+
+    @property
+    def step_count(self) -> int:
+        return self.engine.step_count
+
+    def poll(self):
+        return self.control.poll()
+
+    def set_policy(self, code: int) -> None:
+        name = RolePolicy.from_code(code).name
+        if self.colad and name != self.engine.policy.name:
+            self.engine.set_policy(name)
+            if self.collective.rank == 0:
+                self.control.applied(self.engine.step_count, name)
+
+    def step(self, batch: Optional[Batch], num_active: int) -> Stepped:
+        self.hook.set(batch is not None, num_active)
+        if batch is None and self.idle is None:  # an idle rank: a blank image, its gradient discarded by the hook
+            images, boxes, _, _ = null_batch(self.cfg.data.input_size, 1, 1, self.device, hard=False, soft=False)
+            self.idle = (images, boxes, [torch.zeros(0, dtype=torch.long, device=self.device)])
+        images, boxes, labels = to_device(batch.data, self.device) if batch is not None else self.idle
+        result = self.engine.step(images, boxes, labels)
+        record = dict(result.metrics)
+        if self.colad:
+            levels = len(self.cfg.model.fpn_levels)
+            counts = result.choice.role_counts(boxes) if batch is not None else {
+                "taught_level": [0] * levels, "defined_level": [0] * levels, "taught_size": [0] * 3,
+                "defined_size": [0] * 3}
+            keys = ("taught_level", "defined_level", "taught_size", "defined_size")
+            flat = self.collective.reduce([x for k in keys for x in counts[k]] + [int(record["num_pos"])], "SUM")
+            sizes = [len(counts[k]) for k in keys]
+            bounds = [sum(sizes[:i]) for i in range(len(keys) + 1)]
+            counts = {k: flat[a:b] for k, a, b in zip(keys, bounds[:-1], bounds[1:])}
+            record.update(count_metrics(counts), num_pos=flat[-1])
+            if self.collective.rank == 0:
+                self.control.record(self.engine.step_count, batch.epoch if batch else -1, self.engine.policy.name,
+                                    counts)
+        return Stepped(record, result.labels)
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults: Optional[dict] = None) -> dict:
     """Train `cfg` in this process; returns the last evaluation ({network: stats}) or {}."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -137,82 +227,21 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True) -> dict
     data = load_datasets(cfg)
     run = RunDir(cfg.run_dir)
     run.create(cfg)
-    n_images = len(data.train.records)
-    steps = total_steps(cfg, n_images)
+    steps = total_steps(cfg, len(data.train.records))
+    start = read_start(run, resume)
     engine = Engine(cfg, device, steps)
-    start_epoch, trained, best = 0, [], {"AP": -1.0, "step": 0}
-    if resume and run.last.exists():
-        ckpt = load_checkpoint(run.last)
-        engine.load_state(ckpt)
-        start_epoch, trained, best = ckpt["progress"]["epoch"], list(ckpt["progress"]["trained_ids"]), ckpt["best"]
-        run.truncate_metrics(engine.step_count)
-    stop = StopRequested()
-    stop.install()
-    run.set_progress("running", engine.step_count, steps, start_epoch)
-    dataset = DetectionDataset(data.train, cfg.data.input_size, train=True, seed=cfg.seed,
-                               flip_prob=cfg.data.flip_prob)
-    ids = np.array([r.image_id for r in data.train.records])
-    bar = tqdm(total=steps, initial=engine.step_count, desc=f"{cfg.mode} {cfg.name}", disable=not progress,
-               dynamic_ncols=True)
-    last_eval = {e["network"]: e["stats"] for e in run.read_evals()}  # a finished run resumed reports its last
-    epoch = start_epoch
+    if start.resumed:
+        engine.load_state(start.checkpoint)
+        start.checkpoint = None
+    stepper = NetworkStepper(cfg, run, engine, device, data.val, RunControl(run, cfg.mode == "colad"))
+    run.set_progress("running", engine.step_count, steps, start.epoch)
+    epoch = start.epoch
     try:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            if engine.step_count >= steps:
-                break
-            dataset.set_epoch(epoch)
-            done = set(trained)
-            order = [int(i) for i in epoch_order(n_images, cfg.seed, epoch) if int(ids[i]) not in done]
-            loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=order, collate_fn=collate,
-                                num_workers=cfg.data.num_workers, persistent_workers=False)
-            t_wait = time.perf_counter()
-            for batch in loader:
-                data_wait_ms = (time.perf_counter() - t_wait) * 1000
-                policy = run.requested_policy()
-                if policy and engine.mode == "colad" and policy != engine.policy.name:
-                    engine.set_policy(policy)
-                    run.log({"step": engine.step_count, "event": "policy", "policy": policy})
-                t0 = time.perf_counter()
-                result = engine.step(*to_device(batch, device))
-                step_ms = (time.perf_counter() - t0) * 1000
-                trained.extend(batch["image_ids"].tolist())
-                m = result.metrics
-                record = {"step": engine.step_count, "epoch": epoch, **m, "step_ms": round(step_ms, 2),
-                          "data_wait_ms": round(data_wait_ms, 2),
-                          "images_per_s": round(len(batch["image_ids"]) / max(step_ms + data_wait_ms, 1e-6) * 1e3, 2)}
-                if engine.step_count % cfg.train.log_every == 0 or engine.step_count == 1:
-                    run.log(record)
-                    run.set_progress("running", engine.step_count, steps, epoch)
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", refresh=False)
-                if engine.step_count % cfg.train.checkpoint_every == 0:  # mid-epoch: trained ids make resume exact
-                    epoch_full = len(trained) >= n_images
-                    save_checkpoint(run.last, checkpoint_payload(engine, cfg, epoch + int(epoch_full),
-                                                                 [] if epoch_full else trained, best))
-                if stop.flag or engine.step_count >= steps:
-                    break
-                t_wait = time.perf_counter()
-            epoch_done = not stop.flag and len(trained) >= n_images
-            if stop.flag:
-                save_checkpoint(run.last, checkpoint_payload(engine, cfg, epoch, trained, best))
-                run.set_progress("stopped", engine.step_count, steps, epoch)
-                return last_eval
-            finished = engine.step_count >= steps
-            due = cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0
-            if data.val is not None and (finished or due):
-                last_eval, best = evaluate_and_keep_best(engine, cfg, data.val, device, run, epoch, best,
-                                                         say=bar.write, progress=progress)
-            if epoch_done:
-                trained = []
-            if finished:
-                save_checkpoint(run.last, checkpoint_payload(engine, cfg, epoch + int(epoch_done), trained, best))
-                break
+        out = train_loop(cfg, stepper, planned_batches(cfg, data.train, start, steps), start, total=steps,
+                         num_images=len(data.train.records), has_val=data.val is not None, progress=progress,
+                         bar=True, instruments=Instruments.of(faults))
     except BaseException as e:
         run.set_progress("failed", engine.step_count, steps, epoch, error=f"{type(e).__name__}: {e}")
         raise
-    finally:
-        bar.close()
-    if not run.best.exists():
-        save_checkpoint(run.best, checkpoint_payload(engine, cfg, epoch + 1, [], best))
-    run.set_progress("succeeded", engine.step_count, steps, epoch)
-    return last_eval
+    run.set_progress(out.state, out.step, steps, out.epoch)
+    return out.eval

@@ -19,6 +19,7 @@ from typing import Optional
 import ray
 
 from schemas.config import ConfigError, RunConfig
+from schemas.modes import mode_spec
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -82,25 +83,33 @@ class Budget:
     data_gpus: float
 
 
-def budget(cfg: RunConfig, needs_assigners: bool) -> Budget:
-    """Check that the Train workers, the assigner pool and at least one read task fit, before anything starts
-    (Ray would otherwise wait forever for a resource that never frees)."""
-    p = cfg.pipeline
+def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True) -> Budget:
+    """Check that the Train worker group(s) (co-learning split: side B's may differ), the assigner pool and at least
+    one read task (the stream) fit, before anything starts (Ray would otherwise wait forever for a resource that
+    never frees)."""
+    p, c = cfg.pipeline, cfg.colearn
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    train_cpus, train_gpus = p.num_workers * p.cpus_per_worker, p.num_workers * p.gpus_per_worker
-    pool_cpus = p.assigners * p.cpus_per_assigner if needs_assigners else 0.0
-    pool_gpus = p.assigners * p.gpus_per_assigner if needs_assigners else 0.0
-    need_cpus = train_cpus + pool_cpus + p.cpus_per_read_task
+    per_worker = {"a": (p.cpus_per_worker, p.gpus_per_worker),
+                  "b": (p.cpus_per_worker if c.cpus_per_worker_b is None else c.cpus_per_worker_b,
+                        p.gpus_per_worker if c.gpus_per_worker_b is None else c.gpus_per_worker_b)}
+    train_cpus = sum(p.num_workers * per_worker[g][0] for g in groups)
+    train_gpus = sum(p.num_workers * per_worker[g][1] for g in groups)
+    assigners = p.assigners if stream and mode_spec(cfg.mode).needs_teacher else 0
+    pool_cpus, pool_gpus = assigners * p.cpus_per_assigner, assigners * p.gpus_per_assigner
+    read_cpus = p.cpus_per_read_task if stream else 0.0
+    need_cpus = train_cpus + pool_cpus + read_cpus
+    side_b = " / colearn.cpus_per_worker_b / gpus_per_worker_b" if "b" in groups else ""
     problems = []
     if need_cpus > cpus + 1e-9:
         problems.append(
-            f"CPU: {p.num_workers} workers x {p.cpus_per_worker} + {p.assigners if needs_assigners else 0} "
-            f"assigners x {p.cpus_per_assigner} + one read task x {p.cpus_per_read_task} = {need_cpus:g} "
-            f"> {cpus:g} in the cluster; lower pipeline.cpus_per_worker / cpus_per_assigner / assigners")
+            f"CPU: {len(groups)} x {p.num_workers} workers ({train_cpus:g}) + {assigners} assigners x "
+            f"{p.cpus_per_assigner} + {'one read task x ' + str(p.cpus_per_read_task) if stream else 'no read task'}"
+            f" = {need_cpus:g} > {cpus:g} in the cluster; lower pipeline.num_workers / cpus_per_worker / "
+            f"cpus_per_assigner / assigners{side_b}")
     if train_gpus + pool_gpus > gpus + 1e-9:
         problems.append(f"GPU: workers need {train_gpus:g} and assigners {pool_gpus:g} but the cluster has "
-                        f"{gpus:g}; set pipeline.gpus_per_worker / gpus_per_assigner to 0 (CPU) or fewer")
+                        f"{gpus:g}; set pipeline.gpus_per_worker / gpus_per_assigner{side_b} to 0 (CPU) or fewer")
     if problems:
         raise PipelineResourceError("the pipeline does not fit the Ray cluster: " + "; ".join(problems))
     return Budget(cpus, gpus, train_cpus, train_gpus, cpus - train_cpus, gpus - train_gpus)
@@ -123,14 +132,16 @@ def configure_data_context(cfg: RunConfig, b: Budget):
 @ray.remote(num_cpus=0)
 class StreamMonitor:
     """Counters of the stream (the assigners report batches done, the trainer batches consumed), the stop
-    request of the driver (SIGTERM), and the final result of the run. Tiny, zero-CPU, one per run."""
+    request of the driver (SIGTERM), the first error of a worker and the final result of the run. Tiny,
+    zero-CPU, one per run: the stream's hub, as the coordinator is co-learning's (`pipeline.ray_driver`)."""
 
     def __init__(self):
         self.n_assigned = 0
         self.assign_ms = 0.0
         self.n_consumed = 0
         self.stop = False
-        self.result: dict = {}
+        self.error: Optional[str] = None
+        self.result_: dict = {}
 
     def reset_counters(self) -> None:
         """A new attempt (after a lost worker) starts a new stream."""
@@ -154,8 +165,19 @@ class StreamMonitor:
         return self.stop
 
     def set_result(self, result: dict) -> None:
-        self.result = result
+        self.result_ = result
+
+    def result(self) -> dict:
+        return self.result_
+
+    def abort(self, message: str) -> None:
+        """A worker failed in our code (not a lost process): the first message is the run's error."""
+        if self.error is None:
+            self.error = message
+
+    def error_message(self) -> Optional[str]:
+        return self.error
 
     def snapshot(self) -> dict:
         return {"assigned": self.n_assigned, "consumed": self.n_consumed, "stop": self.stop,
-                "assign_ms_total": self.assign_ms, "result": self.result}
+                "assign_ms_total": self.assign_ms, "result": self.result_}

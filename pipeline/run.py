@@ -16,12 +16,10 @@ USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError)
 
 
 def run(cfg: RunConfig, progress: bool = True, resume: bool = True) -> dict:
-    if cfg.pipeline.engine == "ray" and cfg.mode == "colad":  # co-learning: the coordinator + Ray Train workers
-        from pipeline.colearn_run import train as colearn_train
-        return colearn_train(cfg, progress=progress, resume=resume)
-    if cfg.pipeline.engine == "ray":
-        from pipeline.stream import train as stream_train
-        return stream_train(cfg, progress=progress, resume=resume)
+    """Train `cfg` with its engine; returns the last evaluation ({network: stats}) or {}."""
+    if cfg.pipeline.engine == "ray":  # the assignment stream, or co-learning's coordinator and worker groups
+        from pipeline.ray_driver import train as ray_train
+        return ray_train(cfg, progress=progress, resume=resume)
     from pipeline.local import train
     return train(cfg, progress=progress, resume=resume)
 

@@ -14,7 +14,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.config import POLICY_RE, RunConfig
+from schemas.config import RunConfig
+from schemas.policy import RolePolicy
 
 RunState = Literal["pending", "running", "succeeded", "failed", "stopped"]
 RUN_STATES: tuple[str, ...] = ("pending", "running", "succeeded", "failed", "stopped")
@@ -107,9 +108,10 @@ class RolesUpdate(BaseModel):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        if not POLICY_RE.match(v):
-            raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)")
-        return v
+        try:
+            return RolePolicy.parse(v).name
+        except ValueError:
+            raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)") from None
 
 
 class RolesRequest(_Out):

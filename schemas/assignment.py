@@ -10,6 +10,10 @@ A stream is tied to one anchor layout: anchor indices mean nothing under other s
 The schema metadata carries `lad.schema_version` and `lad.anchor_hash`; because Ray Data may drop schema
 metadata, both also travel as (tiny) columns and `decode_*` refuses a batch whose version or hash differ.
 
+Beside the per-image columns, the pipeline adds batch columns (`epoch`, `batch_index`, and `soft_fill` for
+kd/solad): declared here with their types (`BATCH_COLUMNS`), written by `tag_batch` / `add_soft_fill`, read by
+`batch_tag` / `soft_fill_values`.
+
 This module imports numpy and pyarrow only (no torch), as `schemas` must.
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the batch columns (epoch, batch_index, soft_fill) are part of the schema
 # Bump when the anchor generator's conventions change (same config, different anchors).
 ANCHOR_LAYOUT = "xyxy, one anchor per location, side 8*stride*octave/8, levels finest first, row-major"
 
@@ -83,6 +87,20 @@ _SOFT_FIELDS = [
     ("kd_weight", pa.list_(pa.float32())),
 ]
 SOFT_COLUMNS = tuple(name for name, _ in _SOFT_FIELDS)
+
+# Batch columns: the pipeline tags every row with the planned training batch it belongs to and, for kd/solad,
+# the value of the soft-label entries that were not sent. They describe the batch rather than the image, so they
+# are not fields of `AssignmentRow`: `encode_batch` does not write them (`tag_batch` and `add_soft_fill` do) and
+# `decode_*` checks their types when present (`batch_tag`, `soft_fill_values` read them).
+EPOCH_COLUMN = "epoch"
+BATCH_COLUMN = "batch_index"
+FILL_COLUMN = "soft_fill"   # list<float16> [C] per row: per class, the mean of the probabilities below the floor
+_BATCH_FIELDS = [
+    (EPOCH_COLUMN, pa.int32()),
+    (BATCH_COLUMN, pa.int32()),
+    (FILL_COLUMN, pa.list_(pa.float16())),
+]
+BATCH_COLUMNS = tuple(name for name, _ in _BATCH_FIELDS)
 
 
 def assignment_schema(anchor_hash: str, *, soft: bool, num_anchors: Optional[int] = None,
@@ -212,6 +230,43 @@ def encode_batch(rows: list[AssignmentRow], anchor_hash: str, num_anchors: int, 
     return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
+# ----------------------------------------------------------------------------------------------- batch columns
+
+def tag_batch(table: Union[pa.Table, pa.RecordBatch], epoch: int, batch_index: int) -> pa.Table:
+    """Append the epoch / batch_index columns (schema metadata is kept)."""
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    n = table.num_rows
+    table = table.append_column(pa.field(EPOCH_COLUMN, pa.int32()), pa.array(np.full(n, epoch, np.int32)))
+    return table.append_column(pa.field(BATCH_COLUMN, pa.int32()), pa.array(np.full(n, batch_index, np.int32)))
+
+
+def batch_tag(table: Union[pa.Table, pa.RecordBatch]) -> tuple[int, int]:
+    """(epoch, batch_index) of the first row."""
+    return int(table.column(EPOCH_COLUMN)[0].as_py()), int(table.column(BATCH_COLUMN)[0].as_py())
+
+
+def add_soft_fill(table: pa.Table, fill: np.ndarray) -> pa.Table:
+    """Append the soft_fill column: `fill` [rows, C] (stored as float16)."""
+    fill = np.asarray(fill, np.float16)
+    if fill.ndim != 2 or fill.shape[0] != table.num_rows:
+        raise ValueError(f"soft_fill: expected [{table.num_rows}, C], got shape {list(fill.shape)}")
+    offsets = np.arange(fill.shape[0] + 1, dtype=np.int32) * fill.shape[1]
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(fill.reshape(-1)))
+    return table.append_column(pa.field(FILL_COLUMN, column.type), column)
+
+
+def soft_fill_values(table: Union[pa.Table, pa.RecordBatch], num_classes: int) -> Optional[np.ndarray]:
+    """The soft_fill column as a read-only float16 [rows, C] view (None when the stream has none)."""
+    if FILL_COLUMN not in table.column_names:
+        return None
+    col = table.column(FILL_COLUMN)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    values = col.values.to_numpy(zero_copy_only=True)[col.offsets[0].as_py():col.offsets[-1].as_py()]
+    return values.reshape(len(col), num_classes)
+
+
 # ----------------------------------------------------------------------------------------------- soft labels
 
 def sparsify_soft(probs: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -301,6 +356,9 @@ def _check(schema: pa.Schema, columns: dict[str, Any], expected_hash: str) -> bo
         if name not in columns:
             problems.append(f"missing column {name!r}")
         elif _base_type(columns[name].type) != typ:
+            problems.append(f"column {name!r} is {columns[name].type}, expected {typ}")
+    for name, typ in _BATCH_FIELDS:
+        if name in columns and _base_type(columns[name].type) != typ:
             problems.append(f"column {name!r} is {columns[name].type}, expected {typ}")
     if problems:
         raise SchemaMismatch(f"assignment stream (schema version {SCHEMA_VERSION}) has unexpected columns: "

@@ -6,16 +6,18 @@ Errors name the dotted path of the field at fault (see `ConfigError`).
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Mode = Literal["paa", "lad", "kd", "solad", "colad"]
-MODES = ("paa", "lad", "kd", "solad", "colad")
-POLICY_RE = re.compile(r"^(auto|pin-a|pin-b|alternate:[1-9][0-9]*)$")
+from schemas.modes import MODES, mode_spec, modes_where
+from schemas.policy import RolePolicy
+
+Mode = Literal["paa", "lad", "kd", "solad", "colad"]  # spelled out for type checkers; the table is schemas.modes
+if get_args(Mode) != MODES:
+    raise ImportError(f"schemas.config.Mode {get_args(Mode)} disagrees with schemas.modes.MODES {MODES}")
 
 
 class ConfigError(ValueError):
@@ -83,10 +85,13 @@ class DistillConfig(_Strict):
     gamma: float = Field(0.5, ge=0)
 
 
-KD_DEFAULTS = {
+KD_DEFAULTS = {  # one entry per mode with `soft` (schemas.modes)
     "kd": dict(cls_weight=10.0, iou_weight=10.0, box_weight=1.3, min_iou=0.1),
     "solad": dict(cls_weight=2.0, iou_weight=10.0, box_weight=1.3, min_iou=0.5),
 }
+if set(KD_DEFAULTS) != set(modes_where("soft")):
+    raise ImportError(f"schemas.config.KD_DEFAULTS covers {sorted(KD_DEFAULTS)}, the soft modes are "
+                      f"{modes_where('soft')}")
 
 
 class TeacherConfig(_Strict):
@@ -110,9 +115,10 @@ class ColearnConfig(_Strict):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        if not POLICY_RE.match(v):
-            raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)")
-        return v
+        try:
+            return RolePolicy.parse(v).name
+        except ValueError:
+            raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)") from None
 
 
 class TrainConfig(_Strict):
@@ -163,7 +169,10 @@ class PipelineConfig(_Strict):
     gpus_per_assigner: float = Field(0, ge=0)
     cpus_per_read_task: float = Field(0.25, gt=0)
     prefetch_batches: int = Field(2, ge=0)
-    soft_label_floor: float = Field(0.01, ge=0, lt=1, description="KD probabilities below this are sent as 0")
+    soft_label_floor: float = Field(
+        0.01, ge=0, lt=1, description="kd/solad through the stream: teacher class probabilities >= this travel one by "
+        "one (fp16); for the rest the student gets, per image and class, the mean of those below it (the stream's "
+        "soft_fill column). 0 sends every entry. In-process runs use the dense probabilities and ignore it")
     max_failures: int = Field(2, ge=0, description="lost Train workers the run recovers from, each time resuming "
                               "from checkpoints/last.pt (engine ray)")
 
@@ -187,18 +196,19 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _mode_needs(self) -> "RunConfig":
-        if self.mode in ("lad", "kd", "solad") and not self.teacher.checkpoint:
+        spec = mode_spec(self.mode)
+        if spec.needs_teacher and not self.teacher.checkpoint:
             raise ValueError(f"mode {self.mode!r} needs teacher.checkpoint (a checkpoint written by `lad train`)")
-        if self.mode == "colad" and self.colearn.mode == "split" and self.pipeline.engine != "ray":
+        if spec.co_learning and self.colearn.mode == "split" and self.pipeline.engine != "ray":
             raise ValueError("colearn.mode 'split' trains A and B on separate Ray worker groups: it needs "
                              "pipeline.engine: ray (pipeline.engine local trains both networks in one process)")
-        if self.mode == "colad" and self.colearn.model_b is not None:
+        if spec.co_learning and self.colearn.model_b is not None:
             for key in ("fpn_levels", "octave_base_scale", "num_classes"):  # what decides the anchors and labels
                 a, b = getattr(self.model, key), getattr(self.colearn.model_b, key)
                 if a != b:
                     raise ValueError(f"colearn.model_b.{key} is {b!r} but model.{key} is {a!r}: co-learning assigns "
                                      "both networks on the same anchors and classes, so they must agree")
-        if self.mode in KD_DEFAULTS:
+        if spec.soft:
             for key, value in KD_DEFAULTS[self.mode].items():
                 if getattr(self.distill, key) is None:
                     setattr(self.distill, key, value)

@@ -26,9 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from schemas.api import (RUN_STATES, Checkpoint, ErrorResponse, Health, MetricsPage, Progress, RolesChange,
                          RolesPoint, RolesRequest, RolesState, RolesUpdate, RunDetail, RunList, RunSummary)
 from schemas.config import RunConfig
+from schemas.rundir import RunDir
 from services.launcher import RAY_ENTRYPOINT, Launcher, LaunchError, LocalLauncher, RayLauncher
 from services.registry import Registry, RunRecord
-from services.rundir import RunFiles
 from services.scheduler import Conflict, NotFound, Scheduler, default_max_concurrent, new_run_id, usable_cpus
 from services.security import MAX_BODY_BYTES, PathPolicy, PathViolation, token_matches
 
@@ -181,7 +181,7 @@ def summary(rec: RunRecord) -> RunSummary:
 
 
 def detail(rec: RunRecord) -> RunDetail:
-    files = RunFiles(rec.run_dir)
+    files = RunDir(rec.run_dir)
     progress = files.progress()
     return RunDetail(**summary(rec).model_dump(), config=rec.config,
                      progress=Progress.model_validate(progress) if progress else None,
@@ -190,7 +190,7 @@ def detail(rec: RunRecord) -> RunDetail:
 
 
 def roles_state(rec: RunRecord) -> RolesState:
-    files = RunFiles(rec.run_dir)
+    files = RunDir(rec.run_dir)
     history: deque[RolesPoint] = deque(maxlen=ROLES_HISTORY_MAX)
     reported: Optional[str] = None
     changes: list[RolesChange] = []
@@ -356,7 +356,7 @@ def create_app(settings: Settings, launcher: Optional[Launcher] = None,
                                                                    "step you have); omit for the first page"),
                     limit: int = Query(1000, ge=1, le=10_000)) -> MetricsPage:
         rec = get_run(run_id)
-        items, more = RunFiles(rec.run_dir).metrics_page(since, limit)
+        items, more = RunDir(rec.run_dir).metrics_page(since, limit)
         next_since = items[-1].get("step") if items else since
         return MetricsPage(run_id=rec.id, items=items, next_since=next_since, has_more=more)
 
@@ -376,7 +376,7 @@ def create_app(settings: Settings, launcher: Optional[Launcher] = None,
             raise ApiError(409, f"run {run_id} is mode {rec.mode!r}; roles exist only for colad runs", "mode")
         if rec.state != "running":
             raise ApiError(409, f"run {run_id} is {rec.state}; the policy can change only while it runs", "state")
-        RunFiles(rec.run_dir).request_roles(update.policy)
+        RunDir(rec.run_dir).request_roles(update.policy)
         log.info("run %s: role policy %s requested", run_id, update.policy)
         return roles_state(rec)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from schemas.rundir import RunDir
 from services.registry import RunRecord
-from services.rundir import RunFiles
 
 log = logging.getLogger("lad.launcher")
 
@@ -125,7 +125,7 @@ class LocalLauncher:
         return env
 
     def start(self, rec: RunRecord) -> dict[str, Any]:
-        files = RunFiles(rec.run_dir)
+        files = RunDir(rec.run_dir)
         try:
             files.logs_dir.mkdir(parents=True, exist_ok=True)
             with open(files.stdout_path, "ab") as out, open(files.stderr_path, "ab") as err:

@@ -22,11 +22,10 @@ import time
 from typing import Any, Optional
 
 from schemas.api import FINAL_STATES
-from schemas.config import RunConfig, dump_config
-from schemas.files import atomic_write_text
+from schemas.config import RunConfig
+from schemas.rundir import RunDir
 from services.launcher import PENDING_NOTE, Launcher, LaunchError, Observation
 from services.registry import Registry, RunRecord
-from services.rundir import RunFiles
 
 log = logging.getLogger("lad.scheduler")
 
@@ -111,7 +110,7 @@ class Scheduler:
     # ---- submission and stop (called by the API) ---------------------------------------------------------
     def submit(self, cfg: RunConfig, run_id: str) -> RunRecord:
         """Claim the run directory, write `config.yaml` into it and queue the run."""
-        files = RunFiles(cfg.run_dir)
+        files = RunDir(cfg.run_dir)
         with self.lock:
             other = self.registry.find_by_run_dir(str(files.path))
             if other is not None:
@@ -120,8 +119,7 @@ class Scheduler:
                 raise Conflict(f"{files.path} is a symbolic link; choose another name", "name")
             if files.path.exists() and (not files.path.is_dir() or any(files.path.iterdir())):
                 raise Conflict(f"{files.path} already exists and is not empty; choose another name", "name")
-            files.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(files.config_path, dump_config(cfg))
+            files.create(cfg)
             rec = RunRecord(id=run_id, name=cfg.name, mode=cfg.mode, config=cfg.to_dict(), state="pending",
                             created_at=time.time(), run_dir=str(files.path), config_path=str(files.config_path),
                             launcher=self.launcher.kind)
@@ -211,7 +209,7 @@ class Scheduler:
         self._finish(rec, obs)
 
     def _finish(self, rec: RunRecord, obs: Observation, gone_reason: Optional[str] = None) -> None:
-        files = RunFiles(rec.run_dir)
+        files = RunDir(rec.run_dir)
         kwargs = {"gone_reason": gone_reason} if gone_reason else {}
         state, error = conclude(obs, files.progress(), rec.stop_requested_at is not None, files.stderr_tail(),
                                 self._killed.pop(rec.id, None), **kwargs)

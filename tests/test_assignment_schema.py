@@ -96,13 +96,13 @@ def test_refuses_other_anchor_hash():
 def test_refuses_other_schema_version():
     batch = encode_batch([make_row(np.random.default_rng(3), False)], HASH, A, C, False)
     meta = dict(batch.schema.metadata)
-    meta[b"lad.schema_version"] = b"2"
-    with pytest.raises(SchemaMismatch, match=f"schema version 2 differs from {SCHEMA_VERSION}"):
+    meta[b"lad.schema_version"] = b"1"
+    with pytest.raises(SchemaMismatch, match=f"schema version 1 differs from {SCHEMA_VERSION}"):
         decode_batch(batch.replace_schema_metadata(meta), HASH)
     stripped = pa.Table.from_batches([batch]).replace_schema_metadata(None)
     i = stripped.schema.get_field_index("schema_version")
-    v2 = stripped.set_column(i, "schema_version", pa.array([2], pa.int16()))
-    with pytest.raises(SchemaMismatch, match="schema version 2"):
+    v2 = stripped.set_column(i, "schema_version", pa.array([1], pa.int16()))
+    with pytest.raises(SchemaMismatch, match="schema version 1"):
         decode_table_rows(v2, HASH)
 
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from schemas.config import ConfigError, config_from_dict
-from trainer.assigner_core import sparse_to_labels
-from trainer.colearn import SideEngine, merge_sparse, merge_states, side_metrics, side_state, to_sparse
+from trainer.colad import RolePolicy, SideEngine, merge_sparse, merge_states, side_metrics, side_state, to_sparse
 from trainer.engine import Engine
-from trainer.labeler import RolePolicy
+from trainer.worker import sparse_to_labels
 
 TINY = {"depth": 18, "norm": "gn", "fpn_levels": [3, 4], "fpn_channels": 32, "head_channels": 32, "head_convs": 1}
 
@@ -128,10 +127,11 @@ def test_split_needs_matching_anchors_and_ray():
 def test_role_book_follows_the_control_planes_file(tmp_path):
     """The coordinator's state without Ray: roles.json requests (as PUT writes them) bump the version once each,
     a torn file is ignored, the history records the step a policy took effect from, statistics add up."""
-    from pipeline.colearn import RoleBook, policy_code, policy_name
-    from services.rundir import RunFiles
+    from pipeline.colearn import RoleBook
+    from schemas.policy import RolePolicy
+    from schemas.rundir import RunDir
 
-    files = RunFiles(tmp_path)
+    files = RunDir(tmp_path)
     book = RoleBook("auto", files.roles_path, start_step=10, source="checkpoint")
     assert not book.poll_file()  # no request yet
     files.request_roles("pin-b")
@@ -153,4 +153,4 @@ def test_role_book_follows_the_control_planes_file(tmp_path):
     assert summary["totals"]["by_size"] == {"small": 0.5, "medium": 0.0, "large": None}
     assert summary["policy"] == "pin-b" and summary["requested"] == "alternate:4"
     for name in ("auto", "pin-a", "pin-b", "alternate:7"):
-        assert policy_name(policy_code(name)) == name
+        assert RolePolicy.from_code(RolePolicy.parse(name).code).name == name

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.stream_testing import make_data, tiny_config
+from tests.tiny import make_data, tiny_config
 from trainer.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +34,7 @@ def test_inline_and_split_train_exactly_the_in_process_colad(ray_session, tmp_pa
     timeout), then the run resumes from last.pt (checkpoint written by the coordinator, split back per side). Every logged number (losses of A and B, positives, teacher ratio per level and size), eval.json,
     both networks' weights, the optimizer state and the checkpoints equal the in-process run's; inline's and
     split's per-step assignment digests are equal."""
-    from pipeline.colearn_run import train as ray_train
+    from pipeline.ray_driver import train as ray_train
     from pipeline.local import train as local_train
 
     data = make_data(tmp_path / "data", num_train=12, num_val=4)
@@ -55,7 +55,7 @@ def test_inline_and_split_train_exactly_the_in_process_colad(ray_session, tmp_pa
             continue
         t0 = time.monotonic()
         with pytest.raises(RuntimeError, match="side b rank 0: RuntimeError: injected failure before step 4"):
-            ray_train(cfg, progress=False, faults={**faults, "fail_at_step": {"side": "b", "step": 4}})
+            ray_train(cfg, progress=False, faults={**faults, "fail_at_step": {"tag": "b", "step": 4}})
         # waiting out the exchange timeout would take 900 s on top of the run; failing at once takes the run
         assert time.monotonic() - t0 < cfg.colearn.exchange_timeout_s, "side A waited for the dead side B"
         progress = json.loads((cfg.run_dir / "progress.json").read_text())
@@ -102,19 +102,19 @@ def test_inline_and_split_train_exactly_the_in_process_colad(ray_session, tmp_pa
             assert out.setdefault(rec["step"], rec["labels"]) == rec["labels"], rec
         return out
 
-    inline = digests(traces["inline"] / "trace.both.rank0.jsonl")
+    inline = digests(traces["inline"] / "trace.inline.rank0.jsonl")
     assert sorted(inline) == [1, 2, 3, 4, 5]
     for side in ("a", "b"):
         assert digests(traces["split"] / f"trace.{side}.rank0.jsonl") == inline
 
 
 def test_coordinator_pushes_the_control_planes_request_within_a_step(ray_session, tmp_path):
-    """PUT /runs/{id}/roles writes control/roles.json (services.rundir); the coordinator picks it up and the
+    """PUT /runs/{id}/roles writes control/roles.json (schemas.rundir); the coordinator picks it up and the
     trainer's `PolicyWatch.poll()` sees the new version without ever blocking; polling costs microseconds."""
     import ray
 
     from pipeline.colearn import PolicyWatch, coordinator_name, get_or_create, lookup, NAMESPACE
-    from services.rundir import RunFiles
+    from schemas.rundir import RunDir
 
     data = make_data(tmp_path / "data", num_train=4, num_val=2)
     cfg = _cfg(data, tmp_path / "runs", "coord", "ray")
@@ -132,7 +132,7 @@ def test_coordinator_pushes_the_control_planes_request_within_a_step(ray_session
         per_poll_ms = (time.perf_counter() - t0) * 1e3 / n
         assert per_poll_ms < 0.5, per_poll_ms
 
-        RunFiles(cfg.run_dir).request_roles("pin-b")
+        RunDir(cfg.run_dir).request_roles("pin-b")
         t_put = time.perf_counter()
         while watch.poll()["policy"] != "pin-b":
             assert time.perf_counter() - t_put < 5, "the request did not reach the trainer"

@@ -286,7 +286,7 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
     succeeds, and its Train workers and assigner actors ran on the worker node (the head advertises no CPUs)."""
     if shutil.which("ray") is None or shutil.which("lad") is None:
         pytest.skip("the ray and lad commands are not installed")
-    from pipeline.stream_testing import make_data, make_teacher, tiny_config
+    from tests.tiny import make_data, make_teacher, tiny_config
 
     spec = load_compose()["services"]
     ray_token, api_token = "ray-" + os.urandom(16).hex(), "api-" + os.urandom(16).hex()

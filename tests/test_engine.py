@@ -9,7 +9,7 @@ import torch
 from schemas.config import config_from_dict
 from trainer.checkpoint import save_checkpoint
 from trainer.engine import Engine
-from trainer.labeler import RolePolicy
+from trainer.colad import RolePolicy
 
 TINY = {"depth": 18, "norm": "gn", "fpn_levels": [3, 4], "fpn_channels": 32, "head_channels": 32, "head_convs": 1}
 

@@ -4,8 +4,8 @@ import json
 
 from pipeline.digits import make_digits
 from pipeline.local import train
-from pipeline.rundir import RunDir
 from schemas.config import config_from_dict
+from schemas.rundir import RunDir
 
 
 def test_tiny_overfit_reaches_high_ap50(tmp_path):
@@ -25,6 +25,6 @@ def test_tiny_overfit_reaches_high_ap50(tmp_path):
     run = RunDir(cfg.run_dir)
     assert run.last.exists() and run.best.exists()
     assert json.loads(run.progress_path.read_text())["state"] == "succeeded"
-    metrics = run.read_metrics()
+    metrics = list(run.iter_metrics())
     assert metrics[0]["loss"] > metrics[-1]["loss"]
     assert {"step", "epoch", "lr", "step_ms", "data_wait_ms", "assign_ms"} <= set(metrics[-1])

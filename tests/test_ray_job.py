@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.stream_testing import make_data, make_teacher, tiny_config
+from tests.tiny import make_data, make_teacher, tiny_config
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,18 +5,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, plan_batches, read_batch
+from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, read_batch
 from pipeline.coco import load_coco
 from pipeline.dataset import DetectionDataset, collate
-from pipeline.local import epoch_order
-from pipeline.local import total_steps
-from pipeline.stream import plan_run
-from pipeline.stream_testing import make_data, make_teacher, tiny_config
+from pipeline.loop import Start, epoch_order, plan_batches, total_steps
+from pipeline.stream import stream_items
+from tests.tiny import make_data, make_teacher, tiny_config
 from schemas.assignment import SchemaMismatch
-from trainer.assigner_core import labels_to_sparse, soft_fill, sparse_to_labels
 from trainer.engine import Engine
 from trainer.losses import soft_label_kd
-from trainer.worker import decode_stream_batch, split_batches
+from trainer.worker import decode_stream_batch, labels_to_sparse, soft_fill, sparse_to_labels, split_batches
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +69,7 @@ def test_plan_run_skips_trained_ids_and_stops_at_the_step_budget(tiny):
     n = len(records)
     assert total_steps(cfg, n, workers=2) == 3 * -(-n // 10)
     trained = [records[int(i)].image_id for i in epoch_order(n, cfg.seed, 1)[:7]]
-    items = plan_run(cfg, records, 1, trained, remaining_steps=4)
+    items = stream_items(cfg, records, Start(epoch=1, trained_ids=trained), remaining_steps=4)
     first = [i for it in items if it["epoch"] == 1 for i in it["image_id"]]
     assert sorted(first + trained) == sorted(r.image_id for r in records)  # the rest of epoch 1, nothing twice
     assert not set(first) & set(trained)
@@ -188,9 +186,9 @@ def test_resource_budget_error_names_the_knobs(monkeypatch, tiny):
                       pipeline={"num_workers": 2, "assigners": 3, "cpus_per_worker": 1, "cpus_per_assigner": 1})
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(ray_env.PipelineResourceError, match="cpus_per_worker"):
-        ray_env.budget(cfg, needs_assigners=True)
+        ray_env.budget(cfg)
     ok = tiny_config(data, root / "runs", mode="lad", teacher=teacher, pipeline={"num_workers": 1, "assigners": 2})
-    b = ray_env.budget(ok, needs_assigners=True)
+    b = ray_env.budget(ok)
     assert b.data_cpus == pytest.approx(1.5) and b.train_cpus == pytest.approx(0.5)
 
 

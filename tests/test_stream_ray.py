@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.stream_testing import make_data, make_teacher, tiny_config
+from tests.tiny import make_data, make_teacher, tiny_config
 from trainer.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +56,7 @@ def test_lad_through_the_service_trains_like_in_process(ray_session, tiny):
     """20 deterministic CPU steps (4 epochs of 6 batches, mid-epoch end), 1 worker: the same losses, the same
     assignment (num_pos), the same weights, evaluations and checkpoint progress as the in-process run."""
     from pipeline.local import train as local_train
-    from pipeline.stream import train as stream_train
+    from pipeline.ray_driver import train as stream_train
 
     root, data, teacher = tiny
     sections = dict(train={"epochs": 4, "max_steps": 20, "eval_every": 2, "checkpoint_every": 5})
@@ -96,7 +96,7 @@ def test_lad_through_the_service_trains_like_in_process(ray_session, tiny):
 def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_session, tiny):
     """2 DDP workers, batch 5: 24 images = 2 steps of 5+5 and a last step of 2+2 (nothing dropped); the
     assigner actor SIGKILLs itself in the middle of its 2nd batch, Ray restarts it and re-runs that batch."""
-    from pipeline.stream import train as stream_train
+    from pipeline.ray_driver import train as stream_train
 
     root, data, teacher = tiny
     faults_dir = root / "faults_assigner"
@@ -120,13 +120,11 @@ def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_
 
 
 def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):
-    """`lad train` with pipeline.engine ray (its own in-process local Ray, in a subprocess): its Train worker is
-    SIGKILLed after step 3 (last checkpoint at step 2) and the run resumes from last.pt by itself; then SIGTERM
-    stops it mid-run (state 'stopped', exit 0). Every image is trained at most once per epoch, all of them in the
-    finished epochs, the checkpoint's trained ids are exactly those of the stopped epoch, and after the recovery
-    the teacher never saw an image its epoch had already trained."""
-    from pipeline.stream import FAULTS_ENV
-
+    """A Ray-engine run in a subprocess (its own in-process local Ray): the test SIGKILLs its Train worker (the pid
+    in the worker's trace) once it has taken step 3 (last checkpoint at step 2 or 4), and the run resumes from
+    last.pt by itself; then SIGTERM stops it mid-run (state 'stopped', exit 0). Every image is trained at most once
+    per epoch, all of them in the finished epochs, the checkpoint's trained ids are exactly those of the stopped
+    epoch, and after the recovery the teacher never saw an image its epoch had already trained."""
     root, data, teacher = tiny
     faults_dir = root / "faults_worker"
     faults_dir.mkdir()
@@ -136,20 +134,26 @@ def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):
     path = root / "kill_and_stop.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     marker = faults_dir / "worker.killed"
-    faults = {"trace_dir": str(faults_dir), "kill_worker_at_step": 3, "marker": str(marker), "step_sleep_s": 0.4}
-    env = dict(os.environ, **{FAULTS_ENV: json.dumps(faults)},
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "train", str(path), "--quiet"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = cfg.run_dir / "metrics.jsonl"
+    faults = {"trace_dir": str(faults_dir), "step_sleep_s": 0.4}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "run_traced.py"), str(path), json.dumps(faults)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, trace = cfg.run_dir / "metrics.jsonl", faults_dir / "trace.rank0.jsonl"
     deadline = time.time() + 600  # generous: a loaded 2-core machine runs this several times slower
     try:
         while time.time() < deadline and proc.poll() is None:
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            if marker.exists() and any(json.loads(x).get("step", 0) >= 8 for x in lines):
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.2)
+            if not marker.exists():
+                steps = [json.loads(x) for x in (trace.read_text().splitlines() if trace.exists() else [])]
+                at_3 = [s for s in steps if s["step"] >= 3]
+                if at_3:
+                    os.kill(at_3[0]["pid"], signal.SIGKILL)
+                    marker.write_text(str(at_3[0]["pid"]))
+            else:
+                lines = metrics.read_text().splitlines() if metrics.exists() else []
+                if any(json.loads(x).get("step", 0) >= 8 for x in lines):
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            time.sleep(0.1)
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

@@ -1,8 +1,18 @@
-"""PAA label assignment (the CONTRACT in ARCHITECTURE.md): IoU candidates, candidate losses, GMM selection.
+"""PAA label assignment (the CONTRACT in ARCHITECTURE.md), in the order of the paper's section:
 
-Everything works on torch tensors of one image (a batched selection exists beside it) on any device, with no
-Python loop over GT boxes except in the scikit-learn reference path (`gmm="sklearn"`), which follows the
-official PAA code GT by GT.
+    1. candidates       `preassign` / `preassign_batch`: IoU pre-assignment of anchors to GT boxes
+    2. anchor scores    `candidate_losses` / `candidate_losses_batch`: focal + 1.3 (1 - GIoU) of the scoring
+                        network (the student in PAA, a frozen teacher in LAD)
+    3. GMM selection    `paa_select` / `paa_select_batch`: per GT, a two-component GMM on its top-k losses
+    4. labels           `select_labels` -> `BatchLabels`, what a student trains on
+    5. the whole        `paa_assign_batch` (production: the in-process step, the assigner service, the teacher),
+                        and `paa_assign`, one image of it
+    6. CoLAD            `colad_merge` / `colad_merge_with_pairs`: the std/mean criterion that picks, per GT and
+                        level, which network's losses feed step 3 (the role policy around it: `trainer.colad`)
+
+Everything works on torch tensors on any device, with no Python loop over GT boxes except in the scikit-learn
+reference path (`gmm="sklearn"`), which follows the official PAA code GT by GT. The single-image contract
+functions run the batch code on a batch of one.
 
 Ties are broken the same way everywhere, so results are deterministic: among equal losses the anchor of lower
 index comes first (per-level top-k and the per-GT sort), and among equal scores the lower loss wins.
@@ -20,6 +30,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_los
 
 from trainer.box_coder import decode
 from trainer.gmm import fit_predict_1d
+from trainer.losses import BatchLabels
 
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
@@ -62,6 +73,11 @@ def preassign(anchors: Tensor, gt_boxes: Tensor, iou_thr: float = 0.1) -> Tensor
     return torch.where(last_claimant >= 0, last_claimant, cand_gt)
 
 
+def preassign_batch(anchors: Tensor, gt_boxes: list[Tensor], iou_thr: float = 0.1) -> list[Tensor]:
+    """`preassign` per image: it depends on anchors and GT only, so every scoring network of a batch shares it."""
+    return [preassign(anchors, g, iou_thr) for g in gt_boxes]
+
+
 @torch.no_grad()
 def candidate_losses(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt_boxes: Tensor,
                      gt_labels: Tensor, cand_gt: Tensor) -> Tensor:
@@ -81,6 +97,13 @@ def candidate_losses(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt
     box_loss = generalized_box_iou_loss(boxes, gt_boxes[gt].float(), reduction="none")
     losses[idx] = cls_loss + GIOU_WEIGHT * box_loss
     return losses
+
+
+def candidate_losses_batch(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt_boxes: list[Tensor],
+                           gt_labels: list[Tensor], cand_gt: list[Tensor]) -> list[Tensor]:
+    """`candidate_losses` per image of a batch's outputs (cls_logits [B, A, C], box_deltas [B, A, 4])."""
+    return [candidate_losses(anchors, cls_logits[i], box_deltas[i], gt_boxes[i], gt_labels[i], cand_gt[i])
+            for i in range(len(gt_boxes))]
 
 
 def _level_of(anchor_idx: Tensor, num_anchors_per_level: list[int]) -> Tensor:
@@ -254,19 +277,54 @@ def paa_select(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[
     return paa_select_batch([pos_losses], [cand_gt], num_anchors_per_level, topk=topk, gmm=gmm)[0]
 
 
+def select_labels(pos_losses: list[Tensor], cand_gt: list[Tensor], num_anchors_per_level: list[int],
+                  gt_labels: list[Tensor], num_classes: int, topk: int = 9, gmm: str = "torch") -> BatchLabels:
+    """PAA's selection over the batch in one call (`paa_select_batch`), as the labels a student trains on: the
+    class of each positive's GT (`num_classes` elsewhere), its GT index (-1 elsewhere) and the ignored anchors."""
+    masks = paa_select_batch(pos_losses, cand_gt, num_anchors_per_level, topk=topk, gmm=gmm)
+    labels, gt_index, ignore = [], [], []
+    for (pos, ign), cand, lab in zip(masks, cand_gt, gt_labels):
+        cls = torch.full_like(cand, num_classes)
+        if pos.any():
+            cls[pos] = lab[cand[pos]].to(cls.dtype)
+        labels.append(cls)
+        gt_index.append(torch.where(pos, cand, torch.full_like(cand, -1)))
+        ignore.append(ign)
+    return BatchLabels(torch.stack(labels), torch.stack(gt_index), torch.stack(ignore))
+
+
+@dataclass
+class BatchAssignment:
+    """PAA's assignment of a batch: the labels, and per image the candidates and their losses it was made from."""
+
+    labels: BatchLabels
+    cand_gt: list[Tensor]     # per image [A] long: candidate GT of each anchor, -1 if none
+    pos_losses: list[Tensor]  # per image [A] float: candidate loss, 0 where cand_gt < 0
+
+
+def paa_assign_batch(anchors: Tensor, num_anchors_per_level: list[int], cls_logits: Tensor, box_deltas: Tensor,
+                     gt_boxes: list[Tensor], gt_labels: list[Tensor], *, topk: int = 9, iou_thr: float = 0.1,
+                     gmm: str = "torch") -> BatchAssignment:
+    """The whole PAA assignment of a batch scored by one network (cls_logits [B, A, C], box_deltas [B, A, 4]):
+    candidates, their losses, one batched GMM selection over every GT of the batch, labels."""
+    cand_gt = preassign_batch(anchors, gt_boxes, iou_thr)
+    pos_losses = candidate_losses_batch(anchors, cls_logits, box_deltas, gt_boxes, gt_labels, cand_gt)
+    labels = select_labels(pos_losses, cand_gt, num_anchors_per_level, gt_labels, cls_logits.shape[-1], topk, gmm)
+    return BatchAssignment(labels, cand_gt, pos_losses)
+
+
 def paa_assign(anchors: Tensor, num_anchors_per_level: list[int], cls_logits: Tensor, box_deltas: Tensor,
                gt_boxes: Tensor, gt_labels: Tensor, *, topk: int = 9, iou_thr: float = 0.1,
                gmm: str = "torch") -> Assignment:
-    """The whole PAA assignment of one image from the scoring network's outputs (cls_logits [A, C], deltas [A, 4])."""
-    num_classes = cls_logits.shape[-1]
-    cand_gt = preassign(anchors, gt_boxes, iou_thr)
-    pos_losses = candidate_losses(anchors, cls_logits, box_deltas, gt_boxes, gt_labels, cand_gt)
-    pos_mask, ignore_mask = paa_select(pos_losses, cand_gt, num_anchors_per_level, topk=topk, gmm=gmm)
-    gt_index = torch.where(pos_mask, cand_gt, -1)
-    labels = torch.full_like(cand_gt, num_classes)
-    labels[pos_mask] = gt_labels[cand_gt[pos_mask]].long()
-    return Assignment(labels=labels, label_weights=(~ignore_mask).float(), gt_index=gt_index, pos_mask=pos_mask,
-                      ignore_mask=ignore_mask, pos_losses=pos_losses, cand_gt=cand_gt)
+    """The whole PAA assignment of one image from the scoring network's outputs (cls_logits [A, C], deltas [A, 4]):
+    `paa_assign_batch` on a batch of one."""
+    batch = paa_assign_batch(anchors, num_anchors_per_level, cls_logits[None], box_deltas[None], [gt_boxes],
+                             [gt_labels], topk=topk, iou_thr=iou_thr, gmm=gmm)
+    labels = batch.labels
+    ignore_mask = labels.ignore[0]
+    return Assignment(labels=labels.labels[0], label_weights=(~ignore_mask).float(), gt_index=labels.gt_index[0],
+                      pos_mask=labels.pos[0], ignore_mask=ignore_mask, pos_losses=batch.pos_losses[0],
+                      cand_gt=batch.cand_gt[0])
 
 
 def colad_merge(losses_a: Tensor, losses_b: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int],

@@ -21,8 +21,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the difference."""
 
 
-
-
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 

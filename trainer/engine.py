@@ -1,10 +1,9 @@
 """The training step of every mode, and the state one training process holds (networks, teacher, optimizer).
 
-    paa    the student scores its own candidates and PAA's GMM picks its positives (the baseline)
-    lad    a frozen teacher scores the candidates; the student trains on that assignment
-    kd     soft-label distillation only (no GT loss): the paper's soft-label baseline
-    solad  lad + kd
-    colad  networks A and B both train; per (image, GT, level) the role policy decides whose losses assign
+What a mode trains on is read from its row of `schemas.modes`: hard labels assigned by the student itself (paa),
+by the frozen teacher (lad, solad; `trainer.teacher`) or by the pair under the role policy (colad;
+`trainer.colad`), and the teacher's soft labels (kd, solad). Networks, optimizer, anchors and the detection loss
+are built as every engine builds them (`trainer.network`).
 
 The step takes a batch already on the device: uint8 images [B,3,S,S] and per-image GT boxes/labels. Where the
 labels come from is the only thing the distributed pipeline changes (`step_on_labels`), so both paths share it.
@@ -19,12 +18,15 @@ import torch
 from torch import Tensor
 
 from schemas.config import RunConfig
-from trainer.anchors import make_anchors
-from trainer.assigner_core import assign_hard, assign_soft
-from trainer.checkpoint import load_colearn_side, load_network
-from trainer.labeler import ColadChoice, RolePolicy, candidates, colad_choose, scored_candidates, select
-from trainer.losses import BatchLabels, SoftTargets, detection_loss, soft_label_kd
-from trainer.model import HeadOutputs, PAADetector, build_model
+from schemas.modes import mode_spec
+from trainer.assign import candidate_losses_batch, preassign_batch
+from trainer.colad import ColadChoice, RolePolicy, candidate_stats, colad_assign
+from trainer.losses import BatchLabels, SoftTargets, soft_label_kd
+from trainer.model import HeadOutputs, PAADetector
+from trainer.network import AnchorCache, build_network, detection_loss_for, make_optimizer
+from trainer.network import lr_factor  # noqa: F401  (part of this module's API)
+from trainer.teacher import assign_hard, assign_soft
+from trainer.teacher import load_teacher as _load_teacher  # `load_teacher` is also an argument of Engine
 
 
 def pick_device(name: str) -> torch.device:
@@ -34,16 +36,6 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but no CUDA device is available; use cpu or auto")
     return dev
-
-
-def lr_factor(step: int, cfg: RunConfig, total_steps: int) -> float:
-    """Linear warm-up from `warmup_ratio`, then step decay by `gamma` at each milestone fraction of the run."""
-    t = cfg.train
-    warm = 1.0
-    if step < t.warmup_steps:
-        warm = t.warmup_ratio + (1 - t.warmup_ratio) * step / t.warmup_steps
-    decays = sum(step >= m * total_steps for m in t.milestones)
-    return warm * t.gamma ** decays
 
 
 class Timer:
@@ -79,44 +71,28 @@ class Engine:
         teacher), so the teacher's weights never take the student's memory."""
         self.cfg = cfg
         self.mode = cfg.mode
+        self.spec = mode_spec(cfg.mode)
         self.device = torch.device(device)
         self.total_steps = max(1, total_steps)
         self.sync_timing = sync_timing
-        seed_a = cfg.seed if cfg.model_seed is None else cfg.model_seed
-        torch.manual_seed(seed_a)
-        self.model = self._network("a").to(self.device)
+        self.model = build_network(cfg, "a").to(self.device)
         self.model_b: PAADetector | None = None
-        if self.mode == "colad":
-            torch.manual_seed(seed_a + 1 if cfg.colearn.seed_b is None else cfg.colearn.seed_b)
-            self.model_b = self._network("b").to(self.device)
+        if self.spec.co_learning:
+            self.model_b = build_network(cfg, "b").to(self.device)
         self.forward_a, self.forward_b = self.model, self.model_b  # DDP wrappers go here (see `wrap`)
         self.teacher: PAADetector | None = None
         self.teacher_version = 0
-        if self.mode in ("lad", "kd", "solad") and load_teacher:
-            self.teacher, _, self.teacher_version = load_network(cfg.teacher.checkpoint, cfg, "a", self.device)
-            self.teacher.eval().requires_grad_(False)
+        if self.spec.needs_teacher and load_teacher:
+            self.teacher, self.teacher_version = _load_teacher(cfg, self.device)
         params = list(self.model.parameters()) + (list(self.model_b.parameters()) if self.model_b else [])
-        t = cfg.train
-        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg, self.total_steps))
-        self.policy = RolePolicy(cfg.colearn.policy)
+        self.optimizer, self.scheduler = make_optimizer(params, cfg, self.total_steps)
+        self.policy = RolePolicy.parse(cfg.colearn.policy)
         self.step_count = 0
-        self._anchors: dict[tuple, tuple[Tensor, list[int]]] = {}
-
-    def _network(self, which: str) -> PAADetector:
-        path = self.cfg.colearn.checkpoint_a if which == "a" else self.cfg.colearn.checkpoint_b
-        if self.mode == "colad" and path:
-            return load_colearn_side(path, self.cfg, which)
-        return build_model(self.cfg.model if which == "a" else self.cfg.model_b)
+        self._anchors = AnchorCache(cfg, self.device)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def anchors(self, level_sizes: list[tuple[int, int]]) -> tuple[Tensor, list[int]]:
-        key = tuple(level_sizes)
-        if key not in self._anchors:
-            self._anchors[key] = make_anchors(list(level_sizes), self.cfg.model.strides,
-                                              self.cfg.model.octave_base_scale, device=self.device)
-        return self._anchors[key]
+        return self._anchors(level_sizes)
 
     def wrap(self, wrapper) -> None:
         """Forward through `wrapper(network)` (e.g. DistributedDataParallel); weights stay in `model`/`model_b`."""
@@ -124,18 +100,8 @@ class Engine:
         if self.model_b is not None:
             self.forward_b = wrapper(self.model_b)
 
-    def set_policy(self, policy: str) -> None:
-        self.policy = RolePolicy(policy)
-
-    def _select(self, losses, cand, nl, gt_labels) -> BatchLabels:
-        a = self.cfg.assign
-        return select(losses, cand, nl, gt_labels, self.cfg.model.num_classes, a.topk, a.gmm)
-
-    def _det_loss(self, out: HeadOutputs, anchors: Tensor, labels: BatchLabels, gt_boxes) -> dict[str, Tensor]:
-        lc = self.cfg.loss
-        return detection_loss(out.cls_logits, out.box_deltas, out.iou_logits, anchors, labels, gt_boxes,
-                              cls_weight=lc.cls_weight, box_weight=lc.box_weight, iou_weight=lc.iou_weight,
-                              box_iou_weighted=lc.box_iou_weighted)
+    def set_policy(self, policy: str | RolePolicy) -> None:
+        self.policy = RolePolicy.parse(policy)
 
     def soft_targets(self, tout: HeadOutputs, anchors: Tensor, gt_boxes) -> SoftTargets:
         return assign_soft(self.cfg, tout, anchors, gt_boxes)
@@ -150,7 +116,7 @@ class Engine:
         """One optimisation step of the configured mode, labels assigned in-process."""
         timer = Timer(self.device, self.sync_timing)
         self.model.train()
-        if self.mode == "colad":
+        if self.spec.co_learning:
             return self._colad_step(images, gt_boxes, gt_labels, timer)
         out = self.forward_a(images)
         timer.lap("forward_ms")
@@ -161,11 +127,11 @@ class Engine:
                 tout = self.teacher(images)
             timer.lap("teacher_ms")
         labels, soft = None, None
-        if self.mode in ("kd", "solad"):
+        if self.spec.soft:
             soft = self.soft_targets(tout, anchors, gt_boxes)
             timer.lap("soft_ms")
-        if self.mode != "kd":  # the same call as the assigner service's (trainer/assigner_core.py)
-            scorer = out.detach() if self.mode == "paa" else tout
+        if self.spec.hard:  # the assigner service's call (trainer/teacher.py), on the student itself in paa
+            scorer = tout if self.spec.teacher_hard else out.detach()
             labels = assign_hard(self.cfg, scorer, anchors, nl, gt_boxes, gt_labels)
             timer.lap("assign_ms")
         return self._finish(out, anchors, labels, gt_boxes, soft, timer)
@@ -183,8 +149,8 @@ class Engine:
     def _finish(self, out, anchors, labels, gt_boxes, soft, timer) -> StepResult:
         losses: dict[str, Tensor] = {}
         if labels is not None:
-            losses.update(self._det_loss(out, anchors, labels, gt_boxes))
-        if self.mode in ("kd", "solad"):
+            losses.update(detection_loss_for(self.cfg, out, anchors, labels, gt_boxes))
+        if self.spec.soft:
             losses.update(self._kd_loss(out, soft, anchors))
         total = sum(losses.values())
         self._backward(total)
@@ -201,24 +167,21 @@ class Engine:
         out_b = self.forward_b(images)
         timer.lap("forward_ms")
         anchors, nl = self.anchors(out_a.level_sizes)
-        cand = candidates(anchors, gt_boxes, self.cfg.assign.iou_thr)
-        losses_a = scored_candidates(anchors, out_a.detach(), gt_boxes, gt_labels, cand)
-        losses_b = scored_candidates(anchors, out_b.detach(), gt_boxes, gt_labels, cand)
-        choice = colad_choose(losses_a, losses_b, cand, nl, self.policy, self.step_count)
-        labels = self._select(choice.merged, cand, nl, gt_labels)
+        cand = preassign_batch(anchors, gt_boxes, self.cfg.assign.iou_thr)
+        losses_a = candidate_losses_batch(anchors, out_a.cls_logits, out_a.box_deltas, gt_boxes, gt_labels, cand)
+        losses_b = candidate_losses_batch(anchors, out_b.cls_logits, out_b.box_deltas, gt_boxes, gt_labels, cand)
+        labels, choice = colad_assign(self.cfg, losses_a, losses_b, cand, nl, gt_labels, self.policy, self.step_count)
         timer.lap("assign_ms")
-        la = self._det_loss(out_a, anchors, labels, gt_boxes)
-        lb = self._det_loss(out_b, anchors, labels, gt_boxes)
+        la = detection_loss_for(self.cfg, out_a, anchors, labels, gt_boxes)
+        lb = detection_loss_for(self.cfg, out_b, anchors, labels, gt_boxes)
         total_a, total_b = sum(la.values()), sum(lb.values())
         self._backward(total_a + total_b)
         timer.lap("backward_ms")
         metrics = {f"{k}_a": float(v.detach()) for k, v in la.items()} | {f"{k}_b": float(v.detach()) for k, v in lb.items()}
         metrics.update(loss=float((total_a + total_b).detach()), loss_a=float(total_a.detach()), loss_b=float(total_b.detach()),
                        num_pos=int(labels.pos.sum()), teacher_ratio=choice.teacher_ratio(), policy=self.policy.name)
-        for name, ls in (("a", losses_a), ("b", losses_b)):
-            vals = torch.cat([l[c >= 0] for l, c in zip(ls, cand)])
-            metrics[f"cand_loss_mean_{name}"] = float(vals.mean()) if vals.numel() else float("nan")
-            metrics[f"cand_loss_std_{name}"] = float(vals.std()) if vals.numel() > 1 else float("nan")
+        metrics.update(candidate_stats("a", losses_a, cand))
+        metrics.update(candidate_stats("b", losses_b, cand))
         metrics["teacher_ratio_by_level"] = choice.teacher_ratio_by_level()
         metrics["teacher_ratio_by_size"] = choice.teacher_ratio_by_size(gt_boxes)
         return StepResult(self._stamp(metrics, timer), labels=labels, choice=choice)

@@ -31,10 +31,6 @@ class HeadOutputs:
     iou_logits: Tensor
     level_sizes: list[tuple[int, int]]
 
-    @property
-    def num_anchors_per_level(self) -> list[int]:
-        return [h * w for h, w in self.level_sizes]
-
     def detach(self) -> "HeadOutputs":
         return HeadOutputs(self.cls_logits.detach(), self.box_deltas.detach(), self.iou_logits.detach(),
                            self.level_sizes)
@@ -124,10 +120,6 @@ class PAADetector(nn.Module):
                             cfg.head_channels)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-
-    @property
-    def strides(self) -> list[int]:
-        return self.cfg.strides
 
     def features(self, images: Tensor) -> list[Tensor]:
         x = (images.float() - self.mean) / self.std

@@ -1,6 +1,7 @@
-"""The student worker's side of the assignment stream (pure torch + pyarrow, no Ray): decoding a streamed
-training batch into the tensors `Engine.step_on_labels` takes, and the gradient averaging that lets a step
-go on when some data-parallel workers have no batch left.
+"""The student worker's side of the assignment stream (pure torch + pyarrow, no Ray): the codec between an
+assignment (`BatchLabels`, `SoftTargets`) and the stream's sparse per-image form (`schemas.assignment`), decoding a
+streamed training batch into the tensors `Engine.step_on_labels` takes, and the gradient averaging that lets a
+step go on when some data-parallel workers have no batch left.
 
 Copies: the Arrow buffers are read through zero-copy numpy views (`schemas.assignment.decode_table_rows`);
 images are copied once, straight from those views into the contiguous `[B, 3, S, S]` uint8 batch (on the
@@ -8,6 +9,7 @@ device when it is a GPU), and the small per-image arrays (boxes, anchor indices)
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,15 +18,116 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from schemas.assignment import AssignmentRow, decode_table_rows
-from trainer.assigner_core import _tensor, sparse_to_labels, sparse_to_soft
+from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, FILL_COLUMN, AssignmentRow,  # noqa: F401 (re-exported)
+                                decode_table_rows, soft_fill_values, sparsify_soft)
 from trainer.losses import BatchLabels, SoftTargets
 
-# Columns the pipeline adds beside the schema's (decode ignores unknown columns).
-EPOCH_COLUMN = "epoch"
-BATCH_COLUMN = "batch_index"
-FILL_COLUMN = "soft_fill"   # list<float16> [C] per row: the value of soft-label entries not sent (kd/solad)
+# Stream arrays are read-only views of Arrow buffers; the trainer never writes into them (schemas.assignment).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
+
+def _tensor(array: np.ndarray, device) -> Tensor:
+    """A tensor over a (possibly read-only) numpy view: no copy on the CPU, one copy to another device."""
+    return torch.from_numpy(np.asarray(array)).to(device)
+
+
+def _long(array: np.ndarray, device) -> Tensor:
+    return _tensor(array, device).long()
+
+
+# ------------------------------------------------------------------------------------------- sparse <-> dense
+
+def labels_to_sparse(labels: BatchLabels) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image (pos_anchor int32, pos_gt int32, ignore_anchor int32): the stream's form of `BatchLabels`."""
+    pos = labels.gt_index >= 0
+    out = []
+    for i in range(pos.shape[0]):
+        anchor = pos[i].nonzero().flatten()
+        gt = labels.gt_index[i, anchor]
+        ignore = labels.ignore[i].nonzero().flatten()
+        out.append((anchor.to(torch.int32).cpu().numpy(), gt.to(torch.int32).cpu().numpy(),
+                    ignore.to(torch.int32).cpu().numpy()))
+    return out
+
+
+def sparse_to_labels(pos_anchor: list, pos_gt: list, ignore_anchor: list, gt_labels: list[Tensor],
+                     num_anchors: int, num_classes: int, device: torch.device | str = "cpu") -> BatchLabels:
+    """Inverse of `labels_to_sparse`: the same `BatchLabels` `trainer.assign.select_labels` builds (labels = class
+    of the positive's GT, `num_classes` elsewhere; gt_index = the GT, -1 elsewhere; ignore as sent)."""
+    b = len(pos_anchor)
+    labels = torch.full((b, num_anchors), num_classes, dtype=torch.long, device=device)
+    gt_index = torch.full((b, num_anchors), -1, dtype=torch.long, device=device)
+    ignore = torch.zeros((b, num_anchors), dtype=torch.bool, device=device)
+    for i in range(b):
+        anchor = _long(pos_anchor[i], device)
+        if anchor.numel():
+            gt = _long(pos_gt[i], device)
+            gt_index[i, anchor] = gt
+            labels[i, anchor] = gt_labels[i].to(device=device, dtype=torch.long)[gt]
+        ign = _long(ignore_anchor[i], device)
+        if ign.numel():
+            ignore[i, ign] = True
+    return BatchLabels(labels, gt_index, ignore)
+
+
+def soft_fill(cls_prob: Tensor, floor: float) -> Tensor:
+    """[B, C] float16: per image and class, the mean of the probabilities below `floor` (those not sent).
+
+    The student is told this value wherever nothing was sent, instead of 0. A floor drops the many small
+    background probabilities; sending 0 for them changes the KD loss a lot when they are close to the floor
+    (an untrained teacher's 0.01 prior: x200 on kd_cls at floor 0.01), their mean costs C x 2 bytes per image
+    and leaves only their spread around it (measured in docs/decisions.md, "Pipeline"). The stream's
+    `soft_fill` column (`schemas.assignment.add_soft_fill`)."""
+    below = cls_prob < floor
+    count = below.sum(dim=1).clamp(min=1)
+    return (torch.where(below, cls_prob, 0.0).sum(dim=1) / count).to(torch.float16)
+
+
+def soft_to_sparse(soft: SoftTargets, floor: float) -> list[dict[str, np.ndarray]]:
+    """Per image, the soft columns of the stream: class probabilities >= floor as (anchor, class, fp16 prob),
+    and the KD box entries (anchor, teacher box, IoU-branch probability, overlap weight) exactly."""
+    probs = soft.cls_prob.detach().float().cpu().numpy()
+    b_idx = soft.batch_idx.cpu().numpy()
+    a_idx = soft.anchor_idx.cpu().numpy()
+    box = soft.box.detach().float().cpu().numpy()
+    iou = soft.iou_prob.detach().float().cpu().numpy()
+    weight = soft.weight.detach().float().cpu().numpy()
+    bounds = np.searchsorted(b_idx, np.arange(probs.shape[0] + 1))  # batch_idx is sorted (nonzero of [B, A])
+    out = []
+    for i in range(probs.shape[0]):
+        s, e = bounds[i], bounds[i + 1]
+        anchor, cls, prob = sparsify_soft(probs[i], floor)
+        out.append(dict(soft_anchor=anchor, soft_class=cls, soft_prob=prob, kd_anchor=a_idx[s:e].astype(np.int32),
+                        kd_box=box[s:e], kd_iou_prob=iou[s:e], kd_weight=weight[s:e]))
+    return out
+
+
+def sparse_to_soft(rows: list, num_anchors: int, num_classes: int, device: torch.device | str = "cpu",
+                   fill: Optional[np.ndarray] = None) -> SoftTargets:
+    """Decoded stream rows (with soft columns) -> `SoftTargets`, densified on the device with `index_put_`.
+    Entries not sent are `fill[i, c]` (`soft_fill`) when given, else 0 (the schema's default meaning)."""
+    b = len(rows)
+    if fill is not None:
+        cls_prob = _tensor(fill, device).float().reshape(b, 1, num_classes).repeat(1, num_anchors, 1)
+    else:
+        cls_prob = torch.zeros((b, num_anchors, num_classes), dtype=torch.float32, device=device)
+    batch_idx, anchor_idx, box, iou, weight = [], [], [], [], []
+    for i, r in enumerate(rows):
+        if r.soft_anchor.size:
+            a = _long(r.soft_anchor, device)
+            c = _long(r.soft_class, device)
+            cls_prob[i].index_put_((a, c), _tensor(r.soft_prob, device).float())
+        k = r.kd_anchor.size
+        batch_idx.append(torch.full((k,), i, dtype=torch.long, device=device))
+        anchor_idx.append(_long(r.kd_anchor, device))
+        box.append(_tensor(r.kd_box, device).reshape(-1, 4))
+        iou.append(_tensor(r.kd_iou_prob, device))
+        weight.append(_tensor(r.kd_weight, device))
+    return SoftTargets(cls_prob, torch.cat(batch_idx), torch.cat(anchor_idx), torch.cat(box), torch.cat(iou),
+                       torch.cat(weight))
+
+
+# ------------------------------------------------------------------------------------------- stream batches
 
 @dataclass
 class StreamBatch:
@@ -94,11 +197,7 @@ def decode_stream_batch(table: pa.Table, expected_hash: str, num_anchors: int, n
     labels = sparse_to_labels([r.pos_anchor for r in rows], [r.pos_gt for r in rows],
                               [r.ignore_anchor for r in rows], gt_labels, num_anchors, num_classes,
                               device) if hard else None
-    fill = None
-    if soft and FILL_COLUMN in table.column_names:
-        col = table.column(FILL_COLUMN).combine_chunks()
-        fill = col.values.to_numpy(zero_copy_only=True)[col.offsets[0].as_py():col.offsets[-1].as_py()]
-        fill = fill.reshape(len(rows), num_classes)
+    fill = soft_fill_values(table, num_classes) if soft else None
     soft_targets = sparse_to_soft(rows, num_anchors, num_classes, device, fill) if soft else None
     image_bytes = int(table.column("image").nbytes)
     return StreamBatch(epoch=epochs.pop(), batch_index=batches.pop(), image_ids=[int(r.image_id) for r in rows],

@@ -1,4 +1,5 @@
-"""Tiny runs for the pipeline's tests and benchmark: a small digits dataset, an (untrained) teacher checkpoint in
+"""Tiny runs for the tests and bench/pipeline.py (importable as `tests.tiny`; pyproject puts the repo root on
+sys.path, and the bench script puts it there itself): a small digits dataset, an (untrained) teacher checkpoint in
 the format `lad train` writes, and a config that trains on them in seconds on a CPU."""
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ def tiny_config(data: str | Path, out: str | Path, *, mode: str = "lad", teacher
 def make_teacher(cfg: RunConfig, path: str | Path, seed: int = 123, depth: Optional[int] = None) -> Path:
     """An untrained network saved as `lad train` saves a checkpoint (same anchors, input size, classes);
     `depth` makes it a different ResNet than the student's (LAD's teachers are the larger network)."""
-    from pipeline.local import checkpoint_payload
     from trainer.checkpoint import save_checkpoint
     from trainer.engine import Engine
 
@@ -55,5 +55,6 @@ def make_teacher(cfg: RunConfig, path: str | Path, seed: int = 123, depth: Optio
     if depth:
         tcfg.model.depth = depth
     engine = Engine(tcfg, "cpu", 1)
-    save_checkpoint(path, checkpoint_payload(engine, tcfg, 0, [], {"AP": 0.0, "step": 0}))
+    save_checkpoint(path, {"config": tcfg.to_dict(), **engine.state(), "epoch": 0,
+                           "progress": {"epoch": 0, "trained_ids": []}, "best": {"AP": 0.0, "step": 0}})
     return path

@@ -1,19 +1,26 @@
-"""Split co-learning, the torch half (no Ray, no I/O): one network of a CoLAD pair on its own, and the merge that
-a coordinator runs on the two networks' sparse candidate losses.
+"""CoLAD, co-learning label assignment distillation: networks A and B train together on one common assignment.
 
-`Engine._colad_step` does, in one process:  forward A and B -> candidate losses of each -> `colad_choose`
-(policy) -> `select` (PAA GMM) -> both train on the common labels, one backward, one clip over both networks.
-Split co-learning cuts that step in two halves that meet twice:
+Per step both networks score the candidates of the batch (`trainer.assign`, steps 1-2); per (image, GT, level)
+the role policy decides whose candidate losses feed PAA's selection (`colad_choose`: the paper's std/mean
+criterion `trainer.assign.colad_merge` under `auto`, one network under `pin-a`/`pin-b`/`alternate:N`); both
+networks then train on the labels of that selection (`colad_assign`). The policy type is
+`schemas.policy.RolePolicy` (re-exported here). Who taught is counted per (GT, level) pair, by FPN level and by
+object size, as plain ints that add up over images, workers and steps (`ColadChoice.role_counts`, `add_counts`)
+before ratios are taken (`ratio`, `ratios_by_level`, `ratios_by_size`, `ratio_total`: NaN for 0/0).
+
+`Engine._colad_step` (trainer/engine.py) does a step in one process: forward A and B -> candidate losses of each
+-> `colad_assign` -> both train on the common labels, one backward, one clip over both networks. Split
+co-learning cuts that step in two halves that meet twice:
 
     side A: SideEngine.score  ──sparse losses──>  merge_sparse (coordinator)  <──sparse losses──  side B
     side A: train on labels   <──common labels──                            ──common labels──>  side B
     side A: backward, norms   ──per-parameter gradient norms──> (both) <──            side B: backward, norms
     side A: clip by the joint norm, SGD step                              side B: the same
 
-Everything here is written so that the two halves together are bit-for-bit `Engine._colad_step`: the same
-initialisation (A from `model_seed`, B from `colearn.seed_b`), the same candidate losses, `colad_choose` and
-`select` on the same tensors, the same loss, the clip coefficient from the norm over A's then B's gradients
-(`clip_grad_norm_` over both networks, as the one optimizer in `Engine` does), per-parameter SGD.
+The two halves together are bit-for-bit `Engine._colad_step`: the same networks, optimizer and schedule
+(`trainer.network`), the same candidate losses, `colad_assign` on the same tensors, the same loss, the clip
+coefficient from the norm over A's then B's gradients (`clip_grad_norm_` over both networks, as the one optimizer
+in `Engine` does), per-parameter SGD.
 """
 from __future__ import annotations
 
@@ -25,32 +32,128 @@ import torch
 from torch import Tensor
 
 from schemas.config import RunConfig
-from trainer.anchors import make_anchors
-from trainer.assigner_core import labels_to_sparse
-from trainer.checkpoint import load_colearn_side
-from trainer.engine import lr_factor
-from trainer.labeler import (RolePolicy, candidates, colad_choose, ratio_total, ratios_by_level, ratios_by_size,
-                             scored_candidates, select)
-from trainer.losses import BatchLabels, detection_loss
-from trainer.model import HeadOutputs, build_model
+from schemas.policy import RolePolicy
+from trainer.assign import candidate_losses_batch, colad_merge_with_pairs, preassign_batch, select_labels
+from trainer.losses import BatchLabels
+from trainer.model import HeadOutputs
+from trainer.network import NETWORKS, AnchorCache, build_network, detection_loss_for, make_optimizer
+from trainer.worker import labels_to_sparse
 
-SIDES = ("a", "b")
+__all__ = [
+    "RolePolicy", "ColadChoice", "colad_choose", "colad_assign", "SIZES", "SIZE_BOUNDS", "ratio", "ratios_by_size",
+    "ratios_by_level", "ratio_total", "candidate_stats", "SIDES", "Scored", "SideEngine", "grad_norms",
+    "side_metrics", "to_sparse", "ExchangeMismatch", "merge_sparse", "add_counts", "count_metrics", "merge_states",
+    "side_state",
+]
+
+# ------------------------------------------------------------------------------------------ who teaches
+
+SIZES = ("small", "medium", "large")
+SIZE_BOUNDS = torch.tensor([32.0 ** 2, 96.0 ** 2])  # COCO's: small < 32^2 <= medium < 96^2 <= large
 
 
-def seed_of(cfg: RunConfig, side: str) -> int:
-    seed_a = cfg.seed if cfg.model_seed is None else cfg.model_seed
-    if side == "a":
-        return seed_a
-    return seed_a + 1 if cfg.colearn.seed_b is None else cfg.colearn.seed_b
+def ratio(taught: int, total: int) -> float:
+    """taught / total, NaN when total is 0 (metrics writers turn NaN into JSON null)."""
+    return taught / total if total else float("nan")
 
 
-def build_side(cfg: RunConfig, side: str):
-    """Network `side` exactly as `Engine` builds it for mode colad (seeded the same way, or from its checkpoint)."""
-    torch.manual_seed(seed_of(cfg, side))
-    path = cfg.colearn.checkpoint_a if side == "a" else cfg.colearn.checkpoint_b
-    if path:
-        return load_colearn_side(path, cfg, side)
-    return build_model(cfg.model if side == "a" else cfg.model_b)
+@dataclass
+class ColadChoice:
+    merged: list[Tensor]          # per image [A] candidate losses after the merge
+    b_was_teacher: list[Tensor]   # per image [G, L] bool
+    defined: list[Tensor]         # per image [G, L] bool: (GT, level) pairs that had candidates
+
+    def teacher_ratio(self) -> float:
+        """Share of defined (GT, level) pairs where B taught (NaN if the batch had no GT)."""
+        taught = sum(int((b & d).sum()) for b, d in zip(self.b_was_teacher, self.defined))
+        total = sum(int(d.sum()) for d in self.defined)
+        return ratio(taught, total)
+
+    def teacher_ratio_by_level(self) -> list[float]:
+        if not self.defined:
+            return []
+        levels = self.defined[0].shape[1]
+        out = []
+        for lv in range(levels):
+            taught = sum(int((b[:, lv] & d[:, lv]).sum()) for b, d in zip(self.b_was_teacher, self.defined))
+            total = sum(int(d[:, lv].sum()) for d in self.defined)
+            out.append(ratio(taught, total))
+        return out
+
+    def role_counts(self, gt_boxes: list[Tensor]) -> dict[str, list[int]]:
+        """(GT, level) pairs where B taught / that were defined, per FPN level and per object size (COCO's
+        small < 32^2 <= medium < 96^2 <= large, by GT box area in network-input pixels). Plain ints, so counts
+        of several images, workers or steps add up before the ratios are taken."""
+        levels = self.defined[0].shape[1] if self.defined else 0
+        out = {"taught_level": [0] * levels, "defined_level": [0] * levels,
+               "taught_size": [0, 0, 0], "defined_size": [0, 0, 0]}
+        for b, d, g in zip(self.b_was_teacher, self.defined, gt_boxes):
+            taught = b & d
+            out["taught_level"] = [x + int(y) for x, y in zip(out["taught_level"], taught.sum(0).tolist())]
+            out["defined_level"] = [x + int(y) for x, y in zip(out["defined_level"], d.sum(0).tolist())]
+            g = g[: d.shape[0]].float()
+            area = (g[:, 2] - g[:, 0]).clamp_min(0) * (g[:, 3] - g[:, 1]).clamp_min(0)
+            size = torch.bucketize(area, SIZE_BOUNDS.to(area.device), right=True)
+            for s in range(3):
+                mask = size == s
+                out["taught_size"][s] += int(taught[mask].sum())
+                out["defined_size"][s] += int(d[mask].sum())
+        return out
+
+    def teacher_ratio_by_size(self, gt_boxes: list[Tensor]) -> dict[str, float]:
+        return ratios_by_size(self.role_counts(gt_boxes))
+
+
+def ratios_by_size(counts: dict[str, list[int]]) -> dict[str, float]:
+    return {name: ratio(t, d) for name, t, d in zip(SIZES, counts["taught_size"], counts["defined_size"])}
+
+
+def ratios_by_level(counts: dict[str, list[int]]) -> list[float]:
+    return [ratio(t, d) for t, d in zip(counts["taught_level"], counts["defined_level"])]
+
+
+def ratio_total(counts: dict[str, list[int]]) -> float:
+    return ratio(sum(counts["taught_level"]), sum(counts["defined_level"]))
+
+
+def colad_choose(losses_a: list[Tensor], losses_b: list[Tensor], cand_gt: list[Tensor],
+                 num_anchors_per_level: list[int], policy: RolePolicy, step: int) -> ColadChoice:
+    """Merge the two networks' candidate losses per image under the role policy (`step`: steps done before)."""
+    merged, b_teacher, defined = [], [], []
+    pin = policy.pinned(step)
+    for la, lb, cand in zip(losses_a, losses_b, cand_gt):
+        m, b, d = colad_merge_with_pairs(la, lb, cand, num_anchors_per_level)
+        if pin is not None:
+            m = la if pin == "a" else lb
+            b = torch.full_like(b, pin == "b")
+        merged.append(m)
+        b_teacher.append(b)
+        defined.append(d)
+    return ColadChoice(merged, b_teacher, defined)
+
+
+def colad_assign(cfg: RunConfig, losses_a: list[Tensor], losses_b: list[Tensor], cand_gt: list[Tensor],
+                 num_anchors_per_level: list[int], gt_labels: list[Tensor], policy: RolePolicy,
+                 step: int) -> tuple[BatchLabels, ColadChoice]:
+    """The common assignment of a batch: `colad_choose` under the policy, then PAA's selection on the merged
+    losses. In-process (`Engine._colad_step`) and at the split coordinator (`merge_sparse`) alike."""
+    choice = colad_choose(losses_a, losses_b, cand_gt, num_anchors_per_level, policy, step)
+    a = cfg.assign
+    labels = select_labels(choice.merged, cand_gt, num_anchors_per_level, gt_labels, cfg.model.num_classes, a.topk,
+                           a.gmm)
+    return labels, choice
+
+
+def candidate_stats(side: str, losses: list[Tensor], cand_gt: list[Tensor]) -> dict[str, float]:
+    """Mean and std of one network's candidate losses over the batch (`cand_loss_mean_<side>`, `..._std_<side>`)."""
+    vals = torch.cat([l[c >= 0] for l, c in zip(losses, cand_gt)])
+    return {f"cand_loss_mean_{side}": float(vals.mean()) if vals.numel() else float("nan"),
+            f"cand_loss_std_{side}": float(vals.std()) if vals.numel() > 1 else float("nan")}
+
+
+# ------------------------------------------------------------------------------------------ split: one side
+
+SIDES = NETWORKS
 
 
 @dataclass
@@ -72,42 +175,29 @@ class SideEngine:
         self.cfg, self.side = cfg, side
         self.device = torch.device(device)
         self.total_steps = max(1, total_steps)
-        self.model = build_side(cfg, side).to(self.device)
+        self.model = build_network(cfg, side).to(self.device)
         self.forward = self.model  # DDP wrapper goes here (`wrap`)
-        t = cfg.train
-        self.optimizer = torch.optim.SGD(list(self.model.parameters()), lr=t.lr, momentum=t.momentum,
-                                         weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg, self.total_steps))
+        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), cfg, self.total_steps)
         self.step_count = 0
-        self._anchors: dict[tuple, tuple[Tensor, list[int]]] = {}
+        self._anchors = AnchorCache(cfg, self.device)
 
     def wrap(self, wrapper) -> None:
         self.forward = wrapper(self.model)
 
     def anchors(self, level_sizes) -> tuple[Tensor, list[int]]:
-        key = tuple(level_sizes)
-        if key not in self._anchors:  # network A's anchor settings, as Engine uses for both (the config
-                                                          # refuses a pair whose anchors differ)
-            self._anchors[key] = make_anchors(list(level_sizes), self.cfg.model.strides,
-                                              self.cfg.model.octave_base_scale, device=self.device)
-        return self._anchors[key]
+        return self._anchors(level_sizes)
 
     # -- the two halves of the step ------------------------------------------------------------------------------
     def score(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> Scored:
         self.model.train()
         out = self.forward(images)
         anchors, nl = self.anchors(out.level_sizes)
-        cand = candidates(anchors, gt_boxes, self.cfg.assign.iou_thr)
-        losses = scored_candidates(anchors, out.detach(), gt_boxes, gt_labels, cand)
+        cand = preassign_batch(anchors, gt_boxes, self.cfg.assign.iou_thr)
+        losses = candidate_losses_batch(anchors, out.cls_logits, out.box_deltas, gt_boxes, gt_labels, cand)
         return Scored(out, anchors, nl, cand, losses)
 
     def loss(self, scored: Scored, labels: BatchLabels, gt_boxes: list[Tensor]) -> dict[str, Tensor]:
-        lc = self.cfg.loss
-        o = scored.out
-        return detection_loss(o.cls_logits, o.box_deltas, o.iou_logits, scored.anchors, labels, gt_boxes,
-                              cls_weight=lc.cls_weight, box_weight=lc.box_weight, iou_weight=lc.iou_weight,
-                              box_iou_weighted=lc.box_iou_weighted)
+        return detection_loss_for(self.cfg, scored.out, scored.anchors, labels, gt_boxes)
 
     def backward(self, total: Tensor) -> Optional[Tensor]:
         """Gradients of this side; returns its per-parameter gradient norms when clipping is on (to exchange)."""
@@ -161,13 +251,11 @@ def side_metrics(side: str, losses: dict[str, Tensor], scored: Scored) -> dict:
     """The per-network entries of `Engine._colad_step`'s metrics, for one side."""
     m = {f"{k}_{side}": float(v.detach()) for k, v in losses.items()}
     m[f"loss_{side}"] = float(sum(losses.values()).detach())
-    vals = torch.cat([l[c >= 0] for l, c in zip(scored.losses, scored.cand)])
-    m[f"cand_loss_mean_{side}"] = float(vals.mean()) if vals.numel() else float("nan")
-    m[f"cand_loss_std_{side}"] = float(vals.std()) if vals.numel() > 1 else float("nan")
+    m.update(candidate_stats(side, scored.losses, scored.cand))
     return m
 
 
-# ---------------------------------------------------------------------------------------------- sparse exchange
+# ------------------------------------------------------------------------------------------ split: the exchange
 
 def to_sparse(scored: Scored, image_ids: list[int], gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> dict:
     """What a side sends the coordinator: per image only its candidate anchors (index, GT, loss), keyed by image
@@ -199,9 +287,9 @@ class ExchangeMismatch(RuntimeError):
 
 
 def merge_sparse(cfg: RunConfig, payload_a: dict, payload_b: dict, policy: RolePolicy, step_index: int) -> dict:
-    """The coordinator's work for one (step, batch): `colad_choose` under the policy, then PAA's selection on the
-    merged losses, exactly as `Engine._colad_step`; returns the common assignment (sparse, per image) and the
-    role statistics of the batch. `step_index` is the number of steps done before this one (Engine.step_count)."""
+    """The coordinator's work for one (step, batch): `colad_assign` on the two sides' losses, exactly as
+    `Engine._colad_step`; returns the common assignment (sparse, per image) and the role statistics of the batch.
+    `step_index` is the number of steps done before this one (Engine.step_count)."""
     ids_a = [im["image_id"] for im in payload_a["images"]]
     ids_b = [im["image_id"] for im in payload_b["images"]]
     if ids_a != ids_b:
@@ -219,9 +307,7 @@ def merge_sparse(cfg: RunConfig, payload_a: dict, payload_b: dict, policy: RoleP
         lb.append(b)
         labels.append(torch.from_numpy(np.asarray(im_a["gt_labels"], np.int64)))
         boxes.append(torch.from_numpy(np.asarray(im_a["gt_boxes"], np.float32)).reshape(-1, 4))
-    choice = colad_choose(la, lb, cand, nl, policy, step_index)
-    a = cfg.assign
-    batch_labels = select(choice.merged, cand, nl, labels, cfg.model.num_classes, a.topk, a.gmm)
+    batch_labels, choice = colad_assign(cfg, la, lb, cand, nl, labels, policy, step_index)
     counts = choice.role_counts(boxes)
     return {"assignment": labels_to_sparse(batch_labels), "counts": counts, "policy": policy.name,
             "num_pos": int(batch_labels.pos.sum()), "teacher_ratio": choice.teacher_ratio()}
@@ -241,7 +327,7 @@ def count_metrics(counts: Optional[dict]) -> dict:
             "teacher_ratio_by_size": ratios_by_size(counts)}
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------------------------------ split: checkpoints
 
 def merge_states(state_a: dict, state_b: dict) -> dict:
     """Two side states -> the state `Engine.state()` writes for mode colad (one SGD over A's then B's

@@ -1,0 +1,383 @@
+"""The training loop: one for every engine (in-process, the Ray stream, co-learning inline and split).
+
+A run's bookkeeping lives here and nowhere else: the plan of each epoch without the ids already trained, the step
+budget, checkpoints, stop requests, evaluation and the best checkpoint, metrics and progress, resume, and the
+exactly-once accounting of trained image ids. An engine only says where its batches come from (an iterator of
+`Batch`) and how one step is taken (a `Stepper`).
+
+    for every step:
+        next batch of this rank (or none: an idle step, so data-parallel ranks stay in step)
+        rank 0 polls stop / role policy; all ranks agree (one MIN all-reduce: epoch, stop, policy)
+        the epoch changed -> end of epoch: evaluate if due, checkpoint, keep the best
+        stepper.step(batch)  -> metrics; ids trained -> (gathered on rank 0 at each checkpoint)
+        log, checkpoint every `train.checkpoint_every` steps, stop at the step budget
+
+With one rank every collective is a no-op, so the in-process run is this loop with world size 1.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from schemas.config import RunConfig
+from schemas.rundir import RunDir
+
+NO_MORE = 2 ** 62  # the "epoch" of a rank whose batches are all done
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled image order of an epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+def total_steps(cfg: RunConfig, num_images: int, workers: int = 1) -> int:
+    """Optimizer steps of the run: each step takes one batch of `train.batch_size` per worker."""
+    per_epoch = math.ceil(num_images / (cfg.train.batch_size * workers))
+    steps = per_epoch * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def plan_batches(order: list[int], batch_size: int, num_workers: int) -> list[list[int]]:
+    """Cut one epoch's remaining image order into per-worker batches, in order.
+
+    Every global step takes `num_workers` batches of `batch_size`; the images left for the last step (fewer than
+    `num_workers * batch_size`) are split as evenly as possible over the workers, so no image is dropped and no
+    worker idles longer than needed. With one worker these are consecutive batches of `batch_size`.
+    """
+    per_step = batch_size * num_workers
+    full = len(order) // per_step * per_step
+    batches = [order[i:i + batch_size] for i in range(0, full, batch_size)]
+    rest = order[full:]
+    if rest:
+        k = min(num_workers, len(rest))
+        sizes = [len(rest) // k + (1 if i < len(rest) % k else 0) for i in range(k)]
+        start = 0
+        for s in sizes:
+            batches.append(rest[start:start + s])
+            start += s
+    return batches
+
+
+def plan_run(cfg: RunConfig, image_ids: list[int], start_epoch: int, trained_ids: list[int],
+             remaining_steps: int, world: int) -> list[tuple[int, list[list[list[int]]]]]:
+    """The rest of the run: per epoch, per step, the batches (dataset indices) of the ranks that have one.
+
+    Each epoch's order is `epoch_order` without the ids already trained in the resumed epoch; steps are cut at the
+    budget. A pure function of the config and the checkpoint, so every process plans the same run.
+    """
+    done = set(int(i) for i in trained_ids)
+    plan = []
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if remaining_steps <= 0:
+            break
+        order = [int(i) for i in epoch_order(len(image_ids), cfg.seed, epoch)
+                 if epoch != start_epoch or int(image_ids[i]) not in done]
+        batches = plan_batches(order, cfg.train.batch_size, world)
+        steps = [batches[k:k + world] for k in range(0, len(batches), world)][:remaining_steps]
+        plan.append((epoch, steps))
+        remaining_steps -= len(steps)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ the start
+
+@dataclass
+class Start:
+    """Where a run (re)starts: from nothing, or from `checkpoints/last.pt`."""
+    step: int = 0
+    epoch: int = 0
+    trained_ids: list[int] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"AP": -1.0, "step": 0})
+    policy: Optional[str] = None
+    resumed: bool = False
+    checkpoint: Optional[dict] = field(default=None, repr=False)  # last.pt, for the process that resumes from it
+
+
+def read_start(run: RunDir, resume: bool) -> Start:
+    """The start of this attempt; a resumed run forgets the metrics and evaluations logged after its checkpoint
+    (they are made again)."""
+    if not (resume and run.last.exists()):
+        return Start()
+    from trainer.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run.last)
+    start = Start(int(ckpt["step"]), int(ckpt["progress"]["epoch"]), list(ckpt["progress"]["trained_ids"]),
+                  dict(ckpt["best"]), ckpt.get("policy"), True, ckpt)
+    run.rewind(start.step)
+    return start
+
+
+def checkpoint_payload(engine, cfg: RunConfig, epoch: int, trained: list[int], best: dict) -> dict:
+    """What last.pt / best.pt hold: the config, the engine's state, and where in the run it was taken."""
+    return {"config": cfg.to_dict(), **engine.state(), "epoch": epoch,
+            "progress": {"epoch": epoch, "trained_ids": list(trained)}, "best": dict(best)}
+
+
+# ------------------------------------------------------------------------------------------------ the interface
+
+@dataclass
+class Batch:
+    """One rank's batch of one step, ready for its stepper."""
+    epoch: int
+    image_ids: list[int]
+    data: Any
+    decode_ms: float = 0.0
+
+
+@dataclass
+class Stepped:
+    """What a step returns: its metrics (logged by rank 0; None: nothing to log) and the labels it trained on."""
+    record: Optional[dict]
+    labels: Any = None
+
+
+class Stepper:
+    """How one engine takes a step. The defaults are the in-process run's; engines override what differs."""
+
+    run: RunDir
+    cfg: RunConfig
+
+    @property
+    def step_count(self) -> int:
+        raise NotImplementedError
+
+    def poll(self) -> tuple[bool, Optional[int]]:
+        """Rank 0, before each step: (stop requested, the role policy's code or None)."""
+        return False, None
+
+    def set_policy(self, code: int) -> None:
+        """Every rank, before the step: the policy all ranks agreed on (co-learning only)."""
+
+    def step(self, batch: Optional[Batch], num_active: int) -> Stepped:
+        raise NotImplementedError
+
+    def log(self, record: dict, total: int) -> None:
+        self.run.log(record)
+        self.run.set_progress("running", record["step"], total, record["epoch"])
+
+    def commit(self, epoch: int, last: tuple[int, list[int]], best: dict, *, evaluate: bool,
+               final: Optional[str]) -> tuple[Optional[dict], dict]:
+        """Rank 0: evaluate (if asked), keep the best, write last.pt. Returns ({network: stats} or None, best)."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------ collectives
+
+class Collective:
+    """The per-step agreement of data-parallel ranks (no-ops with one rank)."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    def reduce(self, values: list[int], op: str) -> list[int]:
+        if self.world == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ instruments
+
+@dataclass
+class Instruments:
+    """Test instrumentation, off unless a test passes it explicitly (never read from the environment):
+    `trace_dir` (per rank, the ids, labels digest and pid of every step: exactly-once checks, and the pid a test
+    kills), `step_sleep_s` (a slow student a test can stop or kill mid-epoch), `fail_at_step` ({"step": n,
+    "rank": r, "tag": t}: raise before step n)."""
+    trace_dir: Optional[str] = None
+    step_sleep_s: float = 0.0
+    fail_at_step: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, faults: Optional[dict]) -> "Instruments":
+        f = dict(faults or {})
+        return cls(f.get("trace_dir"), float(f.get("step_sleep_s") or 0), dict(f.get("fail_at_step") or {}))
+
+    def before_step(self, step: int, rank: int, tag: str) -> None:
+        f = self.fail_at_step
+        if f.get("step") == step and f.get("rank", 0) == rank and f.get("tag", tag) == tag:
+            raise RuntimeError(f"injected failure before step {step} (test)")
+
+    def after_step(self, trace: Optional[Path], step: int, epoch: int, rank: int, batch: Optional[Batch],
+                   labels) -> None:
+        if trace is not None and batch is not None:
+            record = {"step": step, "epoch": epoch, "rank": rank, "pid": os.getpid(), "ids": batch.image_ids}
+            if labels is not None:
+                record["labels"] = _digest(labels)
+            with open(trace, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
+
+    def trace_file(self, tag: str, rank: int, resume_step: int) -> Optional[Path]:
+        """This rank's trace; a resumed run first drops the steps it will take again."""
+        if not self.trace_dir:
+            return None
+        path = Path(self.trace_dir) / f"trace.{tag + '.' if tag else ''}rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        return path
+
+
+def _digest(labels) -> str:
+    h = hashlib.sha1()
+    for t in (labels.labels, labels.gt_index, labels.ignore):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+@dataclass
+class Outcome:
+    state: str          # "succeeded" or "stopped"
+    step: int
+    epoch: int
+    eval: dict          # the last evaluation, {network: stats}
+
+
+def say(line: str, bar=None) -> None:
+    """A progress line on the console (stderr, through the bar when there is one)."""
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start: Start, *, total: int,
+               num_images: int, has_val: bool, collective: Collective = Collective(), progress: bool = False,
+               bar: bool = False, tag: str = "", instruments: Instruments = Instruments()) -> Outcome:
+    """Train until the step budget, the end of the plan, or a stop request; see the module docstring.
+
+    `progress`: print progress (a tqdm bar when `bar`, else a line every `log_every` steps); `tag` names this
+    worker group in traces ('' for the only one)."""
+    rank, world = collective.rank, collective.world
+    t = cfg.train
+    epoch, trained, best = start.epoch, list(start.trained_ids) if rank == 0 else [], dict(start.best)
+    new_ids: list[int] = []
+    last_eval: dict = {e["network"]: e["stats"] for e in stepper.run.evals()} if rank == 0 else {}
+    if stepper.step_count >= total:  # a finished run resumed: nothing left to train
+        return Outcome("succeeded", stepper.step_count, epoch, last_eval)
+    trace = instruments.trace_file(tag, rank, stepper.step_count)
+    pbar = None
+    if progress and bar and rank == 0:
+        from tqdm import tqdm
+        pbar = tqdm(total=total, initial=stepper.step_count, desc=f"{cfg.mode} {cfg.name}", dynamic_ncols=True)
+
+    def gather_ids() -> None:
+        nonlocal new_ids
+        everyone = collective.gather(new_ids)
+        new_ids = []
+        if rank == 0:
+            trained.extend(i for ids in everyone for i in ids)
+
+    def commit(evaluate: bool, final: Optional[str], stopped: bool = False) -> bool:
+        """Checkpoint (and evaluate) at the current step; True when the epoch is complete."""
+        nonlocal best, last_eval, trained
+        gather_ids()
+        full = not stopped and len(trained) >= num_images
+        if rank == 0:
+            last = (epoch + 1, []) if full else (epoch, trained)
+            ev, best = stepper.commit(epoch, last, best, evaluate=evaluate, final=final)
+            if ev:
+                last_eval = ev
+                if progress:
+                    say(f"epoch {epoch} step {stepper.step_count}: " + ", ".join(
+                        f"{n.upper()} AP {s['AP']:.3f} AP50 {s['AP50']:.3f}" for n, s in ev.items()), pbar)
+        return full
+
+    def end_epoch(finished: bool) -> None:
+        nonlocal trained
+        due = bool(t.eval_every) and (epoch + 1) % t.eval_every == 0
+        if commit(evaluate=has_val and (finished or due), final="succeeded" if finished else None):
+            trained = []
+
+    pending: Optional[Batch] = None
+    exhausted, state = False, "succeeded"
+    try:
+        while True:
+            t_wait = time.perf_counter()
+            if pending is None and not exhausted:
+                pending = next(batches, None)
+                exhausted = pending is None
+            wait_ms = (time.perf_counter() - t_wait) * 1e3
+            stop, code = stepper.poll() if rank == 0 else (False, None)
+            mine = pending.epoch if pending is not None else NO_MORE
+            agreed, stop, code = collective.reduce(
+                [mine, -int(stop), NO_MORE if code is None else code], "MIN")
+            if stop:
+                commit(evaluate=False, final="stopped", stopped=True)
+                state = "stopped"
+                break
+            if agreed > epoch:  # no rank has a batch of this epoch left
+                end_epoch(finished=agreed == NO_MORE)
+                if agreed == NO_MORE:
+                    break
+                epoch = agreed
+            if code != NO_MORE:
+                stepper.set_policy(code)
+            batch = pending if pending is not None and pending.epoch == epoch else None
+            if batch is not None:
+                pending = None
+            n_active, n_images = collective.reduce([int(batch is not None), len(batch.image_ids) if batch else 0],
+                                                   "SUM")
+            instruments.before_step(stepper.step_count + 1, rank, tag)
+            t0 = time.perf_counter()
+            out = stepper.step(batch, n_active)
+            step_ms = (time.perf_counter() - t0) * 1e3
+            step = stepper.step_count
+            if batch is not None:
+                new_ids.extend(batch.image_ids)
+            instruments.after_step(trace, step, epoch, rank, batch, out.labels)
+            if rank == 0 and out.record is not None and (step % t.log_every == 0 or step == 1):
+                decode_ms = batch.decode_ms if batch is not None else 0.0
+                data_wait_ms = max(wait_ms - decode_ms, 0.0)
+                record = {"step": step, "epoch": epoch, **out.record, "step_ms": round(step_ms, 2),
+                          "data_wait_ms": round(data_wait_ms, 2),
+                          "images": n_images, "images_per_s": round(n_images / max(step_ms + wait_ms, 1e-6) * 1e3, 2),
+                          "workers_active": n_active}
+                stepper.log(record, total)
+                if progress and pbar is None:
+                    say(f"step {step}/{total} epoch {epoch} loss {record.get('loss', float('nan')):.4f} "
+                        f"lr {record.get('lr', float('nan')):.2e} step {step_ms:.0f} ms "
+                        f"wait {data_wait_ms:.0f} ms {record['images_per_s']:.1f} img/s")
+            if pbar is not None:
+                pbar.update(1)
+                if out.record is not None and "loss" in out.record:
+                    pbar.set_postfix(loss=f"{out.record['loss']:.3f}", lr=f"{out.record['lr']:.2e}",
+                                     refresh=False)
+            if step >= total:
+                end_epoch(finished=True)
+                break
+            if step % t.checkpoint_every == 0:
+                commit(evaluate=False, final=None)
+    finally:
+        if pbar is not None:
+            pbar.close()
+    return Outcome(state, stepper.step_count, epoch, last_eval)

@@ -1,0 +1,247 @@
+"""The Ray driver of every Ray engine (`pipeline.engine: ray`): the assignment stream, co-learning inline and split.
+
+    connect (private local Ray, RAY_ADDRESS or pipeline.ray_address) and check the resource budget
+    a hub actor: the stream's monitor, or the co-learning coordinator (stop requests, the result, first error)
+    worker group(s): one TorchTrainer (stream, inline) or two at once (split), each worker running `worker_loop`
+    SIGTERM -> the hub's stop flag -> the workers checkpoint and leave with state 'stopped'
+    a lost worker group -> a new one resumes from last.pt (the driver re-plans; Ray Train would replay the epoch)
+
+Every worker runs the one loop (`pipeline.loop.train_loop`) with its engine's batches and stepper.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipeline import ray_env
+from pipeline.local import StopRequested, prepare_run
+from pipeline.loop import Collective, Instruments, Start, read_start, train_loop
+from schemas.config import RunConfig
+from schemas.rundir import RunDir
+
+
+# ------------------------------------------------------------------------------------------------ the workers
+
+def _group_resources(cfg: RunConfig, group: str) -> tuple[float, float]:
+    """(CPUs, GPUs) of each worker of a group; side B of split co-learning may have its own."""
+    p, c = cfg.pipeline, cfg.colearn
+    if group == "b":
+        return (c.cpus_per_worker_b if c.cpus_per_worker_b is not None else p.cpus_per_worker,
+                c.gpus_per_worker_b if c.gpus_per_worker_b is not None else p.gpus_per_worker)
+    return p.cpus_per_worker, p.gpus_per_worker
+
+
+def worker_loop(config: dict) -> None:
+    """One Ray Train worker of group 'stream', 'inline', 'a' or 'b'. Errors of ours reach the hub first (the
+    driver must not retry them); a lost process does not, and the driver resumes it."""
+    import ray
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    group, hub = config["group"], config["hub"]
+    try:
+        _work(config, group, hub, rank, world)
+    except Exception as e:
+        msg = f"{'side ' + group if group in ('a', 'b') else group} rank {rank}: {type(e).__name__}: {e}"
+        try:
+            ray.get(hub.abort.remote(msg), timeout=30)
+        except Exception:  # the hub is gone too: the driver reports the worker's error
+            pass
+        raise
+
+
+def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
+    import ray
+    import ray.train
+    import torch
+
+    from pipeline.coco import load_coco
+    from pipeline.local import NetworkStepper, planned_batches
+    from trainer.engine import Engine
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = ray.train.torch.get_device() if _group_resources(cfg, group)[1] > 0 else torch.device("cpu")
+    run = RunDir(cfg.run_dir)
+    start = Start(**config["start"])
+    total, collective = config["total_steps"], Collective(rank, world)
+    val = load_coco(cfg.data.val, cfg.data.image_root) if rank == 0 and cfg.data.val else None
+    checkpoint = None
+    if start.resumed:
+        from trainer.checkpoint import load_checkpoint
+        checkpoint = load_checkpoint(run.last)
+    if group == "stream":
+        from pipeline.stream import StreamStepper, stream_batches
+
+        engine = Engine(cfg, device, total, load_teacher=False)
+        if checkpoint is not None:
+            engine.load_state(checkpoint)
+        stepper = StreamStepper(cfg, run, engine, device, val, hub, collective)
+        batches = stream_batches(ray.train.get_dataset_shard("train"), cfg, device)
+    else:
+        train_data = load_coco(cfg.data.train, cfg.data.image_root)
+        batches = planned_batches(cfg, train_data, start, total, rank, world)
+        if group == "inline":
+            from pipeline.split import CoordinatorControl
+
+            engine = Engine(cfg, device, total, load_teacher=False)
+            if checkpoint is not None:
+                engine.load_state(checkpoint)
+            control = CoordinatorControl(hub, run) if rank == 0 else None
+            stepper = NetworkStepper(cfg, run, engine, device, val, control, collective)
+        else:
+            from pipeline.split import SplitStepper
+            from trainer.colad import SideEngine, side_state
+
+            engine = SideEngine(cfg, group, device, total)
+            if checkpoint is not None:
+                engine.load_state(side_state(checkpoint, group, len(list(engine.model.parameters()))))
+            stepper = SplitStepper(cfg, run, group, engine, device, val, hub, total, collective)
+    del checkpoint
+    out = train_loop(cfg, stepper, batches, start, total=total, num_images=config["num_images"],
+                     has_val=cfg.data.val is not None, collective=collective, progress=config["progress"],
+                     tag=group if group != "stream" else "", instruments=Instruments.of(config["faults"]))
+    if rank == 0 and group in ("stream", "inline"):  # split: the coordinator has it from the last commit
+        ray.get(hub.set_result.remote({"state": out.state, "step": out.step, "epoch": out.epoch, "eval": out.eval}))
+
+
+def fit_group(cfg_dict: dict, group: str, loop_config: dict, datasets: Optional[dict] = None,
+              dataset_config=None) -> str:
+    """Run one worker group (a TorchTrainer) to its end; in split co-learning this runs in a zero-CPU task."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = RunConfig.model_validate(cfg_dict)
+    cpus, gpus = _group_resources(cfg, group)
+    extra = dict(datasets=datasets, dataset_config=dataset_config) if datasets else {}
+    TorchTrainer(
+        worker_loop, train_loop_config={**loop_config, "group": group},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.pipeline.num_workers, use_gpu=gpus > 0,
+                                               resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
+        run_config=ray.train.RunConfig(name=f"{cfg.name}-{group}-{int(time.time())}",
+                                       storage_path=str(Path(cfg.run_dir) / ".ray_train"),
+                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+        **extra).fit()
+    return group
+
+
+def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
+    """Both groups at once, each TorchTrainer driven from a zero-CPU task; the first failure aborts the other side's
+    rendezvous at the coordinator, so it fails at once instead of waiting out the exchange timeout."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(fit_group)
+    refs = {task.remote(cfg.to_dict(), side, loop_config): side for side in ("a", "b")}
+    pending, first_error = list(refs), None
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except Exception as e:
+            if first_error is None:
+                first_error = e
+                coordinator.abort.remote(f"worker group {refs[done[0]]} failed")
+    if first_error is not None:
+        raise first_error
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults: Optional[dict] = None) -> dict:
+    """Train `cfg` on Ray; returns the last evaluation ({network: stats}) or {}. `faults`: test instrumentation
+    (`pipeline.loop.Instruments`), never read from the environment."""
+    import ray
+    import ray.train
+
+    colad = cfg.mode == "colad"
+    split = colad and cfg.colearn.mode == "split"
+    # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    cfg, data, run, steps = prepare_run(cfg, workers=cfg.pipeline.num_workers)
+    records = data.train.records
+    start = read_start(run, resume)
+    start.checkpoint = None  # each worker reads last.pt itself
+    if start.step >= steps:  # a finished run resumed: nothing left to train
+        run.set_progress("succeeded", start.step, steps, start.epoch)
+        return {e["network"]: e["stats"] for e in run.evals()}
+    stop, hub, started = StopRequested(), None, False
+    previous_handler, installed = None, False
+
+    def on_term(*_):  # the workers poll the hub: they checkpoint and leave with state "stopped"
+        stop.flag = True
+        if hub is not None:
+            hub.request_stop.remote()
+
+    try:
+        started = ray_env.connect(cfg)
+        budget = ray_env.budget(cfg, groups=("a", "b") if split else ("a",), stream=not colad)
+        if colad:
+            from pipeline.colearn import get_or_create
+            hub = get_or_create(cfg, start.policy or cfg.colearn.policy, start_step=start.step,
+                                source="checkpoint" if start.policy else "config", split=split, best=start.best)
+            ray.get(hub.start.remote())
+        else:
+            hub = ray_env.StreamMonitor.remote()
+        try:  # after ray.init, which installs its own SIGTERM handler in the driver
+            previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True
+        except ValueError:  # not the main thread: whoever runs us handles signals
+            pass
+        failures = 0
+        while True:
+            run.set_progress("running", start.step, steps, start.epoch)
+            if stop.flag:
+                run.set_progress("stopped", start.step, steps, start.epoch)
+                return {}
+            loop_config = dict(cfg=cfg.to_dict(), hub=hub, total_steps=steps, num_images=len(records),
+                               start={k: v for k, v in vars(start).items() if k != "checkpoint"},
+                               progress=progress, faults=faults)
+            try:
+                if split:
+                    _fit_split(cfg, loop_config, hub)
+                elif colad:
+                    fit_group(cfg.to_dict(), "inline", loop_config)
+                else:
+                    from pipeline.stream import build_dataset, data_config, stream_items
+
+                    ray.get(hub.reset_counters.remote())
+                    ds = build_dataset(cfg, stream_items(cfg, records, start, steps - start.step), hub, faults)
+                    fit_group(cfg.to_dict(), "stream", loop_config, datasets={"train": ds},
+                              dataset_config=data_config(ray_env.configure_data_context(cfg, budget)))
+                break
+            except Exception as e:
+                error = ray.get(hub.error_message.remote())
+                if error:  # an error in our code: retrying would fail the same way
+                    raise RuntimeError(f"training failed: {error}") from e
+                if split or failures >= cfg.pipeline.max_failures or stop.flag:
+                    raise
+                failures += 1
+                print(f"warning: a training worker was lost ({type(e).__name__}); resuming from {run.last} "
+                      f"(recovery {failures} of {cfg.pipeline.max_failures})", file=sys.stderr)
+                start = read_start(run, True)
+                start.checkpoint = None
+        result = ray.get(hub.result.remote())
+        if result.get("state") not in ("succeeded", "stopped"):
+            raise RuntimeError(f"training failed: {result.get('error', 'no result from the workers')}")
+        if colad:
+            summary = ray.get(hub.summary.remote())
+            run.write_json("colearn.json", summary)
+        run.set_progress(result["state"], result["step"], steps, result["epoch"])
+        return result.get("eval", {})
+    except BaseException as e:
+        progress_now = run.progress() or {}
+        run.set_progress("failed", progress_now.get("step", start.step), steps, progress_now.get("epoch", start.epoch),
+                         error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if installed:  # None: the previous handler was not Python's (Ray's, from C): back to the default
+            signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
+        if hub is not None and ray.is_initialized():
+            ray.kill(hub)
+        ray_env.shutdown(started)

@@ -1,0 +1,236 @@
+"""The run directory (a contract read by tools and the control plane):
+
+    config.yaml          the resolved run config
+    metrics.jsonl        one JSON object per logged step
+    eval.json            a list of {"epoch", "step", "network", "stats": {AP, AP50, ...}}
+    progress.json        {"state", "step", "total_steps", "epoch", "error", "pid"}, rewritten atomically
+    checkpoints/last.pt  and best.pt (by AP)
+    control/roles.json   written by the control plane to change the CoLAD role policy mid-run
+    logs/stdout.log      the run's output, and logs/stderr.log (its last line: the one-line failure message),
+                         written by the control plane's local launcher
+
+One class for both sides: the trainer writes through it, the control plane reads through it (and writes
+control/roles.json). Torch-free on purpose: the server imports it and must start in a second, never loading torch.
+Every reader tolerates a file that does not exist yet, and a `metrics.jsonl` line being appended right now.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from schemas.config import RunConfig, dump_config
+from schemas.files import atomic_write_json, atomic_write_text
+
+_TAIL_CHUNK = 64 * 1024
+
+
+def json_ready(value: Any) -> Any:
+    """JSON has no NaN: write null instead, so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError):
+        return None  # unreadable or torn by a non-atomic writer: treat as absent, the next poll sees it whole
+
+
+class RunDir:
+    """Paths, writers and readers of one run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_path = self.path / "config.yaml"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.eval_path = self.path / "eval.json"
+        self.progress_path = self.path / "progress.json"
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.roles_path = self.path / "control" / "roles.json"
+        self.logs_dir = self.path / "logs"
+        self.stdout_path = self.logs_dir / "stdout.log"
+        self.stderr_path = self.logs_dir / "stderr.log"
+        self._roles_mtime = 0.0
+
+    # ---- config and checkpoints -------------------------------------------------------------------------
+    def create(self, cfg: RunConfig) -> None:
+        """Make the directory (and checkpoints/) and write config.yaml."""
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, dump_config(cfg))
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints_dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints_dir / "best.pt"
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """The checkpoint files: {"name", "path", "size", "modified_at"}, by name."""
+        out = []
+        try:
+            entries = sorted(os.scandir(self.checkpoints_dir), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_file():
+                continue  # temporary files of an atomic write in progress
+            st = entry.stat()
+            out.append({"name": entry.name, "path": entry.path, "size": st.st_size,
+                        "modified_at": datetime.fromtimestamp(st.st_mtime, timezone.utc)})
+        return out
+
+    # ---- metrics.jsonl ----------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(json_ready(record)) + "\n")
+
+    def iter_metrics(self) -> Iterator[dict[str, Any]]:
+        """Records in file order; stops at a torn last line (the writer is appending it)."""
+        try:
+            f = open(self.metrics_path, "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return
+                if isinstance(record, dict):
+                    yield record
+
+    def metrics_page(self, since: Optional[int], limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """Up to `limit` records with step > since (all when since is None), and whether more follow."""
+        items: list[dict[str, Any]] = []
+        for record in self.iter_metrics():
+            step = record.get("step")
+            if since is not None and (not isinstance(step, (int, float)) or step <= since):
+                continue
+            if len(items) == limit:
+                return items, True
+            items.append(record)
+        return items, False
+
+    def latest_metrics(self) -> Optional[dict[str, Any]]:
+        """The last complete record, read from the end of the file (metrics files grow to many MB)."""
+        try:
+            with open(self.metrics_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                end = f.tell()
+                start = max(0, end - _TAIL_CHUNK)
+                while True:
+                    f.seek(start)
+                    chunk = f.read(end - start)
+                    lines = chunk.split(b"\n")
+                    # lines[-1] is "" after a complete last line, else a torn line: skip it either way
+                    candidates = lines[:-1] if start == 0 else lines[1:-1]
+                    for line in reversed(candidates):
+                        try:
+                            record = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(record, dict):
+                            return record
+                    if start == 0:
+                        return None
+                    start = max(0, start - _TAIL_CHUNK)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    # ---- eval.json --------------------------------------------------------------------------------------
+    def evals(self) -> list[dict[str, Any]]:
+        data = _read_json(self.eval_path)
+        return data if isinstance(data, list) else []
+
+    def _write_evals(self, evals: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.eval_path, json.dumps(evals, indent=1))
+
+    def add_eval(self, record: dict) -> None:
+        self._write_evals(self.evals() + [json_ready(record)])
+
+    # ---- resume -----------------------------------------------------------------------------------------
+    def rewind(self, step: int) -> None:
+        """On resume from the checkpoint of `step`: drop the metrics.jsonl lines and eval.json entries of later
+        steps (the resumed run logs and evaluates them again). Each file is rewritten atomically; a file that
+        does not exist is left absent."""
+        if self.metrics_path.exists():
+            kept = [m for m in self.iter_metrics() if m.get("step", 0) <= step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+        if self.eval_path.exists():
+            self._write_evals([e for e in self.evals() if e.get("step", 0) <= step])
+
+    # ---- other files ------------------------------------------------------------------------------------
+    def write_json(self, name: str, data: Any) -> None:
+        """A run file of its own (e.g. co-learning's colearn.json), written whole, NaN as null."""
+        atomic_write_text(self.path / name, json.dumps(json_ready(data)))
+
+    # ---- progress.json ----------------------------------------------------------------------------------
+    def set_progress(self, state: str, step: int, total_steps: int, epoch: int, error: str | None = None) -> None:
+        atomic_write_text(self.progress_path, json.dumps(
+            {"state": state, "step": step, "total_steps": total_steps, "epoch": epoch, "error": error,
+             "pid": os.getpid(), "time": time.time()}))
+
+    def progress(self) -> Optional[dict[str, Any]]:
+        data = _read_json(self.progress_path)
+        return data if isinstance(data, dict) else None
+
+    # ---- logs/ ------------------------------------------------------------------------------------------
+    def stderr_tail(self) -> Optional[str]:
+        """The last non-empty stderr line: the entrypoint's one-line failure message."""
+        try:
+            with open(self.stderr_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                text = f.read().decode("utf-8", "replace")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return lines[-1][:2000] if lines else None
+
+    # ---- control/roles.json -----------------------------------------------------------------------------
+    def request_roles(self, policy: str) -> dict[str, Any]:
+        """The control plane's side: ask the running trainer to switch the role policy."""
+        payload = {"policy": policy, "requested_at": time.time()}
+        atomic_write_json(self.roles_path, payload)
+        return payload
+
+    def roles_request(self) -> Optional[dict[str, Any]]:
+        """The current request ({"policy", "requested_at"}), or None when there is none (or it is malformed)."""
+        data = _read_json(self.roles_path)
+        if not isinstance(data, dict) or not isinstance(data.get("policy"), str):
+            return None
+        return data
+
+    def requested_policy(self) -> str | None:
+        """The trainer's side: the requested policy, if the request file changed since the last look."""
+        try:
+            mtime = self.roles_path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if mtime == self._roles_mtime:
+            return None
+        request = self.roles_request()
+        if request is None:
+            return None
+        self._roles_mtime = mtime
+        return request["policy"]

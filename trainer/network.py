@@ -1,0 +1,93 @@
+"""What every training process builds the same way, whichever engine holds it (`trainer.engine.Engine`: one
+process, one or two networks; `trainer.colad.SideEngine`: one network of a split co-learning pair):
+
+    seed_of / build_network    network A or B, seeded (A: model_seed or seed; B: colearn.seed_b or A's + 1),
+                               in colad from colearn.checkpoint_a/b when set
+    make_optimizer / lr_factor SGD and its schedule (linear warm-up, step decay at milestone fractions)
+    AnchorCache                anchors per pyramid shape, made once
+    detection_loss_for         PAA's detection loss under the run's `loss` weights
+
+Built the same way everywhere, so an in-process colad run and the two halves of a split one start from the same
+weights and take the same steps, bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from schemas.config import RunConfig
+from schemas.modes import mode_spec
+from trainer.anchors import make_anchors
+from trainer.checkpoint import load_colearn_side
+from trainer.losses import BatchLabels, detection_loss
+from trainer.model import HeadOutputs, PAADetector, build_model
+
+NETWORKS = ("a", "b")
+
+
+def seed_of(cfg: RunConfig, which: str) -> int:
+    """Initialisation seed of network `which`: A from `model_seed` (default `seed`), B from `colearn.seed_b`
+    (default A's + 1)."""
+    seed_a = cfg.seed if cfg.model_seed is None else cfg.model_seed
+    if which == "a":
+        return seed_a
+    return seed_a + 1 if cfg.colearn.seed_b is None else cfg.colearn.seed_b
+
+
+def build_network(cfg: RunConfig, which: str = "a") -> PAADetector:
+    """Network `which` ("a" or "b") of a run, on the CPU: the torch RNG seeded with `seed_of`, then built from its
+    model config (`model`, `colearn.model_b`), or in colad loaded from `colearn.checkpoint_a/b` when set."""
+    if which not in NETWORKS:
+        raise ValueError(f"network must be 'a' or 'b', got {which!r}")
+    torch.manual_seed(seed_of(cfg, which))
+    path = cfg.colearn.checkpoint_a if which == "a" else cfg.colearn.checkpoint_b
+    if mode_spec(cfg.mode).co_learning and path:
+        return load_colearn_side(path, cfg, which)
+    return build_model(cfg.model if which == "a" else cfg.model_b)
+
+
+def lr_factor(step: int, cfg: RunConfig, total_steps: int) -> float:
+    """Linear warm-up from `warmup_ratio`, then step decay by `gamma` at each milestone fraction of the run."""
+    t = cfg.train
+    warm = 1.0
+    if step < t.warmup_steps:
+        warm = t.warmup_ratio + (1 - t.warmup_ratio) * step / t.warmup_steps
+    decays = sum(step >= m * total_steps for m in t.milestones)
+    return warm * t.gamma ** decays
+
+
+def make_optimizer(params: Iterable[Tensor], cfg: RunConfig, total_steps: int):
+    """(SGD over `params`, its LambdaLR schedule `lr_factor`) for a run of `total_steps` steps (at least 1)."""
+    t = cfg.train
+    total_steps = max(1, total_steps)
+    optimizer = torch.optim.SGD(list(params), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
+    return optimizer, scheduler
+
+
+class AnchorCache:
+    """Anchors per pyramid shape (`level_sizes` -> (anchors [A, 4], anchors per level)), made once, on `device`.
+    Network A's anchor settings serve both networks of a pair (the config refuses a pair whose anchors differ)."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu"):
+        self.strides = cfg.model.strides
+        self.octave_base_scale = cfg.model.octave_base_scale
+        self.device = torch.device(device)
+        self._cache: dict[tuple, tuple[Tensor, list[int]]] = {}
+
+    def __call__(self, level_sizes: list[tuple[int, int]]) -> tuple[Tensor, list[int]]:
+        key = tuple(tuple(s) for s in level_sizes)
+        if key not in self._cache:
+            self._cache[key] = make_anchors(list(key), self.strides, self.octave_base_scale, device=self.device)
+        return self._cache[key]
+
+
+def detection_loss_for(cfg: RunConfig, out: HeadOutputs, anchors: Tensor, labels: BatchLabels,
+                       gt_boxes: list[Tensor]) -> dict[str, Tensor]:
+    """PAA's detection loss of a network's outputs on hard labels, weighted as the run's `loss` section says."""
+    lc = cfg.loss
+    return detection_loss(out.cls_logits, out.box_deltas, out.iou_logits, anchors, labels, gt_boxes,
+                          cls_weight=lc.cls_weight, box_weight=lc.box_weight, iou_weight=lc.iou_weight,
+                          box_iou_weighted=lc.box_iou_weighted)
