@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, plan_batches, read_batch  # noqa: E402
+from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, read_batch  # noqa: E402
+from pipeline.loop import plan_batches  # noqa: E402
 from pipeline.coco import load_coco  # noqa: E402
 from pipeline.dataset import DetectionDataset, collate  # noqa: E402
 from pipeline.loop import epoch_order  # noqa: E402

@@ -13,13 +13,10 @@ that were planned.
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,27 +49,6 @@ class StreamSpec:
 
 
 # ----------------------------------------------------------------------------------------------- the plan
-
-def plan_batches(order: list[int], batch_size: int, num_workers: int) -> list[list[int]]:
-    """Cut one epoch's remaining image order into per-worker batches, in order.
-
-    Every global step takes `num_workers` batches of `batch_size`; the images left for the last step (fewer
-    than `num_workers * batch_size`) are split as evenly as possible over the workers, so no image is dropped
-    and no worker idles longer than needed. With one worker this is exactly the in-process loader's batching.
-    """
-    per_step = batch_size * num_workers
-    full = len(order) // per_step * per_step
-    batches = [order[i:i + batch_size] for i in range(0, full, batch_size)]
-    rest = order[full:]
-    if rest:
-        k = min(num_workers, len(rest))
-        sizes = [len(rest) // k + (1 if i < len(rest) % k else 0) for i in range(k)]
-        start = 0
-        for s in sizes:
-            batches.append(rest[start:start + s])
-            start += s
-    return batches
-
 
 def batch_items(records: list, epoch: int, batches: list[list[int]], first_index: int = 0) -> list[dict]:
     """Planned batches -> Ray Data items: everything a read task needs, so it never reads the annotation file."""
@@ -130,14 +106,9 @@ _EMPTY_SOFT = dict(soft_anchor=_EMPTY, soft_class=np.zeros(0, np.int16), soft_pr
 
 class TeacherAssigner:
     """A Ray Data callable class (one instance per actor of the pool): the frozen teacher + PAA assignment.
+    `observers` (as the loop's) are told of every batch assigned before it is returned: `assigned(epoch, ids)`."""
 
-    `faults` is test instrumentation: {"kill_assigner_at_call": k, "marker": path} makes the actor SIGKILL
-    itself in the middle of its k-th batch, once (the marker file records that it happened), so that a test can
-    check that Ray restarts the actor and retries the batch without loss or duplication; {"trace_dir": dir}
-    appends the ids of every batch it assigned to dir/assigned.jsonl.
-    """
-
-    def __init__(self, cfg: dict, monitor: Any = None, faults: Optional[dict] = None):
+    def __init__(self, cfg: dict, monitor: Any = None, observers: tuple = ()):
         import torch
 
         from trainer.network import AnchorCache
@@ -155,23 +126,13 @@ class TeacherAssigner:
         self.teacher, self.version = load_teacher(self.cfg, self.device)
         self.anchors = AnchorCache(self.cfg, self.device)
         self.monitor = monitor
-        self.faults = faults or {}
-        self.calls = 0
+        self.observers = observers
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        self.calls += 1
         parts = [self.assign(part) for part in split_batches(table)]
-        if self.faults.get("trace_dir"):
-            with open(Path(self.faults["trace_dir"]) / "assigned.jsonl", "a") as f:
-                for part in parts:
-                    f.write(json.dumps({"time": time.time(), "pid": os.getpid(),
-                                        "epoch": batch_tag(part)[0],
-                                        "ids": part.column("image_id").to_pylist()}) + "\n")
-        if self.faults.get("kill_assigner_at_call") == self.calls:
-            marker = Path(self.faults["marker"])
-            if not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)  # dies with the batch assigned but not returned
+        for o in self.observers:
+            for part in parts:
+                o.assigned(batch_tag(part)[0], part.column("image_id").to_pylist())
         if self.monitor is not None:
             ms = sum(float(p.column("assign_ms")[0].as_py()) for p in parts)
             self.monitor.report_assigned.remote(len(parts), ms)

@@ -175,7 +175,7 @@ class ColearnCoordinator:
         self._slots: dict[tuple, dict] = {}
         self._frozen: dict[int, tuple[str, bool]] = {}
         self._counts: dict[int, dict] = {}
-        self._side_results: dict[str, dict] = {}
+        self._evals: dict[str, dict] = {}
         self._closed: dict[int, tuple] = {}
         self._lines: dict[int, dict] = {}
         self.best = dict(best or {"AP": -1.0, "step": 0})
@@ -389,36 +389,23 @@ class ColearnCoordinator:
         """Rendezvous 3 (rare: checkpoints, evaluations, the end): both halves' states and evaluations in; writes
         eval.json, best.pt and last.pt as the in-process loop does, the checkpoint merged into the in-process
         layout (`trainer.colad.merge_states`), so it resumes and evaluates like any colad checkpoint."""
-        from trainer.checkpoint import save_checkpoint
+        from pipeline.loop import write_commit
         from trainer.colad import merge_states
 
         def combine(pa: dict, pb: dict) -> dict:
             state = merge_states(pa["state"], pb["state"])
             state["policy"] = self.book.applied_policy
             epoch = int(pa["epoch"])
-            if pa.get("eval") is not None and pb.get("eval") is not None:
-                for name, ev in (("a", pa["eval"]), ("b", pb["eval"])):
-                    self.run.add_eval({"epoch": epoch, "step": step, "network": name, "stats": ev})
-                self._side_results = {"a": pa["eval"], "b": pb["eval"]}
-                if pa["eval"]["AP"] > self.best["AP"]:
-                    self.best = {"AP": pa["eval"]["AP"], "step": step}
-                    save_checkpoint(self.run.best, self._payload(state, epoch + 1, []))
-            if pa.get("last") is not None:
-                save_checkpoint(self.run.last, self._payload(state, pa["last"]["epoch"], pa["last"]["trained_ids"]))
-            if pa.get("final"):
-                if pa["final"] == "succeeded" and not self.run.best.exists():
-                    save_checkpoint(self.run.best, self._payload(state, epoch + 1, []))
-                self.result_ = {"state": pa["final"], "step": step, "epoch": epoch, "eval": dict(self._side_results)}
-            elif pa.get("total_steps"):
-                self.run.set_progress("running", step, int(pa["total_steps"]), epoch)
+            evals = {"a": pa["eval"], "b": pb["eval"]} if pa["eval"] is not None else None
+            self.best = write_commit(self.run, self.cfg, state, step, epoch, (pa["last"]["epoch"],
+                                     pa["last"]["trained_ids"]), self.best, evals, pa["final"])
+            self._evals = evals or self._evals
+            if pa["final"]:
+                self.result_ = {"state": pa["final"], "step": step, "epoch": epoch, "eval": dict(self._evals)}
             return {"best": dict(self.best)}
 
         # no timeout: the other side may be evaluating (minutes on a large validation set); `abort` still ends it
         return await self._meet(("sync", step, 0), side, part, combine, timed=False)
-
-    def _payload(self, state: dict, epoch: int, trained: list[int]) -> dict:
-        return {"config": self.cfg.to_dict(), **state, "epoch": epoch,
-                "progress": {"epoch": epoch, "trained_ids": list(trained)}, "best": dict(self.best)}
 
 
 # per-side timing keys of a split side's metrics (suffixed _a/_b in the line)

@@ -16,13 +16,12 @@ from torch.utils.data import DataLoader
 
 from pipeline.coco import CocoDataset, load_coco
 from pipeline.dataset import DetectionDataset, collate
-from pipeline.loop import (Batch, Collective, Instruments, Start, Stepped, Stepper, checkpoint_payload, plan_run,
-                           read_start, total_steps, train_loop)
+from pipeline.loop import (Batch, Collective, Start, Stepped, Stepper, plan_run,
+                           read_start, total_steps, train_loop, write_commit)
 from pipeline.validate import evaluate_network
 from schemas.config import ConfigError, RunConfig
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
-from trainer.checkpoint import save_checkpoint
 from trainer.colad import count_metrics
 from trainer.engine import Engine, pick_device
 from trainer.worker import ActiveMean, null_batch
@@ -147,23 +146,15 @@ class RunControl:
 
 
 class Evaluating:
-    """Rank 0's commit for engines that hold every network in one process: evaluate, keep the best, last.pt."""
+    """Rank 0's commit for engines that hold every network in one process: evaluate them all, then record."""
 
     def commit(self, epoch, last, best, *, evaluate, final):
-        ev = None
-        if evaluate:
-            ev = {name: evaluate_network(net, self.engine.anchors, self.val, self.cfg.data.input_size,
-                                         self.cfg.inference, self.device)[0]
-                  for name, net in self.engine.networks().items()}
-            for name, stats in ev.items():
-                self.run.add_eval({"epoch": epoch, "step": self.engine.step_count, "network": name, "stats": stats})
-            if ev["a"]["AP"] > best["AP"]:
-                best = {"AP": ev["a"]["AP"], "step": self.engine.step_count}
-                save_checkpoint(self.run.best, checkpoint_payload(self.engine, self.cfg, epoch + 1, [], best))
-        save_checkpoint(self.run.last, checkpoint_payload(self.engine, self.cfg, *last, best))
-        if final == "succeeded" and not self.run.best.exists():
-            save_checkpoint(self.run.best, checkpoint_payload(self.engine, self.cfg, epoch + 1, [], best))
-        return ev, best
+        evals = {name: evaluate_network(net, self.engine.anchors, self.val, self.cfg.data.input_size,
+                                        self.cfg.inference, self.device)[0]
+                 for name, net in self.engine.networks().items()} if evaluate else None
+        best = write_commit(self.run, self.cfg, self.engine.state(), self.engine.step_count, epoch, last, best,
+                            evals, final)
+        return evals, best
 
 
 class NetworkStepper(Evaluating, Stepper):
@@ -219,7 +210,7 @@ class NetworkStepper(Evaluating, Stepper):
 
 # ------------------------------------------------------------------------------------------------ the driver
 
-def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults: Optional[dict] = None) -> dict:
+def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observers: tuple = ()) -> dict:
     """Train `cfg` in this process; returns the last evaluation ({network: stats}) or {}."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -239,7 +230,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults:
     try:
         out = train_loop(cfg, stepper, planned_batches(cfg, data.train, start, steps), start, total=steps,
                          num_images=len(data.train.records), has_val=data.val is not None, progress=progress,
-                         bar=True, instruments=Instruments.of(faults))
+                         bar=True, observers=tuple(observers))
     except BaseException as e:
         run.set_progress("failed", engine.step_count, steps, epoch, error=f"{type(e).__name__}: {e}")
         raise

@@ -16,14 +16,10 @@ With one rank every collective is a no-op, so the in-process run is this loop wi
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -118,10 +114,26 @@ def read_start(run: RunDir, resume: bool) -> Start:
     return start
 
 
-def checkpoint_payload(engine, cfg: RunConfig, epoch: int, trained: list[int], best: dict) -> dict:
-    """What last.pt / best.pt hold: the config, the engine's state, and where in the run it was taken."""
-    return {"config": cfg.to_dict(), **engine.state(), "epoch": epoch,
-            "progress": {"epoch": epoch, "trained_ids": list(trained)}, "best": dict(best)}
+def write_commit(run: RunDir, cfg: RunConfig, state: dict, step: int, epoch: int, last: tuple[int, list[int]],
+                 best: dict, evals: Optional[dict], final: Optional[str]) -> dict:
+    """Rank 0's record of a commit, whichever engine made it: the evaluations to eval.json, best.pt when network A's
+    AP improved, last.pt (`last`: the epoch and ids a resume starts from), and best.pt at the end if there is none.
+    `state` is the engine's (`Engine.state()`, or both sides' merged). Returns the best so far."""
+    from trainer.checkpoint import save_checkpoint
+
+    def payload(ep: int, ids: list[int]) -> dict:
+        return {"config": cfg.to_dict(), **state, "epoch": ep, "progress": {"epoch": ep, "trained_ids": list(ids)},
+                "best": dict(best)}
+
+    for name, stats in (evals or {}).items():
+        run.add_eval({"epoch": epoch, "step": step, "network": name, "stats": stats})
+    if evals and evals["a"]["AP"] > best["AP"]:
+        best = {"AP": evals["a"]["AP"], "step": step}
+        save_checkpoint(run.best, payload(epoch + 1, []))
+    save_checkpoint(run.last, payload(*last))
+    if final == "succeeded" and not run.best.exists():
+        save_checkpoint(run.best, payload(epoch + 1, []))
+    return best
 
 
 # ------------------------------------------------------------------------------------------------ the interface
@@ -200,58 +212,6 @@ class Collective:
         return out
 
 
-# ------------------------------------------------------------------------------------------------ instruments
-
-@dataclass
-class Instruments:
-    """Test instrumentation, off unless a test passes it explicitly (never read from the environment):
-    `trace_dir` (per rank, the ids, labels digest and pid of every step: exactly-once checks, and the pid a test
-    kills), `step_sleep_s` (a slow student a test can stop or kill mid-epoch), `fail_at_step` ({"step": n,
-    "rank": r, "tag": t}: raise before step n)."""
-    trace_dir: Optional[str] = None
-    step_sleep_s: float = 0.0
-    fail_at_step: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, faults: Optional[dict]) -> "Instruments":
-        f = dict(faults or {})
-        return cls(f.get("trace_dir"), float(f.get("step_sleep_s") or 0), dict(f.get("fail_at_step") or {}))
-
-    def before_step(self, step: int, rank: int, tag: str) -> None:
-        f = self.fail_at_step
-        if f.get("step") == step and f.get("rank", 0) == rank and f.get("tag", tag) == tag:
-            raise RuntimeError(f"injected failure before step {step} (test)")
-
-    def after_step(self, trace: Optional[Path], step: int, epoch: int, rank: int, batch: Optional[Batch],
-                   labels) -> None:
-        if trace is not None and batch is not None:
-            record = {"step": step, "epoch": epoch, "rank": rank, "pid": os.getpid(), "ids": batch.image_ids}
-            if labels is not None:
-                record["labels"] = _digest(labels)
-            with open(trace, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.step_sleep_s:
-            time.sleep(self.step_sleep_s)
-
-    def trace_file(self, tag: str, rank: int, resume_step: int) -> Optional[Path]:
-        """This rank's trace; a resumed run first drops the steps it will take again."""
-        if not self.trace_dir:
-            return None
-        path = Path(self.trace_dir) / f"trace.{tag + '.' if tag else ''}rank{rank}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        return path
-
-
-def _digest(labels) -> str:
-    h = hashlib.sha1()
-    for t in (labels.labels, labels.gt_index, labels.ignore):
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
 @dataclass
@@ -272,19 +232,19 @@ def say(line: str, bar=None) -> None:
 
 def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start: Start, *, total: int,
                num_images: int, has_val: bool, collective: Collective = Collective(), progress: bool = False,
-               bar: bool = False, tag: str = "", instruments: Instruments = Instruments()) -> Outcome:
+               bar: bool = False, tag: str = "", observers: tuple = ()) -> Outcome:
     """Train until the step budget, the end of the plan, or a stop request; see the module docstring.
 
-    `progress`: print progress (a tqdm bar when `bar`, else a line every `log_every` steps); `tag` names this
-    worker group in traces ('' for the only one)."""
-    rank, world = collective.rank, collective.world
+    `progress`: print progress (a tqdm bar when `bar`, else a line every `log_every` steps). `observers`: objects
+    told about every step of this rank (`before_step(step, rank, tag)`, `after_step(step, epoch, rank, tag,
+    image_ids, labels)`), e.g. a tracer; `tag` names this worker group for them ('' for the only one)."""
+    rank, _world = collective.rank, collective.world
     t = cfg.train
     epoch, trained, best = start.epoch, list(start.trained_ids) if rank == 0 else [], dict(start.best)
     new_ids: list[int] = []
     last_eval: dict = {e["network"]: e["stats"] for e in stepper.run.evals()} if rank == 0 else {}
     if stepper.step_count >= total:  # a finished run resumed: nothing left to train
         return Outcome("succeeded", stepper.step_count, epoch, last_eval)
-    trace = instruments.trace_file(tag, rank, stepper.step_count)
     pbar = None
     if progress and bar and rank == 0:
         from tqdm import tqdm
@@ -347,14 +307,16 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
                 pending = None
             n_active, n_images = collective.reduce([int(batch is not None), len(batch.image_ids) if batch else 0],
                                                    "SUM")
-            instruments.before_step(stepper.step_count + 1, rank, tag)
+            for o in observers:
+                o.before_step(stepper.step_count + 1, rank, tag)
             t0 = time.perf_counter()
             out = stepper.step(batch, n_active)
             step_ms = (time.perf_counter() - t0) * 1e3
             step = stepper.step_count
             if batch is not None:
                 new_ids.extend(batch.image_ids)
-            instruments.after_step(trace, step, epoch, rank, batch, out.labels)
+            for o in observers:
+                o.after_step(step, epoch, rank, tag, batch.image_ids if batch is not None else [], out.labels)
             if rank == 0 and out.record is not None and (step % t.log_every == 0 or step == 1):
                 decode_ms = batch.decode_ms if batch is not None else 0.0
                 data_wait_ms = max(wait_ms - decode_ms, 0.0)

@@ -10,7 +10,6 @@ Every worker runs the one loop (`pipeline.loop.train_loop`) with its engine's ba
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -20,7 +19,7 @@ from typing import Optional
 
 from pipeline import ray_env
 from pipeline.local import StopRequested, prepare_run
-from pipeline.loop import Collective, Instruments, Start, read_start, train_loop
+from pipeline.loop import Collective, Start, read_start, train_loop
 from schemas.config import RunConfig
 from schemas.rundir import RunDir
 
@@ -107,7 +106,7 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
     del checkpoint
     out = train_loop(cfg, stepper, batches, start, total=total, num_images=config["num_images"],
                      has_val=cfg.data.val is not None, collective=collective, progress=config["progress"],
-                     tag=group if group != "stream" else "", instruments=Instruments.of(config["faults"]))
+                     tag=group if group != "stream" else "", observers=tuple(config["observers"]))
     if rank == 0 and group in ("stream", "inline"):  # split: the coordinator has it from the last commit
         ray.get(hub.set_result.remote({"state": out.state, "step": out.step, "epoch": out.epoch, "eval": out.eval}))
 
@@ -154,9 +153,9 @@ def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
 
 # ------------------------------------------------------------------------------------------------ the driver
 
-def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults: Optional[dict] = None) -> dict:
-    """Train `cfg` on Ray; returns the last evaluation ({network: stats}) or {}. `faults`: test instrumentation
-    (`pipeline.loop.Instruments`), never read from the environment."""
+def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observers: tuple = ()) -> dict:
+    """Train `cfg` on Ray; returns the last evaluation ({network: stats}) or {}. `observers`: told about
+    every step of every worker and every batch assigned (`pipeline.loop.train_loop`), e.g. a test's tracer."""
     import ray
     import ray.train
 
@@ -201,7 +200,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults:
                 return {}
             loop_config = dict(cfg=cfg.to_dict(), hub=hub, total_steps=steps, num_images=len(records),
                                start={k: v for k, v in vars(start).items() if k != "checkpoint"},
-                               progress=progress, faults=faults)
+                               progress=progress, observers=tuple(observers))
             try:
                 if split:
                     _fit_split(cfg, loop_config, hub)
@@ -211,7 +210,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, faults:
                     from pipeline.stream import build_dataset, data_config, stream_items
 
                     ray.get(hub.reset_counters.remote())
-                    ds = build_dataset(cfg, stream_items(cfg, records, start, steps - start.step), hub, faults)
+                    ds = build_dataset(cfg, stream_items(cfg, records, start, steps - start.step), hub, observers)
                     fit_group(cfg.to_dict(), "stream", loop_config, datasets={"train": ds},
                               dataset_config=data_config(ray_env.configure_data_context(cfg, budget)))
                 break

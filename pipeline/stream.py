@@ -37,7 +37,7 @@ def stream_items(cfg: RunConfig, records: list, start, remaining_steps: int) -> 
     return items
 
 
-def build_dataset(cfg: RunConfig, items: list, monitor: Any = None, faults: Optional[dict] = None):
+def build_dataset(cfg: RunConfig, items: list, monitor: Any = None, observers: tuple = ()):
     """The stream: planned batches -> images (CPU tasks) -> assignments (the actor pool), one block per batch."""
     import ray
 
@@ -56,7 +56,7 @@ def build_dataset(cfg: RunConfig, items: list, monitor: Any = None, faults: Opti
         TeacherAssigner, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=p.assigners),
         num_cpus=p.cpus_per_assigner, num_gpus=p.gpus_per_assigner or None,
-        fn_constructor_kwargs=dict(cfg=cfg.to_dict(), monitor=monitor, faults=faults))
+        fn_constructor_kwargs=dict(cfg=cfg.to_dict(), monitor=monitor, observers=observers))
 
 
 def data_config(execution_options):

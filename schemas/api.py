@@ -12,10 +12,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.config import RunConfig
-from schemas.policy import RolePolicy
+from schemas.policy import PolicyName
 
 RunState = Literal["pending", "running", "succeeded", "failed", "stopped"]
 RUN_STATES: tuple[str, ...] = ("pending", "running", "succeeded", "failed", "stopped")
@@ -103,15 +103,7 @@ class MetricsPage(_Out):
 # ---- co-learning roles --------------------------------------------------------------------------------------
 class RolesUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    policy: str = Field(description="auto | pin-a | pin-b | alternate:N", examples=["auto", "alternate:100"])
-
-    @field_validator("policy")
-    @classmethod
-    def _policy(cls, v: str) -> str:
-        try:
-            return RolePolicy.parse(v).name
-        except ValueError:
-            raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)") from None
+    policy: PolicyName = Field(description="auto | pin-a | pin-b | alternate:N", examples=["auto", "alternate:100"])
 
 
 class RolesRequest(_Out):

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.modes import MODES, mode_spec, modes_where
-from schemas.policy import RolePolicy
+from schemas.policy import PolicyName
 
 Mode = Literal["paa", "lad", "kd", "solad", "colad"]  # spelled out for type checkers; the table is schemas.modes
 if get_args(Mode) != MODES:
@@ -102,7 +102,7 @@ class ColearnConfig(_Strict):
     model_b: Optional[ModelConfig] = Field(None, description="network B; default: the same as `model`")
     checkpoint_a: Optional[str] = None
     checkpoint_b: Optional[str] = None
-    policy: str = Field("auto", description="auto | pin-a | pin-b | alternate:N")
+    policy: PolicyName = Field("auto", description="auto | pin-a | pin-b | alternate:N")
     seed_b: Optional[int] = Field(None, description="initialisation seed of network B (default: model seed + 1)")
     mode: Literal["inline", "split"] = "inline"
     cpus_per_worker_b: Optional[float] = Field(
@@ -111,14 +111,6 @@ class ColearnConfig(_Strict):
         None, ge=0, description="split: GPUs of each network-B worker (default: pipeline.gpus_per_worker)")
     exchange_timeout_s: float = Field(
         600.0, gt=0, description="split: how long one side waits for the other at the coordinator")
-
-    @field_validator("policy")
-    @classmethod
-    def _policy(cls, v: str) -> str:
-        try:
-            return RolePolicy.parse(v).name
-        except ValueError:
-            raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)") from None
 
 
 class TrainConfig(_Strict):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator
 
 POLICY_RE = re.compile(r"(auto|pin-a|pin-b|alternate:[1-9][0-9]*)\Z")  # the grammar; .match anchors the start
 _CODES = {"auto": 0, "pin-a": -1, "pin-b": -2}  # alternate:N is N (>= 1)
@@ -66,3 +68,13 @@ class RolePolicy:
 
     def __str__(self) -> str:
         return self.name
+
+
+def _valid_name(v: str) -> str:
+    try:
+        return RolePolicy.parse(v).name
+    except ValueError:
+        raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)") from None
+
+
+PolicyName = Annotated[str, AfterValidator(_valid_name)]  # a policy field of a config or REST body

@@ -36,6 +36,7 @@ def test_inline_and_split_train_exactly_the_in_process_colad(ray_session, tmp_pa
     split's per-step assignment digests are equal."""
     from pipeline.ray_driver import train as ray_train
     from pipeline.local import train as local_train
+    from tests.tracing import Tracer
 
     data = make_data(tmp_path / "data", num_train=12, num_val=4)
     out = tmp_path / "runs"
@@ -48,21 +49,21 @@ def test_inline_and_split_train_exactly_the_in_process_colad(ray_session, tmp_pa
         cfg.colearn.exchange_timeout_s = 900
         traces[mode] = tmp_path / f"trace_{mode}"
         traces[mode].mkdir()
-        faults = {"trace_dir": str(traces[mode])}
+        tracer = Tracer(traces[mode])
         if mode == "inline":  # straight through (stopping a live inline run: tests/test_colearn_rest.py)
-            assert ray_train(cfg, progress=False, faults=faults) == local_eval
+            assert ray_train(cfg, progress=False, observers=(tracer,)) == local_eval
             runs[mode] = (cfg, 0)
             continue
         t0 = time.monotonic()
         with pytest.raises(RuntimeError, match="side b rank 0: RuntimeError: injected failure before step 4"):
-            ray_train(cfg, progress=False, faults={**faults, "fail_at_step": {"tag": "b", "step": 4}})
+            ray_train(cfg, progress=False, observers=(Tracer(traces[mode], fail_at_step={"tag": "b", "step": 4}),))
         # waiting out the exchange timeout would take 900 s on top of the run; failing at once takes the run
         assert time.monotonic() - t0 < cfg.colearn.exchange_timeout_s, "side A waited for the dead side B"
         progress = json.loads((cfg.run_dir / "progress.json").read_text())
         assert progress["state"] == "failed" and "injected failure" in progress["error"]
         stopped_at = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")["step"]
         assert 2 <= stopped_at <= 3
-        assert ray_train(cfg, progress=False, faults=faults) == local_eval  # resumes from last.pt
+        assert ray_train(cfg, progress=False, observers=(tracer,)) == local_eval  # resumes from last.pt
         runs[mode] = (cfg, stopped_at)
     torch.set_num_threads(threads)
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -94,9 +95,11 @@ def test_lad_through_the_service_trains_like_in_process(ray_session, tiny):
 
 
 def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_session, tiny):
-    """2 DDP workers, batch 5: 24 images = 2 steps of 5+5 and a last step of 2+2 (nothing dropped); the
-    assigner actor SIGKILLs itself in the middle of its 2nd batch, Ray restarts it and re-runs that batch."""
+    """2 DDP workers, batch 5: 24 images = 2 steps of 5+5 and a last step of 2+2 (nothing dropped). The test
+    SIGKILLs the assigner actor (its pid from the trace) while it holds its 2nd batch (assigned, not yet
+    returned); Ray restarts it and re-runs that batch."""
     from pipeline.ray_driver import train as stream_train
+    from tests.tracing import Tracer
 
     root, data, teacher = tiny
     faults_dir = root / "faults_assigner"
@@ -105,8 +108,23 @@ def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_
     cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, train={"epochs": 2, "batch_size": 5},
                       pipeline={"num_workers": 2, "assigners": 1})
     cfg.name = "two_workers"
-    stream_train(cfg, progress=False, faults={"trace_dir": str(faults_dir), "kill_assigner_at_call": 2,
-                                               "marker": str(marker)})
+    assigned = faults_dir / "assigned.jsonl"
+
+    def kill_second_batch():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            lines = assigned.read_text().splitlines() if assigned.exists() else []
+            if len(lines) >= 2:
+                pid = json.loads(lines[1])["pid"]
+                os.kill(pid, signal.SIGKILL)
+                marker.write_text(str(pid))
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_second_batch, daemon=True)
+    killer.start()
+    stream_train(cfg, progress=False, observers=(Tracer(faults_dir, assign_sleep_s=1.0),))
+    killer.join(timeout=5)
     assert marker.exists(), "the assigner was not killed"
     assert_exactly_once(faults_dir, image_ids(data), epochs=2)
     steps = [json.loads(line) for line in (faults_dir / "trace.rank0.jsonl").read_text().splitlines()]
@@ -134,9 +152,9 @@ def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):
     path = root / "kill_and_stop.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     marker = faults_dir / "worker.killed"
-    faults = {"trace_dir": str(faults_dir), "step_sleep_s": 0.4}
+    tracer = {"trace_dir": str(faults_dir), "step_sleep_s": 0.4}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "run_traced.py"), str(path), json.dumps(faults)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "run_traced.py"), str(path), json.dumps(tracer)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics, trace = cfg.run_dir / "metrics.jsonl", faults_dir / "trace.rank0.jsonl"
     deadline = time.time() + 600  # generous: a loaded 2-core machine runs this several times slower
