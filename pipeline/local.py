@@ -191,20 +191,20 @@ class NetworkStepper(Evaluating, Stepper):
         images, boxes, labels = to_device(batch.data, self.device) if batch is not None else self.idle
         result = self.engine.step(images, boxes, labels)
         record = dict(result.metrics)
-        if self.colad:
+        if self.colad:  # the role counts of every rank, summed, give the step's teacher ratios
             levels = len(self.cfg.model.fpn_levels)
-            counts = result.choice.role_counts(boxes) if batch is not None else {
+            counts = result.extra["counts"] if batch is not None else {
                 "taught_level": [0] * levels, "defined_level": [0] * levels, "taught_size": [0] * 3,
                 "defined_size": [0] * 3}
-            keys = ("taught_level", "defined_level", "taught_size", "defined_size")
+            keys = list(counts)
             flat = self.collective.reduce([x for k in keys for x in counts[k]] + [int(record["num_pos"])], "SUM")
-            sizes = [len(counts[k]) for k in keys]
-            bounds = [sum(sizes[:i]) for i in range(len(keys) + 1)]
+            bounds = [0]
+            for k in keys:
+                bounds.append(bounds[-1] + len(counts[k]))
             counts = {k: flat[a:b] for k, a, b in zip(keys, bounds[:-1], bounds[1:])}
             record.update(count_metrics(counts), num_pos=flat[-1])
             if self.collective.rank == 0:
-                self.control.record(self.engine.step_count, batch.epoch if batch else -1, self.engine.policy.name,
-                                    counts)
+                self.control.record(self.engine.step_count, batch.epoch, self.engine.policy.name, counts)
         return Stepped(record, result.labels)
 
 

@@ -154,8 +154,9 @@ def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):
     marker = faults_dir / "worker.killed"
     tracer = {"trace_dir": str(faults_dir), "step_sleep_s": 0.4}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    log = root / "kill_and_stop.log"  # not a pipe: unread while the run goes, a full pipe would block its prints
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "run_traced.py"), str(path), json.dumps(tracer)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     metrics, trace = cfg.run_dir / "metrics.jsonl", faults_dir / "trace.rank0.jsonl"
     deadline = time.time() + 600  # generous: a loaded 2-core machine runs this several times slower
     try:
@@ -172,10 +173,11 @@ def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):
                     proc.send_signal(signal.SIGTERM)
                     break
             time.sleep(0.1)
-        out, _ = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
+    out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "a training worker was lost" in out, out[-3000:]
     progress = json.loads((cfg.run_dir / "progress.json").read_text())

@@ -39,12 +39,6 @@ from trainer.model import HeadOutputs
 from trainer.network import NETWORKS, AnchorCache, build_network, detection_loss_for, make_optimizer
 from trainer.worker import labels_to_sparse
 
-__all__ = [
-    "RolePolicy", "ColadChoice", "colad_choose", "colad_assign", "SIZES", "SIZE_BOUNDS", "ratio", "ratios_by_size",
-    "ratios_by_level", "ratio_total", "candidate_stats", "SIDES", "Scored", "SideEngine", "grad_norms",
-    "side_metrics", "to_sparse", "ExchangeMismatch", "merge_sparse", "add_counts", "count_metrics", "merge_states",
-    "side_state",
-]
 
 # ------------------------------------------------------------------------------------------ who teaches
 
@@ -62,23 +56,6 @@ class ColadChoice:
     merged: list[Tensor]          # per image [A] candidate losses after the merge
     b_was_teacher: list[Tensor]   # per image [G, L] bool
     defined: list[Tensor]         # per image [G, L] bool: (GT, level) pairs that had candidates
-
-    def teacher_ratio(self) -> float:
-        """Share of defined (GT, level) pairs where B taught (NaN if the batch had no GT)."""
-        taught = sum(int((b & d).sum()) for b, d in zip(self.b_was_teacher, self.defined))
-        total = sum(int(d.sum()) for d in self.defined)
-        return ratio(taught, total)
-
-    def teacher_ratio_by_level(self) -> list[float]:
-        if not self.defined:
-            return []
-        levels = self.defined[0].shape[1]
-        out = []
-        for lv in range(levels):
-            taught = sum(int((b[:, lv] & d[:, lv]).sum()) for b, d in zip(self.b_was_teacher, self.defined))
-            total = sum(int(d[:, lv].sum()) for d in self.defined)
-            out.append(ratio(taught, total))
-        return out
 
     def role_counts(self, gt_boxes: list[Tensor]) -> dict[str, list[int]]:
         """(GT, level) pairs where B taught / that were defined, per FPN level and per object size (COCO's
@@ -99,9 +76,6 @@ class ColadChoice:
                 out["taught_size"][s] += int(taught[mask].sum())
                 out["defined_size"][s] += int(d[mask].sum())
         return out
-
-    def teacher_ratio_by_size(self, gt_boxes: list[Tensor]) -> dict[str, float]:
-        return ratios_by_size(self.role_counts(gt_boxes))
 
 
 def ratios_by_size(counts: dict[str, list[int]]) -> dict[str, float]:
@@ -310,7 +284,7 @@ def merge_sparse(cfg: RunConfig, payload_a: dict, payload_b: dict, policy: RoleP
     batch_labels, choice = colad_assign(cfg, la, lb, cand, nl, labels, policy, step_index)
     counts = choice.role_counts(boxes)
     return {"assignment": labels_to_sparse(batch_labels), "counts": counts, "policy": policy.name,
-            "num_pos": int(batch_labels.pos.sum()), "teacher_ratio": choice.teacher_ratio()}
+            "num_pos": int(batch_labels.pos.sum()), "teacher_ratio": ratio_total(counts)}
 
 
 def add_counts(total: Optional[dict], counts: dict) -> dict:

@@ -20,7 +20,7 @@ from torch import Tensor
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from trainer.assign import candidate_losses_batch, preassign_batch
-from trainer.colad import ColadChoice, RolePolicy, candidate_stats, colad_assign
+from trainer.colad import ColadChoice, RolePolicy, candidate_stats, colad_assign, count_metrics
 from trainer.losses import BatchLabels, SoftTargets, soft_label_kd
 from trainer.model import HeadOutputs, PAADetector
 from trainer.network import AnchorCache, build_network, detection_loss_for, make_optimizer
@@ -178,13 +178,12 @@ class Engine:
         self._backward(total_a + total_b)
         timer.lap("backward_ms")
         metrics = {f"{k}_a": float(v.detach()) for k, v in la.items()} | {f"{k}_b": float(v.detach()) for k, v in lb.items()}
+        counts = choice.role_counts(gt_boxes)
         metrics.update(loss=float((total_a + total_b).detach()), loss_a=float(total_a.detach()), loss_b=float(total_b.detach()),
-                       num_pos=int(labels.pos.sum()), teacher_ratio=choice.teacher_ratio(), policy=self.policy.name)
+                       num_pos=int(labels.pos.sum()), policy=self.policy.name, **count_metrics(counts))
         metrics.update(candidate_stats("a", losses_a, cand))
         metrics.update(candidate_stats("b", losses_b, cand))
-        metrics["teacher_ratio_by_level"] = choice.teacher_ratio_by_level()
-        metrics["teacher_ratio_by_size"] = choice.teacher_ratio_by_size(gt_boxes)
-        return StepResult(self._stamp(metrics, timer), labels=labels, choice=choice)
+        return StepResult(self._stamp(metrics, timer), labels=labels, choice=choice, extra={"counts": counts})
 
     def _backward(self, total: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
