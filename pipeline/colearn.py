@@ -155,7 +155,7 @@ class ColearnCoordinator:
     """See the module docstring. An asyncio actor: long polls and split rendezvous wait without holding a thread;
     the merge itself (a few ms per batch) runs on the event loop, one batch at a time."""
 
-    def __init__(self, cfg: dict, policy: str, start_step: int = 0, source: str = "config", split: bool = False,
+    def __init__(self, cfg: dict, policy: str, start_step: int = 0, source: str = "config",
                  best: Optional[dict] = None, poll_s: float = POLL_S):
         import torch
 
@@ -165,7 +165,6 @@ class ColearnCoordinator:
         self.run = RunDir(self.cfg.run_dir)
         self.book = RoleBook(policy, self.run.roles_path, start_step, source)
         self.book.poll_file()  # a request made before the run started applies from its first step
-        self.split = split
         self.poll_s = poll_s
         self._event: Optional[asyncio.Event] = None
         self._poller: Optional[asyncio.Task] = None
@@ -434,11 +433,11 @@ class PolicyWatch:
         return self.state
 
 
-def get_or_create(cfg: RunConfig, policy: str, *, start_step: int = 0, source: str = "config", split: bool = False,
+def get_or_create(cfg: RunConfig, policy: str, *, start_step: int = 0, source: str = "config",
                   best: Optional[dict] = None):
     """The run's coordinator: the live one if this run has one (a restarted driver), else a new one."""
     return ColearnCoordinator.options(name=coordinator_name(cfg), namespace=NAMESPACE, get_if_exists=True,
-                                      lifetime=None).remote(cfg.to_dict(), policy, start_step, source, split, best)
+                                      lifetime=None).remote(cfg.to_dict(), policy, start_step, source, best)
 
 
 def lookup(cfg: RunConfig):

@@ -20,6 +20,7 @@ from pipeline.loop import (Batch, Collective, Start, Stepped, Stepper, plan_run,
                            read_start, total_steps, train_loop, write_commit)
 from pipeline.validate import evaluate_network
 from schemas.config import ConfigError, RunConfig
+from schemas.modes import mode_spec
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
 from trainer.colad import count_metrics
@@ -165,13 +166,9 @@ class NetworkStepper(Evaluating, Stepper):
                  collective: Collective = Collective()):
         self.cfg, self.run, self.engine, self.device, self.val = cfg, run, engine, device, val
         self.control, self.collective = control, collective
-        self.colad = cfg.mode == "colad"
+        self.colad = mode_spec(cfg.mode).co_learning
         self.hook = data_parallel(engine, device, collective.world)
         self.idle = None
-
-    @property
-    def step_count(self) -> int:
-        return self.engine.step_count
 
     def poll(self):
         return self.control.poll()
@@ -224,7 +221,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
     if start.resumed:
         engine.load_state(start.checkpoint)
         start.checkpoint = None
-    stepper = NetworkStepper(cfg, run, engine, device, data.val, RunControl(run, cfg.mode == "colad"))
+    stepper = NetworkStepper(cfg, run, engine, device, data.val, RunControl(run, mode_spec(cfg.mode).co_learning))
     run.set_progress("running", engine.step_count, steps, start.epoch)
     epoch = start.epoch
     try:

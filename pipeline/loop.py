@@ -159,10 +159,11 @@ class Stepper:
 
     run: RunDir
     cfg: RunConfig
+    engine: Any  # what trains: `trainer.engine.Engine`, or split's `SideEngine`
 
     @property
     def step_count(self) -> int:
-        raise NotImplementedError
+        return self.engine.step_count
 
     def poll(self) -> tuple[bool, Optional[int]]:
         """Rank 0, before each step: (stop requested, the role policy's code or None)."""

@@ -21,6 +21,7 @@ from pipeline import ray_env
 from pipeline.local import StopRequested, prepare_run
 from pipeline.loop import Collective, Start, read_start, train_loop
 from schemas.config import RunConfig
+from schemas.modes import mode_spec
 from schemas.rundir import RunDir
 
 
@@ -159,7 +160,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
     import ray
     import ray.train
 
-    colad = cfg.mode == "colad"
+    colad = mode_spec(cfg.mode).co_learning
     split = colad and cfg.colearn.mode == "split"
     # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -184,7 +185,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
         if colad:
             from pipeline.colearn import get_or_create
             hub = get_or_create(cfg, start.policy or cfg.colearn.policy, start_step=start.step,
-                                source="checkpoint" if start.policy else "config", split=split, best=start.best)
+                                source="checkpoint" if start.policy else "config", best=start.best)
             ray.get(hub.start.remote())
         else:
             hub = ray_env.StreamMonitor.remote()

@@ -177,7 +177,3 @@ class StreamMonitor:
 
     def error_message(self) -> Optional[str]:
         return self.error
-
-    def snapshot(self) -> dict:
-        return {"assigned": self.n_assigned, "consumed": self.n_consumed, "stop": self.stop,
-                "assign_ms_total": self.assign_ms, "result": self.result_}

@@ -65,10 +65,6 @@ class SplitStepper(Stepper):
                                 hard=True, soft=False)
         self.stop_next = False
 
-    @property
-    def step_count(self) -> int:
-        return self.engine.step_count
-
     def poll(self):
         """The stop flag the coordinator froze for the previous step (both groups stop after the same step)."""
         return self.stop_next, None

@@ -47,7 +47,7 @@ def build_dataset(cfg: RunConfig, items: list, monitor: Any = None, observers: t
     ds = ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
                         num_cpus=p.cpus_per_read_task,
                         fn_kwargs=dict(spec=spec, seed=cfg.seed, flip_prob=cfg.data.flip_prob))
-    if cfg.mode == "paa":  # data only: the student assigns its own labels
+    if not mode_spec(cfg.mode).needs_teacher:  # paa: data only, the student assigns its own labels
         return ds
     # Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1 (its defaults; passing them is
     # deprecated in 2.60), so a lost actor is restarted and its batch re-run. An exception raised by the
@@ -110,10 +110,6 @@ class StreamStepper(Evaluating, Stepper):
         self.newest_version = 0
         self.stop_ref: Optional[Any] = None
         self.stop_seen = False
-
-    @property
-    def step_count(self) -> int:
-        return self.engine.step_count
 
     def poll(self):
         """The driver's stop request (SIGTERM), read without waiting: one call to the monitor always in flight."""

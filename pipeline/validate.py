@@ -8,6 +8,7 @@ from tqdm import tqdm
 from pipeline.coco import CocoDataset
 from pipeline.dataset import DetectionDataset, collate
 from pipeline.evaluate import coco_evaluate
+from pipeline.transforms import boxes_to_original
 from schemas.config import InferenceConfig
 from trainer.inference import detect
 
@@ -23,7 +24,7 @@ def predict(model, anchors_fn, dataset: CocoDataset, input_size: int, cfg: Infer
         results = detect(model, batch["images"].to(device), anchors_fn, cfg)
         for (boxes, scores, labels), image_id, scale in zip(results, batch["image_ids"].tolist(), batch["scales"]):
             w, h = sizes[image_id]
-            boxes = (boxes.cpu() / float(scale))
+            boxes = boxes_to_original(boxes.cpu(), float(scale), flip=False, resized_w=0)  # eval never flips
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):

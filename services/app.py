@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from schemas.api import (RUN_STATES, Checkpoint, ErrorResponse, Health, MetricsPage, Progress, RolesChange,
                          RolesPoint, RolesRequest, RolesState, RolesUpdate, RunDetail, RunList, RunSummary)
 from schemas.config import RunConfig
+from schemas.modes import mode_spec
 from schemas.rundir import RunDir
 from services.launcher import RAY_ENTRYPOINT, Launcher, LaunchError, LocalLauncher, RayLauncher
 from services.registry import Registry, RunRecord
@@ -364,7 +365,7 @@ def create_app(settings: Settings, launcher: Optional[Launcher] = None,
              responses={409: {"model": ErrorResponse}})
     def get_roles(run_id: str) -> RolesState:
         rec = get_run(run_id)
-        if rec.mode != "colad":
+        if not mode_spec(rec.mode).co_learning:
             raise ApiError(409, f"run {run_id} is mode {rec.mode!r}; roles exist only for colad runs", "mode")
         return roles_state(rec)
 
@@ -372,7 +373,7 @@ def create_app(settings: Settings, launcher: Optional[Launcher] = None,
              responses={409: {"model": ErrorResponse}})
     def put_roles(run_id: str, update: RolesUpdate) -> RolesState:
         rec = get_run(run_id)
-        if rec.mode != "colad":
+        if not mode_spec(rec.mode).co_learning:
             raise ApiError(409, f"run {run_id} is mode {rec.mode!r}; roles exist only for colad runs", "mode")
         if rec.state != "running":
             raise ApiError(409, f"run {run_id} is {rec.state}; the policy can change only while it runs", "state")

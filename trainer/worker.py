@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, FILL_COLUMN, AssignmentRow,  # noqa: F401 (re-exported)
+from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow,
                                 decode_table_rows, soft_fill_values, sparsify_soft)
 from trainer.losses import BatchLabels, SoftTargets
 
