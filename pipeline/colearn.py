@@ -123,6 +123,12 @@ class RoleBook:
     def record(self, step: int, epoch: int, policy: str, counts: dict) -> None:
         self.steps.append({"step": int(step), "epoch": int(epoch), "policy": policy, "counts": counts})
 
+    def rewind(self, step: int) -> None:
+        """A worker group resumes from the checkpoint of `step`: the steps after it (and the policy changes they
+        applied) will be taken again."""
+        self.steps = [s for s in self.steps if s["step"] <= step]
+        self.history = self.history[:1] + [h for h in self.history[1:] if h["from_step"] <= step + 1]
+
     def summary(self, every: int = 1) -> dict:
         """Policy, history and the teacher ratio over steps (total, per level, per size), plus run totals."""
         from trainer.colad import add_counts, count_metrics
@@ -240,6 +246,10 @@ class ColearnCoordinator:
         if self.merges:
             out["merge_ms_mean"] = self.merge_ms / self.merges
         return out
+
+    async def rewind(self, step: int) -> None:
+        self.book.rewind(step)
+        self.result_ = {}
 
     async def set_result(self, result: dict) -> None:
         self.result_ = result

@@ -23,7 +23,7 @@ from schemas.config import ConfigError, RunConfig
 from schemas.modes import mode_spec
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
-from trainer.colad import count_metrics
+from trainer.colad import count_metrics, zero_counts
 from trainer.engine import Engine, pick_device
 from trainer.worker import ActiveMean, null_batch
 
@@ -168,7 +168,6 @@ class NetworkStepper(Evaluating, Stepper):
         self.control, self.collective = control, collective
         self.colad = mode_spec(cfg.mode).co_learning
         self.hook = data_parallel(engine, device, collective.world)
-        self.idle = None
 
     def poll(self):
         return self.control.poll()
@@ -180,19 +179,17 @@ class NetworkStepper(Evaluating, Stepper):
             if self.collective.rank == 0:
                 self.control.applied(self.engine.step_count, name)
 
-    def step(self, batch: Optional[Batch], num_active: int) -> Stepped:
+    def step(self, batch: Optional[Batch], num_active: int, epoch: int) -> Stepped:
         self.hook.set(batch is not None, num_active)
-        if batch is None and self.idle is None:  # an idle rank: a blank image, its gradient discarded by the hook
-            images, boxes, _, _ = null_batch(self.cfg.data.input_size, 1, 1, self.device, hard=False, soft=False)
-            self.idle = (images, boxes, [torch.zeros(0, dtype=torch.long, device=self.device)])
-        images, boxes, labels = to_device(batch.data, self.device) if batch is not None else self.idle
+        if batch is not None:
+            images, boxes, labels = to_device(batch.data, self.device)
+        else:  # an idle rank: a blank image, its gradient discarded by the hook
+            idle = null_batch(self.cfg.data.input_size, 1, 1, self.device, hard=False, soft=False)
+            images, boxes, labels = idle.images, idle.gt_boxes, idle.gt_labels
         result = self.engine.step(images, boxes, labels)
         record = dict(result.metrics)
         if self.colad:  # the role counts of every rank, summed, give the step's teacher ratios
-            levels = len(self.cfg.model.fpn_levels)
-            counts = result.extra["counts"] if batch is not None else {
-                "taught_level": [0] * levels, "defined_level": [0] * levels, "taught_size": [0] * 3,
-                "defined_size": [0] * 3}
+            counts = result.extra["counts"] if batch is not None else zero_counts(len(self.cfg.model.fpn_levels))
             keys = list(counts)
             flat = self.collective.reduce([x for k in keys for x in counts[k]] + [int(record["num_pos"])], "SUM")
             bounds = [0]
@@ -201,7 +198,7 @@ class NetworkStepper(Evaluating, Stepper):
             counts = {k: flat[a:b] for k, a, b in zip(keys, bounds[:-1], bounds[1:])}
             record.update(count_metrics(counts), num_pos=flat[-1])
             if self.collective.rank == 0:
-                self.control.record(self.engine.step_count, batch.epoch, self.engine.policy.name, counts)
+                self.control.record(self.engine.step_count, epoch, self.engine.policy.name, counts)
         return Stepped(record, result.labels)
 
 
@@ -212,10 +209,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
-    data = load_datasets(cfg)
-    run = RunDir(cfg.run_dir)
-    run.create(cfg)
-    steps = total_steps(cfg, len(data.train.records))
+    cfg, data, run, steps = prepare_run(cfg)
     start = read_start(run, resume)
     engine = Engine(cfg, device, steps)
     if start.resumed:
@@ -223,13 +217,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
         start.checkpoint = None
     stepper = NetworkStepper(cfg, run, engine, device, data.val, RunControl(run, mode_spec(cfg.mode).co_learning))
     run.set_progress("running", engine.step_count, steps, start.epoch)
-    epoch = start.epoch
     try:
         out = train_loop(cfg, stepper, planned_batches(cfg, data.train, start, steps), start, total=steps,
                          num_images=len(data.train.records), has_val=data.val is not None, progress=progress,
                          bar=True, observers=tuple(observers))
     except BaseException as e:
-        run.set_progress("failed", engine.step_count, steps, epoch, error=f"{type(e).__name__}: {e}")
+        run.fail(f"{type(e).__name__}: {e}")
         raise
     run.set_progress(out.state, out.step, steps, out.epoch)
     return out.eval

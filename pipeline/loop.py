@@ -103,13 +103,13 @@ class Start:
 def read_start(run: RunDir, resume: bool) -> Start:
     """The start of this attempt; a resumed run forgets the metrics and evaluations logged after its checkpoint
     (they are made again)."""
-    if not (resume and run.last.exists()):
-        return Start()
-    from trainer.checkpoint import load_checkpoint
+    start = Start()
+    if resume and run.last.exists():
+        from trainer.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(run.last)
-    start = Start(int(ckpt["step"]), int(ckpt["progress"]["epoch"]), list(ckpt["progress"]["trained_ids"]),
-                  dict(ckpt["best"]), ckpt.get("policy"), True, ckpt)
+        ckpt = load_checkpoint(run.last)
+        start = Start(int(ckpt["step"]), int(ckpt["progress"]["epoch"]), list(ckpt["progress"]["trained_ids"]),
+                      dict(ckpt["best"]), ckpt.get("policy"), True, ckpt)
     run.rewind(start.step)
     return start
 
@@ -172,7 +172,8 @@ class Stepper:
     def set_policy(self, code: int) -> None:
         """Every rank, before the step: the policy all ranks agreed on (co-learning only)."""
 
-    def step(self, batch: Optional[Batch], num_active: int) -> Stepped:
+    def step(self, batch: Optional[Batch], num_active: int, epoch: int) -> Stepped:
+        """One optimisation step on this rank's batch (None: an idle step); `num_active` ranks have a batch."""
         raise NotImplementedError
 
     def log(self, record: dict, total: int) -> None:
@@ -228,7 +229,8 @@ def say(line: str, bar=None) -> None:
     if bar is not None:
         bar.write(line, file=sys.stderr)
     else:
-        print(line, file=sys.stderr, flush=True)
+        sys.stderr.write(line + "\n")  # not print: Ray Train's print patch in workers would log it twice
+        sys.stderr.flush()
 
 
 def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start: Start, *, total: int,
@@ -258,11 +260,12 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
         if rank == 0:
             trained.extend(i for ids in everyone for i in ids)
 
-    def commit(evaluate: bool, final: Optional[str], stopped: bool = False) -> bool:
-        """Checkpoint (and evaluate) at the current step; True when the epoch is complete."""
+    def commit(evaluate: bool, final: Optional[str], epoch_end: bool = False) -> bool:
+        """Checkpoint (and evaluate) at the current step; True when it ends a complete epoch (then last.pt starts
+        the next one, so a resume never skips this epoch's evaluation)."""
         nonlocal best, last_eval, trained
         gather_ids()
-        full = not stopped and len(trained) >= num_images
+        full = epoch_end and len(trained) >= num_images
         if rank == 0:
             last = (epoch + 1, []) if full else (epoch, trained)
             ev, best = stepper.commit(epoch, last, best, evaluate=evaluate, final=final)
@@ -276,7 +279,7 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
     def end_epoch(finished: bool) -> None:
         nonlocal trained
         due = bool(t.eval_every) and (epoch + 1) % t.eval_every == 0
-        if commit(evaluate=has_val and (finished or due), final="succeeded" if finished else None):
+        if commit(evaluate=has_val and (finished or due), final="succeeded" if finished else None, epoch_end=True):
             trained = []
 
     pending: Optional[Batch] = None
@@ -287,13 +290,14 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
             if pending is None and not exhausted:
                 pending = next(batches, None)
                 exhausted = pending is None
-            wait_ms = (time.perf_counter() - t_wait) * 1e3
+            t_control = time.perf_counter()
+            wait_ms = (t_control - t_wait) * 1e3
             stop, code = stepper.poll() if rank == 0 else (False, None)
             mine = pending.epoch if pending is not None else NO_MORE
             agreed, stop, code = collective.reduce(
                 [mine, -int(stop), NO_MORE if code is None else code], "MIN")
             if stop:
-                commit(evaluate=False, final="stopped", stopped=True)
+                commit(evaluate=False, final="stopped")
                 state = "stopped"
                 break
             if agreed > epoch:  # no rank has a batch of this epoch left
@@ -303,6 +307,7 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
                 epoch = agreed
             if code != NO_MORE:
                 stepper.set_policy(code)
+            control_ms = (time.perf_counter() - t_control) * 1e3
             batch = pending if pending is not None and pending.epoch == epoch else None
             if batch is not None:
                 pending = None
@@ -311,7 +316,7 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
             for o in observers:
                 o.before_step(stepper.step_count + 1, rank, tag)
             t0 = time.perf_counter()
-            out = stepper.step(batch, n_active)
+            out = stepper.step(batch, n_active, epoch)
             step_ms = (time.perf_counter() - t0) * 1e3
             step = stepper.step_count
             if batch is not None:
@@ -322,7 +327,7 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
                 decode_ms = batch.decode_ms if batch is not None else 0.0
                 data_wait_ms = max(wait_ms - decode_ms, 0.0)
                 record = {"step": step, "epoch": epoch, **out.record, "step_ms": round(step_ms, 2),
-                          "data_wait_ms": round(data_wait_ms, 2),
+                          "data_wait_ms": round(data_wait_ms, 2), "control_ms": round(control_ms, 3),
                           "images": n_images, "images_per_s": round(n_images / max(step_ms + wait_ms, 1e-6) * 1e3, 2),
                           "workers_active": n_active}
                 stepper.log(record, total)

@@ -27,15 +27,6 @@ from schemas.rundir import RunDir
 
 # ------------------------------------------------------------------------------------------------ the workers
 
-def _group_resources(cfg: RunConfig, group: str) -> tuple[float, float]:
-    """(CPUs, GPUs) of each worker of a group; side B of split co-learning may have its own."""
-    p, c = cfg.pipeline, cfg.colearn
-    if group == "b":
-        return (c.cpus_per_worker_b if c.cpus_per_worker_b is not None else p.cpus_per_worker,
-                c.gpus_per_worker_b if c.gpus_per_worker_b is not None else p.gpus_per_worker)
-    return p.cpus_per_worker, p.gpus_per_worker
-
-
 def worker_loop(config: dict) -> None:
     """One Ray Train worker of group 'stream', 'inline', 'a' or 'b'. Errors of ours reach the hub first (the
     driver must not retry them); a lost process does not, and the driver resumes it."""
@@ -68,7 +59,7 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
     cfg = RunConfig.model_validate(config["cfg"])
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = ray.train.torch.get_device() if _group_resources(cfg, group)[1] > 0 else torch.device("cpu")
+    device = ray.train.torch.get_device() if ray_env.worker_resources(cfg, group)[1] > 0 else torch.device("cpu")
     run = RunDir(cfg.run_dir)
     start = Start(**config["start"])
     total, collective = config["total_steps"], Collective(rank, world)
@@ -119,7 +110,7 @@ def fit_group(cfg_dict: dict, group: str, loop_config: dict, datasets: Optional[
     from ray.train.torch import TorchTrainer
 
     cfg = RunConfig.model_validate(cfg_dict)
-    cpus, gpus = _group_resources(cfg, group)
+    cpus, gpus = ray_env.worker_resources(cfg, group)
     extra = dict(datasets=datasets, dataset_config=dataset_config) if datasets else {}
     TorchTrainer(
         worker_loop, train_loop_config={**loop_config, "group": group},
@@ -210,7 +201,6 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                 else:
                     from pipeline.stream import build_dataset, data_config, stream_items
 
-                    ray.get(hub.reset_counters.remote())
                     ds = build_dataset(cfg, stream_items(cfg, records, start, steps - start.step), hub, observers)
                     fit_group(cfg.to_dict(), "stream", loop_config, datasets={"train": ds},
                               dataset_config=data_config(ray_env.configure_data_context(cfg, budget)))
@@ -219,13 +209,15 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                 error = ray.get(hub.error_message.remote())
                 if error:  # an error in our code: retrying would fail the same way
                     raise RuntimeError(f"training failed: {error}") from e
-                if split or failures >= cfg.pipeline.max_failures or stop.flag:
+                lost = isinstance(e, ray.train.TrainingFailedError)  # a process of the group died
+                if not lost or split or failures >= cfg.pipeline.max_failures or stop.flag:
                     raise
                 failures += 1
                 print(f"warning: a training worker was lost ({type(e).__name__}); resuming from {run.last} "
                       f"(recovery {failures} of {cfg.pipeline.max_failures})", file=sys.stderr)
                 start = read_start(run, True)
                 start.checkpoint = None
+                ray.get(hub.rewind.remote(start.step))  # forget what the hub recorded after the checkpoint
         result = ray.get(hub.result.remote())
         if result.get("state") not in ("succeeded", "stopped"):
             raise RuntimeError(f"training failed: {result.get('error', 'no result from the workers')}")
@@ -235,9 +227,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
         run.set_progress(result["state"], result["step"], steps, result["epoch"])
         return result.get("eval", {})
     except BaseException as e:
-        progress_now = run.progress() or {}
-        run.set_progress("failed", progress_now.get("step", start.step), steps, progress_now.get("epoch", start.epoch),
-                         error=f"{type(e).__name__}: {e}")
+        run.fail(f"{type(e).__name__}: {e}")
         raise
     finally:
         if installed:  # None: the previous handler was not Python's (Ray's, from C): back to the default

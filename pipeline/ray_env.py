@@ -83,18 +83,24 @@ class Budget:
     data_gpus: float
 
 
+def worker_resources(cfg: RunConfig, group: str) -> tuple[float, float]:
+    """(CPUs, GPUs) of each Train worker of a group; side B of split co-learning may have its own."""
+    p, c = cfg.pipeline, cfg.colearn
+    if group == "b":
+        return (p.cpus_per_worker if c.cpus_per_worker_b is None else c.cpus_per_worker_b,
+                p.gpus_per_worker if c.gpus_per_worker_b is None else c.gpus_per_worker_b)
+    return p.cpus_per_worker, p.gpus_per_worker
+
+
 def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True) -> Budget:
     """Check that the Train worker group(s) (co-learning split: side B's may differ), the assigner pool and at least
     one read task (the stream) fit, before anything starts (Ray would otherwise wait forever for a resource that
     never frees)."""
-    p, c = cfg.pipeline, cfg.colearn
+    p = cfg.pipeline
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    per_worker = {"a": (p.cpus_per_worker, p.gpus_per_worker),
-                  "b": (p.cpus_per_worker if c.cpus_per_worker_b is None else c.cpus_per_worker_b,
-                        p.gpus_per_worker if c.gpus_per_worker_b is None else c.gpus_per_worker_b)}
-    train_cpus = sum(p.num_workers * per_worker[g][0] for g in groups)
-    train_gpus = sum(p.num_workers * per_worker[g][1] for g in groups)
+    train_cpus = sum(p.num_workers * worker_resources(cfg, g)[0] for g in groups)
+    train_gpus = sum(p.num_workers * worker_resources(cfg, g)[1] for g in groups)
     assigners = p.assigners if stream and mode_spec(cfg.mode).needs_teacher else 0
     pool_cpus, pool_gpus = assigners * p.cpus_per_assigner, assigners * p.gpus_per_assigner
     read_cpus = p.cpus_per_read_task if stream else 0.0
@@ -143,8 +149,8 @@ class StreamMonitor:
         self.error: Optional[str] = None
         self.result_: dict = {}
 
-    def reset_counters(self) -> None:
-        """A new attempt (after a lost worker) starts a new stream."""
+    def rewind(self, step: int) -> None:
+        """A new attempt (after a lost worker, resuming from the checkpoint of `step`) starts a new stream."""
         self.n_assigned, self.assign_ms, self.n_consumed = 0, 0.0, 0
 
     def report_assigned(self, batches: int, ms: float) -> None:

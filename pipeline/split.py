@@ -61,21 +61,20 @@ class SplitStepper(Stepper):
         self.coordinator, self.rank, self.total = coordinator, collective.rank, total
         self.hook = data_parallel(engine, device, collective.world, modules=("forward",))
         self.spec = StreamSpec.of(cfg)
-        self.empty = null_batch(cfg.data.input_size, self.spec.num_anchors, self.spec.num_classes, device,
-                                hard=True, soft=False)
+        self.idle = null_batch(cfg.data.input_size, self.spec.num_anchors, self.spec.num_classes, device,
+                               hard=True, soft=False)
         self.stop_next = False
 
     def poll(self):
         """The stop flag the coordinator froze for the previous step (both groups stop after the same step)."""
         return self.stop_next, None
 
-    def step(self, batch: Optional[Batch], num_active: int) -> Stepped:
+    def step(self, batch: Optional[Batch], num_active: int, epoch: int) -> Stepped:
         self.hook.set(batch is not None, num_active)
         if batch is not None:
             images, boxes, labels = to_device(batch.data, self.device)
         else:
-            images, boxes, labels = self.empty[0], self.empty[1], [torch.zeros(0, dtype=torch.long,
-                                                                               device=self.device)]
+            images, boxes, labels = self.idle.images, self.idle.gt_boxes, self.idle.gt_labels
         step_index = self.engine.step_count
         t0 = time.perf_counter()
         scored = self.engine.score(images, boxes, labels)
@@ -87,14 +86,14 @@ class SplitStepper(Stepper):
             common = sparse_to_labels(list(pos), list(gt), list(ign), labels, self.spec.num_anchors,
                                       self.spec.num_classes, self.device)
         else:
-            common = self.empty[2]
+            common = self.idle.labels
         t2 = time.perf_counter()
         losses = self.engine.loss(scored, common, boxes)
         norms = self.engine.backward(sum(losses.values()))
         t3 = time.perf_counter()
         fin = ray.get(self.coordinator.finish.remote(
             step_index, self.rank, self.side, norms.cpu().numpy() if norms is not None else None,
-            {"epoch": batch.epoch if batch is not None else -1}))
+            {"epoch": epoch}))
         t4 = time.perf_counter()
         as_tensor = (lambda x: torch.from_numpy(x) if x is not None else None)
         self.engine.apply(as_tensor(fin["norms_a"]), as_tensor(fin["norms_b"]))
@@ -118,6 +117,6 @@ class SplitStepper(Stepper):
             ev = evaluate_network(self.engine.model, self.engine.anchors, self.val, self.cfg.data.input_size,
                                   self.cfg.inference, self.device)[0]
         part = {"state": self.engine.state(), "epoch": epoch, "eval": ev, "final": final,
-                "total_steps": self.total, "last": {"epoch": last[0], "trained_ids": list(last[1])}}
+                "last": {"epoch": last[0], "trained_ids": list(last[1])}}
         best = ray.get(self.coordinator.sync.remote(self.engine.step_count, self.side, part))["best"]
         return ({self.side: ev} if ev is not None else None), best

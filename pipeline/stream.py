@@ -105,8 +105,8 @@ class StreamStepper(Evaluating, Stepper):
         self.mode = mode_spec(cfg.mode)
         self.hook = data_parallel(engine, device, collective.world, modules=("forward_a",))
         spec = StreamSpec.of(cfg)
-        self.empty = null_batch(cfg.data.input_size, spec.num_anchors, spec.num_classes, device,
-                                hard=self.mode.teacher_hard, soft=self.mode.soft)
+        self.idle = null_batch(cfg.data.input_size, spec.num_anchors, spec.num_classes, device,
+                               hard=self.mode.teacher_hard, soft=self.mode.soft)
         self.newest_version = 0
         self.stop_ref: Optional[Any] = None
         self.stop_seen = False
@@ -123,19 +123,14 @@ class StreamStepper(Evaluating, Stepper):
                 self.stop_seen, self.stop_ref = bool(ray.get(self.stop_ref)), None
         return self.stop_seen, None
 
-    def step(self, batch: Optional[Batch], num_active: int) -> Stepped:
-        import torch
-
+    def step(self, batch: Optional[Batch], num_active: int, epoch: int) -> Stepped:
         self.hook.set(batch is not None, num_active)
         sb = batch.data if batch is not None else None
+        b = sb if sb is not None else self.idle
         if not self.mode.teacher_hard and not self.mode.soft:  # paa: the student assigns its own labels
-            labels = sb.gt_labels if sb else [torch.zeros(0, dtype=torch.long, device=self.device)]
-            result = self.engine.step(sb.images if sb else self.empty[0], sb.gt_boxes if sb else self.empty[1],
-                                      labels)
-        elif sb is not None:
-            result = self.engine.step_on_labels(sb.images, sb.gt_boxes, sb.labels, sb.soft)
+            result = self.engine.step(b.images, b.gt_boxes, b.gt_labels)
         else:
-            result = self.engine.step_on_labels(*self.empty)
+            result = self.engine.step_on_labels(b.images, b.gt_boxes, b.labels, b.soft)
         if self.rank == 0 and self.monitor is not None:
             self.monitor.report_consumed.remote(num_active)
         if sb is None:

@@ -190,6 +190,11 @@ class RunDir:
             {"state": state, "step": step, "total_steps": total_steps, "epoch": epoch, "error": error,
              "pid": os.getpid(), "time": time.time()}))
 
+    def fail(self, error: str) -> None:
+        """State `failed` with its one-line reason, at the step and epoch the run had reached."""
+        p = self.progress() or {}
+        self.set_progress("failed", p.get("step", 0), p.get("total_steps", 0), p.get("epoch", 0), error=error)
+
     def progress(self) -> Optional[dict[str, Any]]:
         data = _read_json(self.progress_path)
         return data if isinstance(data, dict) else None

@@ -61,9 +61,7 @@ class ColadChoice:
         """(GT, level) pairs where B taught / that were defined, per FPN level and per object size (COCO's
         small < 32^2 <= medium < 96^2 <= large, by GT box area in network-input pixels). Plain ints, so counts
         of several images, workers or steps add up before the ratios are taken."""
-        levels = self.defined[0].shape[1] if self.defined else 0
-        out = {"taught_level": [0] * levels, "defined_level": [0] * levels,
-               "taught_size": [0, 0, 0], "defined_size": [0, 0, 0]}
+        out = zero_counts(self.defined[0].shape[1] if self.defined else 0)
         for b, d, g in zip(self.b_was_teacher, self.defined, gt_boxes):
             taught = b & d
             out["taught_level"] = [x + int(y) for x, y in zip(out["taught_level"], taught.sum(0).tolist())]
@@ -76,6 +74,12 @@ class ColadChoice:
                 out["taught_size"][s] += int(taught[mask].sum())
                 out["defined_size"][s] += int(d[mask].sum())
         return out
+
+
+def zero_counts(levels: int) -> dict[str, list[int]]:
+    """The role counts of a batch with no object (`ColadChoice.role_counts`'s layout): what an idle rank adds."""
+    return {"taught_level": [0] * levels, "defined_level": [0] * levels, "taught_size": [0] * len(SIZES),
+            "defined_size": [0] * len(SIZES)}
 
 
 def ratios_by_size(counts: dict[str, list[int]]) -> dict[str, float]:

@@ -207,10 +207,19 @@ def decode_stream_batch(table: pa.Table, expected_hash: str, num_anchors: int, n
                        payload_bytes=int(table.nbytes) - image_bytes)
 
 
-def null_batch(input_size: int, num_anchors: int, num_classes: int, device: torch.device, *, hard: bool,
-               soft: bool) -> tuple[Tensor, list[Tensor], Optional[BatchLabels], Optional[SoftTargets]]:
+@dataclass
+class NullBatch:
     """A one-image blank batch with no objects: what an idle worker steps on (its gradients are discarded by
     `ActiveMean`), so that every DDP worker runs the same number of steps."""
+    images: Tensor
+    gt_boxes: list[Tensor]
+    gt_labels: list[Tensor]
+    labels: Optional[BatchLabels]
+    soft: Optional[SoftTargets]
+
+
+def null_batch(input_size: int, num_anchors: int, num_classes: int, device: torch.device, *, hard: bool,
+               soft: bool) -> NullBatch:
     images = torch.zeros((1, 3, input_size, input_size), dtype=torch.uint8, device=device)
     boxes = [torch.zeros((0, 4), dtype=torch.float32, device=device)]
     labels = BatchLabels(torch.full((1, num_anchors), num_classes, dtype=torch.long, device=device),
@@ -220,7 +229,7 @@ def null_batch(input_size: int, num_anchors: int, num_classes: int, device: torc
     targets = SoftTargets(torch.zeros((1, num_anchors, num_classes), device=device), empty, empty,
                           torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
                           torch.zeros(0, device=device)) if soft else None
-    return images, boxes, labels, targets
+    return NullBatch(images, boxes, [empty], labels, targets)
 
 
 class ActiveMean:
