@@ -27,9 +27,19 @@ from schemas.rundir import RunDir
 
 # ------------------------------------------------------------------------------------------------ the workers
 
+def lost_peer(error: BaseException) -> bool:
+    """A collective failed because another rank's process is gone (gloo: "Connection closed by peer"; NCCL: a
+    DistBackendError): the group is lost, which the driver recovers, not a bug of ours."""
+    import torch.distributed as dist
+
+    return isinstance(error, (dist.DistNetworkError, dist.DistBackendError)) or any(
+        sign in str(error) for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def worker_loop(config: dict) -> None:
     """One Ray Train worker of group 'stream', 'inline', 'a' or 'b'. Errors of ours reach the hub first (the
-    driver must not retry them); a lost process does not, and the driver resumes it."""
+    driver must not retry them); a lost process, or a survivor's collective failing because of it, does not, and
+    the driver resumes the run."""
     import ray
     import ray.train
 
@@ -39,6 +49,8 @@ def worker_loop(config: dict) -> None:
     try:
         _work(config, group, hub, rank, world)
     except Exception as e:
+        if lost_peer(e):
+            raise
         msg = f"{'side ' + group if group in ('a', 'b') else group} rank {rank}: {type(e).__name__}: {e}"
         try:
             ray.get(hub.abort.remote(msg), timeout=30)
@@ -103,6 +115,14 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
         ray.get(hub.set_result.remote({"state": out.state, "step": out.step, "epoch": out.epoch, "eval": out.eval}))
 
 
+def torch_config(cfg: RunConfig, group: str):
+    """The group's process group: gloo on CPUs; on GPUs NCCL for CUDA tensors (DDP's gradient buckets) and gloo for
+    CPU tensors (the loop's per-step agreement), so no collective meets a device its group cannot carry."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="cpu:gloo,cuda:nccl" if ray_env.worker_resources(cfg, group)[1] > 0 else "gloo")
+
+
 def fit_group(cfg_dict: dict, group: str, loop_config: dict, datasets: Optional[dict] = None,
               dataset_config=None) -> str:
     """Run one worker group (a TorchTrainer) to its end; in split co-learning this runs in a zero-CPU task."""
@@ -116,6 +136,7 @@ def fit_group(cfg_dict: dict, group: str, loop_config: dict, datasets: Optional[
         worker_loop, train_loop_config={**loop_config, "group": group},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.pipeline.num_workers, use_gpu=gpus > 0,
                                                resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
+        torch_config=torch_config(cfg, group),
         run_config=ray.train.RunConfig(name=f"{cfg.name}-{group}-{int(time.time())}",
                                        storage_path=str(Path(cfg.run_dir) / ".ray_train"),
                                        failure_config=ray.train.FailureConfig(max_failures=0)),

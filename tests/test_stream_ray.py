@@ -137,6 +137,44 @@ def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_
     assert {m["workers_active"] for m in metrics} == {2} and all(m["images_per_s"] > 0 for m in metrics)
 
 
+def test_two_workers_recover_when_one_is_killed_from_outside(ray_session, tiny):
+    """2 DDP workers: the test SIGKILLs rank 1's process (its pid from the trace) after its 2nd step. The surviving
+    rank's collective fails ("Connection closed by peer"): a lost peer, not a bug, so the driver resumes from
+    last.pt with a new group and the run succeeds by itself, every image trained exactly once per epoch."""
+    from pipeline.ray_driver import train as stream_train
+    from tests.tracing import Tracer
+
+    root, data, teacher = tiny
+    trace_dir = root / "faults_peer"
+    trace_dir.mkdir()
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher,
+                      train={"epochs": 2, "checkpoint_every": 1}, pipeline={"num_workers": 2, "max_failures": 1})
+    cfg.name = "lost_peer"
+    trace, killed = trace_dir / "trace.rank1.jsonl", []
+
+    def kill_rank_1():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            steps = [json.loads(x) for x in (trace.read_text().splitlines() if trace.exists() else [])]
+            if any(s["step"] >= 2 for s in steps):
+                os.kill(steps[-1]["pid"], signal.SIGKILL)
+                killed.append(steps[-1]["pid"])
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    stream_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
+    killer.join(timeout=5)
+    assert killed, "rank 1 was not killed"
+    assert_exactly_once(trace_dir, image_ids(data), epochs=2)
+    progress = json.loads((cfg.run_dir / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["step"] == progress["total_steps"] == 6
+    steps = [m["step"] for m in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert steps == list(range(1, 7)), "metrics.jsonl must hold each step once after the recovery"
+    pids = {json.loads(x)["pid"] for x in trace.read_text().splitlines()}
+    assert len(pids) == 2 and killed[0] in pids, "rank 1's steps after the recovery come from a new process"
+
+
 def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):
     """A Ray-engine run in a subprocess (its own in-process local Ray): the test SIGKILLs its Train worker (the pid
     in the worker's trace) once it has taken step 3 (last checkpoint at step 2 or 4), and the run resumes from
