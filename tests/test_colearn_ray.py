@@ -109,6 +109,56 @@ def test_inline_and_split_train_exactly_the_in_process_colad(ray_session, tmp_pa
         assert digests(traces["split"] / f"trace.{side}.rank0.jsonl") == inline
 
 
+def test_inline_with_two_workers_recovers_when_one_is_killed_from_outside(ray_session, tmp_path):
+    """Inline co-learning, 2 workers: the test SIGKILLs rank 1's process (its pid from the trace) after its 2nd
+    step; the driver resumes the group from last.pt, the coordinator forgets the role records after it, and the run
+    succeeds by itself: every image once per epoch, each step once in metrics.jsonl and in colearn.json."""
+    import os
+    import signal
+    import threading
+
+    from collections import Counter
+
+    from pipeline.ray_driver import train as ray_train
+    from tests.tracing import Tracer
+
+    data = make_data(tmp_path / "data", num_train=12, num_val=4)
+    cfg = tiny_config(data, tmp_path / "runs", mode="colad", train={"epochs": 2, "checkpoint_every": 1},
+                      pipeline={"engine": "ray", "num_workers": 2, "max_failures": 1})
+    cfg.name = "inline_lost_peer"
+    trace_dir = tmp_path / "trace"
+    trace_dir.mkdir()
+    trace, killed = trace_dir / "trace.inline.rank1.jsonl", []
+
+    def kill_rank_1():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            steps = [json.loads(x) for x in (trace.read_text().splitlines() if trace.exists() else [])]
+            if any(s["step"] >= 2 for s in steps):
+                os.kill(steps[-1]["pid"], signal.SIGKILL)
+                killed.append(steps[-1]["pid"])
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
+    killer.join(timeout=5)
+    assert killed, "rank 1 was not killed"
+    per_epoch = {}
+    for path in trace_dir.glob("trace.inline.rank*.jsonl"):
+        for rec in map(json.loads, path.read_text().splitlines()):
+            per_epoch.setdefault(rec["epoch"], Counter()).update(rec["ids"])
+    all_ids = {im["id"] for im in json.loads((data / "train.json").read_text())["images"]}
+    assert sorted(per_epoch) == [0, 1]
+    for epoch, counts in per_epoch.items():
+        assert set(counts) == all_ids and set(counts.values()) == {1}, (epoch, counts)
+    progress = json.loads((cfg.run_dir / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["step"] == 4
+    assert [m["step"] for m in _metrics(cfg) if "loss" in m] == [1, 2, 3, 4]
+    summary = json.loads((cfg.run_dir / "colearn.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == [1, 2, 3, 4]
+
+
 def test_coordinator_pushes_the_control_planes_request_within_a_step(ray_session, tmp_path):
     """PUT /runs/{id}/roles writes control/roles.json (schemas.rundir); the coordinator picks it up and the
     trainer's `PolicyWatch.poll()` sees the new version without ever blocking; polling costs microseconds."""
