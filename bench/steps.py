@@ -6,6 +6,7 @@ networks are untrained (assignment cost does not depend on training). Writes JSO
 
     python bench/steps.py                                   # digits scale on this machine's device
     python bench/steps.py --input-size 512 --student-depth 50 --teacher-depth 101 --levels 3,4,5,6,7 --batch 8
+    python bench/steps.py --amp          # every mode in float32 and with mixed precision (train.amp), side by side
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def main() -> int:
     ap.add_argument("--modes", default="paa,lad,kd,solad,colad")
     ap.add_argument("--gmm", default="torch", choices=["torch", "sklearn"])
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", action="store_true", help="also time each mode with train.amp (bf16 on CPU, fp16 on CUDA)")
     ap.add_argument("--out", default="bench/results/steps.json")
     a = ap.parse_args()
     device = pick_device(a.device)
@@ -77,8 +79,10 @@ def main() -> int:
         extra = {"teacher": {"checkpoint": str(teacher_path)}} if mode in ("lad", "kd", "solad") else {}
         if mode == "colad":
             extra = {"colearn": {"model_b": {**model, "depth": a.teacher_depth}}}
-        engines[mode] = Engine(config_from_dict({**base, "mode": mode, **extra}), device, total_steps=1000,
-                               sync_timing=True)
+        for amp in ((False, True) if a.amp else (False,)):
+            cfg = {**base, "mode": mode, **extra, "train": {**base["train"], "amp": amp}}
+            engines[f"{mode}/amp" if amp else mode] = Engine(config_from_dict(cfg), device, total_steps=1000,
+                                                             sync_timing=True)
     # Interleaved (one step of each mode in turn) so that load changes on a shared machine hit every mode alike.
     times: dict[str, list] = {m: [] for m in engines}
     for i, (images, boxes, labels) in enumerate(batches):
@@ -93,12 +97,15 @@ def main() -> int:
     results = {}
     for mode, ts in times.items():
         results[mode] = {k: statistics.median(t[k] for t in ts) for k in ["step_ms"] + SECTIONS}
-        print(f"{mode:6s} " + "  ".join(f"{k[:-3]} {v:8.1f} ms" for k, v in results[mode].items()), flush=True)
+        print(f"{mode:10s} " + "  ".join(f"{k[:-3]} {v:8.1f} ms" for k, v in results[mode].items()), flush=True)
     paa = results.get("paa", {}).get("step_ms")
     if paa:
         print("\nratio to PAA-alone step: " + ", ".join(f"{m} {r['step_ms'] / paa:.2f}x" for m, r in results.items()))
         for r in results.values():
             r["ratio_to_paa"] = r["step_ms"] / paa
+    if a.amp:
+        print("mixed precision / float32 step: " + ", ".join(
+            f"{m} {results[m + '/amp']['step_ms'] / r['step_ms']:.2f}x" for m, r in results.items() if "/" not in m))
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "args": vars(a), "command": " ".join(sys.argv)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -222,9 +222,10 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                 else:
                     from pipeline.stream import build_dataset, data_config, stream_items
 
+                    options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
                     ds = build_dataset(cfg, stream_items(cfg, records, start, steps - start.step), hub, observers)
                     fit_group(cfg.to_dict(), "stream", loop_config, datasets={"train": ds},
-                              dataset_config=data_config(ray_env.configure_data_context(cfg, budget)))
+                              dataset_config=data_config(options))
                 break
             except Exception as e:
                 error = ray.get(hub.error_message.remote())

@@ -130,14 +130,16 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(200, ge=1, description="also checkpoint every N steps")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
-    amp: bool = Field(False, description="reserved: mixed precision is not implemented; only false is accepted")
+    amp: bool = Field(False, description="mixed precision: forwards under autocast (see amp_dtype); candidate "
+                      "losses, the GMM and loss reductions stay float32")
+    amp_dtype: Literal["auto", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CPU, fp16 with a loss scaler on CUDA; bf16 on a GPU that supports it")
 
-    @field_validator("amp")
+    @field_validator("amp_dtype")
     @classmethod
-    def _no_amp_yet(cls, v: bool) -> bool:
-        if v:  # kept as a field so that configs and checkpoints that say `amp: false` stay valid
-            raise ValueError("mixed precision (amp) is not implemented yet: training runs in float32; "
-                             "remove train.amp or set it to false")
+    def _fp16_needs_cuda(cls, v: str, info) -> str:
+        if v == "fp16" and info.data.get("amp") and info.data.get("device") == "cpu":
+            raise ValueError("fp16 needs a CUDA device but train.device is cpu; use bf16 (or auto) on the CPU")
         return v
 
 

@@ -28,7 +28,7 @@ def test_set_overrides_parse_yaml_values():
     ("model.depth=19", "model.depth"),
     ("model.fpn_levels=[3,5]", "model.fpn_levels"),
     ("colearn.policy=sometimes", "colearn.policy"),
-    ("train.amp=true", "train.amp"),
+    ("train.amp_dtype=fp8", "train.amp_dtype"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -50,3 +50,9 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         load_config("configs/paa_digits.yaml", ["train.lr"])
+
+
+def test_fp16_on_a_cpu_device_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="train.amp_dtype"):
+        load_config("configs/paa_digits.yaml", ["train.amp=true", "train.amp_dtype=fp16", "train.device=cpu"])
+    assert load_config("configs/paa_digits.yaml", ["train.amp=true"]).train.amp

@@ -2,13 +2,17 @@
 decoding, inference and COCO evaluation fit together (a sign error or a shifted anchor would keep AP near 0)."""
 import json
 
+import pytest
+
 from pipeline.digits import make_digits
 from pipeline.local import train
 from schemas.config import config_from_dict
 from schemas.rundir import RunDir
 
 
-def test_tiny_overfit_reaches_high_ap50(tmp_path):
+@pytest.mark.parametrize("amp", [False, True])
+def test_tiny_overfit_reaches_high_ap50(tmp_path, amp):
+    """The same AP50 bar in float32 and with mixed precision (bf16 autocast on the CPU)."""
     data = tmp_path / "data"
     make_digits(data, image_size=64, num_train=4, num_val=2, digits_per_image=(1, 2), digit_size=(22, 36),
                 negative_fraction=0, progress=False)
@@ -19,7 +23,7 @@ def test_tiny_overfit_reaches_high_ap50(tmp_path):
         "model": {"depth": 18, "norm": "gn", "fpn_levels": [3, 4], "fpn_channels": 32, "head_channels": 32,
                   "head_convs": 1},
         "train": {"epochs": 40, "batch_size": 4, "lr": 0.02, "warmup_steps": 10, "milestones": [0.8],
-                  "eval_every": 0, "log_every": 10}})
+                  "eval_every": 0, "log_every": 10, "amp": amp}})
     result = train(cfg, progress=False)
     assert result["a"]["AP50"] > 0.8, result["a"]
     run = RunDir(cfg.run_dir)

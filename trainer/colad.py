@@ -36,7 +36,7 @@ from schemas.policy import RolePolicy
 from trainer.assign import candidate_losses_batch, colad_merge_with_pairs, preassign_batch, select_labels
 from trainer.losses import BatchLabels
 from trainer.model import HeadOutputs
-from trainer.network import NETWORKS, AnchorCache, build_network, detection_loss_for, make_optimizer
+from trainer.network import NETWORKS, AnchorCache, Precision, build_network, detection_loss_for, make_optimizer
 from trainer.worker import labels_to_sparse
 
 
@@ -156,6 +156,7 @@ class SideEngine:
         self.model = build_network(cfg, side).to(self.device)
         self.forward = self.model  # DDP wrapper goes here (`wrap`)
         self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), cfg, self.total_steps)
+        self.precision = Precision(cfg, self.device)
         self.step_count = 0
         self._anchors = AnchorCache(cfg, self.device)
 
@@ -168,7 +169,7 @@ class SideEngine:
     # -- the two halves of the step ------------------------------------------------------------------------------
     def score(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> Scored:
         self.model.train()
-        out = self.forward(images)
+        out = self.precision.forward(self.forward, images)
         anchors, nl = self.anchors(out.level_sizes)
         cand = preassign_batch(anchors, gt_boxes, self.cfg.assign.iou_thr)
         losses = candidate_losses_batch(anchors, out.cls_logits, out.box_deltas, gt_boxes, gt_labels, cand)
@@ -180,9 +181,10 @@ class SideEngine:
     def backward(self, total: Tensor) -> Optional[Tensor]:
         """Gradients of this side; returns its per-parameter gradient norms when clipping is on (to exchange)."""
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.precision.scaler.scale(total).backward()
         if not self.cfg.train.grad_clip:
             return None
+        self.precision.scaler.unscale_(self.optimizer)  # fp16: the norms of the true gradients are exchanged
         return grad_norms(self._params_with_grad())
 
     def apply(self, norms_a: Optional[Tensor], norms_b: Optional[Tensor]) -> None:
@@ -193,7 +195,8 @@ class SideEngine:
             total = torch.linalg.vector_norm(torch.cat(norms).to(self.device), 2.0) if norms else \
                 torch.tensor(0.0, device=self.device)
             torch.nn.utils.clip_grads_with_norm_(self._params_with_grad(), self.cfg.train.grad_clip, total)
-        self.optimizer.step()
+        self.precision.scaler.step(self.optimizer)  # fp16: each side skips its step on its own overflow
+        self.precision.scaler.update()
         self.scheduler.step()
         self.step_count += 1
 

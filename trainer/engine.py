@@ -23,7 +23,7 @@ from trainer.assign import candidate_losses_batch, preassign_batch
 from trainer.colad import ColadChoice, RolePolicy, candidate_stats, colad_assign, count_metrics
 from trainer.losses import BatchLabels, SoftTargets, soft_label_kd
 from trainer.model import HeadOutputs, PAADetector
-from trainer.network import AnchorCache, build_network, detection_loss_for, make_optimizer
+from trainer.network import AnchorCache, Precision, build_network, detection_loss_for, make_optimizer
 from trainer.network import lr_factor  # noqa: F401  (part of this module's API)
 from trainer.teacher import assign_hard, assign_soft
 from trainer.teacher import load_teacher as _load_teacher  # `load_teacher` is also an argument of Engine
@@ -86,6 +86,7 @@ class Engine:
             self.teacher, self.teacher_version = _load_teacher(cfg, self.device)
         params = list(self.model.parameters()) + (list(self.model_b.parameters()) if self.model_b else [])
         self.optimizer, self.scheduler = make_optimizer(params, cfg, self.total_steps)
+        self.precision = Precision(cfg, self.device)
         self.policy = RolePolicy.parse(cfg.colearn.policy)
         self.step_count = 0
         self._anchors = AnchorCache(cfg, self.device)
@@ -118,13 +119,13 @@ class Engine:
         self.model.train()
         if self.spec.co_learning:
             return self._colad_step(images, gt_boxes, gt_labels, timer)
-        out = self.forward_a(images)
+        out = self.precision.forward(self.forward_a, images)
         timer.lap("forward_ms")
         anchors, nl = self.anchors(out.level_sizes)
         tout = None
         if self.teacher is not None:
             with torch.no_grad():
-                tout = self.teacher(images)
+                tout = self.precision.forward(self.teacher, images)
             timer.lap("teacher_ms")
         labels, soft = None, None
         if self.spec.soft:
@@ -141,7 +142,7 @@ class Engine:
         """One step on labels assigned elsewhere (the assigner service): the student's work alone."""
         timer = Timer(self.device, self.sync_timing)
         self.model.train()
-        out = self.forward_a(images)
+        out = self.precision.forward(self.forward_a, images)
         timer.lap("forward_ms")
         anchors, _ = self.anchors(out.level_sizes)
         return self._finish(out, anchors, labels, gt_boxes, soft, timer)
@@ -163,8 +164,8 @@ class Engine:
 
     def _colad_step(self, images, gt_boxes, gt_labels, timer) -> StepResult:
         self.model_b.train()
-        out_a = self.forward_a(images)
-        out_b = self.forward_b(images)
+        out_a = self.precision.forward(self.forward_a, images)
+        out_b = self.precision.forward(self.forward_b, images)
         timer.lap("forward_ms")
         anchors, nl = self.anchors(out_a.level_sizes)
         cand = preassign_batch(anchors, gt_boxes, self.cfg.assign.iou_thr)
@@ -187,11 +188,8 @@ class Engine:
 
     def _backward(self, total: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.cfg.train.grad_clip:
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-        self.optimizer.step()
+        self.precision.step(self.optimizer, total, self.cfg.train.grad_clip, lambda: [
+            p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
         self.scheduler.step()
         self.step_count += 1
 
@@ -211,9 +209,12 @@ class Engine:
         return nets
 
     def state(self) -> dict:
-        return {"models": {k: m.state_dict() for k, m in self.networks().items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step_count, "policy": self.policy.name}
+        state = {"models": {k: m.state_dict() for k, m in self.networks().items()},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "step": self.step_count, "policy": self.policy.name}
+        if self.precision.scaler.is_enabled():
+            state["scaler"] = self.precision.scaler.state_dict()
+        return state
 
     def load_state(self, ckpt: dict) -> None:
         for k, m in self.networks().items():
@@ -221,5 +222,7 @@ class Engine:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step_count = int(ckpt["step"])
+        if ckpt.get("scaler") and self.precision.scaler.is_enabled():
+            self.precision.scaler.load_state_dict(ckpt["scaler"])
         if ckpt.get("policy"):
             self.set_policy(ckpt["policy"])

@@ -35,6 +35,11 @@ class HeadOutputs:
         return HeadOutputs(self.cls_logits.detach(), self.box_deltas.detach(), self.iou_logits.detach(),
                            self.level_sizes)
 
+    def float(self) -> "HeadOutputs":
+        """float32 outputs (after an autocast forward), so assignment and losses never run in half precision."""
+        return HeadOutputs(self.cls_logits.float(), self.box_deltas.float(), self.iou_logits.float(),
+                           self.level_sizes)
+
 
 class Scale(nn.Module):
     """A learnable scalar per level, so one shared box branch can serve every stride."""

@@ -6,18 +6,20 @@ process, one or two networks; `trainer.colad.SideEngine`: one network of a split
     make_optimizer / lr_factor SGD and its schedule (linear warm-up, step decay at milestone fractions)
     AnchorCache                anchors per pyramid shape, made once
     detection_loss_for         PAA's detection loss under the run's `loss` weights
+    Precision                  mixed precision (`train.amp`): autocast forwards, the fp16 loss scaler
 
 Built the same way everywhere, so an in-process colad run and the two halves of a split one start from the same
 weights and take the same steps, bit for bit.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import nullcontext
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from schemas.config import RunConfig
+from schemas.config import ConfigError, RunConfig
 from schemas.modes import mode_spec
 from trainer.anchors import make_anchors
 from trainer.checkpoint import load_colearn_side
@@ -91,3 +93,44 @@ def detection_loss_for(cfg: RunConfig, out: HeadOutputs, anchors: Tensor, labels
     return detection_loss(out.cls_logits, out.box_deltas, out.iou_logits, anchors, labels, gt_boxes,
                           cls_weight=lc.cls_weight, box_weight=lc.box_weight, iou_weight=lc.iou_weight,
                           box_iou_weighted=lc.box_iou_weighted)
+
+
+class Precision:
+    """Mixed precision of one process (`train.amp`, `train.amp_dtype`): forwards run under autocast and return
+    float32 outputs (`forward`), so candidate losses, the GMM and the loss reductions stay float32; in fp16 the
+    loss is scaled and the optimizer step skipped on overflow (`GradScaler`). Off, every call is the plain float32
+    one, bit for bit."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device | str):
+        device = torch.device(device)
+        self.dtype: Optional[torch.dtype] = None
+        if cfg.train.amp:
+            name = cfg.train.amp_dtype
+            if name == "auto":
+                name = "fp16" if device.type == "cuda" else "bf16"
+            if name == "fp16" and device.type != "cuda":
+                raise ConfigError(f"train.amp_dtype is fp16 but this process trains on {device.type}: fp16 needs a "
+                                  "CUDA device; use train.amp_dtype=bf16 (or auto)")
+            self.dtype = torch.float16 if name == "fp16" else torch.bfloat16
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    def forward(self, network, images: Tensor) -> HeadOutputs:
+        if self.dtype is None:
+            return network(images)
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = network(images)
+        return out.float()
+
+    def autocast(self):
+        """For forwards that return something else (inference)."""
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
+    def step(self, optimizer, total: Tensor, clip: float, params_fn=None) -> None:
+        """Backward (scaled in fp16), clip the unscaled gradients (`clip` > 0), optimizer step."""
+        self.scaler.scale(total).backward()
+        if clip:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params_fn(), clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()

@@ -20,6 +20,7 @@ from trainer.assign import paa_assign_batch
 from trainer.checkpoint import load_network
 from trainer.losses import BatchLabels, SoftTargets, soft_targets
 from trainer.model import HeadOutputs, PAADetector
+from trainer.network import Precision
 
 
 def load_teacher(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[PAADetector, int]:
@@ -64,7 +65,7 @@ def teacher_assign(cfg: RunConfig, teacher: torch.nn.Module, images: Tensor, gt_
     cuda_sync = sync and images.device.type == "cuda"
     t0 = time.perf_counter()
     with torch.no_grad():
-        tout = teacher(images)
+        tout = Precision(cfg, images.device).forward(teacher, images)
     anchors, nl = anchors_fn(tout.level_sizes)
     if cuda_sync:
         torch.cuda.synchronize()
