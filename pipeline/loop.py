@@ -241,7 +241,7 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
     `progress`: print progress (a tqdm bar when `bar`, else a line every `log_every` steps). `observers`: objects
     told about every step of this rank (`before_step(step, rank, tag)`, `after_step(step, epoch, rank, tag,
     image_ids, labels)`), e.g. a tracer; `tag` names this worker group for them ('' for the only one)."""
-    rank, _world = collective.rank, collective.world
+    rank = collective.rank
     t = cfg.train
     epoch, trained, best = start.epoch, list(start.trained_ids) if rank == 0 else [], dict(start.best)
     new_ids: list[int] = []
