@@ -174,7 +174,8 @@ class ColearnCoordinator:
         self.poll_s = poll_s
         self._event: Optional[asyncio.Event] = None
         self._poller: Optional[asyncio.Task] = None
-        self.error: Optional[str] = None
+        self.error: Optional[str] = None     # the run's error: the driver fails with it
+        self.aborted: Optional[str] = None   # why the split rendezvous are closed (until `rewind`)
         self.result_: dict = {}
         # split co-learning
         self._slots: dict[tuple, dict] = {}
@@ -247,9 +248,14 @@ class ColearnCoordinator:
             out["merge_ms_mean"] = self.merge_ms / self.merges
         return out
 
-    async def rewind(self, step: int) -> None:
+    async def rewind(self, step: int, best: dict) -> None:
+        """A new attempt resumes from the checkpoint of `step`: forget what came after it, open the rendezvous."""
         self.book.rewind(step)
+        self.best = dict(best)
         self.result_ = {}
+        self.aborted = None
+        for store in (self._slots, self._frozen, self._counts, self._closed, self._lines):
+            store.clear()
 
     async def set_result(self, result: dict) -> None:
         self.result_ = result
@@ -257,13 +263,17 @@ class ColearnCoordinator:
     async def result(self) -> dict:
         return self.result_
 
-    async def abort(self, message: str) -> None:
-        """Fail every pending and future rendezvous (the other side of a split run is gone)."""
-        if self.error is None:
+    async def abort(self, message: str, error: bool = True) -> None:
+        """Fail every pending and future rendezvous (the other side of a split run is gone). `error`: the first
+        such message is the run's error (a bug, a stuck side); not for a lost worker group, which the driver
+        resumes (`rewind`)."""
+        if error and self.error is None:
             self.error = message
+        if self.aborted is None:
+            self.aborted = message
         for slot in self._slots.values():
             if not slot["future"].done():
-                slot["future"].set_exception(CoordinatorAborted(self.error))
+                slot["future"].set_exception(CoordinatorAborted(self.aborted))
         self._slots.clear()
 
     # -- split co-learning -----------------------------------------------------------------------------------------
@@ -284,8 +294,8 @@ class ColearnCoordinator:
         """Both sides put `value` under `key`; the second arrival runs `combine(value_a, value_b)` and both get
         its result. Waits at most `colearn.exchange_timeout_s` (unless not `timed`); then, or on `abort`, both
         fail."""
-        if self.error is not None:
-            raise CoordinatorAborted(self.error)
+        if self.aborted is not None:
+            raise CoordinatorAborted(self.aborted)
         self._loop_ready()
         slot = self._slots.get(key)
         if slot is None:

@@ -49,7 +49,9 @@ def worker_loop(config: dict) -> None:
     try:
         _work(config, group, hub, rank, world)
     except Exception as e:
-        if lost_peer(e):
+        from pipeline.colearn import CoordinatorAborted
+
+        if lost_peer(e) or isinstance(e, CoordinatorAborted):  # the other group was lost (or failed first)
             raise
         msg = f"{'side ' + group if group in ('a', 'b') else group} rank {rank}: {type(e).__name__}: {e}"
         try:
@@ -145,8 +147,9 @@ def fit_group(cfg_dict: dict, group: str, loop_config: dict, datasets: Optional[
 
 
 def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
-    """Both groups at once, each TorchTrainer driven from a zero-CPU task; the first failure aborts the other side's
-    rendezvous at the coordinator, so it fails at once instead of waiting out the exchange timeout."""
+    """Both groups at once, each TorchTrainer driven from a zero-CPU task; the first failure closes the other side's
+    rendezvous at the coordinator, so it fails at once instead of waiting out the exchange timeout. A lost group is
+    not the run's error (the driver resumes both); an error of ours reached the coordinator first."""
     import ray
 
     task = ray.remote(num_cpus=0, max_retries=0)(fit_group)
@@ -159,7 +162,7 @@ def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
         except Exception as e:
             if first_error is None:
                 first_error = e
-                coordinator.abort.remote(f"worker group {refs[done[0]]} failed")
+                coordinator.abort.remote(f"worker group {refs[done[0]]} was lost", error=False)
     if first_error is not None:
         raise first_error
 
@@ -232,14 +235,14 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                 if error:  # an error in our code: retrying would fail the same way
                     raise RuntimeError(f"training failed: {error}") from e
                 lost = isinstance(e, ray.train.TrainingFailedError)  # a process of the group died
-                if not lost or split or failures >= cfg.pipeline.max_failures or stop.flag:
+                if not lost or failures >= cfg.pipeline.max_failures or stop.flag:
                     raise
                 failures += 1
                 print(f"warning: a training worker was lost ({type(e).__name__}); resuming from {run.last} "
                       f"(recovery {failures} of {cfg.pipeline.max_failures})", file=sys.stderr)
                 start = read_start(run, True)
                 start.checkpoint = None
-                ray.get(hub.rewind.remote(start.step))  # forget what the hub recorded after the checkpoint
+                ray.get(hub.rewind.remote(start.step, start.best))  # forget what it recorded after the checkpoint
         result = ray.get(hub.result.remote())
         if result.get("state") not in ("succeeded", "stopped"):
             raise RuntimeError(f"training failed: {result.get('error', 'no result from the workers')}")

@@ -153,7 +153,7 @@ class StreamMonitor:
         self.error: Optional[str] = None
         self.result_: dict = {}
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, best: dict) -> None:
         """A new attempt (after a lost worker, resuming from the checkpoint of `step`) starts a new stream."""
         self.n_assigned, self.assign_ms, self.n_consumed = 0, 0.0, 0
 

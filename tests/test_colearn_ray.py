@@ -159,6 +159,57 @@ def test_inline_with_two_workers_recovers_when_one_is_killed_from_outside(ray_se
     assert [s["step"] for s in summary["steps"]] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_split_recovers_when_a_worker_of_either_side_is_killed_from_outside(ray_session, tmp_path, side):
+    """Split co-learning: the test SIGKILLs one side's worker (its pid from the trace) after its 2nd step. The
+    driver closes the other side's rendezvous at once (not after the 900 s exchange timeout), resumes both groups
+    from last.pt, and the run succeeds by itself: every image once per epoch on each side, each step once in
+    metrics.jsonl and colearn.json."""
+    import os
+    import signal
+    import threading
+
+    from pipeline.ray_driver import train as ray_train
+    from tests.tracing import Tracer
+
+    data = make_data(tmp_path / "data", num_train=12, num_val=4)
+    cfg = tiny_config(data, tmp_path / "runs", mode="colad", train={"epochs": 2, "checkpoint_every": 1},
+                      pipeline={"engine": "ray", "max_failures": 1}, colearn={"mode": "split"})
+    cfg.name = f"split_lost_{side}"
+    cfg.colearn.exchange_timeout_s = 900
+    trace_dir = tmp_path / "trace"
+    trace_dir.mkdir()
+    trace, killed = trace_dir / f"trace.{side}.rank0.jsonl", []
+
+    def kill_side():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            steps = [json.loads(x) for x in (trace.read_text().splitlines() if trace.exists() else [])]
+            if any(s["step"] >= 2 for s in steps):
+                os.kill(steps[-1]["pid"], signal.SIGKILL)
+                killed.append(steps[-1]["pid"])
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_side, daemon=True)
+    killer.start()
+    t0 = time.monotonic()
+    ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
+    killer.join(timeout=5)
+    assert killed, f"side {side} was not killed"
+    assert time.monotonic() - t0 < cfg.colearn.exchange_timeout_s, "the other side waited out the exchange timeout"
+    all_ids = {im["id"] for im in json.loads((data / "train.json").read_text())["images"]}
+    for name in ("a", "b"):
+        per_epoch = {}
+        for rec in map(json.loads, (trace_dir / f"trace.{name}.rank0.jsonl").read_text().splitlines()):
+            per_epoch.setdefault(rec["epoch"], []).extend(rec["ids"])
+        assert sorted(per_epoch) == [0, 1] and all(sorted(v) == sorted(all_ids) for v in per_epoch.values()), name
+    progress = json.loads((cfg.run_dir / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["step"] == 6
+    assert [m["step"] for m in _metrics(cfg) if "loss" in m] == list(range(1, 7))
+    summary = json.loads((cfg.run_dir / "colearn.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == list(range(1, 7))
+
+
 def test_coordinator_pushes_the_control_planes_request_within_a_step(ray_session, tmp_path):
     """PUT /runs/{id}/roles writes control/roles.json (schemas.rundir); the coordinator picks it up and the
     trainer's `PolicyWatch.poll()` sees the new version without ever blocking; polling costs microseconds."""
