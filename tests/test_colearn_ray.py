@@ -113,14 +113,10 @@ def test_inline_with_two_workers_recovers_when_one_is_killed_from_outside(ray_se
     """Inline co-learning, 2 workers: the test SIGKILLs rank 1's process (its pid from the trace) after its 2nd
     step; the driver resumes the group from last.pt, the coordinator forgets the role records after it, and the run
     succeeds by itself: every image once per epoch, each step once in metrics.jsonl and in colearn.json."""
-    import os
-    import signal
-    import threading
-
     from collections import Counter
 
     from pipeline.ray_driver import train as ray_train
-    from tests.tracing import Tracer
+    from tests.tracing import KillFromOutside, Tracer
 
     data = make_data(tmp_path / "data", num_train=12, num_val=4)
     cfg = tiny_config(data, tmp_path / "runs", mode="colad", train={"epochs": 2, "checkpoint_every": 1},
@@ -128,22 +124,9 @@ def test_inline_with_two_workers_recovers_when_one_is_killed_from_outside(ray_se
     cfg.name = "inline_lost_peer"
     trace_dir = tmp_path / "trace"
     trace_dir.mkdir()
-    trace, killed = trace_dir / "trace.inline.rank1.jsonl", []
-
-    def kill_rank_1():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            steps = [json.loads(x) for x in (trace.read_text().splitlines() if trace.exists() else [])]
-            if any(s["step"] >= 2 for s in steps):
-                os.kill(steps[-1]["pid"], signal.SIGKILL)
-                killed.append(steps[-1]["pid"])
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_rank_1, daemon=True)
-    killer.start()
-    ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
-    killer.join(timeout=5)
-    assert killed, "rank 1 was not killed"
+    with KillFromOutside(trace_dir / "trace.inline.rank1.jsonl", lambda steps: steps[-1]["step"] >= 2) as kill:
+        ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
+    assert kill.killed, "rank 1 was not killed"
     per_epoch = {}
     for path in trace_dir.glob("trace.inline.rank*.jsonl"):
         for rec in map(json.loads, path.read_text().splitlines()):
@@ -165,12 +148,8 @@ def test_split_recovers_when_a_worker_of_either_side_is_killed_from_outside(ray_
     driver closes the other side's rendezvous at once (not after the 900 s exchange timeout), resumes both groups
     from last.pt, and the run succeeds by itself: every image once per epoch on each side, each step once in
     metrics.jsonl and colearn.json."""
-    import os
-    import signal
-    import threading
-
     from pipeline.ray_driver import train as ray_train
-    from tests.tracing import Tracer
+    from tests.tracing import KillFromOutside, Tracer
 
     data = make_data(tmp_path / "data", num_train=12, num_val=4)
     cfg = tiny_config(data, tmp_path / "runs", mode="colad", train={"epochs": 2, "checkpoint_every": 1},
@@ -179,23 +158,10 @@ def test_split_recovers_when_a_worker_of_either_side_is_killed_from_outside(ray_
     cfg.colearn.exchange_timeout_s = 900
     trace_dir = tmp_path / "trace"
     trace_dir.mkdir()
-    trace, killed = trace_dir / f"trace.{side}.rank0.jsonl", []
-
-    def kill_side():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            steps = [json.loads(x) for x in (trace.read_text().splitlines() if trace.exists() else [])]
-            if any(s["step"] >= 2 for s in steps):
-                os.kill(steps[-1]["pid"], signal.SIGKILL)
-                killed.append(steps[-1]["pid"])
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_side, daemon=True)
-    killer.start()
     t0 = time.monotonic()
-    ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
-    killer.join(timeout=5)
-    assert killed, f"side {side} was not killed"
+    with KillFromOutside(trace_dir / f"trace.{side}.rank0.jsonl", lambda steps: steps[-1]["step"] >= 2) as kill:
+        ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
+    assert kill.killed, f"side {side} was not killed"
     assert time.monotonic() - t0 < cfg.colearn.exchange_timeout_s, "the other side waited out the exchange timeout"
     all_ids = {im["id"] for im in json.loads((data / "train.json").read_text())["images"]}
     for name in ("a", "b"):

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -99,33 +98,18 @@ def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_
     SIGKILLs the assigner actor (its pid from the trace) while it holds its 2nd batch (assigned, not yet
     returned); Ray restarts it and re-runs that batch."""
     from pipeline.ray_driver import train as stream_train
-    from tests.tracing import Tracer
+    from tests.tracing import KillFromOutside, Tracer
 
     root, data, teacher = tiny
     faults_dir = root / "faults_assigner"
     faults_dir.mkdir()
-    marker = faults_dir / "assigner.killed"
     cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, train={"epochs": 2, "batch_size": 5},
                       pipeline={"num_workers": 2, "assigners": 1})
     cfg.name = "two_workers"
-    assigned = faults_dir / "assigned.jsonl"
-
-    def kill_second_batch():
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            lines = assigned.read_text().splitlines() if assigned.exists() else []
-            if len(lines) >= 2:
-                pid = json.loads(lines[1])["pid"]
-                os.kill(pid, signal.SIGKILL)
-                marker.write_text(str(pid))
-                return
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_second_batch, daemon=True)
-    killer.start()
-    stream_train(cfg, progress=False, observers=(Tracer(faults_dir, assign_sleep_s=1.0),))
-    killer.join(timeout=5)
-    assert marker.exists(), "the assigner was not killed"
+    # the 2nd batch's assigner, while it holds that batch (the tracer sleeps after writing its line)
+    with KillFromOutside(faults_dir / "assigned.jsonl", lambda batches: len(batches) >= 2) as kill:
+        stream_train(cfg, progress=False, observers=(Tracer(faults_dir, assign_sleep_s=1.0),))
+    assert kill.killed, "the assigner was not killed"
     assert_exactly_once(faults_dir, image_ids(data), epochs=2)
     steps = [json.loads(line) for line in (faults_dir / "trace.rank0.jsonl").read_text().splitlines()]
     steps1 = [json.loads(line) for line in (faults_dir / "trace.rank1.jsonl").read_text().splitlines()]
@@ -142,7 +126,7 @@ def test_two_workers_recover_when_one_is_killed_from_outside(ray_session, tiny):
     rank's collective fails ("Connection closed by peer"): a lost peer, not a bug, so the driver resumes from
     last.pt with a new group and the run succeeds by itself, every image trained exactly once per epoch."""
     from pipeline.ray_driver import train as stream_train
-    from tests.tracing import Tracer
+    from tests.tracing import KillFromOutside, Tracer
 
     root, data, teacher = tiny
     trace_dir = root / "faults_peer"
@@ -150,29 +134,17 @@ def test_two_workers_recover_when_one_is_killed_from_outside(ray_session, tiny):
     cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher,
                       train={"epochs": 2, "checkpoint_every": 1}, pipeline={"num_workers": 2, "max_failures": 1})
     cfg.name = "lost_peer"
-    trace, killed = trace_dir / "trace.rank1.jsonl", []
-
-    def kill_rank_1():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            steps = [json.loads(x) for x in (trace.read_text().splitlines() if trace.exists() else [])]
-            if any(s["step"] >= 2 for s in steps):
-                os.kill(steps[-1]["pid"], signal.SIGKILL)
-                killed.append(steps[-1]["pid"])
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_rank_1, daemon=True)
-    killer.start()
-    stream_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
-    killer.join(timeout=5)
-    assert killed, "rank 1 was not killed"
+    trace = trace_dir / "trace.rank1.jsonl"
+    with KillFromOutside(trace, lambda steps: steps[-1]["step"] >= 2) as kill:
+        stream_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
+    assert kill.killed, "rank 1 was not killed"
     assert_exactly_once(trace_dir, image_ids(data), epochs=2)
     progress = json.loads((cfg.run_dir / "progress.json").read_text())
     assert progress["state"] == "succeeded" and progress["step"] == progress["total_steps"] == 6
     steps = [m["step"] for m in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())]
     assert steps == list(range(1, 7)), "metrics.jsonl must hold each step once after the recovery"
     pids = {json.loads(x)["pid"] for x in trace.read_text().splitlines()}
-    assert len(pids) == 2 and killed[0] in pids, "rank 1's steps after the recovery come from a new process"
+    assert len(pids) == 2 and kill.killed[0] in pids, "rank 1's steps after the recovery come from a new process"
 
 
 def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):

@@ -4,9 +4,11 @@ check exactly-once and kill that process from outside. Objects of this class tra
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 def digest(labels) -> str:
@@ -56,3 +58,33 @@ class Tracer:
             f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "epoch": epoch, "ids": ids}) + "\n")
         if self.assign_sleep_s:
             time.sleep(self.assign_sleep_s)
+
+
+class KillFromOutside:
+    """While the `with` block runs, watch a trace (one JSON object a line, with "pid") and, once `ready(records)`
+    holds, SIGKILL the process that wrote the last record, from the test's own process: the way the world kills a
+    worker, with no hook in the code under test. `killed` lists the pid."""
+
+    def __init__(self, trace, ready: Callable[[list], bool], timeout_s: float = 600):
+        self.trace, self.ready, self.timeout_s = Path(trace), ready, timeout_s
+        self.killed: list[int] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "KillFromOutside":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        deadline = time.time() + self.timeout_s
+        while time.time() < deadline and not self._done.is_set():
+            records = [json.loads(x) for x in (self.trace.read_text().splitlines() if self.trace.exists() else [])]
+            if records and self.ready(records):
+                os.kill(records[-1]["pid"], signal.SIGKILL)
+                self.killed.append(records[-1]["pid"])
+                return
+            time.sleep(0.02)
