@@ -101,7 +101,11 @@ def planned_batches(cfg: RunConfig, train: CocoDataset, start: Start, total: int
             yield Batch(epoch, b["image_ids"].tolist(), b)
 
 
-def to_device(batch: dict, device: torch.device):
+def to_device(batch, device: torch.device):
+    """(images, GT boxes, GT labels) on the device, from a DataLoader batch or a decoded stream batch (already
+    there)."""
+    if not isinstance(batch, dict):
+        return batch.images, batch.gt_boxes, batch.gt_labels
     images = batch["images"].to(device, non_blocking=True)
     boxes = [b.to(device) for b in batch["boxes"]]
     labels = [lab.to(device) for lab in batch["labels"]]

@@ -82,33 +82,28 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
     if start.resumed:
         from trainer.checkpoint import load_checkpoint
         checkpoint = load_checkpoint(run.last)
-    if group == "stream":
+    if group in ("stream", "inline"):  # batches read, decoded and (but for inline) assigned by Ray Data
+        from pipeline.split import CoordinatorControl
         from pipeline.stream import StreamStepper, stream_batches
 
         engine = Engine(cfg, device, total, load_teacher=False)
         if checkpoint is not None:
             engine.load_state(checkpoint)
-        stepper = StreamStepper(cfg, run, engine, device, val, hub, collective)
-        batches = stream_batches(ray.train.get_dataset_shard("train"), cfg, device)
-    else:
-        train_data = load_coco(cfg.data.train, cfg.data.image_root)
-        batches = planned_batches(cfg, train_data, start, total, rank, world)
-        if group == "inline":
-            from pipeline.split import CoordinatorControl
-
-            engine = Engine(cfg, device, total, load_teacher=False)
-            if checkpoint is not None:
-                engine.load_state(checkpoint)
+        if group == "stream":
+            stepper = StreamStepper(cfg, run, engine, device, val, hub, collective)
+        else:
             control = CoordinatorControl(hub, run) if rank == 0 else None
             stepper = NetworkStepper(cfg, run, engine, device, val, control, collective)
-        else:
-            from pipeline.split import SplitStepper
-            from trainer.colad import SideEngine, side_state
+        batches = stream_batches(ray.train.get_dataset_shard("train"), cfg, device)
+    else:  # split: both groups must see the same images in the same order, so each follows the plan itself
+        from pipeline.split import SplitStepper
+        from trainer.colad import SideEngine, side_state
 
-            engine = SideEngine(cfg, group, device, total)
-            if checkpoint is not None:
-                engine.load_state(side_state(checkpoint, group, len(list(engine.model.parameters()))))
-            stepper = SplitStepper(cfg, run, group, engine, device, val, hub, total, collective)
+        batches = planned_batches(cfg, load_coco(cfg.data.train, cfg.data.image_root), start, total, rank, world)
+        engine = SideEngine(cfg, group, device, total)
+        if checkpoint is not None:
+            engine.load_state(side_state(checkpoint, group, len(list(engine.model.parameters()))))
+        stepper = SplitStepper(cfg, run, group, engine, device, val, hub, total, collective)
     del checkpoint
     out = train_loop(cfg, stepper, batches, start, total=total, num_images=config["num_images"],
                      has_val=cfg.data.val is not None, collective=collective, progress=config["progress"],
@@ -196,7 +191,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
 
     try:
         started = ray_env.connect(cfg)
-        budget = ray_env.budget(cfg, groups=("a", "b") if split else ("a",), stream=not colad)
+        budget = ray_env.budget(cfg, groups=("a", "b") if split else ("a",), stream=not split)
         if colad:
             from pipeline.colearn import get_or_create
             hub = get_or_create(cfg, start.policy or cfg.colearn.policy, start_step=start.step,
@@ -220,14 +215,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
             try:
                 if split:
                     _fit_split(cfg, loop_config, hub)
-                elif colad:
-                    fit_group(cfg.to_dict(), "inline", loop_config)
-                else:
+                else:  # the stream (assigned by the pool), or inline co-learning's (read and decoded only)
                     from pipeline.stream import build_dataset, data_config, stream_items
 
                     options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
                     ds = build_dataset(cfg, stream_items(cfg, records, start, steps - start.step), hub, observers)
-                    fit_group(cfg.to_dict(), "stream", loop_config, datasets={"train": ds},
+                    fit_group(cfg.to_dict(), "inline" if colad else "stream", loop_config, datasets={"train": ds},
                               dataset_config=data_config(options))
                 break
             except Exception as e:
