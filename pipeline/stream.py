@@ -1,7 +1,8 @@
-"""The assignment stream (`pipeline.engine: ray`, every mode but colad): Ray Data feeds the student workers.
+"""The assignment stream (`pipeline.engine: ray`): Ray Data feeds the student workers.
 
     planned batches ─> read_batch (CPU tasks: decode, letterbox, flip)
-        ─> TeacherAssigner pool (actors: teacher forward + batched PAA assignment, one Arrow batch per batch)
+        ─> TeacherAssigner pool (actors: teacher forward + batched PAA assignment, one Arrow batch per batch;
+           modes without a teacher, paa and co-learning inline, skip the pool)
         ─> streaming_split(N, equal=False) ─> N Ray Train (TorchTrainer) student workers, DDP
 
 The plan, the loop and the checkpoints are those of every engine (`pipeline.loop`); the driver is
