@@ -105,13 +105,13 @@ def _payload_bytes(data: Path, input_size: int, batch: int) -> dict:
     import torch
 
     from pipeline.coco import load_coco
-    from pipeline.dataset import DetectionDataset, collate
+    from pipeline.dataset import DetectionDataset
     from schemas.config import load_config
     from trainer.colad import SideEngine, to_sparse
 
     cfg = load_config(ROOT / "configs" / "colad_digits.yaml", [f"data.input_size={input_size}"])
     ds = DetectionDataset(load_coco(str(data / "train.json")), input_size, train=False)
-    batch_ = collate([ds[i] for i in range(batch)])
+    batch_ = ds.collate([ds[i] for i in range(batch)])
     side = SideEngine(cfg, "a")
     with torch.no_grad():
         scored = side.score(batch_["images"], batch_["boxes"], batch_["labels"])

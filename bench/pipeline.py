@@ -27,18 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, read_batch  # noqa: E402
+from pipeline.assigner import (StreamSpec, TeacherAssigner, load_row_pixels, plan_table,  # noqa: E402
+                               records_table)
 from pipeline.loop import plan_batches  # noqa: E402
 from pipeline.coco import load_coco  # noqa: E402
-from pipeline.dataset import DetectionDataset, collate  # noqa: E402
+from pipeline.dataset import DetectionDataset  # noqa: E402
 from pipeline.loop import epoch_order  # noqa: E402
 from tests.tiny import make_data, make_teacher, tiny_config  # noqa: E402
-from schemas.assignment import decode_table_rows  # noqa: E402
+from schemas.assignment import batch_canvas, decode_table_rows  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
 from trainer.losses import soft_label_kd  # noqa: E402
 from trainer.worker import decode_stream_batch  # noqa: E402
@@ -69,7 +69,7 @@ def load_batches(cfg, n: int):
     ds = DetectionDataset(coco, cfg.data.input_size, train=True, seed=cfg.seed, flip_prob=cfg.data.flip_prob)
     order = [int(i) for i in epoch_order(len(coco.records), cfg.seed, 0)]
     plan = plan_batches(order, cfg.train.batch_size, 1)[:n]
-    return coco, plan, [collate([ds[i] for i in b]) for b in plan]
+    return coco, plan, [ds.collate([ds[i] for i in b]) for b in plan]
 
 
 def to(batch, device):
@@ -136,21 +136,20 @@ def codec(args, root, teacher, coco, plan) -> dict:
     for mode in ("lad", "kd"):
         cfg = bench_config(args, root, mode, teacher, pipeline={"soft_label_floor": args.soft_floor})
         spec = StreamSpec.of(cfg)
-        assigner = TeacherAssigner(cfg.to_dict())
-        table = read_batch(pa.Table.from_pylist(batch_items(coco.records, 0, [plan[0]])), spec=spec,
-                           seed=cfg.seed, flip_prob=cfg.data.flip_prob)
-        assigned = assigner(table)
+        assigner = TeacherAssigner(cfg.to_dict(), records_table(coco.records))
+        assigned = assigner(plan_table(0, [plan[0]]))
         rows = decode_table_rows(assigned, spec.anchor_hash)
+        num_anchors = spec.num_anchors(batch_canvas(assigned))
         n = len(rows)
         enc, dec = [], []
         from schemas.assignment import encode_batch
         for _ in range(args.codec_repeats):
             t0 = time.perf_counter()
-            encode_batch(rows, spec.anchor_hash, spec.num_anchors, spec.num_classes, spec.soft)
+            encode_batch(rows, spec.anchor_hash, num_anchors, spec.num_classes, spec.soft)
             enc.append((time.perf_counter() - t0) * 1e3 / n)
             t0 = time.perf_counter()
-            sb = decode_stream_batch(assigned, spec.anchor_hash, spec.num_anchors, spec.num_classes,
-                                     torch.device("cpu"), hard=mode == "lad", soft=mode == "kd")
+            sb = decode_stream_batch(assigned, spec, torch.device("cpu"), hard=mode == "lad", soft=mode == "kd",
+                                     load_pixels=lambda r: load_row_pixels(r, spec.input_size))
             dec.append((time.perf_counter() - t0) * 1e3 / n)
         entry = {"payload_bytes_per_image": sb.payload_bytes / n, "image_bytes_per_image": sb.image_bytes / n,
                  "payload_pct_of_image": round(100 * sb.payload_bytes / sb.image_bytes, 3),
@@ -168,7 +167,7 @@ def codec(args, root, teacher, coco, plan) -> dict:
                 kw = dict(cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight, gamma=d.gamma)
                 ld = soft_label_kd(s.cls_logits, s.box_deltas, s.iou_logits, dense, anchors, **kw)
                 ls = soft_label_kd(s.cls_logits, s.box_deltas, s.iou_logits, sb.soft, anchors, **kw)
-            entry["dense_fp32_soft_bytes_per_image"] = spec.num_anchors * spec.num_classes * 4
+            entry["dense_fp32_soft_bytes_per_image"] = num_anchors * spec.num_classes * 4
             entry["kd_cls_dense"], entry["kd_cls_streamed"] = float(ld["kd_cls"]), float(ls["kd_cls"])
             entry["kd_cls_rel_diff"] = float((ls["kd_cls"] - ld["kd_cls"]) / ld["kd_cls"])
             entry["soft_floor"] = args.soft_floor
@@ -206,17 +205,19 @@ def service(args, root, teacher, pool: int, steps: int) -> dict:
 def pool_throughput(args, root, teacher, coco, pool: int, batches: int) -> dict:
     """The teacher pool alone (no student): assigned batches per second once the pool is up, consumed by this
     process as fast as they come. On k free cores (or GPUs), k actors should give k times one actor's rate."""
+    import ray
+
     from pipeline import ray_env
-    from pipeline.stream import build_dataset
+    from pipeline.loop import Start
+    from pipeline.stream import PlanSource, build_dataset
 
     cfg = bench_config(args, root, "lad", teacher, pipeline={"assigners": pool, "num_workers": 1,
                                                              "cpus_per_assigner": args.cpus_per_assigner,
                                                              "gpus_per_assigner": args.gpus_per_assigner})
     ray_env.configure_data_context(cfg, ray_env.budget(cfg))
-    order = [int(i) for i in epoch_order(len(coco.records), cfg.seed, 0)]
-    items = batch_items(coco.records, 0, plan_batches(order, cfg.train.batch_size, 1)[:batches])
+    source = PlanSource(cfg, [r.image_id for r in coco.records], Start(), batches)
     times = []
-    for _ in build_dataset(cfg, items).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
+    for _ in build_dataset(cfg, source, ray.put(records_table(coco.records))).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
         times.append(time.perf_counter())
     skip = min(2 * pool, len(times) - 2)   # the first batches come while actors start
     rate = (len(times) - 1 - skip) / (times[-1] - times[skip]) if len(times) - 1 > skip else None

@@ -1,114 +1,201 @@
-"""The two Ray Data stages of the assignment stream.
+"""The one Ray Data stage of the assignment stream: each planned training batch becomes one Arrow batch.
 
-    read_batch        CPU tasks: one planned training batch (image ids + file paths + GT) -> decoded, letterboxed,
-                      flipped images as an Arrow table in the stream's schema (`schemas.assignment`), positives
-                      still empty. Mode `paa` streams exactly this (data only: the student assigns itself).
-    TeacherAssigner   the actor pool: loads the frozen teacher once, runs its forward and the batched PAA
-                      assignment (`trainer.teacher.teacher_assign`, the code `Engine.step` runs) on each training
-                      batch and fills in positives, ignores and (kd/solad) sparse fp16 soft labels (+ `soft_fill`).
+    read_batch        modes without a teacher (paa, co-learning inline), CPU tasks: the batch's encoded image files
+                      as stored, with the augmented GT and geometry (no decode: the student decodes its images).
+    TeacherAssigner   modes with a teacher, the actor pool: reads the files, decodes, resizes and flips them (a few
+                      threads), runs the frozen teacher and the batched PAA assignment (`trainer.teacher.
+                      teacher_assign`, the code `Engine.step` runs) and fills in positives, ignores and (kd/solad)
+                      sparse fp16 soft labels (+ `soft_fill`).
 
-Every block that leaves a stage is one training batch, tagged with the schema's batch columns `epoch` and
-`batch_index` (`schemas.assignment.tag_batch`), so the trainer can check that it steps on exactly the batches
-that were planned.
+Images travel once, as their encoded files (`image_file`): the pixels are made where they are used (the teacher
+here, the student in `pipeline.stream`), by the same function of (file, input size, flip), so both see the same
+pixels. Every batch is tagged with the schema's batch columns (`epoch`, `batch_index`, and its canvas
+`pad_height` / `pad_width`), so the trainer steps on exactly the planned batches with the right anchors.
+
+Run-ahead is bounded: before making a batch, a stage waits for the stream's monitor to admit it
+(`pipeline.ray_env.StreamMonitor.admit`), so at most `pipeline.max_batches_ahead` batches exist ahead of the
+students.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, add_soft_fill, anchor_hash, batch_tag,
-                                decode_table_rows, encode_batch, tag_batch)
+from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, add_soft_fill, encode_batch,
+                                tag_batch)
 from schemas.config import RunConfig
-from schemas.modes import mode_spec
-from trainer.worker import split_batches
+from trainer.worker import StreamSpec  # noqa: F401  (the stream's spec, re-exported for the pipeline)
 
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """What ties a stream to one anchor layout (the schema's hash) and how big its rows are."""
-    anchor_hash: str
-    num_anchors: int
-    num_classes: int
-    input_size: int
-    soft: bool
-
-    @classmethod
-    def of(cls, cfg: RunConfig) -> "StreamSpec":
-        from trainer.anchors import feature_sizes_for
-
-        strides = cfg.model.strides
-        sizes = feature_sizes_for(cfg.data.input_size, strides)
-        return cls(anchor_hash(strides, cfg.model.octave_base_scale, cfg.data.input_size, cfg.model.num_classes),
-                   sum(h * w for h, w in sizes), cfg.model.num_classes, cfg.data.input_size,
-                   mode_spec(cfg.mode).soft)
+ADMIT_POLL_S = 0.02
 
 
 # ----------------------------------------------------------------------------------------------- the plan
 
-def batch_items(records: list, epoch: int, batches: list[list[int]], first_index: int = 0) -> list[dict]:
-    """Planned batches -> Ray Data items: everything a read task needs, so it never reads the annotation file."""
+def records_table(records: list) -> pa.Table:
+    """The training set as Arrow (id, absolute path, size, GT), put in the object store once: the stages look
+    the images of a planned batch up in it, so a plan is only (epoch, batch index, dataset indices)."""
+    boxes = [np.asarray(r.boxes, np.float32).reshape(-1) for r in records]
+    labels = [np.asarray(r.labels, np.int64).reshape(-1) for r in records]
+
+    def lists(arrays, dtype):
+        offsets = np.zeros(len(arrays) + 1, np.int32)
+        offsets[1:] = np.cumsum([a.size for a in arrays])
+        values = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype, copy=False)))
+
+    return pa.table({
+        "image_id": pa.array([int(r.image_id) for r in records], pa.int64()),
+        "path": pa.array([os.path.abspath(r.path) for r in records], pa.string()),
+        "width": pa.array([int(r.width) for r in records], pa.int32()),
+        "height": pa.array([int(r.height) for r in records], pa.int32()),
+        "boxes": lists(boxes, np.float32), "labels": lists(labels, np.int64),
+    })
+
+
+def plan_table(epoch: int, batches: list[list[int]], first_index: int = 0) -> pa.Table:
+    """Planned batches of one epoch as the stream's source rows: (epoch, batch_index, dataset indices)."""
+    return pa.table({EPOCH_COLUMN: pa.array([int(epoch)] * len(batches), pa.int32()),
+                     BATCH_COLUMN: pa.array(range(first_index, first_index + len(batches)), pa.int32()),
+                     "index": pa.array([[int(i) for i in b] for b in batches], pa.list_(pa.int32()))})
+
+
+_RECORDS: dict = {}
+
+
+def _records(records) -> pa.Table:
+    """The records table, given as itself or as an object-store reference (fetched once per process)."""
+    if isinstance(records, pa.Table):
+        return records
+    key = records.hex()
+    if key not in _RECORDS:
+        import ray
+
+        _RECORDS.clear()
+        _RECORDS[key] = ray.get(records)
+    return _RECORDS[key]
+
+
+def planned_items(plan: pa.Table, records) -> list[dict]:
+    """Source rows -> one dict per planned batch with everything its images need (ids, paths, sizes, GT)."""
+    table = _records(records)
     items = []
-    for k, batch in enumerate(batches):
-        recs = [records[i] for i in batch]
-        items.append({
-            EPOCH_COLUMN: int(epoch), BATCH_COLUMN: int(first_index + k),
-            "image_id": [int(r.image_id) for r in recs],
-            "path": [os.path.abspath(r.path) for r in recs],
-            "width": [int(r.width) for r in recs], "height": [int(r.height) for r in recs],
-            "boxes": [np.asarray(r.boxes, np.float32).reshape(-1).tolist() for r in recs],
-            "labels": [np.asarray(r.labels).astype(np.int64).tolist() for r in recs],
-        })
+    for row in plan.to_pylist():
+        picked = table.take(pa.array(row["index"], pa.int32())).to_pydict()
+        items.append({EPOCH_COLUMN: row[EPOCH_COLUMN], BATCH_COLUMN: row[BATCH_COLUMN], **picked})
     return items
 
 
-# ----------------------------------------------------------------------------------------------- stage 1: read
+# ----------------------------------------------------------------------------------------------- the batch
 
-def read_batch(items: pa.Table, *, spec: StreamSpec, seed: int, flip_prob: float) -> pa.Table:
-    """Decode + letterbox + flip the images of planned batches, as `DetectionDataset.__getitem__` does.
+class PlannedImage:
+    """One image of a planned batch: its record, its encoded file and where its GT lands after the augmentation."""
 
-    The flip is `aug_params_for(image_id, epoch, seed, flip_prob)`, so the pixels equal the in-process loader's.
-    """
-    from pipeline.coco import ImageRecord
-    from pipeline.dataset import load_image
-    from pipeline.transforms import aug_params_for, letterbox
+    def __init__(self, item: dict, i: int, spec: StreamSpec, seed: int, flip_prob: float):
+        from pipeline.coco import ImageRecord
+        from pipeline.dataset import check_image_header, read_image_file
+        from pipeline.transforms import aug_params, aug_params_for, boxes_to_resized
 
-    out = []
-    for item in items.to_pylist():
-        epoch, index = item[EPOCH_COLUMN], item[BATCH_COLUMN]
-        rows = []
-        for image_id, path, w, h, boxes, labels in zip(item["image_id"], item["path"], item["width"],
-                                                       item["height"], item["boxes"], item["labels"]):
-            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-            record = ImageRecord(image_id, path, w, h, boxes, np.asarray(labels, np.int64))
-            flip = aug_params_for(image_id, epoch, seed, flip_prob)
-            image, gt, scale = letterbox(load_image(record), boxes, spec.input_size, flip)
-            rows.append(AssignmentRow(image_id=image_id, height=image.shape[0], width=image.shape[1],
-                                      gt_boxes=gt, gt_labels=np.asarray(labels, np.int32),
-                                      pos_anchor=_EMPTY, pos_gt=_EMPTY, ignore_anchor=_EMPTY,
-                                      image=image, scale=scale, flip=flip, **(_EMPTY_SOFT if spec.soft else {})))
-        rb = encode_batch(rows, spec.anchor_hash, spec.num_anchors, spec.num_classes, spec.soft)
-        out.append(tag_batch(rb, epoch, index))
-    return pa.concat_tables(out)
+        boxes = np.asarray(item["boxes"][i], np.float32).reshape(-1, 4)
+        self.record = ImageRecord(item["image_id"][i], item["path"][i], item["width"][i], item["height"][i], boxes,
+                                  np.asarray(item["labels"][i], np.int64))
+        self.flip = aug_params_for(self.record.image_id, item[EPOCH_COLUMN], seed, flip_prob)
+        self.params = aug_params(self.record.width, self.record.height, spec.input_size, self.flip)
+        self.file = read_image_file(self.record)
+        check_image_header(self.record, self.file)
+        self.gt_boxes = boxes_to_resized(boxes, self.params).astype(np.float32)
+
+    def row(self, **labels) -> AssignmentRow:
+        return AssignmentRow(image_id=self.record.image_id, height=self.params.resized_h, width=self.params.resized_w,
+                             gt_boxes=self.gt_boxes, gt_labels=self.record.labels.astype(np.int32),
+                             image_file=self.file, scale=self.params.scale, flip=self.flip, **labels)
+
+
+def planned_images(item: dict, spec: StreamSpec, seed: int, flip_prob: float) -> list[PlannedImage]:
+    return [PlannedImage(item, i, spec, seed, flip_prob) for i in range(len(item["image_id"]))]
+
+
+def canvas_of(images: list[PlannedImage], spec: StreamSpec) -> tuple[int, int]:
+    from pipeline.transforms import canvas_shape
+
+    return canvas_shape([(im.params.resized_h, im.params.resized_w) for im in images], spec.input_size)
+
+
+def wait_for_room(monitor: Any, item: dict) -> None:
+    """Block until the stream's monitor admits this batch (the run-ahead bound); no monitor, no bound."""
+    if monitor is None:
+        return
+    import ray
+
+    key = (int(item[EPOCH_COLUMN]), int(item[BATCH_COLUMN]))
+    while not ray.get(monitor.admit.remote(key)):
+        time.sleep(ADMIT_POLL_S)
 
 
 _EMPTY = np.zeros(0, np.int32)
+_EMPTY_HARD = dict(pos_anchor=_EMPTY, pos_gt=_EMPTY, ignore_anchor=_EMPTY)
 _EMPTY_SOFT = dict(soft_anchor=_EMPTY, soft_class=np.zeros(0, np.int16), soft_prob=np.zeros(0, np.float16),
                    kd_anchor=_EMPTY, kd_box=np.zeros((0, 4), np.float32), kd_iou_prob=np.zeros(0, np.float32),
                    kd_weight=np.zeros(0, np.float32))
 
 
-# ----------------------------------------------------------------------------------------------- stage 2: assign
+# ----------------------------------------------------------------------------------------------- data only
+
+def read_batch(plan: pa.Table, *, records, spec: StreamSpec, seed: int, flip_prob: float,
+               monitor: Any = None) -> pa.Table:
+    """Planned batches -> their encoded files, augmented GT and geometry (modes without a teacher). The file's
+    header is checked against the annotation here; the pixels are decoded by the student."""
+    out = []
+    for item in planned_items(plan, records):
+        wait_for_room(monitor, item)
+        images = planned_images(item, spec, seed, flip_prob)
+        rows = [im.row(**_EMPTY_HARD, **(_EMPTY_SOFT if spec.soft else {})) for im in images]
+        canvas = canvas_of(images, spec)
+        rb = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)
+        out.append(tag_batch(rb, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas))
+    return pa.concat_tables(out)
+
+
+def decode_pixels(files, input_size, flips, sizes, image_ids, pool=None) -> list[np.ndarray]:
+    """Encoded files -> resized, flipped uint8 [h, w, 3] pixels, checked against the sizes the stream promised.
+    The one decode of the stream, run by the teacher and by the student alike (so both see the same pixels)."""
+    from pipeline.dataset import decode_bytes
+    from pipeline.transforms import resize_image
+
+    def one(i):
+        image, params = resize_image(decode_bytes(files[i], image_ids[i]), input_size, flips[i])
+        if (params.resized_h, params.resized_w) != tuple(sizes[i]):
+            raise ValueError(f"image {image_ids[i]}: its file resizes to {params.resized_h}x{params.resized_w} but "
+                             f"the stream says {sizes[i][0]}x{sizes[i][1]} (another input_size?)")
+        return image
+
+    indices = range(len(files))
+    return list(pool.map(one, indices)) if pool is not None else [one(i) for i in indices]
+
+
+def load_row_pixels(rows: list[AssignmentRow], input_size, pool=None) -> list[np.ndarray]:
+    """The pixels of decoded stream rows that carry their encoded files (the student's `load_pixels`)."""
+    return decode_pixels([r.image_file for r in rows], input_size, [r.flip for r in rows],
+                         [(r.height, r.width) for r in rows], [r.image_id for r in rows], pool)
+
+
+def decode_threads(cpus: float) -> ThreadPoolExecutor:
+    """Threads that decode a batch's images in parallel (PIL releases the GIL while it decodes and resizes): one
+    per CPU the process was given, at least one, at most 8."""
+    return ThreadPoolExecutor(max_workers=max(1, min(8, round(cpus))), thread_name_prefix="decode")
+
+
+# ----------------------------------------------------------------------------------------------- the teacher
 
 class TeacherAssigner:
     """A Ray Data callable class (one instance per actor of the pool): the frozen teacher + PAA assignment.
     `observers` (as the loop's) are told of every batch assigned before it is returned: `assigned(epoch, ids)`."""
 
-    def __init__(self, cfg: dict, monitor: Any = None, observers: tuple = ()):
+    def __init__(self, cfg: dict, records, monitor: Any = None, observers: tuple = ()):
         import torch
 
         from trainer.network import AnchorCache
@@ -125,49 +212,50 @@ class TeacherAssigner:
         self.spec = StreamSpec.of(self.cfg)
         self.teacher, self.version = load_teacher(self.cfg, self.device)
         self.anchors = AnchorCache(self.cfg, self.device)
+        self.records = records
         self.monitor = monitor
         self.observers = observers
+        self.decoders = decode_threads(p.cpus_per_assigner)
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        parts = [self.assign(part) for part in split_batches(table)]
-        for o in self.observers:
-            for part in parts:
-                o.assigned(batch_tag(part)[0], part.column("image_id").to_pylist())
+    def __call__(self, plan: pa.Table) -> pa.Table:
+        parts = []
+        for item in planned_items(plan, self.records):
+            wait_for_room(self.monitor, item)
+            parts.append(self.assign(item))
+            for o in self.observers:
+                o.assigned(item[EPOCH_COLUMN], list(item["image_id"]))
         if self.monitor is not None:
             ms = sum(float(p.column("assign_ms")[0].as_py()) for p in parts)
             self.monitor.report_assigned.remote(len(parts), ms)
-        return pa.concat_tables(parts) if parts else table
+        return pa.concat_tables(parts)
 
-    def assign(self, part: pa.Table) -> pa.Table:
+    def assign(self, item: dict) -> pa.Table:
         import torch
 
         from trainer.teacher import teacher_assign
         from trainer.worker import images_tensor, labels_to_sparse, soft_fill, soft_to_sparse
 
         t0 = time.perf_counter()
-        rows = decode_table_rows(part, self.spec.anchor_hash)
-        images = images_tensor(rows, self.device)
-        boxes = [torch.from_numpy(np.array(r.gt_boxes, np.float32)).reshape(-1, 4).to(self.device) for r in rows]
-        labels = [torch.from_numpy(np.array(r.gt_labels, np.int64)).to(self.device) for r in rows]
-        result = teacher_assign(self.cfg, self.teacher, images, boxes, labels, self.anchors)
+        cfg, spec = self.cfg, self.spec
+        images = planned_images(item, spec, cfg.seed, cfg.data.flip_prob)
+        canvas = canvas_of(images, spec)
+        pixels = decode_pixels([im.file for im in images], spec.input_size, [im.flip for im in images],
+                               [(im.params.resized_h, im.params.resized_w) for im in images],
+                               [im.record.image_id for im in images], self.decoders)
+        batch = images_tensor(pixels, canvas, self.device)
+        boxes = [torch.from_numpy(im.gt_boxes).to(self.device) for im in images]
+        labels = [torch.from_numpy(im.record.labels).to(self.device) for im in images]
+        result = teacher_assign(cfg, self.teacher, batch, boxes, labels, self.anchors)
         hard = labels_to_sparse(result.labels) if result.labels is not None else None
-        soft = soft_to_sparse(result.soft, self.cfg.pipeline.soft_label_floor) if result.soft is not None else None
+        soft = soft_to_sparse(result.soft, cfg.pipeline.soft_label_floor) if result.soft is not None else None
         ms = (time.perf_counter() - t0) * 1e3
-        out_rows = []
-        for i, r in enumerate(rows):
+        rows = []
+        for i, im in enumerate(images):
             pos_anchor, pos_gt, ignore = hard[i] if hard is not None else (_EMPTY, _EMPTY, _EMPTY)
-            out_rows.append(AssignmentRow(
-                image_id=r.image_id, height=r.height, width=r.width, gt_boxes=r.gt_boxes, gt_labels=r.gt_labels,
-                pos_anchor=pos_anchor, pos_gt=pos_gt, ignore_anchor=ignore, image=None, scale=r.scale, flip=r.flip,
-                teacher_version=self.version, assign_ms=ms, **(soft[i] if soft is not None else {})))
-        rb = encode_batch(out_rows, self.spec.anchor_hash, self.spec.num_anchors, self.spec.num_classes,
-                          self.spec.soft)
-        # The pixels pass through untouched: reuse the input's image column instead of copying it again.
-        table = pa.Table.from_batches([rb])
-        i = table.schema.get_field_index("image")
-        table = table.set_column(i, table.schema.field(i), part.column("image").combine_chunks())
-        table = table.replace_schema_metadata(rb.schema.metadata)
+            rows.append(im.row(pos_anchor=pos_anchor, pos_gt=pos_gt, ignore_anchor=ignore,
+                               teacher_version=self.version, assign_ms=ms, **(soft[i] if soft is not None else {})))
+        table = pa.Table.from_batches([encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas),
+                                                    spec.num_classes, spec.soft)])
         if result.soft is not None:
-            fill = soft_fill(result.soft.cls_prob, self.cfg.pipeline.soft_label_floor)
-            table = add_soft_fill(table, fill.cpu().numpy())
-        return tag_batch(table, *batch_tag(part))
+            table = add_soft_fill(table, soft_fill(result.soft.cls_prob, cfg.pipeline.soft_label_floor).cpu().numpy())
+        return tag_batch(table, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas)

@@ -79,15 +79,16 @@ def render_digit(scan: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.ascontiguousarray(big[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
 
 
-def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A textured color background float32 [size, size, 3] in 0..1: smooth noise, a gradient or stripes."""
+def make_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A textured color background float32 [height, width, 3] in 0..1: smooth noise, a gradient or stripes."""
     kind = rng.integers(3)
     base = rng.uniform(0.15, 0.85, size=3).astype(np.float32)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy, xx = yy / height, xx / width
     if kind == 0:  # smooth noise: a coarse random grid, upscaled
         cells = int(rng.integers(2, 9))
         coarse = rng.uniform(-0.25, 0.25, size=(cells, cells, 3)).astype(np.float32)
-        texture = np.stack([_upscale(coarse[..., c], size) for c in range(3)], axis=-1)
+        texture = np.stack([_upscale(coarse[..., c], width, height) for c in range(3)], axis=-1)
     elif kind == 1:  # linear gradient towards a second color
         angle = rng.uniform(0, 2 * np.pi)
         t = np.cos(angle) * xx + np.sin(angle) * yy
@@ -99,12 +100,12 @@ def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
         phase = rng.uniform(0, 2 * np.pi)
         wave = np.sin(2 * np.pi * periods * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
         texture = wave[..., None] * rng.uniform(-0.2, 0.2, size=3).astype(np.float32)
-    grain = rng.normal(0, rng.uniform(0.01, 0.04), size=(size, size, 3)).astype(np.float32)
+    grain = rng.normal(0, rng.uniform(0.01, 0.04), size=(height, width, 3)).astype(np.float32)
     return np.clip(base + texture + grain, 0, 1)
 
 
-def _upscale(plane: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(plane).resize((size, size), Image.BILINEAR), dtype=np.float32)
+def _upscale(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(plane).resize((width, height), Image.BILINEAR), dtype=np.float32)
 
 
 def contrasting_tint(rng: np.random.Generator, region: np.ndarray) -> np.ndarray:
@@ -124,23 +125,23 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return iw * ih / min(a[2] * a[3], b[2] * b[3])
 
 
-def _digit_shape(rng: np.random.Generator, image_size: int, digit_size: tuple[int, int]) -> tuple[int, int]:
+def _digit_shape(rng: np.random.Generator, shape: tuple[int, int], digit_size: tuple[int, int]) -> tuple[int, int]:
     """Width and height of the upscaled scan: a random side, stretched by an aspect jitter of 0.7-1.4."""
     side = rng.uniform(digit_size[0], digit_size[1])
     aspect = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))  # width / height
-    width = int(np.clip(round(side * np.sqrt(aspect)), 4, image_size))
-    height = int(np.clip(round(side / np.sqrt(aspect)), 4, image_size))
+    width = int(np.clip(round(side * np.sqrt(aspect)), 4, shape[0]))
+    height = int(np.clip(round(side / np.sqrt(aspect)), 4, shape[1]))
     return width, height
 
 
 def _place(
-    rng: np.random.Generator, alpha: np.ndarray, image_size: int, placed: list[PastedDigit]
+    rng: np.random.Generator, alpha: np.ndarray, shape: tuple[int, int], placed: list[PastedDigit]
 ) -> tuple[int, int] | None:
     """A random top-left corner where the digit fits and overlaps earlier ones by at most MAX_OVERLAP."""
     h, w = alpha.shape
     for _ in range(PLACEMENT_TRIES):
-        x = int(rng.integers(0, image_size - w + 1))
-        y = int(rng.integers(0, image_size - h + 1))
+        x = int(rng.integers(0, shape[0] - w + 1))
+        y = int(rng.integers(0, shape[1] - h + 1))
         if all(_overlap((x, y, w, h), p.bbox) <= MAX_OVERLAP for p in placed):
             return x, y
     return None
@@ -151,21 +152,23 @@ def compose_image(
     scans: np.ndarray,
     labels: np.ndarray,
     *,
-    image_size: int,
+    image_size: int | tuple[int, int],
     num_digits: int,
     digit_size: tuple[int, int],
 ) -> tuple[np.ndarray, list[PastedDigit]]:
-    """One image (uint8 [S, S, 3]) with up to `num_digits` digits drawn from `scans`, and what was pasted.
+    """One image (uint8 [H, W, 3]; `image_size` is S for a square or (W, H)) with up to `num_digits` digits drawn
+    from `scans`, and what was pasted.
 
     Digits that find no place after PLACEMENT_TRIES are skipped (the first one always fits).
     """
-    canvas = make_background(rng, image_size)
+    shape = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    canvas = make_background(rng, *shape)
     placed: list[PastedDigit] = []
     for _ in range(num_digits):
         k = int(rng.integers(len(scans)))
-        width, height = _digit_shape(rng, image_size, digit_size)
+        width, height = _digit_shape(rng, shape, digit_size)
         alpha = render_digit(scans[k], width, height)
-        corner = _place(rng, alpha, image_size, placed)
+        corner = _place(rng, alpha, shape, placed)
         if corner is None:
             continue
         x, y = corner
@@ -198,7 +201,7 @@ def _write_split(
     scans: np.ndarray,
     labels: np.ndarray,
     *,
-    image_size: int,
+    shapes: list[tuple[int, int]],
     digits_per_image: tuple[int, int],
     digit_size: tuple[int, int],
     negative_fraction: float,
@@ -213,14 +216,15 @@ def _write_split(
     for index in range(num_images):
         rng = image_rng(seed, split, index)
         n = 0 if index in negatives else int(rng.integers(digits_per_image[0], digits_per_image[1] + 1))
+        width, height = shapes[index % len(shapes)]
         image, pasted = compose_image(
-            rng, scans, labels, image_size=image_size, num_digits=n, digit_size=digit_size
+            rng, scans, labels, image_size=(width, height), num_digits=n, digit_size=digit_size
         )
         image_id = index + 1
         name = f"{image_id:06d}.png"
         Image.fromarray(image).save(os.path.join(image_dir, name), format="PNG")
         images.append(
-            {"id": image_id, "file_name": f"images/{split}/{name}", "width": image_size, "height": image_size}
+            {"id": image_id, "file_name": f"images/{split}/{name}", "width": width, "height": height}
         )
         for digit in pasted:
             x, y, w, h = digit.bbox
@@ -260,9 +264,10 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _check_args(image_size, num_train, num_val, digits_per_image, digit_size, negative_fraction) -> None:
+def _check_args(shapes, num_train, num_val, digits_per_image, digit_size, negative_fraction) -> None:
+    image_size = min(min(shape) for shape in shapes) if shapes else 0
     if image_size < 16:
-        raise ValueError(f"image_size must be >= 16, got {image_size}")
+        raise ValueError(f"image sides must be >= 16, got {shapes}")
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
     lo, hi = digits_per_image
@@ -270,7 +275,8 @@ def _check_args(image_size, num_train, num_val, digits_per_image, digit_size, ne
         raise ValueError(f"digits_per_image must be (lo, hi) with 1 <= lo <= hi, got {digits_per_image}")
     lo, hi = digit_size
     if not 4 <= lo <= hi <= image_size:
-        raise ValueError(f"digit_size must be (lo, hi) with 4 <= lo <= hi <= image_size, got {digit_size}")
+        raise ValueError(f"digit_size must be (lo, hi) with 4 <= lo <= hi <= the shortest image side ({image_size}), "
+                         f"got {digit_size}")
     if not 0.0 <= negative_fraction <= 1.0:
         raise ValueError(f"negative_fraction must be in [0, 1], got {negative_fraction}")
 
@@ -279,6 +285,7 @@ def make_digits(
     out_dir: str,
     *,
     image_size: int = 128,
+    shapes: list[tuple[int, int]] | None = None,
     num_train: int = 1200,
     num_val: int = 200,
     digits_per_image: tuple[int, int] = (2, 5),
@@ -289,11 +296,13 @@ def make_digits(
 ) -> dict:
     """Write the digits detection dataset under `out_dir`; return {"paths": ..., "counts": ...}.
 
-    `digit_size` is the range of the upscaled 8x8 scan's side in pixels (before the 0.7-1.4 aspect
-    jitter and before cropping to the ink). `negative_fraction` of the images (rounded) have no digit.
-    Same arguments, same bytes.
+    Images are `image_size` squares, or, with `shapes` (a list of (width, height)), image i has shape
+    `shapes[i % len(shapes)]` (e.g. [(640, 480), (480, 640)] for COCO-like photos). `digit_size` is the range of
+    the upscaled 8x8 scan's side in pixels (before the 0.7-1.4 aspect jitter and before cropping to the ink).
+    `negative_fraction` of the images (rounded) have no digit. Same arguments, same bytes.
     """
-    _check_args(image_size, num_train, num_val, digits_per_image, digit_size, negative_fraction)
+    shapes = [tuple(int(v) for v in shape) for shape in shapes] if shapes else [(image_size, image_size)]
+    _check_args(shapes, num_train, num_val, digits_per_image, digit_size, negative_fraction)
     os.makedirs(out_dir, exist_ok=True)
     scans, labels = load_scans()
     train_idx, val_idx = split_scans(labels, seed)
@@ -308,7 +317,7 @@ def make_digits(
                 num_images,
                 scans[idx],
                 labels[idx],
-                image_size=image_size,
+                shapes=shapes,
                 digits_per_image=digits_per_image,
                 digit_size=digit_size,
                 negative_fraction=negative_fraction,

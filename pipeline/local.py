@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.coco import CocoDataset, load_coco
-from pipeline.dataset import DetectionDataset, collate
+from pipeline.dataset import DetectionDataset
 from pipeline.loop import (Batch, Collective, Start, Stepped, Stepper, plan_run,
                            read_start, total_steps, train_loop, write_commit)
 from pipeline.validate import evaluate_network
@@ -25,6 +25,7 @@ from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
 from trainer.colad import count_metrics, zero_counts
 from trainer.engine import Engine, pick_device
+from pipeline.transforms import idle_canvas
 from trainer.worker import ActiveMean, null_batch
 
 
@@ -97,7 +98,7 @@ def planned_batches(cfg: RunConfig, train: CocoDataset, start: Start, total: int
     for epoch, steps in plan_run(cfg, image_ids, start.epoch, start.trained_ids, total - start.step, world):
         dataset.set_epoch(epoch)
         mine = [step[rank] for step in steps if rank < len(step)]
-        for b in DataLoader(dataset, batch_sampler=mine, collate_fn=collate, num_workers=cfg.data.num_workers):
+        for b in DataLoader(dataset, batch_sampler=mine, collate_fn=dataset.collate, num_workers=cfg.data.num_workers):
             yield Batch(epoch, b["image_ids"].tolist(), b)
 
 
@@ -188,7 +189,7 @@ class NetworkStepper(Evaluating, Stepper):
         if batch is not None:
             images, boxes, labels = to_device(batch.data, self.device)
         else:  # an idle rank: a blank image, its gradient discarded by the hook
-            idle = null_batch(self.cfg.data.input_size, 1, 1, self.device, hard=False, soft=False)
+            idle = null_batch(idle_canvas(self.cfg.data.input_size), 1, 1, self.device, hard=False, soft=False)
             images, boxes, labels = idle.images, idle.gt_boxes, idle.gt_labels
         result = self.engine.step(images, boxes, labels)
         record = dict(result.metrics)

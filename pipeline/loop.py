@@ -65,25 +65,49 @@ def plan_batches(order: list[int], batch_size: int, num_workers: int) -> list[li
     return batches
 
 
-def plan_run(cfg: RunConfig, image_ids: list[int], start_epoch: int, trained_ids: list[int],
-             remaining_steps: int, world: int) -> list[tuple[int, list[list[list[int]]]]]:
-    """The rest of the run: per epoch, per step, the batches (dataset indices) of the ranks that have one.
+def batches_in(num_images: int, steps: int, batch_size: int, world: int) -> int:
+    """How many batches `plan_batches` makes of `num_images`, cut after `steps` steps."""
+    per_step = batch_size * world
+    full, rest = divmod(num_images, per_step)
+    if steps < full + (1 if rest else 0):
+        return steps * world
+    return full * world + min(world, rest)
 
-    Each epoch's order is `epoch_order` without the ids already trained in the resumed epoch; steps are cut at the
-    budget. A pure function of the config and the checkpoint, so every process plans the same run.
-    """
+
+def epoch_budgets(cfg: RunConfig, image_ids: list[int], start_epoch: int, trained_ids: list[int],
+                  remaining_steps: int, world: int) -> list[tuple[int, int]]:
+    """(epoch, steps, batches) of every epoch left in the run, by arithmetic alone: what a plan costs before any
+    epoch's order is drawn (each epoch takes ceil(images / (batch_size * world)) steps, cut at the budget)."""
     done = set(int(i) for i in trained_ids)
-    plan = []
+    first = len(image_ids) - sum(1 for i in image_ids if int(i) in done)
+    budgets = []
     for epoch in range(start_epoch, cfg.train.epochs):
         if remaining_steps <= 0:
             break
-        order = [int(i) for i in epoch_order(len(image_ids), cfg.seed, epoch)
-                 if epoch != start_epoch or int(image_ids[i]) not in done]
-        batches = plan_batches(order, cfg.train.batch_size, world)
-        steps = [batches[k:k + world] for k in range(0, len(batches), world)][:remaining_steps]
-        plan.append((epoch, steps))
-        remaining_steps -= len(steps)
-    return plan
+        n = first if epoch == start_epoch else len(image_ids)
+        steps = min(remaining_steps, math.ceil(n / (cfg.train.batch_size * world)))
+        budgets.append((epoch, steps, batches_in(n, steps, cfg.train.batch_size, world)))
+        remaining_steps -= steps
+    return budgets
+
+
+def plan_epoch(cfg: RunConfig, image_ids: list[int], epoch: int, trained_ids: list[int], steps: int,
+               world: int) -> list[list[list[int]]]:
+    """One epoch's steps, each the batches (dataset indices) of the ranks that have one: `epoch_order` without the
+    ids already trained (`trained_ids`, those of the resumed epoch), cut into batches, cut at `steps`."""
+    done = set(int(i) for i in trained_ids)
+    order = [int(i) for i in epoch_order(len(image_ids), cfg.seed, epoch) if int(image_ids[i]) not in done]
+    batches = plan_batches(order, cfg.train.batch_size, world)
+    return [batches[k:k + world] for k in range(0, len(batches), world)][:steps]
+
+
+def plan_run(cfg: RunConfig, image_ids: list[int], start_epoch: int, trained_ids: list[int],
+             remaining_steps: int, world: int) -> Iterator[tuple[int, list[list[list[int]]]]]:
+    """The rest of the run, one epoch at a time: per epoch, per step, the batches (dataset indices) of the ranks
+    that have one. A pure function of the config and the checkpoint, so every process plans the same run; an
+    epoch is planned only when it is reached."""
+    for epoch, steps, _ in epoch_budgets(cfg, image_ids, start_epoch, trained_ids, remaining_steps, world):
+        yield epoch, plan_epoch(cfg, image_ids, epoch, trained_ids if epoch == start_epoch else [], steps, world)
 
 
 # ------------------------------------------------------------------------------------------------ the start

@@ -198,12 +198,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                                 source="checkpoint" if start.policy else "config", best=start.best)
             ray.get(hub.start.remote())
         else:
-            hub = ray_env.StreamMonitor.remote()
+            hub = ray_env.StreamMonitor.remote(cfg.pipeline.batches_ahead)
         try:  # after ray.init, which installs its own SIGTERM handler in the driver
             previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True
         except ValueError:  # not the main thread: whoever runs us handles signals
             pass
-        failures = 0
+        failures, records_ref = 0, None
         while True:
             run.set_progress("running", start.step, steps, start.epoch)
             if stop.flag:
@@ -216,10 +216,16 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                 if split:
                     _fit_split(cfg, loop_config, hub)
                 else:  # the stream (assigned by the pool), or inline co-learning's (read and decoded only)
-                    from pipeline.stream import build_dataset, data_config, stream_items
+                    from pipeline.assigner import records_table
+                    from pipeline.stream import PlanSource, build_dataset, data_config
 
                     options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
-                    ds = build_dataset(cfg, stream_items(cfg, records, start, steps - start.step), hub, observers)
+                    if records_ref is None:
+                        records_ref = ray.put(records_table(records))
+                    source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step)
+                    if not colad:
+                        ray.get(hub.set_plan.remote(source.offsets))
+                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers)
                     fit_group(cfg.to_dict(), "inline" if colad else "stream", loop_config, datasets={"train": ds},
                               dataset_config=data_config(options))
                 break

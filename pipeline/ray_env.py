@@ -141,32 +141,67 @@ def configure_data_context(cfg: RunConfig, b: Budget):
 
 @ray.remote(num_cpus=0)
 class StreamMonitor:
-    """Counters of the stream (the assigners report batches done, the trainer batches consumed), the stop
-    request of the driver (SIGTERM), the first error of a worker and the final result of the run. Tiny,
-    zero-CPU, one per run: the stream's hub, as the coordinator is co-learning's (`pipeline.ray_driver`)."""
+    """Counters of the stream, the bound on its run-ahead, the stop request of the driver (SIGTERM), the first error
+    of a worker and the final result of the run. Tiny, zero-CPU, one per run: the stream's hub, as the coordinator
+    is co-learning's (`pipeline.ray_driver`).
 
-    def __init__(self):
-        self.n_assigned = 0
-        self.assign_ms = 0.0
-        self.n_consumed = 0
+    Run-ahead: a stage that makes a batch asks `admit(key)` first, and waits until the batch is among the next
+    `max_ahead` of the plan counted from the first batch not yet trained on (`consumed(key)`, from the worker that
+    stepped on it). A window in plan order, not a count: the stream delivers batches in plan order, so a count
+    could admit later batches ahead of an earlier one that then never gets in. Batches are keyed by (epoch,
+    batch_index) and placed in the plan by `set_plan`'s epoch offsets; a batch re-run after a lost actor is
+    admitted again at once."""
+
+    def __init__(self, max_ahead: int = 1 << 30):
+        self.max_ahead = int(max_ahead)
         self.stop = False
         self.error: Optional[str] = None
         self.result_: dict = {}
+        self.rewind(0, {})
 
     def rewind(self, step: int, best: dict) -> None:
         """A new attempt (after a lost worker, resuming from the checkpoint of `step`) starts a new stream."""
-        self.n_assigned, self.assign_ms, self.n_consumed = 0, 0.0, 0
+        self.offsets: dict = {}
+        self.pending: set = set()    # admitted, not yet consumed: within [low, low + max_ahead)
+        self.consumed: set = set()   # consumed, at or above low
+        self.low = 0                 # the first batch of the plan not yet consumed
+        self.n_assigned, self.assign_ms, self.peak_backlog = 0, 0.0, 0
+
+    def set_plan(self, offsets: dict) -> None:
+        """The plan of this attempt: epoch -> the position of its first batch in the run's order."""
+        self.offsets = {int(e): int(o) for e, o in offsets.items()}
+
+    def _seq(self, key) -> int:
+        epoch, index = (int(v) for v in key)
+        return self.offsets.get(epoch, 0) + index
+
+    def admit(self, key) -> bool:
+        """Whether the batch `key` may be made now."""
+        seq = self._seq(key)
+        if seq in self.pending or seq < self.low + self.max_ahead:
+            self.pending.add(seq)
+            self.peak_backlog = max(self.peak_backlog, len(self.pending))
+            return True
+        return False
 
     def report_assigned(self, batches: int, ms: float) -> None:
         self.n_assigned += batches
         self.assign_ms += ms
 
-    def report_consumed(self, batches: int) -> None:
-        self.n_consumed += batches
+    def report_consumed(self, key) -> None:
+        seq = self._seq(key)
+        self.pending.discard(seq)
+        self.consumed.add(seq)
+        while self.low in self.consumed:
+            self.consumed.discard(self.low)
+            self.low += 1
 
     def backlog(self) -> int:
-        """Batches assigned and not yet trained on: the stream's queue depth (prefetched + in flight)."""
-        return self.n_assigned - self.n_consumed
+        """Batches admitted and not yet trained on: the stream's queue depth (in the making, queued, prefetched)."""
+        return len(self.pending)
+
+    def backlog_stats(self) -> dict:
+        return {"backlog": self.backlog(), "peak_backlog": self.peak_backlog}
 
     def request_stop(self) -> None:
         self.stop = True

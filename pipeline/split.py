@@ -56,12 +56,14 @@ class SplitStepper(Stepper):
     def __init__(self, cfg: RunConfig, run: RunDir, side: str, engine: SideEngine, device, val, coordinator,
                  total: int, collective: Collective = Collective()):
         from pipeline.assigner import StreamSpec
+        from pipeline.transforms import idle_canvas
 
         self.cfg, self.run, self.side, self.engine, self.device, self.val = cfg, run, side, engine, device, val
         self.coordinator, self.rank, self.total = coordinator, collective.rank, total
         self.hook = data_parallel(engine, device, collective.world, modules=("forward",))
         self.spec = StreamSpec.of(cfg)
-        self.idle = null_batch(cfg.data.input_size, self.spec.num_anchors, self.spec.num_classes, device,
+        canvas = idle_canvas(cfg.data.input_size)
+        self.idle = null_batch(canvas, self.spec.num_anchors(canvas), self.spec.num_classes, device,
                                hard=True, soft=False)
         self.stop_next = False
 
@@ -83,8 +85,8 @@ class SplitStepper(Stepper):
             res = ray.get(self.coordinator.exchange.remote(step_index, self.rank, self.side,
                                                            to_sparse(scored, batch.image_ids, boxes, labels)))
             pos, gt, ign = zip(*res["assignment"])
-            common = sparse_to_labels(list(pos), list(gt), list(ign), labels, self.spec.num_anchors,
-                                      self.spec.num_classes, self.device)
+            common = sparse_to_labels(list(pos), list(gt), list(ign), labels,
+                                      self.spec.num_anchors(images.shape[-2:]), self.spec.num_classes, self.device)
         else:
             common = self.idle.labels
         t2 = time.perf_counter()

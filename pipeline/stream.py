@@ -1,9 +1,12 @@
 """The assignment stream (`pipeline.engine: ray`): Ray Data feeds the student workers.
 
-    planned batches ─> read_batch (CPU tasks: decode, letterbox, flip)
-        ─> TeacherAssigner pool (actors: teacher forward + batched PAA assignment, one Arrow batch per batch;
-           modes without a teacher, paa and co-learning inline, skip the pool)
-        ─> streaming_split(N, equal=False) ─> N Ray Train (TorchTrainer) student workers, DDP
+    planned batches ─> TeacherAssigner pool (actors: read the files, decode, teacher forward + batched PAA
+                           assignment; one Arrow batch per training batch, images as their encoded files)
+                       or, modes without a teacher (paa, co-learning inline), read_batch (CPU tasks: the files)
+        ─> streaming_split(N, equal=False) ─> N Ray Train (TorchTrainer) student workers, DDP; each decodes its
+           images in a background thread (`stream_batches`)
+
+At most `pipeline.max_batches_ahead` batches exist ahead of the students (`pipeline.ray_env.StreamMonitor`).
 
 The plan, the loop and the checkpoints are those of every engine (`pipeline.loop`); the driver is
 `pipeline.ray_driver`. With one worker the student takes the in-process run's steps on the same labels.
@@ -16,48 +19,103 @@ assigner actor is restarted by Ray and its batch retried: an actor call returns 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from typing import Any, Iterator, Optional
 
-from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, read_batch
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline.assigner import StreamSpec, TeacherAssigner, decode_threads, load_row_pixels, read_batch
 from pipeline.local import Evaluating, data_parallel
-from pipeline.loop import Batch, Collective, Stepped, Stepper, plan_run
+from pipeline.loop import Batch, Collective, Stepped, Stepper, epoch_budgets, plan_epoch
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from schemas.rundir import RunDir
 
 
-def stream_items(cfg: RunConfig, records: list, start, remaining_steps: int) -> list:
-    """Ray Data items for the rest of the run: the plan of every engine (`pipeline.loop.plan_run`), one item per
-    worker batch."""
-    image_ids = [r.image_id for r in records]
-    items: list = []
-    for epoch, steps in plan_run(cfg, image_ids, start.epoch, start.trained_ids, remaining_steps,
-                                 cfg.pipeline.num_workers):
-        items += batch_items(records, epoch, [b for step in steps for b in step])
-    return items
+class PlanSource(Datasource):
+    """The rest of the run's plan as a lazy Ray Data source: one read task per epoch, which draws that epoch's
+    order and cuts it into batches (`pipeline.loop.plan_epoch`) only when the stream reaches it. The driver holds
+    the per-epoch step budgets (`epoch_budgets`, arithmetic) and nothing per batch, so its memory and start-up time
+    do not grow with the number of epochs or batches. Each source row is one planned batch (epoch, batch_index,
+    dataset indices); a streaming repartition makes it one block."""
+
+    def __init__(self, cfg: RunConfig, image_ids: list[int], start, remaining_steps: int):
+        self.cfg, self.num_images = cfg, len(image_ids)
+        self.budgets = epoch_budgets(cfg, image_ids, start.epoch, start.trained_ids, remaining_steps,
+                                     cfg.pipeline.num_workers)
+        # only the resumed epoch needs the ids (to leave out those already trained); the others only the count
+        self.resumed = (start.epoch, list(image_ids), list(start.trained_ids)) if start.trained_ids else None
+        # epoch -> the position of its first batch in this attempt's order (the monitor's run-ahead window)
+        self.offsets, total = {}, 0
+        for epoch, _, batches in self.budgets:
+            self.offsets[epoch], total = total, total + batches
+
+    def estimate_inmemory_data_size(self):
+        return None
+
+    def get_name(self) -> str:
+        return "Plan"
+
+    def get_read_tasks(self, parallelism: int, **kwargs) -> list:
+        tasks = []
+        for epoch, steps, _ in self.budgets:
+            ids, trained = (range(self.num_images), [])
+            if self.resumed and self.resumed[0] == epoch:
+                ids, trained = self.resumed[1:]
+            read = functools.partial(epoch_rows, self.cfg, epoch, steps, ids, trained)
+            tasks.append(ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None,
+                                                      exec_stats=None)))
+        return tasks
 
 
-def build_dataset(cfg: RunConfig, items: list, monitor: Any = None, observers: tuple = ()):
-    """The stream: planned batches -> images (CPU tasks) -> assignments (the actor pool), one block per batch."""
+def epoch_rows(cfg: RunConfig, epoch: int, steps: int, image_ids, trained_ids: list, rows_per_block: int = 1024):
+    """The source rows of one epoch, in blocks: what its read task yields."""
+    from pipeline.assigner import plan_table
+
+    batches = [b for step in plan_epoch(cfg, image_ids, epoch, trained_ids, steps, cfg.pipeline.num_workers)
+               for b in step]
+    for k in range(0, len(batches), rows_per_block):
+        yield plan_table(epoch, batches[k:k + rows_per_block], first_index=k)
+
+
+def one_block_per_batch(ds, num_cpus: float):
+    """A streaming repartition to one row (one planned batch) per block. Ray 2.60's `repartition` takes no resource
+    arguments and asks for a whole CPU per task, which deadlocks a cluster whose CPUs the students and the pool
+    hold; its logical operator's `ray_remote_args` is set here instead (ray is pinned in pyproject.toml)."""
+    ds = ds.repartition(target_num_rows_per_block=1)
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if not isinstance(getattr(op, "ray_remote_args", None), dict):
+        raise RuntimeError("this Ray Data version hides the streaming repartition's resources; "
+                           "pipeline.stream.one_block_per_batch must be ported")
+    op.ray_remote_args["num_cpus"] = num_cpus
+    return ds
+
+
+def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any = None, observers: tuple = ()):
+    """The stream: the lazy plan -> one block per planned batch -> encoded files (CPU tasks) or assignments (the
+    actor pool). `records` is the object-store reference of `pipeline.assigner.records_table`."""
     import ray
 
     p = cfg.pipeline
     spec = StreamSpec.of(cfg)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
-                        num_cpus=p.cpus_per_read_task,
-                        fn_kwargs=dict(spec=spec, seed=cfg.seed, flip_prob=cfg.data.flip_prob))
-    if not mode_spec(cfg.mode).needs_teacher:  # paa: data only, the student assigns its own labels
-        return ds
+    ds = one_block_per_batch(ray.data.read_datasource(source, num_cpus=p.cpus_per_read_task), p.cpus_per_read_task)
+    if not mode_spec(cfg.mode).needs_teacher:  # paa, co-learning: data only, the students assign their own labels
+        return ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
+                              num_cpus=p.cpus_per_read_task,
+                              fn_kwargs=dict(records=records, spec=spec, seed=cfg.seed, flip_prob=cfg.data.flip_prob,
+                                             monitor=monitor))
     # Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1 (its defaults; passing them is
     # deprecated in 2.60), so a lost actor is restarted and its batch re-run. An exception raised by the
     # assigner is not retried: it fails the run with its message.
     return ds.map_batches(
-        TeacherAssigner, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=p.assigners),
+        TeacherAssigner, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
+        # one batch at a time per actor: a call waiting for room must never hold up an earlier batch queued behind
+        # it in the same actor (the stream delivers in plan order)
+        compute=ray.data.ActorPoolStrategy(size=p.assigners, max_tasks_in_flight_per_actor=1),
         num_cpus=p.cpus_per_assigner, num_gpus=p.gpus_per_assigner or None,
-        fn_constructor_kwargs=dict(cfg=cfg.to_dict(), monitor=monitor, observers=observers))
+        fn_constructor_kwargs=dict(cfg=cfg.to_dict(), records=records, monitor=monitor, observers=observers))
 
 
 def data_config(execution_options):
@@ -81,17 +139,52 @@ def data_config(execution_options):
 # ------------------------------------------------------------------------------------------------ the worker
 
 def stream_batches(shard, cfg: RunConfig, device) -> Iterator[Batch]:
-    """This worker's share of the stream, decoded onto its device."""
+    """This worker's share of the stream, its images decoded (one background thread, a batch or two ahead, so
+    the step does not wait for the decode) onto its device."""
     from trainer.worker import decode_stream_batch, split_batches
 
     spec, mode = StreamSpec.of(cfg), mode_spec(cfg.mode)
-    blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=cfg.pipeline.prefetch_batches)
-    for block in blocks:
-        for part in split_batches(block):
-            t0 = time.perf_counter()
-            sb = decode_stream_batch(part, spec.anchor_hash, spec.num_anchors, spec.num_classes, device,
-                                     hard=mode.teacher_hard, soft=mode.soft)
-            yield Batch(sb.epoch, sb.image_ids, sb, (time.perf_counter() - t0) * 1e3)
+    load_pixels = functools.partial(load_row_pixels, input_size=spec.input_size,
+                                    pool=decode_threads(cfg.pipeline.cpus_per_worker))
+
+    def decoded():
+        blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow",
+                                    prefetch_batches=cfg.pipeline.prefetch_batches)
+        for block in blocks:
+            for part in split_batches(block):
+                t0 = time.perf_counter()
+                sb = decode_stream_batch(part, spec, device, hard=mode.teacher_hard, soft=mode.soft,
+                                         load_pixels=load_pixels)
+                yield Batch(sb.epoch, sb.image_ids, sb, (time.perf_counter() - t0) * 1e3)
+
+    yield from in_background(decoded(), depth=2)
+
+
+def in_background(iterator: Iterator, depth: int) -> Iterator:
+    """Run `iterator` in a daemon thread, at most `depth` items ahead; its exceptions surface here, in order.
+    (PIL's decode and resize and torch's copies release the GIL, so the thread overlaps the step.)"""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def run():
+        try:
+            for item in iterator:
+                items.put((item, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            items.put((None, e))
+        items.put((done, None))
+
+    threading.Thread(target=run, name="stream-decode", daemon=True).start()
+    while True:
+        item, error = items.get()
+        if error is not None:
+            raise error
+        if item is done:
+            return
+        yield item
 
 
 class StreamStepper(Evaluating, Stepper):
@@ -105,10 +198,13 @@ class StreamStepper(Evaluating, Stepper):
         self.monitor, self.rank = monitor, collective.rank
         self.mode = mode_spec(cfg.mode)
         self.hook = data_parallel(engine, device, collective.world, modules=("forward_a",))
-        spec = StreamSpec.of(cfg)
-        self.idle = null_batch(cfg.data.input_size, spec.num_anchors, spec.num_classes, device,
+        from pipeline.transforms import idle_canvas
+
+        spec, canvas = StreamSpec.of(cfg), idle_canvas(cfg.data.input_size)
+        self.idle = null_batch(canvas, spec.num_anchors(canvas), spec.num_classes, device,
                                hard=self.mode.teacher_hard, soft=self.mode.soft)
         self.newest_version = 0
+        self.store_peak = 0
         self.stop_ref: Optional[Any] = None
         self.stop_seen = False
 
@@ -132,14 +228,14 @@ class StreamStepper(Evaluating, Stepper):
             result = self.engine.step(b.images, b.gt_boxes, b.gt_labels)
         else:
             result = self.engine.step_on_labels(b.images, b.gt_boxes, b.labels, b.soft)
-        if self.rank == 0 and self.monitor is not None:
-            self.monitor.report_consumed.remote(num_active)
         if sb is None:
             return Stepped(None)
+        if self.monitor is not None:
+            self.monitor.report_consumed.remote((sb.epoch, sb.batch_index))
         self.newest_version = max(self.newest_version, sb.teacher_version)
         record = {**result.metrics, "decode_ms": round(batch.decode_ms, 2), "teacher_version": sb.teacher_version,
                   "teacher_lag": self.newest_version - sb.teacher_version, "payload_bytes": sb.payload_bytes,
-                  "image_bytes": sb.image_bytes}
+                  "image_bytes": sb.image_bytes, "batch_images": len(sb), "canvas": list(sb.images.shape[-2:])}
         if self.mode.teacher_hard or self.mode.soft:
             record["assign_ms"] = round(sb.assign_ms, 3)
         return Stepped(record, sb.labels)
@@ -147,5 +243,22 @@ class StreamStepper(Evaluating, Stepper):
     def log(self, record: dict, total: int) -> None:
         import ray
 
-        record["backlog"] = ray.get(self.monitor.backlog.remote()) if self.monitor is not None else None
+        if self.monitor is not None:
+            record.update(ray.get(self.monitor.backlog_stats.remote()))
+            record.update(object_store_use())
+            self.store_peak = max(self.store_peak, record.get("object_store_bytes", 0))
+            record["object_store_peak_bytes"] = self.store_peak
         super().log(record, total)
+
+
+def object_store_use() -> dict:
+    """The object store's bytes in use now, and created so far, summed over the cluster's nodes (the raylets'
+    own counters; empty if they cannot be read)."""
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        stats = get_memory_info_reply(get_state_from_address()).store_stats
+    except Exception:  # noqa: BLE001 - a metric, never worth failing a step for
+        return {}
+    return {"object_store_bytes": int(stats.object_store_bytes_used),
+            "object_store_created_bytes": int(stats.cumulative_created_bytes)}

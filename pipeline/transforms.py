@@ -1,21 +1,31 @@
-"""Letterbox resize and horizontal flip, with the box arithmetic that keeps boxes on the same pixels.
+"""Resize (square letterbox or keep-ratio), horizontal flip and batch padding, with the box arithmetic that keeps
+boxes on the same pixels.
 
 Why so little augmentation, and why it is all explicit: an assigner (teacher) and a trainer (student) may
 process the same image in different processes. If the augmentation is a pure function of
 (image id, epoch, seed), either side can re-apply it exactly from those few integers instead of shipping
 pixels; `aug_params_for` is that function, and `AugParams` is everything needed to map boxes either way.
 
-Geometry: scale = input_size / max(h, w); the image is resized to (round(w*scale), round(h*scale)) with
-PIL bilinear, flipped if asked (in the resized frame), then padded with zeros at the bottom/right to a
-square input_size. Padding at the bottom/right never moves the origin, so boxes need only scale and flip.
+Geometry (`data.input_size`):
+- a single number S: scale = S / max(h, w), and every batch is padded to the square S x S (the letterbox);
+- a pair (long, short), e.g. (1333, 800) as every COCO recipe: scale = min(long / max(h, w), short / min(h, w))
+  (MMDetection's `Resize(keep_ratio=True)`), and each batch is padded only to its largest image, rounded up to
+  a multiple of `PAD_DIVISOR` (32): about half the pixels of a square canvas for COCO's 4:3 photos.
+The image is resized to (round(w*scale), round(h*scale)) with PIL bilinear and flipped if asked (in the resized
+frame); padding goes at the bottom/right, which never moves the origin, so boxes need only scale and flip.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 from PIL import Image
+
+from schemas.config import PAD_DIVISOR
+
+InputSize = Union[int, Sequence[int]]
 
 
 class AugParams(NamedTuple):
@@ -27,12 +37,40 @@ class AugParams(NamedTuple):
     resized_h: int
 
 
-def aug_params(width: int, height: int, input_size: int, flip: bool) -> AugParams:
-    """The letterbox geometry of a (width x height) image at `input_size`."""
-    scale = input_size / max(width, height)
-    resized_w = min(input_size, max(1, int(width * scale + 0.5)))
-    resized_h = min(input_size, max(1, int(height * scale + 0.5)))
+def _long_short(input_size: InputSize) -> tuple[int, int]:
+    if isinstance(input_size, (int, np.integer)):
+        return int(input_size), int(input_size)
+    long, short = (int(v) for v in input_size)
+    return long, short
+
+
+def aug_params(width: int, height: int, input_size: InputSize, flip: bool) -> AugParams:
+    """The resize geometry of a (width x height) image at `input_size` (a square side, or (long, short))."""
+    long, short = _long_short(input_size)
+    scale = min(long / max(width, height), short / min(width, height))
+    resized_w = min(long, max(1, int(width * scale + 0.5)))
+    resized_h = min(long, max(1, int(height * scale + 0.5)))
     return AugParams(scale, bool(flip), resized_w, resized_h)
+
+
+def canvas_shape(sizes: Sequence[tuple[int, int]], input_size: InputSize) -> tuple[int, int]:
+    """(H, W) of the padded batch holding images of these resized (h, w): S x S for a square input size, else
+    the largest h and w of the batch rounded up to a multiple of PAD_DIVISOR."""
+    if isinstance(input_size, (int, np.integer)):
+        return int(input_size), int(input_size)
+    if not sizes:
+        raise ValueError("canvas_shape: a batch needs at least one image")
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    return (math.ceil(height / PAD_DIVISOR) * PAD_DIVISOR, math.ceil(width / PAD_DIVISOR) * PAD_DIVISOR)
+
+
+def idle_canvas(input_size: InputSize) -> tuple[int, int]:
+    """The canvas of the blank batch an idle worker steps on (its gradients are discarded; any shape the network
+    takes would do, this one is cheap and never degenerate)."""
+    long, short = _long_short(input_size)
+    side = math.ceil(short / PAD_DIVISOR) * PAD_DIVISOR if long != short else short
+    return side, side
 
 
 def aug_params_for(image_id: int, epoch: int, seed: int, flip_prob: float) -> bool:
@@ -73,13 +111,9 @@ def boxes_to_original(boxes, scale: float, flip: bool, resized_w: int):
     return out / scale
 
 
-def letterbox(
-    image: np.ndarray, boxes: np.ndarray, input_size: int, flip: bool
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Resize `image` (uint8 [H, W, 3]) into a zero-padded square of side `input_size`, flipping if asked.
-
-    Returns (image uint8 [S, S, 3], boxes float32 [G, 4] xyxy in the output frame, scale).
-    """
+def resize_image(image: np.ndarray, input_size: InputSize, flip: bool) -> tuple[np.ndarray, AugParams]:
+    """Resize `image` (uint8 [H, W, 3]) for `input_size` and flip it if asked; no padding (that is per batch).
+    Returns (image uint8 [h, w, 3], its geometry)."""
     height, width = image.shape[:2]
     params = aug_params(width, height, input_size, flip)
     resized = image
@@ -87,7 +121,30 @@ def letterbox(
         resized = np.asarray(Image.fromarray(image).resize((params.resized_w, params.resized_h), Image.BILINEAR))
     if flip:
         resized = resized[:, ::-1]
-    out = np.zeros((input_size, input_size, 3), dtype=np.uint8)
-    out[: params.resized_h, : params.resized_w] = resized
+    return np.ascontiguousarray(resized), params
+
+
+def resize(image: np.ndarray, boxes: np.ndarray, input_size: InputSize,
+           flip: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """`resize_image` and the boxes with it: (image uint8 [h, w, 3], boxes float32 [G, 4] xyxy, scale)."""
+    out, params = resize_image(image, input_size, flip)
     out_boxes = boxes_to_resized(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), params)
     return out, out_boxes.astype(np.float32, copy=False), params.scale
+
+
+def pad_to(image: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
+    """Zero-pad uint8 [h, w, 3] at the bottom/right to the canvas (H, W)."""
+    out = np.zeros((canvas[0], canvas[1], image.shape[2]), dtype=np.uint8)
+    out[: image.shape[0], : image.shape[1]] = image
+    return out
+
+
+def letterbox(
+    image: np.ndarray, boxes: np.ndarray, input_size: InputSize, flip: bool
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`resize`, padded to this one image's canvas (S x S for a square input size).
+
+    Returns (image uint8 [H, W, 3], boxes float32 [G, 4] xyxy in the output frame, scale).
+    """
+    out, boxes, scale = resize(image, boxes, input_size, flip)
+    return pad_to(out, canvas_shape([out.shape[:2]], input_size)), boxes, scale

@@ -6,18 +6,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.coco import CocoDataset
-from pipeline.dataset import DetectionDataset, collate
+from pipeline.dataset import DetectionDataset
 from pipeline.evaluate import coco_evaluate
 from pipeline.transforms import boxes_to_original
 from schemas.config import InferenceConfig
 from trainer.inference import detect
 
 
-def predict(model, anchors_fn, dataset: CocoDataset, input_size: int, cfg: InferenceConfig,
+def predict(model, anchors_fn, dataset: CocoDataset, input_size, cfg: InferenceConfig,
             device: torch.device, batch_size: int = 16, progress: bool = False) -> list[dict]:
     """COCO-format detections (original image pixels, xywh, COCO category ids) for every image of `dataset`."""
-    loader = DataLoader(DetectionDataset(dataset, input_size, train=False), batch_size=batch_size,
-                        shuffle=False, collate_fn=collate)
+    samples = DetectionDataset(dataset, input_size, train=False)
+    loader = DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=samples.collate)
     sizes = {r.image_id: (r.width, r.height) for r in dataset.records}
     dets = []
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
@@ -33,7 +33,7 @@ def predict(model, anchors_fn, dataset: CocoDataset, input_size: int, cfg: Infer
     return dets
 
 
-def evaluate_network(model, anchors_fn, dataset: CocoDataset, input_size: int, cfg: InferenceConfig,
+def evaluate_network(model, anchors_fn, dataset: CocoDataset, input_size, cfg: InferenceConfig,
                      device: torch.device, progress: bool = False) -> tuple[dict[str, float], str]:
     was_training = model.training
     dets = predict(model, anchors_fn, dataset, input_size, cfg, device, progress=progress)

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 2  # 2: the batch columns (epoch, batch_index, soft_fill) are part of the schema
+SCHEMA_VERSION = 3  # 2: batch columns epoch, batch_index, soft_fill; 3: image_file, canvas pad_height/pad_width
 # Bump when the anchor generator's conventions change (same config, different anchors).
 ANCHOR_LAYOUT = "xyxy, one anchor per location, side 8*stride*octave/8, levels finest first, row-major"
 
@@ -43,17 +43,24 @@ class SchemaMismatch(ValueError):
     """A batch this trainer must not consume: other schema version, other anchors, or other columns."""
 
 
-def anchor_hash(strides: Sequence[int], octave_base_scale: float, input_size: int, num_classes: int) -> str:
-    """Short stable id of everything that gives anchor indices and class ids their meaning."""
+def anchor_hash(strides: Sequence[int], octave_base_scale: float, input_size: Union[int, Sequence[int]],
+                num_classes: int, pad_divisor: int = 32) -> str:
+    """Short stable id of everything that gives anchor indices and class ids their meaning: the anchor layout,
+    and the rule that gives a batch its canvas (a fixed square, or keep-ratio padded to a multiple of
+    `pad_divisor`; the canvas itself travels with each batch in `pad_height` / `pad_width`)."""
     if not strides:
         raise ValueError("anchor_hash: strides must not be empty")
     canon = {
         "layout": ANCHOR_LAYOUT,
         "strides": [int(s) for s in strides],
         "octave_base_scale": float(octave_base_scale),
-        "input_size": int(input_size),
         "num_classes": int(num_classes),
     }
+    if isinstance(input_size, (int, np.integer)):
+        canon["input_size"] = int(input_size)
+    else:
+        canon["keep_ratio"] = [int(v) for v in input_size]
+        canon["pad_divisor"] = int(pad_divisor)
     text = json.dumps(canon, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -62,7 +69,9 @@ def anchor_hash(strides: Sequence[int], octave_base_scale: float, input_size: in
 
 _HARD_FIELDS = [
     ("image_id", pa.int64()),
-    ("image", pa.binary()),          # raw uint8 HWC bytes, or null: the trainer loads the image by reference
+    ("image", pa.binary()),          # raw uint8 HWC bytes of the resized image, or null (then image_file)
+    ("image_file", pa.binary()),     # the image's encoded file (PNG/JPEG) as stored, decoded and resized (scale,
+                                     # flip) where it is used; or null (then image)
     ("height", pa.int32()),
     ("width", pa.int32()),
     ("scale", pa.float32()),
@@ -94,10 +103,13 @@ SOFT_COLUMNS = tuple(name for name, _ in _SOFT_FIELDS)
 # `decode_*` checks their types when present (`batch_tag`, `soft_fill_values` read them).
 EPOCH_COLUMN = "epoch"
 BATCH_COLUMN = "batch_index"
+CANVAS_COLUMNS = ("pad_height", "pad_width")  # the padded batch shape: images are sent unpadded
 FILL_COLUMN = "soft_fill"   # list<float16> [C] per row: per class, the mean of the probabilities below the floor
 _BATCH_FIELDS = [
     (EPOCH_COLUMN, pa.int32()),
     (BATCH_COLUMN, pa.int32()),
+    (CANVAS_COLUMNS[0], pa.int32()),
+    (CANVAS_COLUMNS[1], pa.int32()),
     (FILL_COLUMN, pa.list_(pa.float16())),
 ]
 BATCH_COLUMNS = tuple(name for name, _ in _BATCH_FIELDS)
@@ -106,7 +118,8 @@ BATCH_COLUMNS = tuple(name for name, _ in _BATCH_FIELDS)
 def assignment_schema(anchor_hash: str, *, soft: bool, num_anchors: Optional[int] = None,
                       num_classes: Optional[int] = None) -> pa.Schema:
     """The stream's schema; metadata ties it to one schema version and anchor configuration."""
-    fields = [pa.field(n, t, nullable=(n == "image")) for n, t in _HARD_FIELDS + (_SOFT_FIELDS if soft else [])]
+    fields = [pa.field(n, t, nullable=n in ("image", "image_file"))
+              for n, t in _HARD_FIELDS + (_SOFT_FIELDS if soft else [])]
     meta = {META_VERSION: str(SCHEMA_VERSION).encode(), META_HASH: anchor_hash.encode()}
     if num_anchors is not None:
         meta[META_ANCHORS] = str(int(num_anchors)).encode()
@@ -128,7 +141,8 @@ class AssignmentRow:
     pos_anchor: np.ndarray               # [P] int32
     pos_gt: np.ndarray                   # [P] int32
     ignore_anchor: np.ndarray            # [I] int32
-    image: Optional[np.ndarray] = None   # [H, W, C] uint8, None when the trainer loads by reference
+    image: Optional[np.ndarray] = None   # [H, W, C] uint8 (resized), or None when image_file is sent
+    image_file: Optional[Any] = None     # the encoded file (bytes, or a zero-copy pa.Buffer when decoded)
     scale: float = 1.0
     flip: bool = False
     teacher_version: int = 0
@@ -194,6 +208,13 @@ def _image_array(rows: list[AssignmentRow]) -> pa.Array:
                                  null_count=int((~valid).sum()))
 
 
+def _file_array(rows: list[AssignmentRow]) -> pa.Array:
+    for r in rows:
+        if r.image is not None and r.image_file is not None:
+            raise ValueError(f"image {r.image_id}: send the pixels (image) or the encoded file (image_file), not both")
+    return pa.array([None if r.image_file is None else bytes(r.image_file) for r in rows], pa.binary())
+
+
 def encode_batch(rows: list[AssignmentRow], anchor_hash: str, num_anchors: int, num_classes: int,
                  soft: bool) -> pa.RecordBatch:
     """Rows -> one record batch. `soft` must match the rows: KD modes send soft labels for every image."""
@@ -205,6 +226,7 @@ def encode_batch(rows: list[AssignmentRow], anchor_hash: str, num_anchors: int, 
     cols: dict[str, pa.Array] = {}
     cols["image_id"] = pa.array(np.fromiter((r.image_id for r in rows), np.int64, n))
     cols["image"] = _image_array(rows)
+    cols["image_file"] = _file_array(rows)
     cols["height"] = pa.array(np.fromiter((r.height for r in rows), np.int32, n))
     cols["width"] = pa.array(np.fromiter((r.width for r in rows), np.int32, n))
     cols["scale"] = pa.array(np.fromiter((r.scale for r in rows), np.float32, n))
@@ -232,18 +254,25 @@ def encode_batch(rows: list[AssignmentRow], anchor_hash: str, num_anchors: int, 
 
 # ----------------------------------------------------------------------------------------------- batch columns
 
-def tag_batch(table: Union[pa.Table, pa.RecordBatch], epoch: int, batch_index: int) -> pa.Table:
-    """Append the epoch / batch_index columns (schema metadata is kept)."""
+def tag_batch(table: Union[pa.Table, pa.RecordBatch], epoch: int, batch_index: int,
+              canvas: tuple[int, int]) -> pa.Table:
+    """Append the epoch / batch_index / pad_height / pad_width columns (schema metadata is kept)."""
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     n = table.num_rows
-    table = table.append_column(pa.field(EPOCH_COLUMN, pa.int32()), pa.array(np.full(n, epoch, np.int32)))
-    return table.append_column(pa.field(BATCH_COLUMN, pa.int32()), pa.array(np.full(n, batch_index, np.int32)))
+    for name, value in zip((EPOCH_COLUMN, BATCH_COLUMN) + CANVAS_COLUMNS, (epoch, batch_index) + tuple(canvas)):
+        table = table.append_column(pa.field(name, pa.int32()), pa.array(np.full(n, value, np.int32)))
+    return table
 
 
 def batch_tag(table: Union[pa.Table, pa.RecordBatch]) -> tuple[int, int]:
     """(epoch, batch_index) of the first row."""
     return int(table.column(EPOCH_COLUMN)[0].as_py()), int(table.column(BATCH_COLUMN)[0].as_py())
+
+
+def batch_canvas(table: Union[pa.Table, pa.RecordBatch]) -> tuple[int, int]:
+    """(pad_height, pad_width) of the batch: the shape its images are padded to, which fixes its anchors."""
+    return tuple(int(table.column(name)[0].as_py()) for name in CANVAS_COLUMNS)
 
 
 def add_soft_fill(table: pa.Table, fill: np.ndarray) -> pa.Table:
@@ -403,6 +432,17 @@ def _image_views(arr: pa.Array, heights: np.ndarray, widths: np.ndarray) -> list
     return out
 
 
+def _file_views(arr: pa.Array) -> list[Optional[pa.Buffer]]:
+    """Zero-copy buffers of the encoded files (None where the row sends pixels)."""
+    _, off_buf, data_buf = arr.buffers()[:3]
+    off_dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(off_buf, dtype=off_dtype)[arr.offset: arr.offset + len(arr) + 1] if len(arr) else []
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    data_buf = data_buf if data_buf is not None else pa.py_buffer(b"")
+    return [data_buf.slice(int(offsets[i]), int(offsets[i + 1] - offsets[i])) if valid[i] else None
+            for i in range(len(arr))]
+
+
 def _scalars(arr: pa.Array) -> list:
     return arr.to_numpy(zero_copy_only=False).tolist()
 
@@ -417,6 +457,7 @@ def _decode_record_batch(rb: pa.RecordBatch, soft: bool) -> list[AssignmentRow]:
         "scale": _scalars(col["scale"]), "flip": _scalars(col["flip"]),
         "teacher_version": _scalars(col["teacher_version"]), "assign_ms": _scalars(col["assign_ms"]),
         "image": _image_views(col["image"], heights, widths),
+        "image_file": _file_views(col["image_file"]),
     }
     for name, (dtype, width) in _LIST_COLUMNS.items():
         if name in SOFT_COLUMNS and not soft:
@@ -425,10 +466,8 @@ def _decode_record_batch(rb: pa.RecordBatch, soft: bool) -> list[AssignmentRow]:
     return [AssignmentRow(**{k: v[i] for k, v in fields.items()}) for i in range(n)]
 
 
-def _check_bounds(rows: list[AssignmentRow], meta: dict) -> None:
+def check_bounds(rows: list[AssignmentRow], num_anchors: Optional[int], num_classes: Optional[int]) -> None:
     """Catch corrupt indices here, not as a CUDA device-side assert deep in the loss."""
-    num_anchors = int(meta[META_ANCHORS]) if META_ANCHORS in meta else None
-    num_classes = int(meta[META_CLASSES]) if META_CLASSES in meta else None
     for r in rows:
         for name in ("pos_anchor", "ignore_anchor", "soft_anchor", "kd_anchor"):
             v = getattr(r, name)
@@ -450,7 +489,9 @@ def decode_batch(batch: Union[pa.RecordBatch, pa.Table], expected_hash: str) -> 
     soft = _check(batch.schema, columns, expected_hash)
     parts = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
     rows = [row for rb in parts for row in _decode_record_batch(rb, soft)]
-    _check_bounds(rows, batch.schema.metadata or {})
+    meta = batch.schema.metadata or {}
+    check_bounds(rows, int(meta[META_ANCHORS]) if META_ANCHORS in meta else None,
+                 int(meta[META_CLASSES]) if META_CLASSES in meta else None)
     return rows
 
 
@@ -480,9 +521,9 @@ def column_bytes(batch: Union[pa.RecordBatch, pa.Table]) -> dict[str, int]:
 
 
 def payload_bytes(rows: Union[list[AssignmentRow], pa.RecordBatch, pa.Table]) -> int:
-    """Bytes of the assignment itself, i.e. everything but the image column."""
+    """Bytes of the assignment itself, i.e. everything but the image columns."""
     if not isinstance(rows, (pa.RecordBatch, pa.Table)):
         soft = bool(rows) and rows[0].has_soft
         rows = encode_batch(list(rows), "0" * 16, 0, 0, soft)
-    return sum(v for k, v in column_bytes(rows).items() if k != "image")
+    return sum(v for k, v in column_bytes(rows).items() if k not in ("image", "image_file"))
 

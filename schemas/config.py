@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,13 +28,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+PAD_DIVISOR = 32  # keep-ratio batches are padded to a multiple of this (as MMDetection's pad_size_divisor=32)
+
+
 class DataConfig(_Strict):
     train: str = "data/digits/train.json"
     val: Optional[str] = "data/digits/val.json"
     image_root: Optional[str] = Field(None, description="directory file_names are relative to; default: the json's")
-    input_size: int = Field(128, ge=32, le=4096, description="images are letterboxed to a square of this side")
+    input_size: Union[int, tuple[int, int]] = Field(
+        128, description="one number S: letterbox every image into an S x S square; a pair [long, short], e.g. "
+        "[1333, 800] as the COCO recipes: resize keeping the aspect ratio to fit long x short, and pad each batch "
+        f"only to its largest image, rounded up to a multiple of {PAD_DIVISOR}")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     num_workers: int = Field(0, ge=0, description="torch DataLoader workers for in-process runs")
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size(cls, v):
+        sides = [v] if isinstance(v, int) else list(v)
+        if any(not 32 <= s <= 4096 for s in sides):
+            raise ValueError(f"sides must be between 32 and 4096, got {v}")
+        if len(sides) == 2 and sides[0] < sides[1]:
+            raise ValueError(f"a pair is [long, short] (e.g. [1333, 800]), got {list(v)}")
+        return v
 
 
 class ModelConfig(_Strict):
@@ -163,12 +179,30 @@ class PipelineConfig(_Strict):
     gpus_per_assigner: float = Field(0, ge=0)
     cpus_per_read_task: float = Field(0.25, gt=0)
     prefetch_batches: int = Field(2, ge=0)
+    max_batches_ahead: Optional[int] = Field(
+        None, ge=1, description="the stream holds at most this many batches that are assigned (or read) and not yet "
+        "trained on; the teacher waits beyond it. Default: prefetch_batches + 4 per student worker. At least "
+        "prefetch_batches + 2 per worker: Ray Data's iterator waits for prefetch_batches + 1 batches before it "
+        "hands over the first")
     soft_label_floor: float = Field(
         0.01, ge=0, lt=1, description="kd/solad through the stream: teacher class probabilities >= this travel one by "
         "one (fp16); for the rest the student gets, per image and class, the mean of those below it (the stream's "
         "soft_fill column). 0 sends every entry. In-process runs use the dense probabilities and ignore it")
     max_failures: int = Field(2, ge=0, description="lost Train workers the run recovers from, each time resuming "
                               "from checkpoints/last.pt (engine ray)")
+
+    @model_validator(mode="after")
+    def _ahead(self) -> "PipelineConfig":
+        least = (self.prefetch_batches + 2) * self.num_workers
+        if self.max_batches_ahead is not None and self.max_batches_ahead < least:
+            raise ValueError(f"max_batches_ahead must be at least prefetch_batches + 2 per worker ({least} for "
+                             f"{self.num_workers} workers and prefetch_batches {self.prefetch_batches}), "
+                             f"got {self.max_batches_ahead}")
+        return self
+
+    @property
+    def batches_ahead(self) -> int:
+        return self.max_batches_ahead or (self.prefetch_batches + 4) * self.num_workers
 
 
 class RunConfig(_Strict):

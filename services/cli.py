@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 def cmd_data(args: argparse.Namespace) -> int:
     from pipeline.digits import make_digits
     try:
-        info = make_digits(args.out, image_size=args.image_size, num_train=args.num_train, num_val=args.num_val,
-                           digits_per_image=(args.min_digits, args.max_digits), seed=args.seed,
+        info = make_digits(args.out, image_size=args.image_size, shapes=args.shapes, num_train=args.num_train,
+                           num_val=args.num_val, digits_per_image=(args.min_digits, args.max_digits),
+                           digit_size=tuple(args.digit_size), seed=args.seed,
                            progress=not args.quiet)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -57,6 +58,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in part.lower().split("x", 1)) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH[,WxH...], e.g. 640x480,480x640, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lad", description="Label Assignment Distillation: train PAA detectors with "
                                 "LAD, soft-label KD, SoLAD and CoLAD on COCO-format data.")
@@ -69,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "backgrounds; writes DIR/train.json, DIR/val.json and DIR/images/.")
     dg.add_argument("--out", required=True, help="output directory")
     dg.add_argument("--image-size", type=int, default=128, help="square image side in pixels (default 128)")
+    dg.add_argument("--shapes", type=_shapes, default=None, metavar="WxH[,WxH...]",
+                    help="image shapes instead of squares, taken in turn, e.g. 640x480,480x640 for COCO-like photos")
+    dg.add_argument("--digit-size", type=int, nargs=2, default=(14, 44), metavar=("MIN", "MAX"),
+                    help="range of a digit's side in pixels (default 14 44; scale it with the images)")
     dg.add_argument("--num-train", type=int, default=1200, help="training images (default 1200)")
     dg.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
     dg.add_argument("--min-digits", type=int, default=2, help="fewest digits per image (default 2)")

@@ -236,6 +236,7 @@ def test_payload_bytes_excludes_image():
     rng = np.random.default_rng(11)
     rows = [make_row(rng, True, image_id=i) for i in range(3)]
     batch = encode_batch(rows, HASH, A, C, True)
-    assert payload_bytes(rows) == payload_bytes(batch) == batch.nbytes - batch.column("image").nbytes
+    assert payload_bytes(rows) == payload_bytes(batch) == (batch.nbytes - batch.column("image").nbytes
+                                                          - batch.column("image_file").nbytes)
     no_image = [dataclasses.replace(r, image=None) for r in rows]
     assert payload_bytes(no_image) == payload_bytes(rows)

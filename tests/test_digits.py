@@ -144,3 +144,23 @@ def test_bad_arguments_are_rejected(tmp_path):
         make_digits(str(tmp_path), image_size=64, digit_size=(10, 100), progress=False)
     with pytest.raises(ValueError, match="digits_per_image"):
         make_digits(str(tmp_path), digits_per_image=(3, 2), progress=False)
+
+
+def test_coco_like_shapes_from_the_command_line(tmp_path):
+    """`lad data digits --shapes 96x64,64x96`: images take the shapes in turn, with their boxes inside them."""
+    from services.cli import main
+
+    assert main(["data", "digits", "--out", str(tmp_path), "--shapes", "96x64,64x96", "--num-train", "4",
+                 "--num-val", "2", "--digit-size", "8", "30", "--quiet"]) == 0
+    coco = json.loads((tmp_path / "train.json").read_text())
+    assert [(im["width"], im["height"]) for im in coco["images"]] == [(96, 64), (64, 96)] * 2
+    for im in coco["images"]:
+        with Image.open(tmp_path / im["file_name"]) as f:
+            assert f.size == (im["width"], im["height"])
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= sizes[a["image_id"]][0] and y + h <= sizes[a["image_id"]][1]
+    with pytest.raises(SystemExit) as bad:   # argparse: one line naming the option and the expected form
+        main(["data", "digits", "--out", str(tmp_path / "bad"), "--shapes", "96by64"])
+    assert bad.value.code == 2

@@ -5,11 +5,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.assigner import StreamSpec, TeacherAssigner, batch_items, read_batch
+from pipeline.assigner import (StreamSpec, TeacherAssigner, load_row_pixels, plan_table, read_batch,
+                               records_table)
 from pipeline.coco import load_coco
-from pipeline.dataset import DetectionDataset, collate
+from pipeline.dataset import DetectionDataset
 from pipeline.loop import Start, epoch_order, plan_batches, total_steps
-from pipeline.stream import stream_items
+from pipeline.stream import PlanSource
 from tests.tiny import make_data, make_teacher, tiny_config
 from schemas.assignment import SchemaMismatch
 from trainer.engine import Engine
@@ -25,20 +26,22 @@ def tiny(tmp_path_factory):
     return root, data, teacher
 
 
-def streamed_and_local(cfg, epoch=1, size=4):
-    """One training batch both ways: the in-process loader's, and through read_batch + TeacherAssigner."""
+def decode(out, spec, **kw):
+    return decode_stream_batch(out, spec, torch.device("cpu"),
+                               load_pixels=lambda rows: load_row_pixels(rows, spec.input_size), **kw)
+
+
+def streamed_and_local(cfg, epoch=1, size=4, order=None):
+    """One training batch both ways: the in-process loader's, and through the TeacherAssigner stage."""
     torch.set_num_threads(1)
     coco = load_coco(cfg.data.train)
     ds = DetectionDataset(coco, cfg.data.input_size, train=True, seed=cfg.seed, flip_prob=cfg.data.flip_prob)
     ds.set_epoch(epoch)
-    order = [int(i) for i in epoch_order(len(coco.records), cfg.seed, epoch)[:size]]
-    local = collate([ds[i] for i in order])
+    order = order or [int(i) for i in epoch_order(len(coco.records), cfg.seed, epoch)[:size]]
+    local = ds.collate([ds[i] for i in order])
     spec = StreamSpec.of(cfg)
-    table = read_batch(pa.Table.from_pylist(batch_items(coco.records, epoch, [order])), spec=spec, seed=cfg.seed,
-                       flip_prob=cfg.data.flip_prob)
-    out = TeacherAssigner(cfg.to_dict())(table)
-    streamed = decode_stream_batch(out, spec.anchor_hash, spec.num_anchors, spec.num_classes, torch.device("cpu"),
-                                   hard=cfg.mode in ("lad", "solad"), soft=cfg.mode in ("kd", "solad"))
+    out = TeacherAssigner(cfg.to_dict(), records_table(coco.records))(plan_table(epoch, [order]))
+    streamed = decode(out, spec, hard=cfg.mode in ("lad", "solad"), soft=cfg.mode in ("kd", "solad"))
     return local, streamed, out
 
 
@@ -56,6 +59,17 @@ def test_plan_batches_takes_every_image_once_and_splits_the_rest_evenly(n, batch
     assert len(rest) <= workers and (not rest or max(rest) - min(rest) <= 1)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_batch_count_arithmetic_matches_the_plan(world):
+    from pipeline.loop import batches_in
+
+    for n in range(0, 40):
+        batches = plan_batches(list(range(n)), 4, world)
+        steps = [batches[k:k + world] for k in range(0, len(batches), world)]
+        for cut in range(0, len(steps) + 2):
+            assert batches_in(n, cut, 4, world) == sum(len(s) for s in steps[:cut]), (n, cut)
+
+
 def test_plan_with_one_worker_is_the_in_process_batching():
     order = list(range(10))
     assert plan_batches(order, 4, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -69,7 +83,12 @@ def test_plan_run_skips_trained_ids_and_stops_at_the_step_budget(tiny):
     n = len(records)
     assert total_steps(cfg, n, workers=2) == 3 * -(-n // 10)
     trained = [records[int(i)].image_id for i in epoch_order(n, cfg.seed, 1)[:7]]
-    items = stream_items(cfg, records, Start(epoch=1, trained_ids=trained), remaining_steps=4)
+    source = PlanSource(cfg, [r.image_id for r in records], Start(epoch=1, trained_ids=trained), remaining_steps=4)
+    assert source.budgets == [(1, 2, 4), (2, 2, 4)]            # planned by arithmetic, no order drawn yet
+    assert source.offsets == {1: 0, 2: 4}
+    rows = [row for task in source.get_read_tasks(1) for block in task() for row in block.to_pylist()]
+    items = [{"epoch": r["epoch"], "image_id": [records[i].image_id for i in r["index"]]} for r in rows]
+    assert [(r["epoch"], r["batch_index"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     first = [i for it in items if it["epoch"] == 1 for i in it["image_id"]]
     assert sorted(first + trained) == sorted(r.image_id for r in records)  # the rest of epoch 1, nothing twice
     assert not set(first) & set(trained)
@@ -98,6 +117,39 @@ def test_streamed_lad_assignment_equals_in_process(tiny):
     for name in ("labels", "gt_index", "ignore"):
         assert torch.equal(getattr(streamed.labels, name), getattr(ref, name)), name
     assert streamed.teacher_version == 0 and streamed.assign_ms > 0
+
+
+def test_streamed_lad_equals_in_process_on_keep_ratio_batches_of_mixed_aspect_ratios(tmp_path):
+    """`data.input_size: [long, short]`: landscape and portrait images in one batch, resized keeping their ratio
+    and padded to the batch's canvas (a multiple of 32); the stream sends the canvas with the batch, and the
+    student's images, GT and labels are still exactly those of the in-process step."""
+    data = make_data(tmp_path / "rect", shapes=[(96, 64), (64, 96)], num_train=8, num_val=2)
+    teacher = make_teacher(tiny_config(data, tmp_path / "runs", mode="paa", input_size=[120, 80]),
+                           tmp_path / "teacher.pt")
+    cfg = tiny_config(data, tmp_path / "runs", mode="lad", teacher=teacher, input_size=[120, 80])
+    for order in ([0, 1, 2, 3], [0, 2]):           # mixed: 128x128 canvas; landscapes only: 96x128
+        local, streamed, out = streamed_and_local(cfg, order=order)
+        assert tuple(local["images"].shape[-2:]) == ((128, 128) if 1 in order else (96, 128))
+        assert torch.equal(streamed.images, local["images"])
+        assert all(torch.equal(a, b) for a, b in zip(streamed.gt_boxes, local["boxes"]))
+        ref = Engine(cfg, "cpu", 10).step(local["images"], local["boxes"], local["labels"]).labels
+        assert int(ref.pos.sum()) > 0
+        for name in ("labels", "gt_index", "ignore"):
+            assert torch.equal(getattr(streamed.labels, name), getattr(ref, name)), name
+
+
+def test_the_stream_carries_each_image_once_as_its_encoded_file(tiny):
+    """No pixels in the stream: the `image_file` column holds each image's file as stored, `image` is null, and
+    the batch's padded shape travels in its canvas columns."""
+    root, data, teacher = tiny
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher)
+    coco = load_coco(cfg.data.train)
+    _, streamed, out = streamed_and_local(cfg, order=[0, 1, 2])
+    files = [open(coco.records[i].path, "rb").read() for i in (0, 1, 2)]
+    assert out.column("image_file").to_pylist() == files
+    assert out.column("image").null_count == 3
+    assert set(out.column("pad_height").to_pylist()) == set(out.column("pad_width").to_pylist()) == {64}
+    assert streamed.image_bytes <= 1.01 * sum(len(f) for f in files) + 64
 
 
 @pytest.mark.parametrize("mode", ["kd", "solad"])
@@ -157,11 +209,11 @@ def test_a_block_of_several_batches_is_split_back_into_them(tiny):
     cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher)
     coco = load_coco(cfg.data.train)
     spec = StreamSpec.of(cfg)
-    items = batch_items(coco.records, 0, [[0, 1, 2], [3, 4], [5]])
-    table = read_batch(pa.Table.from_pylist(items), spec=spec, seed=0, flip_prob=0.5)
+    items, records = plan_table(0, [[0, 1, 2], [3, 4], [5]]), records_table(coco.records)
+    table = read_batch(items, records=records, spec=spec, seed=0, flip_prob=0.5)
     parts = split_batches(table)
     assert [p.num_rows for p in parts] == [3, 2, 1]
-    assigned = TeacherAssigner(cfg.to_dict())(table)
+    assigned = TeacherAssigner(cfg.to_dict(), records)(items)
     assert [p.column("image_id").to_pylist() for p in split_batches(assigned)] == \
         [[coco.records[i].image_id for i in b] for b in ([0, 1, 2], [3, 4], [5])]
 
@@ -172,8 +224,7 @@ def test_decode_refuses_a_stream_for_other_anchors(tiny):
     _, _, out = streamed_and_local(cfg, size=2)
     other = StreamSpec.of(tiny_config(data, root / "runs", mode="lad", teacher=teacher, input_size=96))
     with pytest.raises(SchemaMismatch, match="anchor hash"):
-        decode_stream_batch(out, other.anchor_hash, other.num_anchors, other.num_classes, torch.device("cpu"),
-                            hard=True, soft=False)
+        decode(out, other, hard=True, soft=False)
 
 
 def test_resource_budget_error_names_the_knobs(monkeypatch, tiny):

@@ -121,6 +121,27 @@ def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_
     assert {m["workers_active"] for m in metrics} == {2} and all(m["images_per_s"] > 0 for m in metrics)
 
 
+def test_run_ahead_stays_within_its_bound_when_the_teacher_is_much_faster(ray_session, tiny):
+    """A tiny teacher (ResNet-18, narrow) and a slow student (ResNet-50): the pool could assign the whole run while
+    the student trains on its first batch. With `pipeline.max_batches_ahead: 3` (the least for one worker that
+    prefetches 1) the stream never holds more than 3 batches that are assigned and not trained on, and reaches that
+    bound (so the teacher was held back)."""
+    from pipeline.ray_driver import train as stream_train
+
+    root, data, teacher = tiny
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, train={"epochs": 2, "batch_size": 2},
+                      pipeline={"max_batches_ahead": 3, "prefetch_batches": 1})
+    cfg.name = "bounded"
+    cfg.model.depth = 50
+    stream_train(cfg, progress=False)
+    metrics = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 25))
+    assert all(0 <= m["backlog"] <= 3 and m["peak_backlog"] <= 3 for m in steps)
+    assert max(m["peak_backlog"] for m in steps) == 3
+    assert all(m["object_store_peak_bytes"] >= m["object_store_bytes"] >= 0 for m in steps)
+
+
 def test_two_workers_recover_when_one_is_killed_from_outside(ray_session, tiny):
     """2 DDP workers: the test SIGKILLs rank 1's process (its pid from the trace) after its 2nd step. The surviving
     rank's collective fails ("Connection closed by peer"): a lost peer, not a bug, so the driver resumes from

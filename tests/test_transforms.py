@@ -1,5 +1,5 @@
-"""Letterbox + flip keep boxes on the same pixels, the inverse maps back, and the Dataset applies them
-per (image id, epoch, seed)."""
+"""Letterbox or keep-ratio resize + flip keep boxes on the same pixels, the inverse maps back, batches pad to
+their canvas, and the Dataset applies them per (image id, epoch, seed)."""
 
 import json
 
@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from pipeline.coco import load_coco
-from pipeline.dataset import DetectionDataset, collate
+from pipeline.dataset import DetectionDataset
 from pipeline.errors import DatasetError
-from pipeline.transforms import aug_params, aug_params_for, boxes_to_original, letterbox
+from pipeline.transforms import aug_params, aug_params_for, boxes_to_original, canvas_shape, letterbox, resize
 
 
 def _painted(height, width, box):
@@ -41,6 +41,35 @@ def test_boxes_stay_on_the_painted_pixels(shape, box, flip):
     params = aug_params(shape[1], shape[0], 64, flip)
     back = boxes_to_original(boxes, scale, flip, params.resized_w)
     np.testing.assert_allclose(back[0], box, atol=1e-4)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("shape, box", [((32, 48), (10, 5, 30, 25)), ((48, 32), (3, 20, 27, 44)),
+                                        ((70, 50), (0, 0, 9, 70))])
+def test_keep_ratio_boxes_stay_on_the_painted_pixels_and_map_back(shape, box, flip):
+    """(long, short) = (96, 64): a landscape 48x32 fills 96x64, a portrait 32x48 fills 64x96 (no square)."""
+    image = _painted(*shape, box)
+    out, boxes, scale = resize(image, np.array([box], dtype=np.float32), (96, 64), flip)
+    h, w = shape
+    assert scale == min(96 / max(h, w), 64 / min(h, w))
+    assert out.shape == (int(h * scale + 0.5), int(w * scale + 0.5), 3) and max(out.shape[:2]) <= 96
+    np.testing.assert_allclose(boxes[0], _painted_box(out), atol=1.0)
+    params = aug_params(w, h, (96, 64), flip)
+    assert (params.resized_h, params.resized_w) == out.shape[:2]
+    back = boxes_to_original(boxes, scale, flip, params.resized_w)
+    np.testing.assert_allclose(back[0], box, atol=1e-4)
+
+
+def test_coco_sizes_keep_ratio_and_canvas():
+    """The COCO recipe's (1333, 800): 640x480 -> 1067x800, 480x640 -> 800x1067; a batch of both pads to 1088x1088
+    (multiples of 32), one of landscapes only to 800x1088 (the square letterbox would be 1333x1333)."""
+    land, port = aug_params(640, 480, (1333, 800), False), aug_params(480, 640, (1333, 800), False)
+    assert (land.resized_w, land.resized_h) == (1067, 800) and (port.resized_w, port.resized_h) == (800, 1067)
+    assert canvas_shape([(800, 1067), (1067, 800)], (1333, 800)) == (1088, 1088)
+    assert canvas_shape([(800, 1067), (800, 1067)], (1333, 800)) == (800, 1088)
+    assert canvas_shape([(800, 1067)], 1333) == (1333, 1333)
+    big = aug_params(3000, 1000, (1333, 800), False)   # the long side binds
+    assert (big.resized_w, big.resized_h) == (1333, 444)
 
 
 def test_padding_is_zero_at_bottom_right():
@@ -88,14 +117,23 @@ def test_dataset_samples_and_collate(tmp_path):
             sample = train[i]
             assert sample["flip"] == aug_params_for(data.records[i].image_id, epoch, 3, 0.5)
             image = sample["image"]
-            assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+            params = aug_params(data.records[i].width, data.records[i].height, 64, False)
+            assert image.dtype == torch.uint8 and image.shape == (3, params.resized_h, params.resized_w)
             assert sample["boxes"].dtype == torch.float32 and sample["labels"].dtype == torch.int64
             painted = _painted_box(image.permute(1, 2, 0).numpy())
             np.testing.assert_allclose(sample["boxes"][0].numpy(), painted, atol=1.0)
     evaluation = DetectionDataset(data, 64, train=False, flip_prob=1.0)
     assert not any(evaluation[i]["flip"] for i in range(len(evaluation)))
-    batch = collate([evaluation[0], evaluation[1]])
+    batch = evaluation.collate([evaluation[0], evaluation[1]])
     assert batch["images"].shape == (2, 3, 64, 64) and batch["images"].dtype == torch.uint8
+    assert (batch["images"][0, :, 43:] == 0).all() and (batch["images"][1, :, :, 22:] == 0).all()  # padding
+    keep = DetectionDataset(data, (64, 40), train=False)    # 48x32 -> 60x40, 20x60 -> 21x64
+    samples = [keep[0], keep[1]]
+    assert [tuple(s["image"].shape[1:]) for s in samples] == [(40, 60), (64, 21)]
+    rect = keep.collate(samples)
+    assert rect["images"].shape == (2, 3, 64, 64)          # max 64 x max 60, rounded up to 32s
+    assert torch.equal(rect["images"][0, :, :40, :60], samples[0]["image"]) and (rect["images"][0, :, 40:] == 0).all()
+    assert torch.equal(rect["images"][1, :, :, :21], samples[1]["image"]) and (rect["images"][1, :, :, 21:] == 0).all()
     assert batch["image_ids"].tolist() == [1, 2] and batch["image_ids"].dtype == torch.int64
     assert batch["scales"].tolist() == [64 / 48, 64 / 60] and batch["flips"].tolist() == [False, False]
     assert len(batch["boxes"]) == len(batch["labels"]) == 2

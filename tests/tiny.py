@@ -9,18 +9,20 @@ from typing import Optional
 from schemas.config import RunConfig, config_from_dict
 
 
-def make_data(root: str | Path, *, image_size: int = 64, num_train: int = 24, num_val: int = 8) -> Path:
+def make_data(root: str | Path, *, image_size: int = 64, num_train: int = 24, num_val: int = 8,
+              shapes: Optional[list] = None) -> Path:
     """The built-in digits dataset at a small size (cached: made once per directory)."""
     from pipeline.digits import make_digits
 
     root = Path(root)
     if not (root / "train.json").exists():
-        make_digits(str(root), image_size=image_size, num_train=num_train, num_val=num_val, progress=False)
+        make_digits(str(root), image_size=image_size, shapes=shapes, num_train=num_train, num_val=num_val,
+                    progress=False)
     return root
 
 
 def tiny_config(data: str | Path, out: str | Path, *, mode: str = "lad", teacher: Optional[str] = None,
-                input_size: int = 64, overrides: Optional[list[str]] = None, **sections) -> RunConfig:
+                input_size=64, overrides: Optional[list[str]] = None, **sections) -> RunConfig:
     """A run that takes seconds: ResNet-18 with narrow FPN/head, 1 intra-op thread (deterministic across
     processes), logging every step. `sections` update top-level config sections, e.g. train={"max_steps": 4}."""
     data = Path(data)

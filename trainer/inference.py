@@ -26,8 +26,9 @@ def score_voting(det_boxes: Tensor, det_labels: Tensor, cand_boxes: Tensor, cand
 
 def postprocess_image(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor, anchors: Tensor,
                       num_anchors_per_level: list[int], cfg: InferenceConfig,
-                      image_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Detections of one image in input pixels: boxes [N,4], scores [N], labels [N]."""
+                      image_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Detections of one image in input pixels: boxes [N,4], scores [N], labels [N]; clamped to `image_size`
+    (H, W) when given."""
     scores = torch.sqrt(torch.sigmoid(cls_logits) * torch.sigmoid(iou_logits)[:, None])
     keep_boxes, keep_scores, keep_labels = [], [], []
     start = 0
@@ -45,7 +46,8 @@ def postprocess_image(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor
         start += n
     boxes, sc, labels = torch.cat(keep_boxes), torch.cat(keep_scores), torch.cat(keep_labels)
     if image_size is not None:
-        boxes = boxes.clamp(min=0, max=image_size)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=image_size[1])
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=image_size[0])
     keep = batched_nms(boxes, sc, labels, cfg.nms_iou)[: cfg.max_det]
     det_boxes = boxes[keep]
     if cfg.score_voting:
@@ -59,6 +61,6 @@ def detect(model, images: Tensor, anchors_fn, cfg: InferenceConfig) -> list[tupl
     model.eval()
     out: HeadOutputs = model(images)
     anchors, nl = anchors_fn(out.level_sizes)
-    size = images.shape[-1]
+    size = tuple(images.shape[-2:])
     return [postprocess_image(out.cls_logits[i], out.box_deltas[i], out.iou_logits[i], anchors, nl, cfg, size)
             for i in range(images.shape[0])]

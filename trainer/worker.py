@@ -4,22 +4,26 @@ streamed training batch into the tensors `Engine.step_on_labels` takes, and the 
 step go on when some data-parallel workers have no batch left.
 
 Copies: the Arrow buffers are read through zero-copy numpy views (`schemas.assignment.decode_table_rows`);
-images are copied once, straight from those views into the contiguous `[B, 3, S, S]` uint8 batch (on the
-device when it is a GPU), and the small per-image arrays (boxes, anchor indices) once into device tensors.
+images (sent as pixels, or as encoded files that the caller's `load_pixels` decodes) are copied once into the
+contiguous, zero-padded `[B, 3, H, W]` uint8 batch on the batch's canvas (on the device when it is a GPU), and
+the small per-image arrays (boxes, anchor indices) once into device tensors.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
 
-from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow,
+from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, anchor_hash, batch_canvas, check_bounds,
                                 decode_table_rows, soft_fill_values, sparsify_soft)
+from schemas.config import PAD_DIVISOR, RunConfig
+from schemas.modes import mode_spec
+from trainer.anchors import feature_sizes_for
 from trainer.losses import BatchLabels, SoftTargets
 
 # Stream arrays are read-only views of Arrow buffers; the trainer never writes into them (schemas.assignment).
@@ -129,20 +133,40 @@ def sparse_to_soft(rows: list, num_anchors: int, num_classes: int, device: torch
 
 # ------------------------------------------------------------------------------------------- stream batches
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What ties a stream to one anchor layout (the schema's hash), and what sizes its batches."""
+    anchor_hash: str
+    strides: tuple[int, ...]
+    num_classes: int
+    input_size: Union[int, tuple[int, int]]
+    soft: bool
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "StreamSpec":
+        strides, size = tuple(cfg.model.strides), cfg.data.input_size
+        return cls(anchor_hash(strides, cfg.model.octave_base_scale, size, cfg.model.num_classes, PAD_DIVISOR),
+                   strides, cfg.model.num_classes, size, mode_spec(cfg.mode).soft)
+
+    def num_anchors(self, canvas: Sequence[int]) -> int:
+        """Anchors of a batch padded to `canvas` (H, W)."""
+        return sum(h * w for h, w in feature_sizes_for(tuple(canvas), list(self.strides)))
+
+
 @dataclass
 class StreamBatch:
     """One training batch as the student consumes it."""
     epoch: int
     batch_index: int
     image_ids: list[int]
-    images: Tensor                     # uint8 [B, 3, S, S], contiguous, on the device
+    images: Tensor                     # uint8 [B, 3, H, W] on the batch's canvas, contiguous, on the device
     gt_boxes: list[Tensor]             # float32 [G, 4]
     gt_labels: list[Tensor]            # int64 [G]
     labels: Optional[BatchLabels]      # lad / solad
     soft: Optional[SoftTargets]        # kd / solad
     teacher_version: int
     assign_ms: float                   # the assigner's teacher + assignment time for this batch
-    image_bytes: int
+    image_bytes: int                   # what the images cost in the stream (encoded files, or pixels)
     payload_bytes: int                 # everything but the images
 
     def __len__(self) -> int:
@@ -161,37 +185,46 @@ def split_batches(table: pa.Table) -> list[pa.Table]:
     return [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def images_tensor(rows: list[AssignmentRow], device: torch.device) -> Tensor:
-    """HWC uint8 views -> one contiguous uint8 [B, 3, H, W] batch, copied once from the stream's buffer."""
-    h, w, c = rows[0].image.shape
-    if device.type == "cuda":  # one host->device copy of the HWC bytes, then a device-side transpose
-        hwc = torch.stack([_tensor(r.image, device) for r in rows])
-        return hwc.permute(0, 3, 1, 2).contiguous()
-    out = torch.empty((len(rows), c, h, w), dtype=torch.uint8, device=device)
-    for i, r in enumerate(rows):
-        if r.image.shape != (h, w, c):
-            raise ValueError(f"image {r.image_id}: shape {r.image.shape} differs from the batch's {(h, w, c)}")
-        out[i].copy_(_tensor(r.image, "cpu").permute(2, 0, 1))
+def images_tensor(pixels: list[np.ndarray], canvas: Sequence[int], device: torch.device) -> Tensor:
+    """HWC uint8 images -> one contiguous, zero-padded uint8 [B, 3, H, W] batch on `canvas`, each image copied
+    once (to the device when it is a GPU, then transposed there)."""
+    height, width = canvas
+    out = torch.zeros((len(pixels), pixels[0].shape[2], height, width), dtype=torch.uint8, device=device)
+    for i, image in enumerate(pixels):
+        h, w = image.shape[:2]
+        if h > height or w > width:
+            raise ValueError(f"image {i} of the batch is {h}x{w}, larger than the batch's canvas {height}x{width}")
+        out[i, :, :h, :w] = _tensor(image, device).permute(2, 0, 1)
     return out
 
 
-def decode_stream_batch(table: pa.Table, expected_hash: str, num_anchors: int, num_classes: int,
-                        device: torch.device, *, hard: bool, soft: bool) -> StreamBatch:
-    """One training batch (all rows of one epoch/batch_index) -> `StreamBatch` on `device`.
+def row_pixels(rows: list[AssignmentRow], load_pixels: Optional[Callable] = None) -> list[np.ndarray]:
+    """The rows' images as HWC uint8: sent as pixels, or decoded from their files by `load_pixels(rows)`."""
+    if all(r.image is not None for r in rows):
+        return [r.image for r in rows]
+    if load_pixels is None:
+        raise ValueError("the stream carries encoded image files but no decoder was given (load_pixels)")
+    return load_pixels(rows)
+
+
+def decode_stream_batch(table: pa.Table, spec: StreamSpec, device: torch.device, *, hard: bool, soft: bool,
+                        load_pixels: Optional[Callable] = None) -> StreamBatch:
+    """One training batch (all rows of one epoch/batch_index) -> `StreamBatch` on `device`. Rows that carry
+    encoded files are decoded by `load_pixels(rows) -> [HWC uint8]` (the pipeline's decode, resize and flip).
 
     Raises `schemas.assignment.SchemaMismatch` for a stream of other anchors or another schema version.
     """
-    rows = decode_table_rows(table, expected_hash)
-    if any(r.image is None for r in rows):
-        raise ValueError("the stream carries images by reference, which this trainer does not load; "
-                         "the pipeline sends images through the stream")
+    rows = decode_table_rows(table, spec.anchor_hash)
+    canvas = batch_canvas(table)
+    num_anchors, num_classes = spec.num_anchors(canvas), spec.num_classes
+    check_bounds(rows, num_anchors, num_classes)
     epochs = set(table.column(EPOCH_COLUMN).to_pylist())
     batches = set(table.column(BATCH_COLUMN).to_pylist())
     if len(epochs) != 1 or len(batches) != 1:
         raise ValueError(f"a training batch must come from one (epoch, batch_index), got {epochs} x {batches}")
     if soft and not rows[0].has_soft:
         raise ValueError("mode needs soft labels but the stream has none (assigner built for another mode?)")
-    images = images_tensor(rows, device)
+    images = images_tensor(row_pixels(rows, load_pixels), canvas, device)
     gt_boxes = [_tensor(r.gt_boxes, device).reshape(-1, 4) for r in rows]
     gt_labels = [_tensor(r.gt_labels, device).long() for r in rows]
     labels = sparse_to_labels([r.pos_anchor for r in rows], [r.pos_gt for r in rows],
@@ -199,7 +232,7 @@ def decode_stream_batch(table: pa.Table, expected_hash: str, num_anchors: int, n
                               device) if hard else None
     fill = soft_fill_values(table, num_classes) if soft else None
     soft_targets = sparse_to_soft(rows, num_anchors, num_classes, device, fill) if soft else None
-    image_bytes = int(table.column("image").nbytes)
+    image_bytes = int(table.column("image").nbytes) + int(table.column("image_file").nbytes)
     return StreamBatch(epoch=epochs.pop(), batch_index=batches.pop(), image_ids=[int(r.image_id) for r in rows],
                        images=images, gt_boxes=gt_boxes, gt_labels=gt_labels, labels=labels, soft=soft_targets,
                        teacher_version=max(int(r.teacher_version) for r in rows),
@@ -218,9 +251,9 @@ class NullBatch:
     soft: Optional[SoftTargets]
 
 
-def null_batch(input_size: int, num_anchors: int, num_classes: int, device: torch.device, *, hard: bool,
+def null_batch(canvas: Sequence[int], num_anchors: int, num_classes: int, device: torch.device, *, hard: bool,
                soft: bool) -> NullBatch:
-    images = torch.zeros((1, 3, input_size, input_size), dtype=torch.uint8, device=device)
+    images = torch.zeros((1, 3, canvas[0], canvas[1]), dtype=torch.uint8, device=device)
     boxes = [torch.zeros((0, 4), dtype=torch.float32, device=device)]
     labels = BatchLabels(torch.full((1, num_anchors), num_classes, dtype=torch.long, device=device),
                          torch.full((1, num_anchors), -1, dtype=torch.long, device=device),
