@@ -3,8 +3,9 @@
     python bench/scale.py stream     # LAD at COCO size: R101 teacher -> R50 student, FPN P3-P7, input (1333, 800),
                                      # 640x480 / 480x640 images, 80 classes, 2 workers, 2 assigners, a few steps
     python bench/scale.py stream --device cuda --steps 20 --batch 8    # the same on GPUs
-    python bench/scale.py plan       # driver RSS and time to the first step: 1 epoch x 1,000 images vs
-                                     # 12 epochs x 120,000 images (a generated COCO file; tiny networks)
+    python bench/scale.py plan       # driver RSS and time to the first step: 1 epoch x 1,000 images,
+                                     # 1 x 120,000 and 12 x 120,000 (a generated COCO file; tiny networks)
+    python bench/scale.py plan --repo ../old --out old.json    # the same for another checkout, side by side
 
 `stream` prints, from the run's own metrics: object-store bytes per image per step (against the mean encoded
 file), the peak backlog against its bound, the driver's peak RSS, the student's step breakdown and the time to
@@ -101,9 +102,9 @@ def run_stream(args) -> dict:
                         "cpus_per_worker": 1 if gpu else 0.4, "cpus_per_assigner": 2 if gpu else 0.4,
                         "cpus_per_read_task": 0.1, "gpus_per_worker": 1 if gpu else 0,
                         "gpus_per_assigner": 1 if gpu else 0}}
-    cfg = config_from_dict(raw, "bench/scale.py")
-    teacher = make_teacher(cfg, work / f"teacher_r101_{args.device}.pt", depth=101)
-    cfg.teacher.checkpoint = str(teacher)
+    teacher = make_teacher(config_from_dict({**raw, "mode": "paa"}, "bench/scale.py"),
+                           work / f"teacher_r101_{model['norm']}.pt", depth=101)
+    cfg = config_from_dict({**raw, "teacher": {"checkpoint": str(teacher)}}, "bench/scale.py")
     metrics = cfg.run_dir / "metrics.jsonl"
     if cfg.run_dir.exists():
         import shutil
@@ -172,7 +173,8 @@ def run_plan(args) -> dict:
     if not (source / "train.json").exists():
         make_digits(str(source), num_train=16, num_val=4, progress=False)
     out = {}
-    for epochs, num_images in ((1, 1_000), (12, 120_000)):
+    repo = Path(args.repo).resolve()
+    for epochs, num_images in ((1, 1_000), (1, 120_000), (12, 120_000)):
         coco = generated_coco(work, num_images, source)
         run_dir = work / "runs" / f"plan_{epochs}x{num_images}"
         if run_dir.exists():
@@ -182,11 +184,13 @@ def run_plan(args) -> dict:
                      "train.log_every=1", "train.threads=1", "pipeline.engine=ray", f"output_dir={work / 'runs'}",
                      f"name=plan_{epochs}x{num_images}", "mode=paa", "model.fpn_channels=16",
                      "model.head_channels=16", "model.head_convs=1"]
-        cmd = [sys.executable, "-m", "services.cli", "train", str(REPO / "configs/paa_digits.yaml")]
+        cmd = [sys.executable, "-m", "services.cli", "train", str(repo / "configs/paa_digits.yaml")]
         for o in overrides:
             cmd += ["--set", o]
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, "PYTHONPATH": str(repo)}
+        log = open(work / f"plan_{epochs}x{num_images}.log", "w+")
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
         metrics = run_dir / "metrics.jsonl"
         rss = float("nan")
         while proc.poll() is None:
@@ -196,7 +200,9 @@ def run_plan(args) -> dict:
             time.sleep(0.05)
         first = time.perf_counter() - started
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
+        log.seek(0)
+        err = log.read()
         key = f"{epochs} epochs x {num_images} images"
         out[key] = {"time_to_first_step_s": round(first, 1), "driver_peak_rss_mb": round(rss, 1),
                     "exit": proc.returncode, "planned_batches": epochs * -(-num_images // 16)}
@@ -216,6 +222,8 @@ def main() -> int:
     ap.add_argument("--assigners", type=int, default=2)
     ap.add_argument("--images", type=int, default=32, help="stream: training images to render")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lad_scale"))
+    ap.add_argument("--repo", default=str(REPO), help="plan: the checkout whose `lad train` to measure (e.g. an "
+                    "older commit's worktree, for a side-by-side comparison)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
