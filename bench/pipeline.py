@@ -246,6 +246,9 @@ def main(argv=None) -> int:
     p.add_argument("--gpus-per-assigner", type=float, default=0.0)
     p.add_argument("--prefetch", type=int, default=2, help="pipeline.prefetch_batches")
     p.add_argument("--soft-floor", type=float, default=0.01)
+    p.add_argument("--teacher-checkpoint", default=None, help="a trained teacher (e.g. `lad demo`'s "
+                   "runs/demo/teacher_r34/checkpoints/best.pt, with --data runs/demo/data) instead of an untrained one: "
+                   "soft-label sizes and the KD-loss error depend on what the teacher predicts")
     p.add_argument("--codec-repeats", type=int, default=20)
     p.add_argument("--skip-service", action="store_true", help="only (a)-(c) and the codec")
     p.add_argument("--out", default="bench/results/pipeline.json")
@@ -263,7 +266,8 @@ def run(args, root: Path) -> int:
     args.data = str(make_data(args.data or root / "data", image_size=args.input_size, num_train=args.num_train,
                               num_val=8))
     device = torch.device(args.device)
-    teacher = make_teacher(bench_config(args, root, "paa"), root / "teacher.pt", depth=args.teacher_depth)
+    teacher = args.teacher_checkpoint or make_teacher(bench_config(args, root, "paa"), root / "teacher.pt",
+                                                      depth=args.teacher_depth)
     n = args.warmup + args.steps
     cfg = bench_config(args, root, "lad", teacher)
     coco, plan, batches = load_batches(cfg, n)
