@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.assigner import (StreamSpec, TeacherAssigner, load_row_pixels, plan_table,  # noqa: E402
-                               records_table)
+from pipeline.assigner import StreamSpec, TeacherAssigner, load_row_pixels  # noqa: E402
+from pipeline.plan_source import plan_table, records_table  # noqa: E402
 from pipeline.loop import plan_batches  # noqa: E402
 from pipeline.coco import load_coco  # noqa: E402
 from pipeline.dataset import DetectionDataset  # noqa: E402
@@ -209,7 +209,8 @@ def pool_throughput(args, root, teacher, coco, pool: int, batches: int) -> dict:
 
     from pipeline import ray_env
     from pipeline.loop import Start
-    from pipeline.stream import PlanSource, build_dataset
+    from pipeline.plan_source import PlanSource
+    from pipeline.stream import build_dataset
 
     cfg = bench_config(args, root, "lad", teacher, pipeline={"assigners": pool, "num_workers": 1,
                                                              "cpus_per_assigner": args.cpus_per_assigner,

@@ -18,7 +18,6 @@ students.
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,34 +34,6 @@ ADMIT_POLL_S = 0.02
 
 
 # ----------------------------------------------------------------------------------------------- the plan
-
-def records_table(records: list) -> pa.Table:
-    """The training set as Arrow (id, absolute path, size, GT), put in the object store once: the stages look
-    the images of a planned batch up in it, so a plan is only (epoch, batch index, dataset indices)."""
-    boxes = [np.asarray(r.boxes, np.float32).reshape(-1) for r in records]
-    labels = [np.asarray(r.labels, np.int64).reshape(-1) for r in records]
-
-    def lists(arrays, dtype):
-        offsets = np.zeros(len(arrays) + 1, np.int32)
-        offsets[1:] = np.cumsum([a.size for a in arrays])
-        values = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype, copy=False)))
-
-    return pa.table({
-        "image_id": pa.array([int(r.image_id) for r in records], pa.int64()),
-        "path": pa.array([os.path.abspath(r.path) for r in records], pa.string()),
-        "width": pa.array([int(r.width) for r in records], pa.int32()),
-        "height": pa.array([int(r.height) for r in records], pa.int32()),
-        "boxes": lists(boxes, np.float32), "labels": lists(labels, np.int64),
-    })
-
-
-def plan_table(epoch: int, batches: list[list[int]], first_index: int = 0) -> pa.Table:
-    """Planned batches of one epoch as the stream's source rows: (epoch, batch_index, dataset indices)."""
-    return pa.table({EPOCH_COLUMN: pa.array([int(epoch)] * len(batches), pa.int32()),
-                     BATCH_COLUMN: pa.array(range(first_index, first_index + len(batches)), pa.int32()),
-                     "index": pa.array([[int(i) for i in b] for b in batches], pa.list_(pa.int32()))})
-
 
 _RECORDS: dict = {}
 

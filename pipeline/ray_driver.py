@@ -216,8 +216,8 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                 if split:
                     _fit_split(cfg, loop_config, hub)
                 else:  # the stream (assigned by the pool), or inline co-learning's (read and decoded only)
-                    from pipeline.assigner import records_table
-                    from pipeline.stream import PlanSource, build_dataset, data_config
+                    from pipeline.plan_source import PlanSource, records_table
+                    from pipeline.stream import build_dataset, data_config
 
                     options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
                     if records_ref is None:

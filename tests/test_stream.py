@@ -5,12 +5,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.assigner import (StreamSpec, TeacherAssigner, load_row_pixels, plan_table, read_batch,
-                               records_table)
+from pipeline.assigner import StreamSpec, TeacherAssigner, load_row_pixels, read_batch
 from pipeline.coco import load_coco
 from pipeline.dataset import DetectionDataset
 from pipeline.loop import Start, epoch_order, plan_batches, total_steps
-from pipeline.stream import PlanSource
+from pipeline.plan_source import PlanSource, plan_table, records_table
 from tests.tiny import make_data, make_teacher, tiny_config
 from schemas.assignment import SchemaMismatch
 from trainer.engine import Engine

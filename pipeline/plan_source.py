@@ -1,0 +1,109 @@
+"""The stream's plan as a lazy Ray Data source, torch-free (the plan's read tasks and the repartition that cuts it
+into one block per batch run in plain Ray workers that never import torch).
+
+`PlanSource` has one read task per epoch, which draws that epoch's order and cuts it into batches
+(`pipeline.loop.plan_epoch`, the plan of every engine) only when the stream reaches it; the driver keeps the
+per-epoch step budgets (`epoch_budgets`, arithmetic) and nothing per batch. Each source row is one planned batch
+(`plan_table`: epoch, batch_index, dataset indices); the images' paths and GT are one Arrow table put into the
+object store once (`records_table`), which the stages look the indices up in.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline.loop import epoch_budgets, plan_epoch
+from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN
+from schemas.config import RunConfig
+
+
+def records_table(records: list) -> pa.Table:
+    """The training set as Arrow (id, absolute path, size, GT), put in the object store once: the stages look
+    the images of a planned batch up in it, so a plan is only (epoch, batch index, dataset indices)."""
+    boxes = [np.asarray(r.boxes, np.float32).reshape(-1) for r in records]
+    labels = [np.asarray(r.labels, np.int64).reshape(-1) for r in records]
+
+    def lists(arrays, dtype):
+        offsets = np.zeros(len(arrays) + 1, np.int32)
+        offsets[1:] = np.cumsum([a.size for a in arrays])
+        values = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype, copy=False)))
+
+    return pa.table({
+        "image_id": pa.array([int(r.image_id) for r in records], pa.int64()),
+        "path": pa.array([os.path.abspath(r.path) for r in records], pa.string()),
+        "width": pa.array([int(r.width) for r in records], pa.int32()),
+        "height": pa.array([int(r.height) for r in records], pa.int32()),
+        "boxes": lists(boxes, np.float32), "labels": lists(labels, np.int64),
+    })
+
+
+def plan_table(epoch: int, batches: list[list[int]], first_index: int = 0) -> pa.Table:
+    """Planned batches of one epoch as the stream's source rows: (epoch, batch_index, dataset indices)."""
+    return pa.table({EPOCH_COLUMN: pa.array([int(epoch)] * len(batches), pa.int32()),
+                     BATCH_COLUMN: pa.array(range(first_index, first_index + len(batches)), pa.int32()),
+                     "index": pa.array([[int(i) for i in b] for b in batches], pa.list_(pa.int32()))})
+
+
+class PlanSource(Datasource):
+    """The rest of the run's plan as a lazy Ray Data source: one read task per epoch, which draws that epoch's
+    order and cuts it into batches (`pipeline.loop.plan_epoch`) only when the stream reaches it. The driver holds
+    the per-epoch step budgets (`epoch_budgets`, arithmetic) and nothing per batch, so its memory and start-up time
+    do not grow with the number of epochs or batches. Each source row is one planned batch (epoch, batch_index,
+    dataset indices); a streaming repartition makes it one block."""
+
+    def __init__(self, cfg: RunConfig, image_ids: list[int], start, remaining_steps: int):
+        self.cfg, self.num_images = cfg, len(image_ids)
+        self.budgets = epoch_budgets(cfg, image_ids, start.epoch, start.trained_ids, remaining_steps,
+                                     cfg.pipeline.num_workers)
+        # only the resumed epoch needs the ids (to leave out those already trained); the others only the count
+        self.resumed = (start.epoch, list(image_ids), list(start.trained_ids)) if start.trained_ids else None
+        # epoch -> the position of its first batch in this attempt's order (the monitor's run-ahead window)
+        self.offsets, total = {}, 0
+        for epoch, _, batches in self.budgets:
+            self.offsets[epoch], total = total, total + batches
+
+    def estimate_inmemory_data_size(self):
+        return None
+
+    def get_name(self) -> str:
+        return "Plan"
+
+    def get_read_tasks(self, parallelism: int, **kwargs) -> list:
+        tasks = []
+        for epoch, steps, _ in self.budgets:
+            ids, trained = (range(self.num_images), [])
+            if self.resumed and self.resumed[0] == epoch:
+                ids, trained = self.resumed[1:]
+            read = functools.partial(epoch_rows, self.cfg, epoch, steps, ids, trained)
+            tasks.append(ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None,
+                                                      exec_stats=None)))
+        return tasks
+
+
+def epoch_rows(cfg: RunConfig, epoch: int, steps: int, image_ids, trained_ids: list, rows_per_block: int = 1024):
+    """The source rows of one epoch, in blocks: what its read task yields."""
+    batches = [b for step in plan_epoch(cfg, image_ids, epoch, trained_ids, steps, cfg.pipeline.num_workers)
+               for b in step]
+    for k in range(0, len(batches), rows_per_block):
+        yield plan_table(epoch, batches[k:k + rows_per_block], first_index=k)
+
+
+def one_block_per_batch(ds, num_cpus: float):
+    """A streaming repartition to one row (one planned batch) per block. Ray 2.60's `repartition` takes no resource
+    arguments and asks for a whole CPU per task, which deadlocks a cluster whose CPUs the students and the pool
+    hold; its logical operator's `ray_remote_args` is set here instead (ray is pinned in pyproject.toml)."""
+    ds = ds.repartition(target_num_rows_per_block=1)
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if not isinstance(getattr(op, "ray_remote_args", None), dict):
+        raise RuntimeError("this Ray Data version hides the streaming repartition's resources; "
+                           "pipeline.stream.one_block_per_batch must be ported")
+    op.ray_remote_args["num_cpus"] = num_cpus
+    return ds
+
+
