@@ -195,9 +195,6 @@ class TeacherAssigner:
             parts.append(self.assign(item))
             for o in self.observers:
                 o.assigned(item[EPOCH_COLUMN], list(item["image_id"]))
-        if self.monitor is not None:
-            ms = sum(float(p.column("assign_ms")[0].as_py()) for p in parts)
-            self.monitor.report_assigned.remote(len(parts), ms)
         return pa.concat_tables(parts)
 
     def assign(self, item: dict) -> pa.Table:

@@ -75,7 +75,7 @@ def batches_in(num_images: int, steps: int, batch_size: int, world: int) -> int:
 
 
 def epoch_budgets(cfg: RunConfig, image_ids: list[int], start_epoch: int, trained_ids: list[int],
-                  remaining_steps: int, world: int) -> list[tuple[int, int]]:
+                  remaining_steps: int, world: int) -> list[tuple[int, int, int]]:
     """(epoch, steps, batches) of every epoch left in the run, by arithmetic alone: what a plan costs before any
     epoch's order is drawn (each epoch takes ceil(images / (batch_size * world)) steps, cut at the budget)."""
     done = set(int(i) for i in trained_ids)

@@ -18,28 +18,21 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.loop import epoch_budgets, plan_epoch
-from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN
+from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN, list_array
 from schemas.config import RunConfig
 
 
 def records_table(records: list) -> pa.Table:
     """The training set as Arrow (id, absolute path, size, GT), put in the object store once: the stages look
     the images of a planned batch up in it, so a plan is only (epoch, batch index, dataset indices)."""
-    boxes = [np.asarray(r.boxes, np.float32).reshape(-1) for r in records]
-    labels = [np.asarray(r.labels, np.int64).reshape(-1) for r in records]
-
-    def lists(arrays, dtype):
-        offsets = np.zeros(len(arrays) + 1, np.int32)
-        offsets[1:] = np.cumsum([a.size for a in arrays])
-        values = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype, copy=False)))
-
+    boxes, _ = list_array([r.boxes for r in records], np.float32, 4, "boxes")
+    labels, _ = list_array([r.labels for r in records], np.int64, 1, "labels")
     return pa.table({
         "image_id": pa.array([int(r.image_id) for r in records], pa.int64()),
         "path": pa.array([os.path.abspath(r.path) for r in records], pa.string()),
         "width": pa.array([int(r.width) for r in records], pa.int32()),
         "height": pa.array([int(r.height) for r in records], pa.int32()),
-        "boxes": lists(boxes, np.float32), "labels": lists(labels, np.int64),
+        "boxes": boxes, "labels": labels,
     })
 
 

@@ -165,7 +165,7 @@ class StreamMonitor:
         self.pending: set = set()    # admitted, not yet consumed: within [low, low + max_ahead)
         self.consumed: set = set()   # consumed, at or above low
         self.low = 0                 # the first batch of the plan not yet consumed
-        self.n_assigned, self.assign_ms, self.peak_backlog = 0, 0.0, 0
+        self.peak_backlog = 0
 
     def set_plan(self, offsets: dict) -> None:
         """The plan of this attempt: epoch -> the position of its first batch in the run's order."""
@@ -183,10 +183,6 @@ class StreamMonitor:
             self.peak_backlog = max(self.peak_backlog, len(self.pending))
             return True
         return False
-
-    def report_assigned(self, batches: int, ms: float) -> None:
-        self.n_assigned += batches
-        self.assign_ms += ms
 
     def report_consumed(self, key) -> None:
         seq = self._seq(key)

@@ -171,7 +171,7 @@ _SAME_LENGTH = [("gt_boxes", "gt_labels"), ("pos_anchor", "pos_gt"),
                 ("soft_anchor", "soft_class", "soft_prob"), ("kd_anchor", "kd_box", "kd_iou_prob", "kd_weight")]
 
 
-def _list_array(arrays: list[np.ndarray], dtype, width: int, name: str) -> tuple[pa.Array, np.ndarray]:
+def list_array(arrays: list[np.ndarray], dtype, width: int, name: str) -> tuple[pa.Array, np.ndarray]:
     """Offsets + one concatenated values buffer -> list array (the numpy buffers are handed to Arrow)."""
     flat = [np.asarray(a, dtype=dtype).reshape(-1) for a in arrays]
     sizes = np.fromiter((f.size for f in flat), dtype=np.int64, count=len(flat))
@@ -235,7 +235,7 @@ def encode_batch(rows: list[AssignmentRow], anchor_hash: str, num_anchors: int, 
     for name, (dtype, width) in _LIST_COLUMNS.items():
         if name in SOFT_COLUMNS and not soft:
             continue
-        cols[name], counts[name] = _list_array([getattr(r, name) for r in rows], dtype, width, name)
+        cols[name], counts[name] = list_array([getattr(r, name) for r in rows], dtype, width, name)
     for group in _SAME_LENGTH:
         present = [g for g in group if g in counts]
         for other in present[1:]:
