@@ -5,7 +5,7 @@
     TeacherAssigner   modes with a teacher, the actor pool: reads the files, decodes, resizes and flips them (a few
                       threads), runs the frozen teacher and the batched PAA assignment (`trainer.teacher.
                       teacher_assign`, the code `Engine.step` runs) and fills in positives, ignores and (kd/solad)
-                      sparse fp16 soft labels (+ `soft_fill`).
+                      the compact soft labels of `trainer.soft_codec`.
 
 Images travel once, as their encoded files (`image_file`): the pixels are made where they are used (the teacher
 here, the student in `pipeline.stream`), by the same function of (file, input size, flip), so both see the same
@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, add_soft_fill, encode_batch,
-                                tag_batch)
+from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, encode_batch, tag_batch
 from schemas.config import RunConfig
 from trainer.worker import StreamSpec  # noqa: F401  (the stream's spec, re-exported for the pipeline)
 
@@ -109,9 +108,6 @@ def wait_for_room(monitor: Any, item: dict) -> None:
 
 _EMPTY = np.zeros(0, np.int32)
 _EMPTY_HARD = dict(pos_anchor=_EMPTY, pos_gt=_EMPTY, ignore_anchor=_EMPTY)
-_EMPTY_SOFT = dict(soft_anchor=_EMPTY, soft_class=np.zeros(0, np.int16), soft_prob=np.zeros(0, np.float16),
-                   kd_anchor=_EMPTY, kd_box=np.zeros((0, 4), np.float32), kd_iou_prob=np.zeros(0, np.float32),
-                   kd_weight=np.zeros(0, np.float32))
 
 
 # ----------------------------------------------------------------------------------------------- data only
@@ -124,9 +120,9 @@ def read_batch(plan: pa.Table, *, records, spec: StreamSpec, seed: int, flip_pro
     for item in planned_items(plan, records):
         wait_for_room(monitor, item)
         images = planned_images(item, spec, seed, flip_prob)
-        rows = [im.row(**_EMPTY_HARD, **(_EMPTY_SOFT if spec.soft else {})) for im in images]
+        rows = [im.row(**_EMPTY_HARD) for im in images]   # soft labels need a teacher: never here
         canvas = canvas_of(images, spec)
-        rb = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)
+        rb = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, soft=False)
         out.append(tag_batch(rb, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas))
     return pa.concat_tables(out)
 
@@ -201,7 +197,8 @@ class TeacherAssigner:
         import torch
 
         from trainer.teacher import teacher_assign
-        from trainer.worker import images_tensor, labels_to_sparse, soft_fill, soft_to_sparse
+        from trainer.soft_codec import encode_soft
+        from trainer.worker import images_tensor, labels_to_sparse
 
         t0 = time.perf_counter()
         cfg, spec = self.cfg, self.spec
@@ -215,15 +212,13 @@ class TeacherAssigner:
         labels = [torch.from_numpy(im.record.labels).to(self.device) for im in images]
         result = teacher_assign(cfg, self.teacher, batch, boxes, labels, self.anchors)
         hard = labels_to_sparse(result.labels) if result.labels is not None else None
-        soft = soft_to_sparse(result.soft, cfg.pipeline.soft_label_floor) if result.soft is not None else None
+        soft = (encode_soft(result.soft, spec.level_counts(canvas), cfg.pipeline.soft_label_tolerance)
+                if result.soft is not None else None)
         ms = (time.perf_counter() - t0) * 1e3
         rows = []
         for i, im in enumerate(images):
             pos_anchor, pos_gt, ignore = hard[i] if hard is not None else (_EMPTY, _EMPTY, _EMPTY)
             rows.append(im.row(pos_anchor=pos_anchor, pos_gt=pos_gt, ignore_anchor=ignore,
                                teacher_version=self.version, assign_ms=ms, **(soft[i] if soft is not None else {})))
-        table = pa.Table.from_batches([encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas),
-                                                    spec.num_classes, spec.soft)])
-        if result.soft is not None:
-            table = add_soft_fill(table, soft_fill(result.soft.cls_prob, cfg.pipeline.soft_label_floor).cpu().numpy())
+        table = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)
         return tag_batch(table, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas)

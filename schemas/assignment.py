@@ -10,9 +10,15 @@ A stream is tied to one anchor layout: anchor indices mean nothing under other s
 The schema metadata carries `lad.schema_version` and `lad.anchor_hash`; because Ray Data may drop schema
 metadata, both also travel as (tiny) columns and `decode_*` refuses a batch whose version or hash differ.
 
-Beside the per-image columns, the pipeline adds batch columns (`epoch`, `batch_index`, and `soft_fill` for
-kd/solad): declared here with their types (`BATCH_COLUMNS`), written by `tag_batch` / `add_soft_fill`, read by
-`batch_tag` / `soft_fill_values`.
+Beside the per-image columns, the pipeline adds batch columns (`epoch`, `batch_index`, and the canvas
+`pad_height` / `pad_width`): declared here with their types (`BATCH_COLUMNS`), written by `tag_batch`, read by
+`batch_tag` / `batch_canvas`.
+
+Soft labels (KD/SoLAD) travel as a model plus corrections (`trainer.soft_codec` builds and reads them): per FPN
+level and class a baseline logit, per anchor an int8 logit offset, and exactly every probability the model
+misses by more than the run's tolerance. Two of those columns are integer sequences packed as zstd-compressed
+deltas (`pack_deltas` / `unpack_deltas`): an int8 offset per anchor is already 22 KB per COCO-sized image, and
+the offsets of neighbouring anchors are close, so the deltas compress about 3x.
 
 This module imports numpy and pyarrow only (no torch), as `schemas` must.
 """
@@ -27,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 3  # 2: batch columns epoch, batch_index, soft_fill; 3: image_file, canvas pad_height/pad_width
+SCHEMA_VERSION = 4  # 2: batch columns epoch, batch_index, soft_fill; 3: image_file, canvas pad_height/pad_width;
+                    # 4: compact soft labels (soft_base/offset/index/prob, kd_delta), no soft_fill
 # Bump when the anchor generator's conventions change (same config, different anchors).
 ANCHOR_LAYOUT = "xyxy, one anchor per location, side 8*stride*octave/8, levels finest first, row-major"
 
@@ -87,30 +94,33 @@ _HARD_FIELDS = [
     ("anchor_hash", pa.string()),
 ]
 _SOFT_FIELDS = [
-    ("soft_anchor", pa.list_(pa.int32())),   # sparse teacher sigmoid probabilities >= floor, anchor-major
-    ("soft_class", pa.list_(pa.int16())),
-    ("soft_prob", pa.list_(pa.float16())),
-    ("kd_anchor", pa.list_(pa.int32())),     # anchors whose teacher box has IoU > min_iou with some GT
-    ("kd_box", pa.list_(pa.float32())),      # K*4 flat, teacher's decoded box
-    ("kd_iou_prob", pa.list_(pa.float32())),
-    ("kd_weight", pa.list_(pa.float32())),
+    ("soft_base", pa.list_(pa.float16())),   # L*C: per FPN level and class, the teacher's baseline logit
+    ("soft_offset", pa.binary()),            # A int8: per anchor, a logit offset in SOFT_OFFSET_STEP (packed)
+    ("soft_index", pa.binary()),             # S int32, ascending: anchor * C + class of the entries sent exactly
+    ("soft_prob", pa.list_(pa.float16())),   # S: the teacher's probability there
+    ("kd_anchor", pa.binary()),              # K int32, ascending (packed): anchors whose teacher box has IoU >
+                                             # min_iou with some GT
+    ("kd_delta", pa.list_(pa.float16())),    # K*4 flat, the teacher's box deltas there (decoded on the anchors)
+    ("kd_iou_prob", pa.list_(pa.float16())),
+    ("kd_weight", pa.list_(pa.float16())),   # that IoU
 ]
 SOFT_COLUMNS = tuple(name for name, _ in _SOFT_FIELDS)
+SOFT_OFFSET_STEP = 1 / 16   # soft_offset's unit, in logits: int8 covers +-8
+_PACKED = {"soft_offset": np.int8, "soft_index": np.int32, "kd_anchor": np.int32}  # binary: `pack_deltas` blobs
+_PACKED_PARTNER = {"soft_index": "soft_prob", "kd_anchor": "kd_delta"}  # list column of the same length
 
-# Batch columns: the pipeline tags every row with the planned training batch it belongs to and, for kd/solad,
-# the value of the soft-label entries that were not sent. They describe the batch rather than the image, so they
-# are not fields of `AssignmentRow`: `encode_batch` does not write them (`tag_batch` and `add_soft_fill` do) and
-# `decode_*` checks their types when present (`batch_tag`, `soft_fill_values` read them).
+# Batch columns: the pipeline tags every row with the planned training batch it belongs to and the canvas its
+# images are padded to. They describe the batch rather than the image, so they are not fields of
+# `AssignmentRow`: `encode_batch` does not write them (`tag_batch` does) and `decode_*` checks their types when
+# present (`batch_tag`, `batch_canvas` read them).
 EPOCH_COLUMN = "epoch"
 BATCH_COLUMN = "batch_index"
 CANVAS_COLUMNS = ("pad_height", "pad_width")  # the padded batch shape: images are sent unpadded
-FILL_COLUMN = "soft_fill"   # list<float16> [C] per row: per class, the mean of the probabilities below the floor
 _BATCH_FIELDS = [
     (EPOCH_COLUMN, pa.int32()),
     (BATCH_COLUMN, pa.int32()),
     (CANVAS_COLUMNS[0], pa.int32()),
     (CANVAS_COLUMNS[1], pa.int32()),
-    (FILL_COLUMN, pa.list_(pa.float16())),
 ]
 BATCH_COLUMNS = tuple(name for name, _ in _BATCH_FIELDS)
 
@@ -147,28 +157,29 @@ class AssignmentRow:
     flip: bool = False
     teacher_version: int = 0
     assign_ms: float = 0.0
-    soft_anchor: Optional[np.ndarray] = None   # [S] int32
-    soft_class: Optional[np.ndarray] = None    # [S] int16
+    soft_base: Optional[np.ndarray] = None     # [L * C] float16
+    soft_offset: Optional[np.ndarray] = None   # [A] int8
+    soft_index: Optional[np.ndarray] = None    # [S] int32, ascending
     soft_prob: Optional[np.ndarray] = None     # [S] float16
     kd_anchor: Optional[np.ndarray] = None     # [K] int32
-    kd_box: Optional[np.ndarray] = None        # [K, 4] float32
-    kd_iou_prob: Optional[np.ndarray] = None   # [K] float32
-    kd_weight: Optional[np.ndarray] = None     # [K] float32
+    kd_delta: Optional[np.ndarray] = None      # [K, 4] float16
+    kd_iou_prob: Optional[np.ndarray] = None   # [K] float16
+    kd_weight: Optional[np.ndarray] = None     # [K] float16
 
     @property
     def has_soft(self) -> bool:
-        return self.soft_anchor is not None
+        return self.soft_base is not None
 
 
 _LIST_COLUMNS = {  # name -> (numpy dtype, values per element)
     "gt_boxes": (np.float32, 4), "gt_labels": (np.int32, 1),
     "pos_anchor": (np.int32, 1), "pos_gt": (np.int32, 1), "ignore_anchor": (np.int32, 1),
-    "soft_anchor": (np.int32, 1), "soft_class": (np.int16, 1), "soft_prob": (np.float16, 1),
-    "kd_anchor": (np.int32, 1), "kd_box": (np.float32, 4), "kd_iou_prob": (np.float32, 1),
-    "kd_weight": (np.float32, 1),
+    "soft_base": (np.float16, 1), "soft_prob": (np.float16, 1),
+    "kd_delta": (np.float16, 4), "kd_iou_prob": (np.float16, 1),
+    "kd_weight": (np.float16, 1),
 }
 _SAME_LENGTH = [("gt_boxes", "gt_labels"), ("pos_anchor", "pos_gt"),
-                ("soft_anchor", "soft_class", "soft_prob"), ("kd_anchor", "kd_box", "kd_iou_prob", "kd_weight")]
+                ("soft_index", "soft_prob"), ("kd_anchor", "kd_delta", "kd_iou_prob", "kd_weight")]
 
 
 def list_array(arrays: list[np.ndarray], dtype, width: int, name: str) -> tuple[pa.Array, np.ndarray]:
@@ -236,6 +247,11 @@ def encode_batch(rows: list[AssignmentRow], anchor_hash: str, num_anchors: int, 
         if name in SOFT_COLUMNS and not soft:
             continue
         cols[name], counts[name] = list_array([getattr(r, name) for r in rows], dtype, width, name)
+    if soft:
+        for name, dtype in _PACKED.items():
+            values = [np.asarray(getattr(r, name)).reshape(-1) for r in rows]
+            counts[name] = np.array([v.size for v in values], np.int64)
+            cols[name] = pa.array([pack_deltas(v, dtype) for v in values], pa.binary())
     for group in _SAME_LENGTH:
         present = [g for g in group if g in counts]
         for other in present[1:]:
@@ -275,59 +291,38 @@ def batch_canvas(table: Union[pa.Table, pa.RecordBatch]) -> tuple[int, int]:
     return tuple(int(table.column(name)[0].as_py()) for name in CANVAS_COLUMNS)
 
 
-def add_soft_fill(table: pa.Table, fill: np.ndarray) -> pa.Table:
-    """Append the soft_fill column: `fill` [rows, C] (stored as float16)."""
-    fill = np.asarray(fill, np.float16)
-    if fill.ndim != 2 or fill.shape[0] != table.num_rows:
-        raise ValueError(f"soft_fill: expected [{table.num_rows}, C], got shape {list(fill.shape)}")
-    offsets = np.arange(fill.shape[0] + 1, dtype=np.int32) * fill.shape[1]
-    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(fill.reshape(-1)))
-    return table.append_column(pa.field(FILL_COLUMN, column.type), column)
+# ----------------------------------------------------------------------------------------------- packed columns
+
+def pack_deltas(values: np.ndarray, dtype) -> bytes:
+    """An integer sequence -> its length (uint32, little-endian) and its zstd-compressed deltas. Deltas wrap
+    around in `dtype`, so any sequence round-trips; they are small where neighbours are close (per-anchor
+    offsets) or ascending (flat indices), which is what makes them compress."""
+    dtype = np.dtype(dtype)
+    v = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
+    head = np.array([v.size], "<u4").tobytes()
+    if not v.size:
+        return head
+    with np.errstate(over="ignore"):
+        deltas = np.diff(v, prepend=dtype.type(0)).astype(dtype.newbyteorder("<"), copy=False)
+    return head + pa.compress(deltas.tobytes(), codec="zstd", asbytes=True)
 
 
-def soft_fill_values(table: Union[pa.Table, pa.RecordBatch], num_classes: int) -> Optional[np.ndarray]:
-    """The soft_fill column as a read-only float16 [rows, C] view (None when the stream has none)."""
-    if FILL_COLUMN not in table.column_names:
-        return None
-    col = table.column(FILL_COLUMN)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    values = col.values.to_numpy(zero_copy_only=True)[col.offsets[0].as_py():col.offsets[-1].as_py()]
-    return values.reshape(len(col), num_classes)
-
-
-# ----------------------------------------------------------------------------------------------- soft labels
-
-def sparsify_soft(probs: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dense teacher probabilities [A, C] -> (anchor int32, class int16, prob float16) of entries >= floor.
-
-    Dense fp32 is A*C*4 bytes per image (7 MB at COCO size); a trained teacher puts almost every entry near 0,
-    so only the entries >= floor travel, at 8 bytes each. Error: < floor where dropped, fp16 rounding
-    (relative 2^-11, absolute 2^-25 below 2^-14) where kept. floor=0 keeps every entry.
-    """
-    probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim != 2:
-        raise ValueError(f"sparsify_soft: expected probs [A, C], got shape {list(probs.shape)}")
-    num_classes = probs.shape[1]
-    if num_classes > np.iinfo(np.int16).max:
-        raise ValueError(f"sparsify_soft: {num_classes} classes do not fit the int16 class column")
-    flat = probs.reshape(-1)
-    idx = np.flatnonzero(flat >= floor) if floor > 0 else np.arange(flat.size)
-    anchor, cls = np.divmod(idx, num_classes)
-    return anchor.astype(np.int32), cls.astype(np.int16), flat[idx].astype(np.float16)
-
-
-def densify_soft(anchor: np.ndarray, cls: np.ndarray, prob: np.ndarray, num_anchors: int,
-                 num_classes: int) -> np.ndarray:
-    """Sparse soft labels -> float32 [A, C], 0 where not sent. (On GPU, do the same with `index_put_`.)"""
-    anchor = np.asarray(anchor)
-    cls = np.asarray(cls)
-    if anchor.size and (anchor.min() < 0 or anchor.max() >= num_anchors or cls.min() < 0 or cls.max() >= num_classes):
-        raise ValueError(f"densify_soft: indices out of range for [{num_anchors}, {num_classes}] "
-                         f"(anchor {anchor.min()}..{anchor.max()}, class {cls.min()}..{cls.max()})")
-    out = np.zeros((num_anchors, num_classes), np.float32)
-    out[anchor, cls] = prob
-    return out
+def unpack_deltas(blob: Union[bytes, pa.Buffer], dtype, name: str = "column") -> np.ndarray:
+    """`pack_deltas`'s inverse. A blob that is cut or corrupt raises ValueError naming `name`."""
+    dtype = np.dtype(dtype)
+    buf = pa.py_buffer(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else blob
+    if buf.size < 4:
+        raise ValueError(f"{name}: packed blob of {buf.size} bytes has no length header")
+    n = int(np.frombuffer(buf, "<u4", count=1)[0])
+    if n == 0:
+        return np.zeros(0, dtype)
+    try:
+        raw = pa.decompress(buf.slice(4), decompressed_size=n * dtype.itemsize, codec="zstd")
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{name}: packed blob does not decompress to {n} values ({e})") from None
+    deltas = np.frombuffer(raw, dtype.newbyteorder("<"), count=n)
+    with np.errstate(over="ignore"):
+        return np.cumsum(deltas, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -379,7 +374,7 @@ def _check(schema: pa.Schema, columns: dict[str, Any], expected_hash: str) -> bo
             f"assignment stream anchor hash {got} differs from {expected_hash} expected by this trainer: the "
             "stream was built for other anchors, input size or number of classes (strides, octave_base_scale, "
             "input_size, num_classes), so its anchor indices would point at the wrong anchors")
-    soft = "soft_anchor" in columns
+    soft = "soft_base" in columns
     problems = []
     for name, typ in _HARD_FIELDS + (_SOFT_FIELDS if soft else []):
         if name not in columns:
@@ -463,21 +458,41 @@ def _decode_record_batch(rb: pa.RecordBatch, soft: bool) -> list[AssignmentRow]:
         if name in SOFT_COLUMNS and not soft:
             continue
         fields[name] = _views(col[name], dtype, width)
+    if soft:
+        ids = fields["image_id"]
+        for name, dtype in _PACKED.items():
+            fields[name] = [unpack_deltas(b, dtype, f"image {ids[i]}: {name}")
+                            for i, b in enumerate(_file_views(col[name]))]
+            other = _PACKED_PARTNER.get(name)
+            for i, v in enumerate(fields[name]):
+                if other and v.size != len(fields[other][i]):
+                    raise ValueError(f"image {ids[i]}: {name} has {v.size} elements but {other} has "
+                                     f"{len(fields[other][i])}")
     return [AssignmentRow(**{k: v[i] for k, v in fields.items()}) for i in range(n)]
 
 
 def check_bounds(rows: list[AssignmentRow], num_anchors: Optional[int], num_classes: Optional[int]) -> None:
     """Catch corrupt indices here, not as a CUDA device-side assert deep in the loss."""
     for r in rows:
-        for name in ("pos_anchor", "ignore_anchor", "soft_anchor", "kd_anchor"):
+        for name in ("pos_anchor", "ignore_anchor", "kd_anchor"):
             v = getattr(r, name)
             if v is not None and v.size and (v.min() < 0 or (num_anchors is not None and v.max() >= num_anchors)):
                 raise ValueError(f"image {r.image_id}: {name} out of range [0, {num_anchors})")
         if r.pos_gt.size and (r.pos_gt.min() < 0 or r.pos_gt.max() >= len(r.gt_labels)):
             raise ValueError(f"image {r.image_id}: pos_gt out of range [0, {len(r.gt_labels)})")
-        if num_classes is not None and r.soft_class is not None and r.soft_class.size and (
-                r.soft_class.min() < 0 or r.soft_class.max() >= num_classes):
-            raise ValueError(f"image {r.image_id}: soft_class out of range [0, {num_classes})")
+        if not r.has_soft:
+            continue
+        entries = None if num_anchors is None or num_classes is None else num_anchors * num_classes
+        idx = r.soft_index
+        if idx.size and (idx.min() < 0 or (entries is not None and idx.max() >= entries)
+                         or np.any(np.diff(idx) <= 0)):
+            raise ValueError(f"image {r.image_id}: soft_index not ascending in [0, anchors x classes = {entries})")
+        if num_anchors is not None and r.soft_offset.size != num_anchors:
+            raise ValueError(f"image {r.image_id}: soft_offset has {r.soft_offset.size} values for {num_anchors} "
+                             "anchors")
+        if num_classes is not None and r.soft_base.size % num_classes:
+            raise ValueError(f"image {r.image_id}: soft_base has {r.soft_base.size} values, not levels x "
+                             f"{num_classes} classes")
 
 
 def decode_batch(batch: Union[pa.RecordBatch, pa.Table], expected_hash: str) -> list[AssignmentRow]:
@@ -502,7 +517,7 @@ def decode_table_rows(table: Union[pa.Table, pa.RecordBatch, dict], expected_has
     if isinstance(table, dict):
         if "anchor_hash" not in table:
             raise SchemaMismatch("not an assignment stream: the batch has no anchor_hash column")
-        soft = "soft_anchor" in table
+        soft = "soft_base" in table
         schema = assignment_schema(expected_hash, soft=soft).remove_metadata()
         missing = [f.name for f in schema if f.name not in table]
         if missing:

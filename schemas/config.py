@@ -184,12 +184,24 @@ class PipelineConfig(_Strict):
         "trained on; the teacher waits beyond it. Default: prefetch_batches + 4 per student worker. At least "
         "prefetch_batches + 2 per worker: Ray Data's iterator waits for prefetch_batches + 1 batches before it "
         "hands over the first")
-    soft_label_floor: float = Field(
-        0.01, ge=0, lt=1, description="kd/solad through the stream: teacher class probabilities >= this travel one by "
-        "one (fp16); for the rest the student gets, per image and class, the mean of those below it (the stream's "
-        "soft_fill column). 0 sends every entry. In-process runs use the dense probabilities and ignore it")
+    soft_label_tolerance: float = Field(
+        0.01, ge=0, lt=1, description="kd/solad through the stream: how far a teacher class probability the student "
+        "receives may be from the teacher's. The stream sends a per-level/class and per-anchor logit model of the "
+        "probabilities and, exactly (fp16), every one it misses by more than this (trainer.soft_codec). 0 sends "
+        "every entry. In-process runs use the dense probabilities and ignore it")
     max_failures: int = Field(2, ge=0, description="lost Train workers the run recovers from, each time resuming "
                               "from checkpoints/last.pt (engine ray)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _floor_is_a_tolerance(cls, data):
+        """Configs (and the checkpoints that store them) from schema 3 set `soft_label_floor`: it bounded the
+        same error (< floor on every probability), so it reads as the tolerance."""
+        if isinstance(data, dict) and "soft_label_floor" in data:
+            data = dict(data)
+            floor = data.pop("soft_label_floor")
+            data.setdefault("soft_label_tolerance", floor)
+        return data
 
     @model_validator(mode="after")
     def _ahead(self) -> "PipelineConfig":

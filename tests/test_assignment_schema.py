@@ -8,13 +8,13 @@ import pytest
 
 from schemas.assignment import (
     SCHEMA_VERSION, AssignmentRow, SchemaMismatch, anchor_hash, assignment_schema, decode_batch,
-    decode_table_rows, densify_soft, encode_batch, payload_bytes, sparsify_soft,
+    decode_table_rows, encode_batch, pack_deltas, payload_bytes, unpack_deltas,
 )
 
 A, C = 1344, 10
 HASH = anchor_hash([4, 8, 16], 8.0, 128, C)
-ARRAYS = ["gt_boxes", "gt_labels", "pos_anchor", "pos_gt", "ignore_anchor", "soft_anchor", "soft_class",
-          "soft_prob", "kd_anchor", "kd_box", "kd_iou_prob", "kd_weight", "image"]
+ARRAYS = ["gt_boxes", "gt_labels", "pos_anchor", "pos_gt", "ignore_anchor", "soft_base", "soft_offset", "soft_index",
+          "soft_prob", "kd_anchor", "kd_delta", "kd_iou_prob", "kd_weight", "image"]
 SCALARS = ["image_id", "height", "width", "scale", "flip", "teacher_version", "assign_ms"]
 
 
@@ -34,12 +34,13 @@ def make_row(rng, soft, g=None, p=None, s=None, k=None, with_image=True, image_i
         scale=float(np.float32(rng.random())), flip=bool(rng.integers(0, 2)),
         teacher_version=int(rng.integers(0, 1 << 40)), assign_ms=float(np.float32(rng.random() * 10)))
     if soft:
-        flat = np.sort(rng.choice(A * C, s, replace=False))
-        row.soft_anchor, row.soft_class = (flat // C).astype(np.int32), (flat % C).astype(np.int16)
+        row.soft_base = rng.normal(-5, 2, 3 * C).astype(np.float16)
+        row.soft_offset = rng.integers(-128, 128, A).astype(np.int8)
+        row.soft_index = np.sort(rng.choice(A * C, s, replace=False)).astype(np.int32)
         row.soft_prob = rng.random(s).astype(np.float16)
         row.kd_anchor = rng.choice(A, k, replace=False).astype(np.int32)
-        row.kd_box = rng.random((k, 4), dtype=np.float32)
-        row.kd_iou_prob, row.kd_weight = rng.random(k, dtype=np.float32), rng.random(k, dtype=np.float32)
+        row.kd_delta = rng.normal(0, 1, (k, 4)).astype(np.float16)
+        row.kd_iou_prob, row.kd_weight = rng.random(k).astype(np.float16), rng.random(k).astype(np.float16)
     return row
 
 
@@ -130,8 +131,10 @@ def test_metadata_stripped_still_validated_by_column():
     # Ray may hand columns back dictionary-encoded or with 64-bit offsets.
     i = table.schema.get_field_index("anchor_hash")
     dict_table = table.set_column(i, "anchor_hash", table.column("anchor_hash").dictionary_encode())
-    j = table.schema.get_field_index("soft_anchor")
-    dict_table = dict_table.set_column(j, "soft_anchor", table.column("soft_anchor").cast(pa.large_list(pa.int32())))
+    j = table.schema.get_field_index("soft_prob")
+    dict_table = dict_table.set_column(j, "soft_prob", table.column("soft_prob").cast(pa.large_list(pa.float16())))
+    j = table.schema.get_field_index("soft_offset")
+    dict_table = dict_table.set_column(j, "soft_offset", table.column("soft_offset").cast(pa.large_binary()))
     assert_rows_equal(decode_table_rows(dict_table, HASH), rows)
     # A table mixing rows of two streams is refused even without metadata.
     foreign = encode_batch(rows[:1], anchor_hash([4, 8], 8.0, 128, C), A, C, True)
@@ -156,7 +159,7 @@ def test_decode_is_zero_copy():
     rng = np.random.default_rng(7)
     batch = encode_batch([make_row(rng, True, g=3, p=5, s=20, k=4, image_id=i) for i in range(3)], HASH, A, C, True)
     rows = decode_batch(batch, HASH)
-    for name in ["gt_boxes", "pos_anchor", "pos_gt", "soft_anchor", "soft_class", "soft_prob", "kd_box"]:
+    for name in ["gt_boxes", "pos_anchor", "pos_gt", "soft_base", "soft_prob", "kd_delta"]:
         values = _buffer_view(batch.column(name).values, 1)
         for r in rows:
             v = getattr(r, name)
@@ -186,24 +189,22 @@ def test_ipc_stream_round_trip_stays_zero_copy():
     assert all(np.shares_memory(r.image, whole) for r in got)
 
 
-def test_sparsify_densify_error_is_bounded():
+def test_packed_deltas_round_trip_and_refuse_cut_blobs():
     rng = np.random.default_rng(9)
-    logits = rng.normal(-7.0, 2.5, (A, C)).astype(np.float32)
-    probs = (1 / (1 + np.exp(-logits))).astype(np.float32)
-    probs[0, 0], probs[1, 1] = 1.0, 0.0
-    for floor in [0.0, 1e-3, 1e-2, 0.05]:
-        anchor, cls, prob = sparsify_soft(probs, floor)
-        assert anchor.dtype == np.int32 and cls.dtype == np.int16 and prob.dtype == np.float16
-        assert np.all(np.diff(anchor.astype(np.int64) * C + cls) > 0)  # anchor-major, no duplicates
-        dense = densify_soft(anchor, cls, prob, A, C)
-        kept = probs >= floor
-        err = np.abs(dense - probs)
-        assert np.all(err[~kept] < floor)
-        assert np.all(err[kept] <= np.maximum(probs[kept] * 2.0 ** -11, 2.0 ** -25))
-        assert kept.sum() == anchor.size
-    assert sparsify_soft(np.zeros((0, C), np.float32), 0.01)[0].size == 0
-    with pytest.raises(ValueError, match="out of range"):
-        densify_soft(np.array([A]), np.array([0]), np.array([0.5], np.float16), A, C)
+    offsets = np.array([127, -128, 127, 0, -1, -128, 5], np.int8)            # deltas that wrap around int8
+    ascending = np.sort(rng.choice(1 << 30, 5000, replace=False)).astype(np.int32)
+    smooth = np.cumsum(rng.integers(-2, 3, 20000)).clip(-128, 127).astype(np.int8)
+    for values, dtype in [(offsets, np.int8), (ascending, np.int32), (smooth, np.int8), (np.zeros(0, np.int8), np.int8)]:
+        blob = pack_deltas(values, dtype)
+        got = unpack_deltas(blob, dtype)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, values)
+    assert len(pack_deltas(smooth, np.int8)) < smooth.size / 2   # neighbours close: the deltas compress
+    blob = pack_deltas(ascending, np.int32)
+    with pytest.raises(ValueError, match="soft_index: packed blob does not decompress"):
+        unpack_deltas(blob[: len(blob) // 2], np.int32, "soft_index")
+    with pytest.raises(ValueError, match="no length header"):
+        unpack_deltas(b"\x01", np.int8)
 
 
 def test_encode_rejects_inconsistent_rows():
@@ -218,6 +219,17 @@ def test_encode_rejects_inconsistent_rows():
     bad.pos_anchor = np.array([A], np.int32)
     with pytest.raises(ValueError, match="pos_anchor out of range"):
         decode_batch(encode_batch([bad], HASH, A, C, False), HASH)
+    row = make_row(rng, True, s=4)
+    row.soft_prob = row.soft_prob[:3]
+    with pytest.raises(ValueError, match="soft_index has 4 elements but soft_prob has 3"):
+        encode_batch([row], HASH, A, C, True)
+    for field, value, message in [("soft_index", np.array([5, 5], np.int32), "soft_index not ascending"),
+                                  ("soft_index", np.array([0, A * C], np.int32), "soft_index not ascending"),
+                                  ("soft_offset", np.zeros(A - 1, np.int8), "soft_offset has 1343 values")]:
+        row = make_row(rng, True, s=2)
+        setattr(row, field, value)
+        with pytest.raises(ValueError, match=message):
+            decode_batch(encode_batch([row], HASH, A, C, True), HASH)
 
 
 def test_anchor_hash_and_schema_metadata():

@@ -1,8 +1,8 @@
 """Losses: the soft-label KD against a direct float64 formula, and PAA's detection loss on a hand-made case."""
 import torch
-
 from torchvision.ops import box_iou
 
+from trainer.box_coder import encode
 from trainer.losses import (BatchLabels, SoftTargets, aligned_iou, bernoulli_kd, detection_loss, soft_label_kd,
                             soft_targets)
 
@@ -31,13 +31,13 @@ def test_soft_label_kd_terms_and_normalisation():
     cls = torch.randn(1, 2, 3)
     deltas = torch.zeros(1, 2, 4)
     iou = torch.zeros(1, 2)
-    targets = SoftTargets(torch.sigmoid(cls), torch.tensor([0]), torch.tensor([1]), anchors[1:].clone(),
+    targets = SoftTargets(torch.sigmoid(cls), torch.tensor([0]), torch.tensor([1]), torch.zeros(1, 4),
                           torch.tensor([0.5]), torch.tensor([0.8]))
     out = soft_label_kd(cls, deltas, iou, targets, anchors, cls_weight=1, iou_weight=1, box_weight=1)
     assert out["kd_cls"].abs() < 1e-9          # student class outputs equal the teacher's
     assert out["kd_iou"].abs() < 1e-9          # sigmoid(0) == 0.5
-    assert out["kd_box"].abs() < 1e-6          # zero deltas decode to the anchor == teacher box
-    targets.box = torch.tensor([[5., 5., 25., 25.]])  # GIoU 0.25 -> loss 0.75, weighted 0.8, normalised by 1
+    assert out["kd_box"].abs() < 1e-6          # both zero deltas: both boxes are the anchor
+    targets.deltas = encode(anchors[1:], torch.tensor([[5., 5., 25., 25.]]))  # GIoU 0.25 -> loss 0.75, x0.8, /1
     out = soft_label_kd(cls, deltas, iou, targets, anchors, cls_weight=1, iou_weight=1, box_weight=2)
     assert torch.isclose(out["kd_box"], torch.tensor(2 * 0.75 * 0.8 / 1.0))
 
@@ -76,6 +76,6 @@ def test_soft_targets_select_teacher_boxes_overlapping_a_gt_by_more_than_min_iou
     assert len(expected) > 3 and 1 not in t.batch_idx.tolist()
     assert list(zip(t.batch_idx.tolist(), t.anchor_idx.tolist())) == [(b, a) for b, a, _ in expected]
     assert torch.allclose(t.weight, torch.tensor([w for _, _, w in expected]))
-    assert torch.allclose(t.box, anchors[t.anchor_idx])
+    assert torch.equal(t.deltas, torch.zeros(len(expected), 4))
     assert torch.allclose(t.iou_prob, torch.sigmoid(iou[t.batch_idx, t.anchor_idx]))
     assert torch.allclose(t.cls_prob, torch.sigmoid(cls))

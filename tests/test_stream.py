@@ -14,7 +14,7 @@ from tests.tiny import make_data, make_teacher, tiny_config
 from schemas.assignment import SchemaMismatch
 from trainer.engine import Engine
 from trainer.losses import soft_label_kd
-from trainer.worker import decode_stream_batch, labels_to_sparse, soft_fill, sparse_to_labels, split_batches
+from trainer.worker import decode_stream_batch, labels_to_sparse, sparse_to_labels, split_batches
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +151,14 @@ def test_the_stream_carries_each_image_once_as_its_encoded_file(tiny):
     assert streamed.image_bytes <= 1.01 * sum(len(f) for f in files) + 64
 
 
-@pytest.mark.parametrize("mode", ["kd", "solad"])
-def test_streamed_soft_labels_are_exact_but_for_the_floor_and_fp16(tiny, mode):
+@pytest.mark.parametrize("mode,tolerance", [("kd", 0.01), ("solad", 0.01), ("kd", 0.0)])
+def test_streamed_soft_labels_are_within_the_tolerance(tiny, mode, tolerance):
+    """Every class probability the student receives is within the run's tolerance of the teacher's (fp16
+    rounding where an entry is sent as it is; tolerance 0 sends them all), and the KD box targets are the
+    teacher's up to fp16."""
     root, data, teacher = tiny
-    floor = 0.01
-    cfg = tiny_config(data, root / "runs", mode=mode, teacher=teacher, pipeline={"soft_label_floor": floor})
+    cfg = tiny_config(data, root / "runs", mode=mode, teacher=teacher,
+                      pipeline={"soft_label_tolerance": tolerance})
     local, streamed, out = streamed_and_local(cfg)
     engine = Engine(cfg, "cpu", 10)
     with torch.no_grad():
@@ -164,21 +167,27 @@ def test_streamed_soft_labels_are_exact_but_for_the_floor_and_fp16(tiny, mode):
         ref = engine.soft_targets(tout, anchors, local["boxes"])
         student = engine.model(local["images"])
     s = streamed.soft
-    for name in ("batch_idx", "anchor_idx", "box", "iou_prob", "weight"):
-        assert torch.equal(getattr(s, name), getattr(ref, name)), name
-    sent = ref.cls_prob >= floor
+    assert torch.equal(s.batch_idx, ref.batch_idx) and torch.equal(s.anchor_idx, ref.anchor_idx)
+    for name in ("deltas", "iou_prob", "weight"):
+        assert torch.equal(getattr(s, name), getattr(ref, name).half().float()), name
     err = (s.cls_prob - ref.cls_prob).abs()
-    assert (err[sent] <= ref.cls_prob[sent] * 2 ** -11 + 1e-7).all()   # fp16 rounding where sent
-    assert (err[~sent] < floor).all()                                   # the fill is off by < floor elsewhere
-    fill = soft_fill(ref.cls_prob, floor).float()
-    assert torch.allclose(s.cls_prob[~sent], fill[:, None, :].expand_as(ref.cls_prob)[~sent])
+    fp16 = ref.cls_prob * 2 ** -11 + 2 ** -24
+    assert (err <= torch.clamp(fp16, min=tolerance)).all()
+    sent = sum(len(r) for r in out.column("soft_prob").to_pylist())
+    entries = ref.cls_prob.numel()
+    assert sent == entries if tolerance == 0 else sent < 0.5 * entries, (sent, entries)
     d = cfg.distill
     kw = dict(cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight, gamma=d.gamma)
     dense = soft_label_kd(student.cls_logits, student.box_deltas, student.iou_logits, ref, anchors, **kw)
-    sparse = soft_label_kd(student.cls_logits, student.box_deltas, student.iou_logits, s, anchors, **kw)
-    # untrained teacher and student (both near the 0.01 prior): the hardest case for a floor; see decisions.md
-    assert abs(float(sparse["kd_cls"]) - float(dense["kd_cls"])) <= 0.15 * abs(float(dense["kd_cls"])) + 1e-4
-    assert torch.equal(sparse["kd_box"], dense["kd_box"]) and torch.equal(sparse["kd_iou"], dense["kd_iou"])
+    streamed_kd = soft_label_kd(student.cls_logits, student.box_deltas, student.iou_logits, s, anchors, **kw)
+    close = dict(rtol=1e-3, atol=1e-6)
+    assert torch.allclose(streamed_kd["kd_box"], dense["kd_box"], **close)   # fp16 deltas
+    assert torch.allclose(streamed_kd["kd_iou"], dense["kd_iou"], **close)
+    if tolerance == 0:
+        assert torch.allclose(streamed_kd["kd_cls"], dense["kd_cls"], **close)
+    # At a tolerance, an untrained teacher and student (both at the 0.01 prior, kd_cls ~1e-3) differ by less than
+    # the tolerance everywhere, which is the whole loss: tests/test_soft_codec.py and docs/results.md measure
+    # kd_cls against dense where the loss means something.
     if mode == "solad":
         ref_labels = Engine(cfg, "cpu", 10).step(local["images"], local["boxes"], local["labels"]).labels
         assert torch.equal(streamed.labels.gt_index, ref_labels.gt_index)

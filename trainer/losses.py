@@ -109,11 +109,12 @@ def teacher_box_iou(teacher_boxes: Tensor, gt_boxes: list[Tensor]) -> Tensor:
 class SoftTargets:
     """What the student learns from the teacher in KD/SoLAD: class probabilities on every anchor [B,A,C], and on
     the anchors (batch index, anchor index) whose teacher box overlaps a GT by more than min_iou: the teacher's
-    box, its IoU-branch probability and that overlap (the weight). Built in-process or decoded from the stream."""
+    box deltas there (boxes are decoded on the anchors in the loss), its IoU-branch probability and that overlap
+    (the weight). Built in-process or decoded from the stream."""
     cls_prob: Tensor
     batch_idx: Tensor
     anchor_idx: Tensor
-    box: Tensor
+    deltas: Tensor
     iou_prob: Tensor
     weight: Tensor
 
@@ -123,7 +124,7 @@ def soft_targets(teacher_cls: Tensor, teacher_deltas: Tensor, teacher_iou: Tenso
     teacher_boxes = decode(anchors.expand_as(teacher_deltas), teacher_deltas)
     overlap = teacher_box_iou(teacher_boxes, gt_boxes)
     b_idx, a_idx = (overlap > min_iou).nonzero(as_tuple=True)
-    return SoftTargets(torch.sigmoid(teacher_cls), b_idx, a_idx, teacher_boxes[b_idx, a_idx],
+    return SoftTargets(torch.sigmoid(teacher_cls), b_idx, a_idx, teacher_deltas[b_idx, a_idx],
                        torch.sigmoid(teacher_iou[b_idx, a_idx]), overlap[b_idx, a_idx])
 
 
@@ -141,5 +142,6 @@ def soft_label_kd(student_cls: Tensor, student_deltas: Tensor, student_iou: Tens
     b, a = targets.batch_idx, targets.anchor_idx
     loss_iou = bernoulli_kd(student_iou[b, a], targets.iou_prob, gamma).sum() / norm
     student_boxes = decode(anchors[a], student_deltas[b, a])
-    loss_box = (generalized_box_iou_loss(student_boxes, targets.box, reduction="none") * w).sum() / norm
+    teacher_boxes = decode(anchors[a], targets.deltas)
+    loss_box = (generalized_box_iou_loss(student_boxes, teacher_boxes, reduction="none") * w).sum() / norm
     return {"kd_cls": cls_weight * loss_cls, "kd_iou": iou_weight * loss_iou, "kd_box": box_weight * loss_box}

@@ -1,5 +1,6 @@
-"""The student worker's side of the assignment stream (pure torch + pyarrow, no Ray): the codec between an
-assignment (`BatchLabels`, `SoftTargets`) and the stream's sparse per-image form (`schemas.assignment`), decoding a
+"""The student worker's side of the assignment stream (pure torch + pyarrow, no Ray): the codec between hard
+labels (`BatchLabels`) and the stream's sparse per-image form (`schemas.assignment`; soft labels have their own,
+`trainer.soft_codec`), decoding a
 streamed training batch into the tensors `Engine.step_on_labels` takes, and the gradient averaging that lets a
 step go on when some data-parallel workers have no batch left.
 
@@ -20,11 +21,12 @@ import torch
 from torch import Tensor
 
 from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, anchor_hash, batch_canvas, check_bounds,
-                                decode_table_rows, soft_fill_values, sparsify_soft)
+                                decode_table_rows)
 from schemas.config import PAD_DIVISOR, RunConfig
 from schemas.modes import mode_spec
 from trainer.anchors import feature_sizes_for
 from trainer.losses import BatchLabels, SoftTargets
+from trainer.soft_codec import decode_soft
 
 # Stream arrays are read-only views of Arrow buffers; the trainer never writes into them (schemas.assignment).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -74,63 +76,6 @@ def sparse_to_labels(pos_anchor: list, pos_gt: list, ignore_anchor: list, gt_lab
     return BatchLabels(labels, gt_index, ignore)
 
 
-def soft_fill(cls_prob: Tensor, floor: float) -> Tensor:
-    """[B, C] float16: per image and class, the mean of the probabilities below `floor` (those not sent).
-
-    The student is told this value wherever nothing was sent, instead of 0. A floor drops the many small
-    background probabilities; sending 0 for them changes the KD loss a lot when they are close to the floor
-    (an untrained teacher's 0.01 prior: x200 on kd_cls at floor 0.01), their mean costs C x 2 bytes per image
-    and leaves only their spread around it (measured in docs/decisions.md, "Pipeline"). The stream's
-    `soft_fill` column (`schemas.assignment.add_soft_fill`)."""
-    below = cls_prob < floor
-    count = below.sum(dim=1).clamp(min=1)
-    return (torch.where(below, cls_prob, 0.0).sum(dim=1) / count).to(torch.float16)
-
-
-def soft_to_sparse(soft: SoftTargets, floor: float) -> list[dict[str, np.ndarray]]:
-    """Per image, the soft columns of the stream: class probabilities >= floor as (anchor, class, fp16 prob),
-    and the KD box entries (anchor, teacher box, IoU-branch probability, overlap weight) exactly."""
-    probs = soft.cls_prob.detach().float().cpu().numpy()
-    b_idx = soft.batch_idx.cpu().numpy()
-    a_idx = soft.anchor_idx.cpu().numpy()
-    box = soft.box.detach().float().cpu().numpy()
-    iou = soft.iou_prob.detach().float().cpu().numpy()
-    weight = soft.weight.detach().float().cpu().numpy()
-    bounds = np.searchsorted(b_idx, np.arange(probs.shape[0] + 1))  # batch_idx is sorted (nonzero of [B, A])
-    out = []
-    for i in range(probs.shape[0]):
-        s, e = bounds[i], bounds[i + 1]
-        anchor, cls, prob = sparsify_soft(probs[i], floor)
-        out.append(dict(soft_anchor=anchor, soft_class=cls, soft_prob=prob, kd_anchor=a_idx[s:e].astype(np.int32),
-                        kd_box=box[s:e], kd_iou_prob=iou[s:e], kd_weight=weight[s:e]))
-    return out
-
-
-def sparse_to_soft(rows: list, num_anchors: int, num_classes: int, device: torch.device | str = "cpu",
-                   fill: Optional[np.ndarray] = None) -> SoftTargets:
-    """Decoded stream rows (with soft columns) -> `SoftTargets`, densified on the device with `index_put_`.
-    Entries not sent are `fill[i, c]` (`soft_fill`) when given, else 0 (the schema's default meaning)."""
-    b = len(rows)
-    if fill is not None:
-        cls_prob = _tensor(fill, device).float().reshape(b, 1, num_classes).repeat(1, num_anchors, 1)
-    else:
-        cls_prob = torch.zeros((b, num_anchors, num_classes), dtype=torch.float32, device=device)
-    batch_idx, anchor_idx, box, iou, weight = [], [], [], [], []
-    for i, r in enumerate(rows):
-        if r.soft_anchor.size:
-            a = _long(r.soft_anchor, device)
-            c = _long(r.soft_class, device)
-            cls_prob[i].index_put_((a, c), _tensor(r.soft_prob, device).float())
-        k = r.kd_anchor.size
-        batch_idx.append(torch.full((k,), i, dtype=torch.long, device=device))
-        anchor_idx.append(_long(r.kd_anchor, device))
-        box.append(_tensor(r.kd_box, device).reshape(-1, 4))
-        iou.append(_tensor(r.kd_iou_prob, device))
-        weight.append(_tensor(r.kd_weight, device))
-    return SoftTargets(cls_prob, torch.cat(batch_idx), torch.cat(anchor_idx), torch.cat(box), torch.cat(iou),
-                       torch.cat(weight))
-
-
 # ------------------------------------------------------------------------------------------- stream batches
 
 @dataclass(frozen=True)
@@ -148,9 +93,13 @@ class StreamSpec:
         return cls(anchor_hash(strides, cfg.model.octave_base_scale, size, cfg.model.num_classes, PAD_DIVISOR),
                    strides, cfg.model.num_classes, size, mode_spec(cfg.mode).soft)
 
+    def level_counts(self, canvas: Sequence[int]) -> list[int]:
+        """Anchors per pyramid level of a batch padded to `canvas` (H, W)."""
+        return [h * w for h, w in feature_sizes_for(tuple(canvas), list(self.strides))]
+
     def num_anchors(self, canvas: Sequence[int]) -> int:
         """Anchors of a batch padded to `canvas` (H, W)."""
-        return sum(h * w for h, w in feature_sizes_for(tuple(canvas), list(self.strides)))
+        return sum(self.level_counts(canvas))
 
 
 @dataclass
@@ -230,8 +179,7 @@ def decode_stream_batch(table: pa.Table, spec: StreamSpec, device: torch.device,
     labels = sparse_to_labels([r.pos_anchor for r in rows], [r.pos_gt for r in rows],
                               [r.ignore_anchor for r in rows], gt_labels, num_anchors, num_classes,
                               device) if hard else None
-    fill = soft_fill_values(table, num_classes) if soft else None
-    soft_targets = sparse_to_soft(rows, num_anchors, num_classes, device, fill) if soft else None
+    soft_targets = decode_soft(rows, spec.level_counts(canvas), num_classes, device) if soft else None
     image_bytes = int(table.column("image").nbytes) + int(table.column("image_file").nbytes)
     return StreamBatch(epoch=epochs.pop(), batch_index=batches.pop(), image_ids=[int(r.image_id) for r in rows],
                        images=images, gt_boxes=gt_boxes, gt_labels=gt_labels, labels=labels, soft=soft_targets,
