@@ -18,7 +18,7 @@ from pipeline.coco import CocoDataset, load_coco
 from pipeline.dataset import DetectionDataset
 from pipeline.loop import (Batch, Collective, Start, Stepped, Stepper, plan_run,
                            read_start, total_steps, train_loop, write_commit)
-from pipeline.validate import evaluate_network
+from pipeline.validate import predict_array, score
 from schemas.config import ConfigError, RunConfig
 from schemas.modes import mode_spec
 from schemas.policy import RolePolicy
@@ -126,6 +126,17 @@ def data_parallel(engine, device: torch.device, world: int, modules=("forward_a"
     return hook
 
 
+def rank_zero_buffers(net: torch.nn.Module, world: int) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), the ones its checkpoint holds. DDP
+    broadcasts them at the start of each forward, so after a step each rank still has those its own batch
+    moved; a rank predicting its shard of an evaluation must use rank 0's."""
+    if world > 1:
+        import torch.distributed as dist
+
+        for buffer in net.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 # ------------------------------------------------------------------------------------------------ the stepper
 
 class RunControl:
@@ -152,12 +163,19 @@ class RunControl:
 
 
 class Evaluating:
-    """Rank 0's commit for engines that hold every network in one process: evaluate them all, then record."""
+    """Evaluation and rank 0's commit for engines that hold every network in one process: each rank predicts its
+    shard of the validation images with every network, rank 0 scores them and records."""
 
-    def commit(self, epoch, last, best, *, evaluate, final):
-        evals = {name: evaluate_network(net, self.engine.anchors, self.val, self.cfg.data.input_size,
-                                        self.cfg.inference, self.device)[0]
-                 for name, net in self.engine.networks().items()} if evaluate else None
+    def predict(self, shard):
+        out = {}
+        for name, net in self.engine.networks().items():
+            rank_zero_buffers(net, shard[1])
+            out[name] = predict_array(net, self.engine.anchors, self.val, self.cfg.data.input_size,
+                                      self.cfg.inference, self.device, shard=shard)
+        return out
+
+    def commit(self, epoch, last, best, *, detections, final):
+        evals = {name: score(self.val, dets)[0] for name, dets in detections.items()} if detections else None
         best = write_commit(self.run, self.cfg, self.engine.state(), self.engine.step_count, epoch, last, best,
                             evals, final)
         return evals, best

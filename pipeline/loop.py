@@ -204,9 +204,15 @@ class Stepper:
         self.run.log(record)
         self.run.set_progress("running", record["step"], total, record["epoch"])
 
-    def commit(self, epoch: int, last: tuple[int, list[int]], best: dict, *, evaluate: bool,
+    def predict(self, shard: tuple[int, int]) -> dict:
+        """Every rank, when a commit evaluates: {network: detections of this rank's shard (rank, world) of the
+        validation images, as `pipeline.validate.detections_array`}."""
+        return {}
+
+    def commit(self, epoch: int, last: tuple[int, list[int]], best: dict, *, detections: Optional[dict],
                final: Optional[str]) -> tuple[Optional[dict], dict]:
-        """Rank 0: evaluate (if asked), keep the best, write last.pt. Returns ({network: stats} or None, best)."""
+        """Rank 0: score `detections` (every rank's, merged; None: no evaluation), keep the best, write last.pt.
+        Returns ({network: stats} or None, best)."""
         raise NotImplementedError
 
 
@@ -285,14 +291,19 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
             trained.extend(i for ids in everyone for i in ids)
 
     def commit(evaluate: bool, final: Optional[str], epoch_end: bool = False) -> bool:
-        """Checkpoint (and evaluate) at the current step; True when it ends a complete epoch (then last.pt starts
-        the next one, so a resume never skips this epoch's evaluation)."""
+        """Checkpoint (and evaluate: every rank predicts its shard of the validation images, rank 0 scores them
+        all) at the current step; True when it ends a complete epoch (then last.pt starts the next one, so a
+        resume never skips this epoch's evaluation)."""
         nonlocal best, last_eval, trained
         gather_ids()
         full = epoch_end and len(trained) >= num_images
+        detections = None
+        if evaluate:
+            shards = collective.gather(stepper.predict((rank, collective.world)))
+            detections = {name: np.concatenate([s[name] for s in shards]) for name in shards[0]}
         if rank == 0:
             last = (epoch + 1, []) if full else (epoch, trained)
-            ev, best = stepper.commit(epoch, last, best, evaluate=evaluate, final=final)
+            ev, best = stepper.commit(epoch, last, best, detections=detections, final=final)
             if ev:
                 last_eval = ev
                 if progress:

@@ -21,9 +21,9 @@ import ray
 import torch
 
 from pipeline.colearn import PolicyWatch
-from pipeline.local import data_parallel, to_device
+from pipeline.local import data_parallel, rank_zero_buffers, to_device
 from pipeline.loop import Batch, Collective, Stepped, Stepper
-from pipeline.validate import evaluate_network
+from pipeline.validate import predict_array, score
 from schemas.config import RunConfig
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
@@ -112,12 +112,15 @@ class SplitStepper(Stepper):
         """The coordinator writes the step's line once both halves are in."""
         self.coordinator.log_side.remote(record["step"] - 1, self.side, {**record, "total_steps": self.total})
 
-    def commit(self, epoch, last, best, *, evaluate, final):
+    def predict(self, shard):
+        """This side's network on its group's shard of the validation images."""
+        rank_zero_buffers(self.engine.model, shard[1])
+        return {self.side: predict_array(self.engine.model, self.engine.anchors, self.val, self.cfg.data.input_size,
+                                         self.cfg.inference, self.device, shard=shard)}
+
+    def commit(self, epoch, last, best, *, detections, final):
         """Both sides' rank 0 meet at the coordinator with their states (and evaluations)."""
-        ev = None
-        if evaluate:
-            ev = evaluate_network(self.engine.model, self.engine.anchors, self.val, self.cfg.data.input_size,
-                                  self.cfg.inference, self.device)[0]
+        ev = score(self.val, detections[self.side])[0] if detections else None
         part = {"state": self.engine.state(), "epoch": epoch, "eval": ev, "final": final,
                 "last": {"epoch": last[0], "trained_ids": list(last[1])}}
         best = ray.get(self.coordinator.sync.remote(self.engine.step_count, self.side, part))["best"]

@@ -1,6 +1,14 @@
-"""COCO evaluation of a network on a validation file: batch inference, boxes mapped back, pycocotools COCOeval."""
+"""COCO evaluation of a network on a validation file: batch inference, boxes mapped back, pycocotools COCOeval.
+
+With several data-parallel workers each predicts its shard of the images (`predict(..., shard=(rank, world))`),
+the detections travel as one float64 array per shard (`detections_array`) and the first worker scores them all
+(`score`): the same detections, and so the same stats, as one process predicting every image.
+"""
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -14,8 +22,13 @@ from trainer.inference import detect
 
 
 def predict(model, anchors_fn, dataset: CocoDataset, input_size, cfg: InferenceConfig,
-            device: torch.device, batch_size: int = 16, progress: bool = False) -> list[dict]:
-    """COCO-format detections (original image pixels, xywh, COCO category ids) for every image of `dataset`."""
+            device: torch.device, batch_size: int = 16, progress: bool = False,
+            shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """COCO-format detections (original image pixels, xywh, COCO category ids) for every image of `dataset`, or
+    for shard `(rank, world)` of them (every world-th image from the rank-th). Leaves `model` in eval mode."""
+    rank, world = shard
+    if world > 1:
+        dataset = dataclasses.replace(dataset, records=dataset.records[rank::world])
     samples = DetectionDataset(dataset, input_size, train=False)
     loader = DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=samples.collate)
     sizes = {r.image_id: (r.width, r.height) for r in dataset.records}
@@ -33,12 +46,39 @@ def predict(model, anchors_fn, dataset: CocoDataset, input_size, cfg: InferenceC
     return dets
 
 
+def predict_array(model, anchors_fn, dataset: CocoDataset, input_size, cfg: InferenceConfig, device: torch.device,
+                  shard: tuple[int, int] = (0, 1), progress: bool = False) -> np.ndarray:
+    """`predict` on a shard as `detections_array`, with the model's train/eval mode as it was."""
+    was_training = model.training
+    dets = predict(model, anchors_fn, dataset, input_size, cfg, device, progress=progress, shard=shard)
+    model.train(was_training)
+    return detections_array(dets)
+
+
+_FIELDS = 7  # image_id, category_id, x, y, w, h, score
+
+
+def detections_array(dets: list[dict]) -> np.ndarray:
+    """COCO detections -> float64 [N, 7] (exact for ids below 2^53): compact to gather across workers."""
+    out = np.empty((len(dets), _FIELDS), np.float64)
+    for i, d in enumerate(dets):
+        out[i] = (d["image_id"], d["category_id"], *d["bbox"], d["score"])
+    return out
+
+
+def detections_list(arr: np.ndarray) -> list[dict]:
+    return [{"image_id": int(row[0]), "category_id": int(row[1]), "bbox": row[2:6].tolist(), "score": float(row[6])}
+            for row in np.asarray(arr, np.float64).reshape(-1, _FIELDS)]
+
+
+def score(dataset: CocoDataset, detections: np.ndarray) -> tuple[dict[str, float], str]:
+    """COCO stats of detections (`detections_array`, from every shard) over all of `dataset`'s images."""
+    return coco_evaluate(dataset.coco, detections_list(detections), image_ids=[r.image_id for r in dataset.records])
+
+
 def evaluate_network(model, anchors_fn, dataset: CocoDataset, input_size, cfg: InferenceConfig,
                      device: torch.device, progress: bool = False) -> tuple[dict[str, float], str]:
-    was_training = model.training
-    dets = predict(model, anchors_fn, dataset, input_size, cfg, device, progress=progress)
-    model.train(was_training)
-    return coco_evaluate(dataset.coco, dets, image_ids=[r.image_id for r in dataset.records])
+    return score(dataset, predict_array(model, anchors_fn, dataset, input_size, cfg, device, progress=progress))
 
 
 _TABLE_ROWS = [

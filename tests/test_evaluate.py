@@ -96,3 +96,27 @@ def test_numpy_and_torch_scalars_are_accepted():
 def test_detection_on_unknown_image_is_a_clear_error():
     with pytest.raises(ValueError, match="image id 99"):
         coco_evaluate(_gt(), [{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}])
+
+
+def test_sharded_predictions_score_as_one_process(tmp_path):
+    """Data-parallel workers each predict every world-th validation image; merged, their detections are the
+    ones a single process makes, so rank 0 scores the same stats."""
+    from pipeline.coco import load_coco
+    from pipeline.validate import predict_array, score
+    from tests.tiny import make_data, tiny_config
+    from trainer.engine import Engine
+
+    data = make_data(tmp_path / "data", num_val=7)
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", inference={"score_thr": 0.0, "max_det": 20})
+    engine = Engine(cfg, "cpu", 1)
+    val = load_coco(cfg.data.val)
+    args = (engine.model, engine.anchors, val, cfg.data.input_size, cfg.inference, torch.device("cpu"))
+    whole = predict_array(*args)
+    shards = [predict_array(*args, shard=(rank, 3)) for rank in range(3)]
+    assert len(whole) > 7 and all(len(s) for s in shards)
+    assert {int(i) for i in shards[1][:, 0]} == {r.image_id for r in val.records[1::3]}
+    merged = np.concatenate(shards)
+    order = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731
+    np.testing.assert_allclose(order(merged), order(whole), rtol=1e-5, atol=1e-4)
+    assert score(val, merged)[0] == pytest.approx(score(val, whole)[0], abs=1e-6)
+    assert engine.model.training   # predicting leaves the network's mode as it was

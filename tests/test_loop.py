@@ -4,6 +4,8 @@ where the plan says, a stop and a policy reach every rank at the same step, and 
 a device its group has a backend for."""
 import json
 
+import numpy as np
+
 from pipeline.loop import Batch, Collective, Start, Stepped, Stepper, plan_run, total_steps, train_loop
 from schemas.config import config_from_dict
 from schemas.rundir import RunDir
@@ -21,7 +23,7 @@ class FakeStepper(Stepper):
     def __init__(self, cfg, run, rank, stop_at=None, policy_code=None):
         self.cfg, self.run, self.rank, self.engine = cfg, run, rank, _Engine()
         self.stop_at, self.policy_code = stop_at, policy_code
-        self.steps, self.commits, self.policies = [], [], []
+        self.steps, self.commits, self.policies, self.predicted = [], [], [], []
 
     def poll(self):
         return self.stop_at is not None and self.engine.step_count >= self.stop_at, self.policy_code
@@ -35,9 +37,16 @@ class FakeStepper(Stepper):
                            "ids": batch.image_ids if batch is not None else None})
         return Stepped({"loss": 0.0, "lr": 0.0} if batch is not None else None)
 
-    def commit(self, epoch, last, best, *, evaluate, final):
+    def predict(self, shard):
+        """One 'detection' per shard: (rank, world, step), so rank 0 can tell whose it scores."""
+        self.predicted.append(self.engine.step_count)
+        return {"a": np.array([[*shard, self.engine.step_count]], np.float64)}
+
+    def commit(self, epoch, last, best, *, detections, final):
         self.commits.append({"step": self.engine.step_count, "epoch": epoch, "last": [last[0], sorted(last[1])],
                              "final": final})
+        if detections is not None:
+            self.commits[-1]["detections"] = detections["a"].tolist()
         return None, best
 
 
@@ -69,7 +78,8 @@ def _rank(rank, world, store, out_dir, scenario):
                      collective=Collective(rank, world))
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump({"state": out.state, "steps": stepper.steps, "commits": stepper.commits,
-                   "policies": stepper.policies, "devices": sorted(set(devices)), "total": total}, f)
+                   "policies": stepper.policies, "predicted": stepper.predicted, "devices": sorted(set(devices)),
+                   "total": total}, f)
     dist.destroy_process_group()
 
 
@@ -94,11 +104,13 @@ def test_two_ranks_take_the_same_steps_and_train_every_image_once_per_epoch(tmp_
     ckpt_ids = sorted(i for s in r0["steps"] + r1["steps"] if s["step"] <= 2 for i in s["ids"] or [])
     assert r0["commits"] == [
         {"step": 2, "epoch": 0, "last": [0, ckpt_ids], "final": None},   # checkpoint_every: ids of both ranks
-        {"step": 3, "epoch": 0, "last": [1, []], "final": None},         # end of epoch 0: the next one starts
+        {"step": 3, "epoch": 0, "last": [1, []], "final": None,          # end of epoch 0: the next one starts,
+         "detections": [[0, 2, 3], [1, 2, 3]]},                         # evaluated on both ranks' shards
         {"step": 4, "epoch": 1, "last": [1, sorted(i for s in r0["steps"] + r1["steps"] if s["step"] == 4
                                                    for i in s["ids"] or [])], "final": None},
-        {"step": 6, "epoch": 1, "last": [2, []], "final": "succeeded"}]
+        {"step": 6, "epoch": 1, "last": [2, []], "final": "succeeded", "detections": [[0, 2, 6], [1, 2, 6]]}]
     assert r1["commits"] == []                                           # rank 0 alone writes
+    assert r0["predicted"] == r1["predicted"] == [3, 6]                  # every rank predicts its shard
     assert r0["devices"] == r1["devices"] == ["cpu"]
 
 

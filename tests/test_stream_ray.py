@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.evaluate_checkpoint import evaluate_checkpoint
 from tests.tiny import make_data, make_teacher, tiny_config
 from trainer.checkpoint import load_checkpoint
 
@@ -119,6 +120,10 @@ def test_two_workers_and_a_killed_assigner_train_every_image_once_per_epoch(ray_
     assert ckpt["step"] == 6 and ckpt["progress"] == {"epoch": 2, "trained_ids": []}
     metrics = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {m["workers_active"] for m in metrics} == {2} and all(m["images_per_s"] > 0 for m in metrics)
+    # the final evaluation was sharded over both workers: it scores as one process evaluating last.pt
+    final = json.loads((cfg.run_dir / "eval.json").read_text())[-1]
+    alone = evaluate_checkpoint(str(cfg.run_dir / "checkpoints/last.pt"), cfg.data.val, progress=False)["a"]
+    assert final["step"] == 6 and final["stats"] == pytest.approx(alone, abs=1e-6)
 
 
 def test_run_ahead_stays_within_its_bound_when_the_teacher_is_much_faster(ray_session, tiny):
