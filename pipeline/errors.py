@@ -76,3 +76,9 @@ class DatasetError(ValueError):
 
 def _rebuild(cls, reason: str, details: dict[str, Any]) -> DatasetError:
     return cls(reason, **details)
+
+
+class RunLost(RuntimeError):
+    """A run lost a process (a training worker, the stream's monitor, the co-learning coordinator) more often
+    than `pipeline.max_failures` allows. Its last checkpoint is whole (written atomically): the message says
+    which file, and running the same command again resumes from it."""

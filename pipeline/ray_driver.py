@@ -5,6 +5,7 @@
     worker group(s): one TorchTrainer (stream, inline) or two at once (split), each worker running `worker_loop`
     SIGTERM -> the hub's stop flag -> the workers checkpoint and leave with state 'stopped'
     a lost worker group -> a new one resumes from last.pt (the driver re-plans; Ray Train would replay the epoch)
+    a lost hub -> a new hub from last.pt, and new worker groups as above; past pipeline.max_failures: RunLost
 
 Every worker runs the one loop (`pipeline.loop.train_loop`) with its engine's batches and stepper.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import ray_env
+from pipeline.errors import RunLost
 from pipeline.local import StopRequested, prepare_run
 from pipeline.loop import Collective, Start, read_start, train_loop
 from schemas.config import RunConfig
@@ -164,6 +166,31 @@ def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
 
 # ------------------------------------------------------------------------------------------------ the driver
 
+def hub_name(colad: bool) -> str:
+    return "co-learning coordinator" if colad else "stream monitor"
+
+
+def new_hub(cfg: RunConfig, start: Start):
+    """The run's hub actor: the co-learning coordinator (from the checkpoint's policy, step and best when there
+    is one), or the stream's monitor."""
+    import ray
+
+    if mode_spec(cfg.mode).co_learning:
+        from pipeline.colearn import get_or_create
+
+        deadline = time.monotonic() + 60
+        while True:  # the run's coordinator has a fixed name (the control plane finds it by it); a lost one holds
+            hub = get_or_create(cfg, start.policy or cfg.colearn.policy, start_step=start.step,  # it a moment
+                                source="checkpoint" if start.policy else "config", best=start.best)
+            try:
+                ray.get(hub.start.remote())
+                return hub
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    return ray_env.StreamMonitor.remote(cfg.pipeline.batches_ahead)
+
 def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observers: tuple = ()) -> dict:
     """Train `cfg` on Ray; returns the last evaluation ({network: stats}) or {}. `observers`: told about
     every step of every worker and every batch assigned (`pipeline.loop.train_loop`), e.g. a test's tracer."""
@@ -192,13 +219,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
     try:
         started = ray_env.connect(cfg)
         budget = ray_env.budget(cfg, groups=("a", "b") if split else ("a",), stream=not split)
-        if colad:
-            from pipeline.colearn import get_or_create
-            hub = get_or_create(cfg, start.policy or cfg.colearn.policy, start_step=start.step,
-                                source="checkpoint" if start.policy else "config", best=start.best)
-            ray.get(hub.start.remote())
-        else:
-            hub = ray_env.StreamMonitor.remote(cfg.pipeline.batches_ahead)
+        hub = new_hub(cfg, start)
         try:  # after ray.init, which installs its own SIGTERM handler in the driver
             previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True
         except ValueError:  # not the main thread: whoever runs us handles signals
@@ -230,18 +251,30 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                               dataset_config=data_config(options))
                 break
             except Exception as e:
-                error = ray.get(hub.error_message.remote())
+                try:
+                    error, hub_lost = ray.get(hub.error_message.remote()), False
+                except ray.exceptions.RayActorError:  # the hub's process died (the workers failed calling it)
+                    error, hub_lost = None, True
                 if error:  # an error in our code: retrying would fail the same way
                     raise RuntimeError(f"training failed: {error}") from e
-                lost = isinstance(e, ray.train.TrainingFailedError)  # a process of the group died
-                if not lost or failures >= cfg.pipeline.max_failures or stop.flag:
+                what = (f"the {hub_name(colad)}" if hub_lost else "a training worker" if
+                        isinstance(e, ray.train.TrainingFailedError) else None)  # else: not a lost process
+                if what is None or stop.flag:
                     raise
+                if failures >= cfg.pipeline.max_failures:
+                    raise RunLost(f"{what} was lost ({type(e).__name__}) after {failures} recoveries "
+                                  f"(pipeline.max_failures); {run.last} is whole: run the same command again to "
+                                  "resume from it") from None
                 failures += 1
-                print(f"warning: a training worker was lost ({type(e).__name__}); resuming from {run.last} "
+                print(f"warning: {what} was lost ({type(e).__name__}); resuming from {run.last} "
                       f"(recovery {failures} of {cfg.pipeline.max_failures})", file=sys.stderr)
                 start = read_start(run, True)
                 start.checkpoint = None
-                ray.get(hub.rewind.remote(start.step, start.best))  # forget what it recorded after the checkpoint
+                if hub_lost:  # a new one, from the checkpoint (policy, step, best), as a restarted driver makes
+                    ray.kill(hub)  # frees the lost one's name in the cluster for the new one
+                    hub = new_hub(cfg, start)
+                else:
+                    ray.get(hub.rewind.remote(start.step, start.best))  # forget what came after the checkpoint
         result = ray.get(hub.result.remote())
         if result.get("state") not in ("succeeded", "stopped"):
             raise RuntimeError(f"training failed: {result.get('error', 'no result from the workers')}")

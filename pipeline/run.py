@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, RunLost
 from schemas.config import ConfigError, RunConfig, load_config
 from trainer.checkpoint import CheckpointError
 
@@ -46,6 +46,9 @@ def main_train(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunLost as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print_summary(cfg, result)
     return 0
 

@@ -176,6 +176,37 @@ def test_split_recovers_when_a_worker_of_either_side_is_killed_from_outside(ray_
     assert [s["step"] for s in summary["steps"]] == list(range(1, 7))
 
 
+def test_split_recovers_when_the_coordinator_is_killed_from_outside(ray_session, tmp_path):
+    """Split co-learning: the test SIGKILLs the coordinator actor's process (found by its title) after step 2.
+    Both groups fail on their next call to it; the driver makes a new coordinator from last.pt (policy, step,
+    best) and resumes both groups, and the run succeeds by itself with every image once per epoch on each side."""
+    from pipeline.ray_driver import train as ray_train
+    from tests.tracing import KillFromOutside, Tracer, pids_of
+
+    data = make_data(tmp_path / "data", num_train=12, num_val=4)
+    cfg = tiny_config(data, tmp_path / "runs", mode="colad", train={"epochs": 2, "checkpoint_every": 1},
+                      pipeline={"engine": "ray", "max_failures": 1}, colearn={"mode": "split"})
+    cfg.name = "split_lost_coordinator"
+    trace_dir = tmp_path / "trace"
+    trace_dir.mkdir()
+    with KillFromOutside(trace_dir / "trace.a.rank0.jsonl", lambda steps: steps[-1]["step"] >= 2,
+                         target=lambda: pids_of("ray::ColearnCoordinator")) as kill:
+        ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
+    assert len(kill.killed) == 1, f"killed {kill.killed}"
+    all_ids = {im["id"] for im in json.loads((data / "train.json").read_text())["images"]}
+    for name in ("a", "b"):
+        per_epoch = {}
+        for rec in map(json.loads, (trace_dir / f"trace.{name}.rank0.jsonl").read_text().splitlines()):
+            per_epoch.setdefault(rec["epoch"], []).extend(rec["ids"])
+        assert sorted(per_epoch) == [0, 1] and all(sorted(v) == sorted(all_ids) for v in per_epoch.values()), name
+    progress = json.loads((cfg.run_dir / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["step"] == 6
+    assert [m["step"] for m in _metrics(cfg) if "loss" in m] == list(range(1, 7))
+    steps = [s["step"] for s in json.loads((cfg.run_dir / "colearn.json").read_text())["steps"]]
+    assert steps == list(range(steps[0], 7)) and steps[0] >= 2   # the new coordinator's, from the checkpoint on
+    assert load_checkpoint(cfg.run_dir / "checkpoints/last.pt")["step"] == 6
+
+
 def test_coordinator_pushes_the_control_planes_request_within_a_step(ray_session, tmp_path):
     """PUT /runs/{id}/roles writes control/roles.json (schemas.rundir); the coordinator picks it up and the
     trainer's `PolicyWatch.poll()` sees the new version without ever blocking; polling costs microseconds."""

@@ -173,6 +173,38 @@ def test_two_workers_recover_when_one_is_killed_from_outside(ray_session, tiny):
     assert len(pids) == 2 and kill.killed[0] in pids, "rank 1's steps after the recovery come from a new process"
 
 
+def test_a_lost_stream_monitor_beyond_max_failures_ends_with_one_line_and_a_whole_checkpoint(ray_session, tiny,
+                                                                                             capsys, monkeypatch):
+    """`lad train` of a LAD stream with no recoveries allowed: the test SIGKILLs the stream's monitor actor
+    (found by its process title) after step 2. The run ends with one line naming what was lost and the
+    checkpoint to resume from, exit status 1, and that checkpoint loads."""
+    from pipeline.run import main
+    from tests.tracing import KillFromOutside, Tracer, pids_of
+
+    root, data, teacher = tiny
+    trace_dir = root / "trace_monitor"
+    trace_dir.mkdir()
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, train={"epochs": 3, "checkpoint_every": 1},
+                      pipeline={"engine": "ray", "max_failures": 0})
+    cfg.name = "lost_monitor"
+    config = root / "lost_monitor.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    import pipeline.ray_driver as driver
+    real_train = driver.train   # the CLI's run, with the test's tracer handed to it
+    monkeypatch.setattr(driver, "train",
+                        lambda c, **kw: real_train(c, observers=(Tracer(trace_dir, step_sleep_s=0.3),), **kw))
+    with KillFromOutside(trace_dir / "trace.rank0.jsonl", lambda steps: steps[-1]["step"] >= 2,
+                         target=lambda: pids_of("ray::StreamMonitor")) as kill:
+        status = main([str(config), "--quiet"])
+    assert len(kill.killed) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status == 1 and len(err) == 1, err
+    assert "the stream monitor was lost" in err[0] and str(cfg.run_dir / "checkpoints/last.pt") in err[0]
+    ckpt = load_checkpoint(cfg.run_dir / "checkpoints/last.pt")
+    assert ckpt["step"] >= 1 and ckpt["progress"]["epoch"] == 0
+    assert json.loads((cfg.run_dir / "progress.json").read_text())["state"] == "failed"
+
+
 def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):
     """A Ray-engine run in a subprocess (its own in-process local Ray): the test SIGKILLs its Train worker (the pid
     in the worker's trace) once it has taken step 3 (last checkpoint at step 2 or 4), and the run resumes from

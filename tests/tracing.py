@@ -65,8 +65,10 @@ class KillFromOutside:
     holds, SIGKILL the process that wrote the last record, from the test's own process: the way the world kills a
     worker, with no hook in the code under test. `killed` lists the pid."""
 
-    def __init__(self, trace, ready: Callable[[list], bool], timeout_s: float = 600):
-        self.trace, self.ready, self.timeout_s = Path(trace), ready, timeout_s
+    def __init__(self, trace, ready: Callable[[list], bool], timeout_s: float = 600,
+                 target: Optional[Callable[[], list[int]]] = None):
+        """`target`: the pids to kill instead of the last record's writer (e.g. `pids_of("ray::ColearnCoordinator")`)."""
+        self.trace, self.ready, self.timeout_s, self.target = Path(trace), ready, timeout_s, target
         self.killed: list[int] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -84,7 +86,22 @@ class KillFromOutside:
         while time.time() < deadline and not self._done.is_set():
             records = [json.loads(x) for x in (self.trace.read_text().splitlines() if self.trace.exists() else [])]
             if records and self.ready(records):
-                os.kill(records[-1]["pid"], signal.SIGKILL)
-                self.killed.append(records[-1]["pid"])
+                for pid in self.target() if self.target else [records[-1]["pid"]]:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append(pid)
                 return
             time.sleep(0.02)
+
+
+def pids_of(title: str) -> list[int]:
+    """Processes whose command line starts with `title`: Ray names an actor's process `ray::ClassName`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # gone meanwhile
+                continue
+            if cmdline.startswith(title):
+                pids.append(int(entry.name))
+    return pids
