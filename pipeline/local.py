@@ -25,6 +25,7 @@ from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
 from trainer.colad import count_metrics, zero_counts
 from trainer.engine import Engine, pick_device
+from trainer.network import check_start
 from pipeline.transforms import idle_canvas
 from trainer.worker import ActiveMean, null_batch
 
@@ -79,11 +80,13 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def prepare_run(cfg: RunConfig, workers: int = 1) -> tuple[RunConfig, Datasets, RunDir, int]:
-    """What every driver does first, before any process starts: absolute paths, validated datasets, the run
-    directory (config written), the run's step count."""
+    """What every driver does first, before any process starts: absolute paths, validated datasets and starting
+    checkpoints, the run directory (config written), the run's step count."""
     cfg = absolute_paths(cfg)
     data = load_datasets(cfg)
+    check_start(cfg)
     run = RunDir(cfg.run_dir)
+    run.claim()  # the caller releases it when the run ends
     run.create(cfg)
     return cfg, data, run, total_steps(cfg, len(data.train.records), workers)
 
@@ -233,19 +236,22 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     cfg, data, run, steps = prepare_run(cfg)
-    start = read_start(run, resume)
-    engine = Engine(cfg, device, steps)
-    if start.resumed:
-        engine.load_state(start.checkpoint)
-        start.checkpoint = None
-    stepper = NetworkStepper(cfg, run, engine, device, data.val, RunControl(run, mode_spec(cfg.mode).co_learning))
-    run.set_progress("running", engine.step_count, steps, start.epoch)
     try:
-        out = train_loop(cfg, stepper, planned_batches(cfg, data.train, start, steps), start, total=steps,
-                         num_images=len(data.train.records), has_val=data.val is not None, progress=progress,
-                         bar=True, observers=tuple(observers))
-    except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
-        raise
-    run.set_progress(out.state, out.step, steps, out.epoch)
-    return out.eval
+        start = read_start(run, resume)
+        engine = Engine(cfg, device, steps)
+        if start.resumed:
+            engine.load_state(start.checkpoint)
+            start.checkpoint = None
+        stepper = NetworkStepper(cfg, run, engine, device, data.val, RunControl(run, mode_spec(cfg.mode).co_learning))
+        run.set_progress("running", engine.step_count, steps, start.epoch)
+        try:
+            out = train_loop(cfg, stepper, planned_batches(cfg, data.train, start, steps), start, total=steps,
+                             num_images=len(data.train.records), has_val=data.val is not None, progress=progress,
+                             bar=True, observers=tuple(observers))
+        except BaseException as e:
+            run.fail(f"{type(e).__name__}: {e}")
+            raise
+        run.set_progress(out.state, out.step, steps, out.epoch)
+        return out.eval
+    finally:
+        run.release()  # the run directory's lock (`prepare_run` took it)

@@ -10,9 +10,10 @@ import sys
 
 from pipeline.errors import DatasetError, RunLost
 from schemas.config import ConfigError, RunConfig, load_config
+from schemas.rundir import RunDirBusy
 from trainer.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, RunDirBusy)
 
 
 def run(cfg: RunConfig, progress: bool = True, resume: bool = True) -> dict:

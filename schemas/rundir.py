@@ -8,6 +8,7 @@
     control/roles.json   written by the control plane to change the CoLAD role policy mid-run
     logs/stdout.log      the run's output, and logs/stderr.log (its last line: the one-line failure message),
                          written by the control plane's local launcher
+    .lock                held (flock) by the driver training the run, with its pid: a second one is refused
 
 One class for both sides: the trainer writes through it, the control plane reads through it (and writes
 control/roles.json). Torch-free on purpose: the server imports it and must start in a second, never loading torch.
@@ -49,6 +50,10 @@ def _read_json(path: Path) -> Any:
         return None  # unreadable or torn by a non-atomic writer: treat as absent, the next poll sees it whole
 
 
+class RunDirBusy(ValueError):
+    """Another driver is training this run directory now."""
+
+
 class RunDir:
     """Paths, writers and readers of one run directory."""
 
@@ -64,6 +69,32 @@ class RunDir:
         self.stdout_path = self.logs_dir / "stdout.log"
         self.stderr_path = self.logs_dir / "stderr.log"
         self._roles_mtime = 0.0
+        self._lock_fd: Optional[int] = None
+
+    # ---- the driver's lock ------------------------------------------------------------------------------
+    def claim(self) -> None:
+        """Hold the run's lock until `release` (or this process ends: the kernel drops it, so a killed run never
+        leaves a stale lock). Raises `RunDirBusy` naming the holder's pid when another process holds it."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(f"{self.path}: another `lad train` (pid {holder}) is training this run now; wait for "
+                             "it to end, stop it (SIGTERM, or POST /runs/{id}/stop), or give this run another "
+                             "name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
 
     # ---- config and checkpoints -------------------------------------------------------------------------
     def create(self, cfg: RunConfig) -> None:

@@ -125,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_log_dir() -> Path:
+    """Where an unexpected error's traceback goes: $LAD_ERROR_DIR, else $XDG_CACHE_HOME/lad/errors (~/.cache)."""
+    if os.environ.get("LAD_ERROR_DIR"):
+        return Path(os.environ["LAD_ERROR_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lad" / "errors"
+
+
+def report_unexpected(error: BaseException) -> str:
+    """One line for the console; the whole traceback in a file it names (or inline if no file can be written)."""
+    import time
+    import traceback
+
+    first = (str(error).strip().splitlines() or [""])[0][:600]
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        path = error_log_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"lad {' '.join(sys.argv[1:])}\n{text}")
+        where = f"traceback in {path}"
+    except OSError as e:  # e.g. the disk that failed the run is the one the log would go to
+        where = f"traceback could not be saved ({e.strerror}): {text.strip().splitlines()[-1]}"
+    return f"error: {type(error).__name__}: {first} ({where})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -135,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # not the user's input: a bug, or the environment (a full disk, a lost cluster)
+        print(report_unexpected(e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -98,12 +98,17 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
                   "gn": lambda c: nn.GroupNorm(32, c)}[cfg.norm]
     body = RESNETS[cfg.depth](weights=None, norm_layer=norm_layer)
     if cfg.pretrained:
-        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        from trainer.checkpoint import CheckpointError
+        try:
+            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing, truncated or not a torch file: torch raises several types
+            raise CheckpointError(f"model.pretrained {cfg.pretrained}: unreadable ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from None
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, unexpected = body.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing:
-            raise ValueError(f"model.pretrained {cfg.pretrained}: not ResNet-{cfg.depth} weights "
+            raise CheckpointError(f"model.pretrained {cfg.pretrained}: not ResNet-{cfg.depth} weights "
                              f"(missing {len(missing)} keys, e.g. {missing[:3]})")
     c_levels = [lv for lv in cfg.fpn_levels if lv <= 5]
     channels = [body.inplanes // 8 * 2 ** (lv - 2) for lv in c_levels]  # C2..C5 widths for either block type

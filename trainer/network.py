@@ -3,6 +3,7 @@ process, one or two networks; `trainer.colad.SideEngine`: one network of a split
 
     seed_of / build_network    network A or B, seeded (A: model_seed or seed; B: colearn.seed_b or A's + 1),
                                in colad from colearn.checkpoint_a/b when set
+    check_start                every file the networks start from, read and checked before any worker starts
     make_optimizer / lr_factor SGD and its schedule (linear warm-up, step decay at milestone fractions)
     AnchorCache                anchors per pyramid shape, made once
     detection_loss_for         PAA's detection loss under the run's `loss` weights
@@ -22,7 +23,7 @@ from torch import Tensor
 from schemas.config import ConfigError, RunConfig
 from schemas.modes import mode_spec
 from trainer.anchors import make_anchors
-from trainer.checkpoint import load_colearn_side
+from trainer.checkpoint import load_colearn_side, load_network
 from trainer.losses import BatchLabels, detection_loss
 from trainer.model import HeadOutputs, PAADetector, build_model
 
@@ -48,6 +49,21 @@ def build_network(cfg: RunConfig, which: str = "a") -> PAADetector:
     if mode_spec(cfg.mode).co_learning and path:
         return load_colearn_side(path, cfg, which)
     return build_model(cfg.model if which == "a" else cfg.model_b)
+
+
+def check_start(cfg: RunConfig) -> None:
+    """Read and check, here and now, every file a run's networks start from: the teacher checkpoint (readable,
+    the same anchors, input size and classes, weights that fit), co-learning's `checkpoint_a/b` and a
+    `pretrained` backbone. Drivers call it before any worker or Ray process starts, so a truncated or foreign
+    file is one `CheckpointError` naming it, not tracebacks from every worker later."""
+    spec = mode_spec(cfg.mode)
+    if spec.needs_teacher:
+        load_network(cfg.teacher.checkpoint, cfg, "a", "cpu")
+    for which in NETWORKS if spec.co_learning else ("a",):
+        path = cfg.colearn.checkpoint_a if which == "a" else cfg.colearn.checkpoint_b
+        model = cfg.model if which == "a" else cfg.model_b
+        if (spec.co_learning and path) or model.pretrained:
+            build_network(cfg, which)
 
 
 def lr_factor(step: int, cfg: RunConfig, total_steps: int) -> float:

@@ -1,0 +1,104 @@
+"""Faults a user meets around `lad train`, injected from outside the way the world does: a truncated teacher file,
+a second `lad train` on a run that is training, a file-size limit that fails the checkpoint write (a full disk).
+Each ends in one line, keeps what was there, and starts nothing it does not need."""
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import wait_for
+from tests.tiny import make_data, make_teacher, tiny_config
+from trainer.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.e2e
+
+
+def lad(*args, env=None, preexec_fn=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+
+
+def write_config(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def test_a_truncated_teacher_is_one_line_in_seconds_before_any_ray_process(tmp_path):
+    data = make_data(tmp_path / "data")
+    teacher = make_teacher(tiny_config(data, tmp_path / "runs", mode="paa"), tmp_path / "teacher.pt")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(teacher.read_bytes()[: teacher.stat().st_size // 2])
+    cfg = tiny_config(data, tmp_path / "runs", mode="lad", teacher=str(cut), pipeline={"engine": "ray"})
+    ray_tmp = tmp_path / "ray_tmp"
+    ray_tmp.mkdir()
+    t0 = time.monotonic()
+    out = lad("train", str(write_config(cfg, tmp_path / "lad.yaml")), "--quiet", env={"RAY_TMPDIR": str(ray_tmp)})
+    elapsed = time.monotonic() - t0
+    assert out.returncode == 2, out.stderr
+    lines = errors(out.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(cut) in lines[0], lines
+    assert "truncated" in lines[0] and "Traceback" not in out.stderr
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    assert list(ray_tmp.iterdir()) == [], "a Ray session was started"
+    assert not (cfg.run_dir / "checkpoints").exists()   # nothing of the run was written either
+
+
+def test_a_second_lad_train_on_a_run_that_is_training_is_refused(tmp_path):
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", train={"epochs": 50, "log_every": 1})
+    config = write_config(cfg, tmp_path / "paa.yaml")
+    first = subprocess.Popen([sys.executable, "-m", "services.cli", "train", str(config), "--quiet"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (cfg.run_dir / "metrics.jsonl").exists(), timeout=120, what="the first run's first step")
+        second = lad("train", str(config), "--quiet")
+        assert second.returncode == 2
+        lines = errors(second.stderr)
+        assert len(lines) == 1 and f"another `lad train` (pid {first.pid})" in lines[0], lines
+        assert first.poll() is None   # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 0
+    # once it has ended (stopped), the run is free again: a resume is accepted
+    again = lad("train", str(config), "--quiet", "--set", "train.max_steps=1")
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_is_one_line(tmp_path):
+    """The resumed run may write no file larger than half a checkpoint (RLIMIT_FSIZE, set on its process from
+    outside, as a full disk would stop it): its first checkpoint fails, the previous last.pt stays whole, and the
+    console gets one line naming the file with the traceback."""
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", train={"max_steps": 2, "epochs": 5})
+    config = write_config(cfg, tmp_path / "paa.yaml")
+    assert lad("train", str(config), "--quiet").returncode == 0
+    last = cfg.run_dir / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    limit = len(before) // 2
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    logs = tmp_path / "errors"
+    out = lad("train", str(config), "--quiet", "--set", "train.max_steps=4", env={"LAD_ERROR_DIR": str(logs)},
+              preexec_fn=small_files)
+    assert out.returncode == 1
+    lines = errors(out.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"error: OSError: {last.parent}/"), lines
+    assert "writing the checkpoint failed" in lines[0] and ".pt is unchanged" in lines[0]
+    log = Path(lines[0].rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert log.parent == logs and "Traceback" in log.read_text()
+    assert last.read_bytes() == before and load_checkpoint(last)["step"] == 2
+    assert [p.name for p in last.parent.iterdir() if p.name.startswith(".")] == []   # no temporary left
