@@ -14,9 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, WithJsonSchema
 
-POLICY_RE = re.compile(r"(auto|pin-a|pin-b|alternate:[1-9][0-9]*)\Z")  # the grammar; .match anchors the start
+# The grammar (.match anchors the start). N of alternate:N has at most 9 digits: it travels as an int64 code.
+POLICY_PATTERN = r"(auto|pin-a|pin-b|alternate:[1-9][0-9]{0,8})"
+POLICY_RE = re.compile(POLICY_PATTERN + r"\Z")
 _CODES = {"auto": 0, "pin-a": -1, "pin-b": -2}  # alternate:N is N (>= 1)
 
 
@@ -74,7 +76,9 @@ def _valid_name(v: str) -> str:
     try:
         return RolePolicy.parse(v).name
     except ValueError:
-        raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer)") from None
+        raise ValueError("must be one of auto, pin-a, pin-b, alternate:N (N a positive integer below 10^9)") from None
 
 
-PolicyName = Annotated[str, AfterValidator(_valid_name)]  # a policy field of a config or REST body
+# A policy field of a config or REST body: our one-line message on a bad name; the grammar in its JSON schema.
+PolicyName = Annotated[str, AfterValidator(_valid_name),
+                       WithJsonSchema({"type": "string", "pattern": f"^{POLICY_PATTERN}$"})]

@@ -107,6 +107,15 @@ def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse(status_code=422, content=error_body(where + first["message"], first["field"], fe))
 
 
+# OpenAPI links: the id POST /runs answers is what the run's own routes take (clients and fuzzers follow them).
+RUN_LINKS = {name: {"operationId": op, "parameters": {"run_id": "$response.body#/id"}}
+             for name, op in [("GetRun", "get_run_detail_runs__run_id__get"),
+                              ("GetMetrics", "get_metrics_runs__run_id__metrics_get"),
+                              ("StopRun", "stop_run_runs__run_id__stop_post"),
+                              ("GetRoles", "get_roles_runs__run_id__roles_get"),
+                              ("PutRoles", "put_roles_runs__run_id__roles_put")]}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -121,8 +130,24 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return JSONResponse(status_code=exc.status_code, content=error_body(message),
-                            headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # a body that is not even text: malformed like any other bad JSON, so the same documented 422
+            return _validation_response([{"type": "json_invalid", "loc": ("body",), "msg": message,
+                                          "ctx": {"error": "not UTF-8 JSON"}}])
+        if exc.status_code == 405:  # every method of the path, not just those of the first route that matched it
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path))
+        return JSONResponse(status_code=exc.status_code, content=error_body(message), headers=headers or None)
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the routes of `path` answer, as the OpenAPI documents them (HEAD is implicit in GET)."""
+    methods = set()
+    for route in app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods - {"HEAD"})
 
 
 # ---- middleware ---------------------------------------------------------------------------------------------
@@ -300,7 +325,7 @@ def create_app(settings: Settings, launcher: Optional[Launcher] = None,
                       max_concurrent=max_concurrent, runs={s: counts.get(s, 0) for s in RUN_STATES})
 
     @app.post("/runs", status_code=201, response_model=RunSummary, dependencies=mutating, tags=["runs"],
-              responses={409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+              responses={201: {"links": RUN_LINKS}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
     def create_run(response: Response, cfg: RunConfig = Body(
             ..., description="a run config, as in configs/*.yaml; `name` defaults to the run id")) -> RunSummary:
         run_id = new_run_id()
