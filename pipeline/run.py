@@ -6,7 +6,9 @@ in-process training (`local`) or the Ray assigner-pool pipeline (`ray`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from pipeline.errors import DatasetError, RunLost
 from schemas.config import ConfigError, RunConfig, load_config
@@ -54,11 +56,39 @@ def main_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_log_dir() -> Path:
+    """Where an unexpected error's traceback goes: $LAD_ERROR_DIR, else $XDG_CACHE_HOME/lad/errors (~/.cache)."""
+    if os.environ.get("LAD_ERROR_DIR"):
+        return Path(os.environ["LAD_ERROR_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lad" / "errors"
+
+
+def report_unexpected(error: BaseException) -> str:
+    """One line for the console; the whole traceback in a file it names (or inline if no file can be written)."""
+    import time
+    import traceback
+
+    first = (str(error).strip().splitlines() or [""])[0][:600]
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        path = error_log_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"lad {' '.join(sys.argv[1:])}\n{text}")
+        where = f"traceback in {path}"
+    except OSError as e:  # e.g. the disk that failed the run is the one the log would go to
+        where = f"traceback could not be saved ({e.strerror}): {text.strip().splitlines()[-1]}"
+    return f"error: {type(error).__name__}: {first} ({where})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
-    return main_train(p.parse_args(argv))
+    try:
+        return main_train(p.parse_args(argv))
+    except Exception as e:  # the control plane's runs and Ray jobs start here: their log's last line is the error
+        print(report_unexpected(e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

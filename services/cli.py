@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import DatasetError
-from pipeline.run import USER_ERRORS, add_train_arguments, main_train
+from pipeline.run import USER_ERRORS, add_train_arguments, main_train, report_unexpected
 from schemas.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,30 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_demo)
     return p
-
-
-def error_log_dir() -> Path:
-    """Where an unexpected error's traceback goes: $LAD_ERROR_DIR, else $XDG_CACHE_HOME/lad/errors (~/.cache)."""
-    if os.environ.get("LAD_ERROR_DIR"):
-        return Path(os.environ["LAD_ERROR_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lad" / "errors"
-
-
-def report_unexpected(error: BaseException) -> str:
-    """One line for the console; the whole traceback in a file it names (or inline if no file can be written)."""
-    import time
-    import traceback
-
-    first = (str(error).strip().splitlines() or [""])[0][:600]
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    try:
-        path = error_log_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"lad {' '.join(sys.argv[1:])}\n{text}")
-        where = f"traceback in {path}"
-    except OSError as e:  # e.g. the disk that failed the run is the one the log would go to
-        where = f"traceback could not be saved ({e.strerror}): {text.strip().splitlines()[-1]}"
-    return f"error: {type(error).__name__}: {first} ({where})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,3 +56,11 @@ def test_fp16_on_a_cpu_device_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="train.amp_dtype"):
         load_config("configs/paa_digits.yaml", ["train.amp=true", "train.amp_dtype=fp16", "train.device=cpu"])
     assert load_config("configs/paa_digits.yaml", ["train.amp=true"]).train.amp
+
+
+def test_the_schema_3_soft_label_floor_reads_as_the_tolerance():
+    """Configs and checkpoints written before the compact soft labels set `pipeline.soft_label_floor`; it bounded
+    the same error, so it is read as the tolerance (and old teacher checkpoints keep loading)."""
+    old = config_from_dict({"pipeline": {"soft_label_floor": 0.02}}, "old.yaml")
+    assert old.pipeline.soft_label_tolerance == 0.02 and "soft_label_floor" not in old.to_dict()["pipeline"]
+    assert config_from_dict({}, "new.yaml").pipeline.soft_label_tolerance == 0.01

@@ -102,3 +102,38 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_is_one_line(tmp_pa
     assert log.parent == logs and "Traceback" in log.read_text()
     assert last.read_bytes() == before and load_checkpoint(last)["step"] == 2
     assert [p.name for p in last.parent.iterdir() if p.name.startswith(".")] == []   # no temporary left
+
+
+def test_a_sigkilled_lad_train_resumes_from_its_last_checkpoint_with_every_step_once(tmp_path):
+    """SIGKILL of the driver mid-run (no handler runs), then the same command again: it resumes from last.pt, the
+    metrics and evaluations logged after that checkpoint are rewound, and the run ends with each step logged once."""
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa",
+                      train={"epochs": 10, "checkpoint_every": 2, "eval_every": 2, "log_every": 1})
+    config = write_config(cfg, tmp_path / "paa.yaml")
+    first = subprocess.Popen([sys.executable, "-m", "services.cli", "train", str(config), "--quiet"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 9, timeout=300,
+             what="9 logged steps")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    killed_at = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")["step"]
+    assert 0 < killed_at < 60
+    again = lad("train", str(config), "--quiet")
+    assert again.returncode == 0, again.stderr
+    import json
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
+    assert steps == list(range(1, 61))
+    assert json.loads((cfg.run_dir / "progress.json").read_text())["state"] == "succeeded"
+    evals = json.loads((cfg.run_dir / "eval.json").read_text())
+    assert [e["epoch"] for e in evals] == [1, 3, 5, 7, 9]
+
+
+def test_a_class_count_other_than_the_datasets_is_one_line(tmp_path):
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", model={"num_classes": 3})
+    out = lad("train", str(write_config(cfg, tmp_path / "paa.yaml")), "--quiet")
+    assert out.returncode == 2
+    lines = errors(out.stderr)
+    assert len(lines) == 1 and "has 10 categories" in lines[0] and "--set model.num_classes=10" in lines[0], lines

@@ -145,6 +145,10 @@ def test_missing_or_broken_image_at_load_time(tmp_path):
     (tmp_path / "1.png").unlink()
     with pytest.raises(DatasetError, match=r"1\.png.*image id 1.*not found"):
         dataset[0]
+    png = (tmp_path / "2.png").read_bytes()
+    (tmp_path / "2.png").write_bytes(png[: len(png) // 2])   # a PNG cut in half (an interrupted copy)
+    with pytest.raises(DatasetError, match=r"2\.png.*image id 2.*cannot decode"):
+        dataset[1]
     (tmp_path / "2.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match=r"2\.png.*image id 2.*cannot decode"):
         dataset[1]
