@@ -27,7 +27,7 @@ def test_the_openapi_spec_is_clean_under_a_stateful_fuzzer(tmp_path):
              "run", f"{server.url}/openapi.json", "--max-examples", "60", "--seed", "7",
              "-H", f"Authorization: Bearer {TOKEN}", "--exclude-checks", "positive_data_acceptance",
              "--request-timeout", "10"],
-            capture_output=True, text=True, timeout=600)
+            capture_output=True, text=True, timeout=600, cwd=tmp_path)   # its cache (.schemathesis/) goes there
     finally:
         server.stop()
     report = out.stdout + out.stderr
