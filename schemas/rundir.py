@@ -127,8 +127,14 @@ class RunDir:
 
     # ---- metrics.jsonl ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(json_ready(record)) + "\n")
+        """Append one line. A failed append (a full disk) may leave a torn last line: every reader stops before
+        it, and a resume rewinds it away."""
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(json_ready(record)) + "\n")
+        except OSError as e:
+            raise OSError(e.errno, f"{self.metrics_path}: appending a metrics line failed ({e.strerror or e}); "
+                          "the lines before it are kept") from e
 
     def iter_metrics(self) -> Iterator[dict[str, Any]]:
         """Records in file order; stops at a torn last line (the writer is appending it)."""

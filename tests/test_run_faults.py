@@ -137,3 +137,34 @@ def test_a_class_count_other_than_the_datasets_is_one_line(tmp_path):
     assert out.returncode == 2
     lines = errors(out.stderr)
     assert len(lines) == 1 and "has 10 categories" in lines[0] and "--set model.num_classes=10" in lines[0], lines
+
+
+def test_a_failed_metrics_append_is_one_line_and_the_run_resumes_with_every_step_once(tmp_path):
+    """The resumed run may not grow any file past metrics.jsonl's size plus a few bytes (RLIMIT_FSIZE from
+    outside): its first new metrics line fails half written. One line names the file; last.pt is untouched; the
+    same command without the limit resumes, drops the torn line, and logs every step once."""
+    import json
+
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", train={"max_steps": 12, "epochs": 5})
+    config = write_config(cfg, tmp_path / "paa.yaml")
+    assert lad("train", str(config), "--quiet").returncode == 0
+    metrics, last = cfg.run_dir / "metrics.jsonl", cfg.run_dir / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    limit = metrics.stat().st_size + 64
+    assert limit > (cfg.run_dir / "config.yaml").stat().st_size   # the limit bites on metrics, not the config
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = lad("train", str(config), "--quiet", "--set", "train.max_steps=16",
+              env={"LAD_ERROR_DIR": str(tmp_path / "errors")}, preexec_fn=small_files)
+    assert out.returncode == 1
+    lines = errors(out.stderr)
+    assert len(lines) == 1 and f"{metrics}: appending a metrics line failed" in lines[0], lines
+    assert not metrics.read_text().endswith("\n")             # the torn line is there ...
+    assert last.read_bytes() == before
+    assert lad("train", str(config), "--quiet", "--set", "train.max_steps=16").returncode == 0
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 17))                        # ... and gone after the resume

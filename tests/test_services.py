@@ -566,7 +566,8 @@ def _assert_nothing_half_written(run_dir: Path) -> None:
     """Every file of a run directory is whole: no temporary files of atomic writes left, every JSON file and
     every metrics line parses, every checkpoint loads."""
     from trainer.checkpoint import load_checkpoint
-    leftovers = [p.name for p in run_dir.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.startswith("."))]
+    leftovers = [p.name for p in run_dir.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.startswith("."))
+                 and p != run_dir / ".lock"]   # the driver's lock (schemas.rundir) is part of the directory
     assert not leftovers, leftovers
     for path in run_dir.rglob("*.json"):
         json.loads(path.read_text())
@@ -653,6 +654,65 @@ def test_e2e_lad_serve_runs_stops_and_restarts(tmp_path):
         log.close()
 
 
+class RayHead:
+    """`ray start --head --block` with token auth on free loopback ports, in its own process group; `kill()` loses
+    it the way a crashed machine does, `start()` brings a fresh head up on the same ports."""
+
+    def __init__(self, tmp_path: Path, token_file: Path):
+        self.tmp_path, self.token_file = tmp_path, token_file
+        self.gcs, self.dash, self.agent, self.client_port = free_port(), free_port(), free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dash}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+                    "RAY_JOB_STOP_WAIT_TIME_S": "30", "PYTHONPATH": str(REPO), "LAD_FAKE_STEP_S": "0.05"}
+        self.proc, self.log, self.ray_tmp = None, None, None
+        self.start()
+
+    def start(self) -> None:
+        self.ray_tmp = tempfile.mkdtemp(prefix="lad-ray-", dir="/tmp")  # unix socket paths must stay < 108 bytes
+        self.log = open(self.tmp_path / "ray.log", "ab")
+        self.proc = subprocess.Popen(
+            ["ray", "start", "--head", "--block", f"--port={self.gcs}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dash}", f"--dashboard-agent-listen-port={self.agent}",
+             f"--ray-client-server-port={self.client_port}", "--num-cpus=1", "--disable-usage-stats",
+             f"--temp-dir={self.ray_tmp}"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+        def up():
+            assert self.proc.poll() is None, (self.tmp_path / "ray.log").read_text()
+            try:  # the job API answers 401 without the token: that it answers at all means it is up
+                return httpx.get(f"{self.address}/api/version", timeout=2).status_code == 401
+            except httpx.TransportError:
+                return False
+        wait_for(up, timeout=90, interval=0.5, what="the Ray head")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        subprocess.run(["ray", "stop", "--force"], env=self.env, capture_output=True, timeout=60)  # strays
+        self.log.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # `ray start --block` stops the processes it started on SIGTERM
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def _ray_token(tmp_path: Path) -> Path:
+    token_file = tmp_path / "ray_token"
+    token_file.write_text("ray-" + os.urandom(16).hex())
+    token_file.chmod(0o600)
+    return token_file
+
+
 @pytest.mark.e2e
 def test_e2e_ray_jobs_with_token_auth(tmp_path):
     """A real single-node Ray cluster with token auth: the server (which has no RAY_AUTH_* in its environment)
@@ -660,28 +720,11 @@ def test_e2e_ray_jobs_with_token_auth(tmp_path):
     if shutil.which("ray") is None:
         pytest.skip("the ray command is not installed")
     ws = make_workspace(tmp_path / "ws")
-    token_file = tmp_path / "ray_token"
-    token_file.write_text("ray-" + os.urandom(16).hex())
-    token_file.chmod(0o600)
-    gcs, dash, agent, client_port = free_port(), free_port(), free_port(), free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="lad-ray-", dir="/tmp")  # Ray's unix socket paths must stay < 108 bytes
-    ray_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
-               "RAY_JOB_STOP_WAIT_TIME_S": "30", "PYTHONPATH": str(REPO), "LAD_FAKE_STEP_S": "0.05"}
-    ray_log = open(tmp_path / "ray.log", "wb")
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-                             f"--ray-client-server-port={client_port}", "--num-cpus=1", "--disable-usage-stats",
-                             f"--temp-dir={ray_tmp}"],
-                            env=ray_env, stdout=ray_log, stderr=subprocess.STDOUT, start_new_session=True)
+    token_file = _ray_token(tmp_path)
+    head = RayHead(tmp_path, token_file)
+    dash = head.dash
     server = None
     try:
-        def ray_up():
-            assert head.poll() is None, (tmp_path / "ray.log").read_text()
-            try:  # the job API answers 401 without the token: that it answers at all means it is up
-                return httpx.get(f"http://127.0.0.1:{dash}/api/version", timeout=2).status_code == 401
-            except httpx.TransportError:
-                return False
-        wait_for(ray_up, timeout=90, interval=0.5, what="the Ray head")
         server = Server(ws, "--ray-address", f"http://127.0.0.1:{dash}", "--ray-token-file", str(token_file))
         assert server.client.get("/healthz").json()["launcher"] == "ray"
         ok = server.post(run_body("ray-ok", steps=3)).json()
@@ -710,11 +753,44 @@ def test_e2e_ray_jobs_with_token_auth(tmp_path):
     finally:
         if server is not None:
             server.stop()
-        head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
-        try:
-            head.wait(timeout=30)
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(head.pid, signal.SIGKILL)
-            ray_log.close()
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+        head.stop()
+
+
+@pytest.mark.e2e
+def test_e2e_ray_job_runs_survive_a_control_plane_restart_and_a_lost_head_fails_them_clearly(tmp_path):
+    """A run that is a Ray job goes on while `lad serve` restarts: the new server re-attaches to it by its job id.
+    When the Ray head is then lost (SIGKILL to its process group), the run stays `running` while the head does
+    not answer (it may come back) and healthz says Ray is unreachable; once a head answers again and no longer
+    knows the job, the run is failed with a reason that says so."""
+    if shutil.which("ray") is None:
+        pytest.skip("the ray command is not installed")
+    ws = make_workspace(tmp_path / "ws")
+    token_file = _ray_token(tmp_path)
+    head = RayHead(tmp_path, token_file)
+    args = ("--ray-address", head.address, "--ray-token-file", str(token_file))
+    server = None
+    try:
+        server = Server(ws, *args)
+        run = server.post(run_body("ray-long", steps=100_000)).json()
+
+        def step() -> int:
+            return (server.run(run["id"]).get("progress") or {}).get("step", 0)
+        wait_for(lambda: step() >= 2, timeout=90, what="the Ray job to take steps")
+        server.stop()
+        server = Server(ws, *args)    # a restarted control plane
+        assert server.run(run["id"])["state"] == "running"
+        at = step()
+        wait_for(lambda: step() >= at + 5, timeout=60, what="the re-attached run to go on")
+        head.kill()
+        wait_for(lambda: server.client.get("/healthz").json()["ray_reachable"] is False, timeout=60,
+                 what="healthz to see the head gone")
+        assert server.run(run["id"])["state"] == "running"
+        head.start()                  # a fresh head on the same address: the job is unknown to it
+        failed = server.wait_state(run["id"], "failed", "succeeded", "stopped", timeout=120)
+        assert failed["state"] == "failed" and "not found" in failed["error"], failed
+        assert "was the cluster restarted?" in failed["error"]
+    finally:
+        if server is not None:
+            server.stop()
+        head.stop()
+        subprocess.run(["pkill", "-f", "ray-long"], capture_output=True)  # the lost head's orphaned entrypoint
