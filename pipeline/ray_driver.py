@@ -218,8 +218,11 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
                 hub.request_stop.remote()
 
         try:
+            groups = ("a", "b") if split else ("a",)
+            if not (ray.is_initialized() or cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")):
+                ray_env.budget(cfg, groups, stream=not split, resources=ray_env.local_resources())  # before Ray
             started = ray_env.connect(cfg)
-            budget = ray_env.budget(cfg, groups=("a", "b") if split else ("a",), stream=not split)
+            budget = ray_env.budget(cfg, groups=groups, stream=not split)
             hub = new_hub(cfg, start)
             try:  # after ray.init, which installs its own SIGTERM handler in the driver
                 previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True

@@ -96,12 +96,21 @@ def worker_resources(cfg: RunConfig, group: str) -> tuple[float, float]:
     return p.cpus_per_worker, p.gpus_per_worker
 
 
-def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True) -> Budget:
+def local_resources() -> dict[str, float]:
+    """What the private local Ray of `init_local` will have: every CPU of this machine, and its CUDA devices."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True,
+           resources: Optional[dict] = None) -> Budget:
     """Check that the Train worker group(s) (co-learning split: side B's may differ), the assigner pool and at least
     one read task (the stream) fit, before anything starts (Ray would otherwise wait forever for a resource that
-    never frees)."""
+    never frees). `resources`: the cluster's, default what the connected Ray reports (`local_resources()` checks
+    a local run before its Ray starts)."""
     p = cfg.pipeline
-    res = ray.cluster_resources()
+    res = ray.cluster_resources() if resources is None else resources
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     train_cpus = sum(p.num_workers * worker_resources(cfg, g)[0] for g in groups)
     train_gpus = sum(p.num_workers * worker_resources(cfg, g)[1] for g in groups)

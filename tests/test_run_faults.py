@@ -168,3 +168,26 @@ def test_a_failed_metrics_append_is_one_line_and_the_run_resumes_with_every_step
     assert lad("train", str(config), "--quiet", "--set", "train.max_steps=16").returncode == 0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 17))                        # ... and gone after the resume
+
+
+def test_a_pipeline_too_big_for_this_machine_is_one_line_before_ray_starts(tmp_path):
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", pipeline={"engine": "ray", "num_workers": 64})
+    ray_tmp = tmp_path / "ray_tmp"
+    ray_tmp.mkdir()
+    out = lad("train", str(write_config(cfg, tmp_path / "paa.yaml")), "--quiet", env={"RAY_TMPDIR": str(ray_tmp)})
+    assert out.returncode == 2
+    lines = errors(out.stderr)
+    assert len(lines) == 1 and "does not fit the Ray cluster" in lines[0] and "pipeline.num_workers" in lines[0]
+    assert list(ray_tmp.iterdir()) == [], "a Ray session was started"
+
+
+def test_an_unreadable_pretrained_backbone_is_one_line_before_training(tmp_path):
+    data = make_data(tmp_path / "data")
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"PK\x03\x04 cut short")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", model={"pretrained": str(weights)})
+    out = lad("train", str(write_config(cfg, tmp_path / "paa.yaml")), "--quiet")
+    assert out.returncode == 2
+    lines = errors(out.stderr)
+    assert len(lines) == 1 and f"model.pretrained {weights}: unreadable" in lines[0], lines
