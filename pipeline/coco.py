@@ -420,15 +420,19 @@ def _make_coco(data: dict, images: list[dict], annotations: list[dict], categori
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def load_coco(ann_file: str, image_root: str | None = None, *, check_images: bool = True) -> CocoDataset:
+def load_coco(ann_file: str, image_root: str | None = None, *, check_images: bool = True,
+              images_only: bool = False) -> CocoDataset:
     """Validate and load a COCO instances file; raise one DatasetError for the first problem found.
 
     `file_name`s are resolved against `image_root`, which defaults to the annotation file's folder.
     Labels are contiguous 0..C-1 in order of ascending COCO category id; `cat_ids` maps them back.
+    `images_only`: an image-info file without annotations (test-dev style) is accepted, for predicting only.
     """
     path = str(ann_file)
     root = os.path.dirname(os.path.abspath(path)) if image_root is None else str(image_root)
     data = _read_json(path)
+    if images_only and isinstance(data, dict) and "annotations" not in data:
+        data = {**data, "annotations": []}
     _check_top_level(data, path)
     _raise_first(_category_problems(data["categories"], path))
     _raise_first(_image_problems(data["images"], path))

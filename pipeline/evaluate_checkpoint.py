@@ -1,11 +1,12 @@
 """`lad eval`: evaluate the network(s) of a checkpoint on a COCO file and write the stats as JSON."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from pipeline.coco import load_coco
-from pipeline.validate import evaluate_network
+from pipeline.validate import detections_list, predict_array, score
 from schemas.config import RunConfig
 from trainer.anchors import make_anchors
 from schemas.files import atomic_write_text
@@ -14,9 +15,28 @@ from trainer.engine import pick_device
 from trainer.model import build_model
 
 
+def with_checkpoint_categories(dataset, held, what: str, data: str):
+    """The dataset with each class index mapped to this file's id of the category the checkpoint calls by that
+    name (`trainer.categories`): a file that renumbers the same categories is scored right; other names refused."""
+    from trainer.categories import CategoryMismatch, names, permutation
+
+    try:
+        order = permutation(held, dataset.categories, f"{what} (evaluated on {data})")
+    except CategoryMismatch as e:
+        raise CheckpointError(str(e)) from None
+    if order is None:
+        return dataset
+    id_of = {name: cat_id for name, cat_id in zip(names(dataset.categories), dataset.cat_ids)}
+    return dataclasses.replace(dataset, cat_ids=[id_of[name] for name in names(held)])
+
+
 def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = None, networks: str = "both",
-                        out: str | None = None, device: str = "auto", progress: bool = True) -> dict[str, dict]:
-    """Returns {network: stats}; `networks` is 'a', 'b' or 'both' (every network the checkpoint holds)."""
+                        out: str | None = None, device: str = "auto", progress: bool = True,
+                        detections: str | None = None) -> dict[str, dict]:
+    """Returns {network: stats}; `networks` is 'a', 'b' or 'both' (every network the checkpoint holds).
+    `detections`: also write each network's detections there as a COCO results file (with this file's category
+    ids; `name.b.json` for network B when both are evaluated). A file without annotations (test-dev style) gives
+    detections only: {network: {}}."""
     ckpt = load_checkpoint(checkpoint)
     cfg = RunConfig.model_validate(ckpt["config"])
     held = sorted(ckpt["models"])
@@ -24,10 +44,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = 
     for n in names:
         if n not in held:
             raise CheckpointError(f"{checkpoint}: holds networks {held}; there is no network {n!r}")
-    dataset = load_coco(data, image_root)
+    dataset = load_coco(data, image_root, images_only=detections is not None)
     if len(dataset.categories) != cfg.model.num_classes:
         raise CheckpointError(f"{checkpoint}: trained for {cfg.model.num_classes} classes but {data} has "
                               f"{len(dataset.categories)} categories")
+    dataset = with_checkpoint_categories(dataset, ckpt.get("categories"), f"{checkpoint}", data)
     dev = pick_device(device)
     cache: dict = {}
 
@@ -37,13 +58,19 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = 
             cache[key] = make_anchors(list(level_sizes), cfg.model.strides, cfg.model.octave_base_scale, device=dev)
         return cache[key]
 
+    scored = bool(dataset.coco.dataset.get("annotations"))
     results = {}
     for n in names:
         model = build_model(cfg.model if n == "a" else cfg.model_b)
         load_model_weights(model, ckpt["models"][n], checkpoint, f"network {n.upper()}")
-        stats, _ = evaluate_network(model.to(dev), anchors_fn, dataset, cfg.data.input_size, cfg.inference, dev,
-                                    progress)
-        results[n] = stats
+        found = predict_array(model.to(dev), anchors_fn, dataset, cfg.data.input_size, cfg.inference, dev,
+                              progress=progress)
+        if detections:
+            target = Path(detections)
+            if len(names) > 1 and n != "a":
+                target = target.with_suffix(f".{n}{target.suffix or '.json'}")
+            atomic_write_text(target, json.dumps(detections_list(found)))
+        results[n] = score(dataset, found)[0] if scored else {}
     out_path = Path(out) if out else Path(checkpoint).with_suffix(".eval.json")
     atomic_write_text(out_path, json.dumps({"checkpoint": str(checkpoint), "data": str(data),
                                             "step": int(ckpt.get("step", 0)), "results": results}, indent=1))

@@ -84,10 +84,11 @@ def prepare_run(cfg: RunConfig, workers: int = 1) -> tuple[RunConfig, Datasets, 
     checkpoints, the run directory (config written), the run's step count."""
     cfg = absolute_paths(cfg)
     data = load_datasets(cfg)
-    check_start(cfg)
+    check_start(cfg, data.train.categories)
     run = RunDir(cfg.run_dir)
     run.claim()  # the caller releases it when the run ends
     run.create(cfg)
+    run.write_categories(data.train.categories)  # every checkpoint of the run carries them
     return cfg, data, run, total_steps(cfg, len(data.train.records), workers)
 
 

@@ -145,9 +145,11 @@ def write_commit(run: RunDir, cfg: RunConfig, state: dict, step: int, epoch: int
     `state` is the engine's (`Engine.state()`, or both sides' merged). Returns the best so far."""
     from trainer.checkpoint import save_checkpoint
 
+    categories = run.categories()
+
     def payload(ep: int, ids: list[int]) -> dict:
         return {"config": cfg.to_dict(), **state, "epoch": ep, "progress": {"epoch": ep, "trained_ids": list(ids)},
-                "best": dict(best)}
+                "best": dict(best), **({"categories": categories} if categories is not None else {})}
 
     for name, stats in (evals or {}).items():
         run.add_eval({"epoch": epoch, "step": step, "network": name, "stats": stats})

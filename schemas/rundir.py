@@ -1,6 +1,7 @@
 """The run directory (a contract read by tools and the control plane):
 
     config.yaml          the resolved run config
+    categories.json      the training file's categories, [{"id", "name"}] in class-index order (checkpoints copy it)
     metrics.jsonl        one JSON object per logged step
     eval.json            a list of {"epoch", "step", "network", "stats": {AP, AP50, ...}}
     progress.json        {"state", "step", "total_steps", "epoch", "error", "pid"}, rewritten atomically
@@ -60,6 +61,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config_path = self.path / "config.yaml"
+        self.categories_path = self.path / "categories.json"
         self.metrics_path = self.path / "metrics.jsonl"
         self.eval_path = self.path / "eval.json"
         self.progress_path = self.path / "progress.json"
@@ -101,6 +103,14 @@ class RunDir:
         """Make the directory (and checkpoints/) and write config.yaml."""
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_path, dump_config(cfg))
+
+    def write_categories(self, categories: list[dict[str, Any]]) -> None:
+        atomic_write_json(self.categories_path, [{"id": c["id"], "name": c.get("name")} for c in categories])
+
+    def categories(self) -> Optional[list[dict[str, Any]]]:
+        """The run's categories in class order, or None (a run directory made before they were recorded)."""
+        data = _read_json(self.categories_path)
+        return data if isinstance(data, list) else None
 
     @property
     def last(self) -> Path:

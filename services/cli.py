@@ -33,13 +33,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         results = evaluate_checkpoint(args.checkpoint, args.data, image_root=args.image_root,
                                       networks=args.network, out=args.out, device=args.device,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, detections=args.detections)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pipeline.validate import format_table
     for name, stats in results.items():
-        print(f"\nnetwork {name.upper()} on {args.data}:\n{format_table(stats)}")
+        if stats:
+            print(f"\nnetwork {name.upper()} on {args.data}:\n{format_table(stats)}")
+        else:
+            print(f"network {name.upper()}: detections only ({args.data} has no annotations to score them against)")
+    if args.detections:
+        print(f"detections (COCO results format, {args.data}'s category ids): {args.detections}")
     return 0
 
 
@@ -103,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--network", choices=["a", "b", "both"], default="both",
                    help="CoLAD checkpoints hold two networks (default: every network in the checkpoint)")
     e.add_argument("--out", default=None, help="JSON output (default: next to the checkpoint)")
+    e.add_argument("--detections", default=None, metavar="FILE",
+                   help="also write the detections as a COCO results file (for test-dev servers and other tools); "
+                        "with both networks, network B's go to FILE with .b before its suffix. A file without "
+                        "annotations gives detections only")
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)

@@ -6,7 +6,7 @@ A checkpoint is a plain dict: {"format", "version", "config" (the resolved run c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -91,13 +91,18 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path, wh
     model.load_state_dict(state, strict=True)
 
 
-def load_network(path: str | Path, student: RunConfig, which: str = "a", device: str | torch.device = "cpu"):
+def load_network(path: str | Path, student: RunConfig, which: str = "a", device: str | torch.device = "cpu",
+                 categories: Optional[list] = None, warn: bool = True):
     """Build the network a checkpoint describes and load it strictly, refusing one whose anchors, input size or
-    classes differ from `student`'s. Returns (model, its ModelConfig, the checkpoint's step)."""
-    return _network_from(load_checkpoint(path), path, student, which, device)
+    classes differ from `student`'s. With `categories` (the student's, in class order) its classes are matched to
+    them by name: reordered when the names come in another order, refused when they differ
+    (`trainer.categories`). Returns (model, its ModelConfig, the checkpoint's step)."""
+    return _network_from(load_checkpoint(path), path, student, which, device, categories, warn)
 
 
-def _network_from(ckpt: dict, path: str | Path, student: RunConfig, which: str, device):
+def _network_from(ckpt: dict, path: str | Path, student: RunConfig, which: str, device,
+                  categories: Optional[list] = None, warn: bool = True):
+    from trainer.categories import CategoryMismatch, permutation, permute_classes
     from trainer.model import build_model
 
     tcfg = RunConfig.model_validate(ckpt["config"])
@@ -107,9 +112,16 @@ def _network_from(ckpt: dict, path: str | Path, student: RunConfig, which: str, 
         raise CheckpointError(f"{path}: network {which.upper()} does not match this run: " + "; ".join(problems))
     if which not in ckpt["models"]:
         raise CheckpointError(f"{path}: checkpoint holds networks {sorted(ckpt['models'])}, not {which!r}")
+    state = ckpt["models"][which]
+    if categories is not None:
+        try:
+            state = permute_classes(state, permutation(ckpt.get("categories"), categories,
+                                                       f"{path} (network {which.upper()})", warn))
+        except CategoryMismatch as e:
+            raise CheckpointError(str(e)) from None
     # the checkpoint's weights replace everything: its backbone's `pretrained` file is neither needed nor read
     model = build_model(tmodel.model_copy(update={"pretrained": None}))
-    load_model_weights(model, ckpt["models"][which], path, f"network {which.upper()}")
+    load_model_weights(model, state, path, f"network {which.upper()}")
     return model.to(device), tmodel, int(ckpt.get("step", 0))
 
 
@@ -117,7 +129,8 @@ ARCHITECTURE = ("depth", "num_classes", "fpn_levels", "fpn_channels", "head_conv
                 "octave_base_scale")
 
 
-def load_colearn_side(path: str | Path, cfg: RunConfig, side: str):
+def load_colearn_side(path: str | Path, cfg: RunConfig, side: str, categories: Optional[list] = None,
+                      warn: bool = True):
     """CoLAD network `side` ("a" or "b") initialised from a checkpoint: the network the run's config describes
     (`model` or `colearn.model_b`, which the run's own checkpoints and `lad eval` rebuild), so the checkpoint's
     network must have that architecture. A CoLAD checkpoint gives its network of the same side; any other its A."""
@@ -131,4 +144,4 @@ def load_colearn_side(path: str | Path, cfg: RunConfig, side: str):
     if diff:
         raise CheckpointError(f"{path}: its network {which.upper()} is not the configured network "
                               f"{side.upper()}: " + "; ".join(diff) + f" (set {field} to match the checkpoint)")
-    return _network_from(ckpt, path, cfg, which, "cpu")[0]
+    return _network_from(ckpt, path, cfg, which, "cpu", categories, warn)[0]

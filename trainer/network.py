@@ -23,6 +23,7 @@ from torch import Tensor
 from schemas.config import ConfigError, RunConfig
 from schemas.modes import mode_spec
 from trainer.anchors import make_anchors
+from trainer.categories import of_run
 from trainer.checkpoint import load_colearn_side, load_network
 from trainer.losses import BatchLabels, detection_loss
 from trainer.model import HeadOutputs, PAADetector, build_model
@@ -47,23 +48,25 @@ def build_network(cfg: RunConfig, which: str = "a") -> PAADetector:
     torch.manual_seed(seed_of(cfg, which))
     path = cfg.colearn.checkpoint_a if which == "a" else cfg.colearn.checkpoint_b
     if mode_spec(cfg.mode).co_learning and path:
-        return load_colearn_side(path, cfg, which)
+        return load_colearn_side(path, cfg, which, of_run(cfg), warn=False)
     return build_model(cfg.model if which == "a" else cfg.model_b)
 
 
-def check_start(cfg: RunConfig) -> None:
+def check_start(cfg: RunConfig, categories: Optional[list] = None) -> None:
     """Read and check, here and now, every file a run's networks start from: the teacher checkpoint (readable,
-    the same anchors, input size and classes, weights that fit), co-learning's `checkpoint_a/b` and a
-    `pretrained` backbone. Drivers call it before any worker or Ray process starts, so a truncated or foreign
-    file is one `CheckpointError` naming it, not tracebacks from every worker later."""
+    the same anchors, input size and classes, weights that fit, `categories` by name), co-learning's
+    `checkpoint_a/b` and a `pretrained` backbone. Drivers call it before any worker or Ray process starts, so a
+    truncated or foreign file is one `CheckpointError` naming it, not tracebacks from every worker later."""
     spec = mode_spec(cfg.mode)
     if spec.needs_teacher:
-        load_network(cfg.teacher.checkpoint, cfg, "a", "cpu")
+        load_network(cfg.teacher.checkpoint, cfg, "a", "cpu", categories)
     for which in NETWORKS if spec.co_learning else ("a",):
         path = cfg.colearn.checkpoint_a if which == "a" else cfg.colearn.checkpoint_b
         model = cfg.model if which == "a" else cfg.model_b
-        if (spec.co_learning and path) or model.pretrained:
-            build_network(cfg, which)
+        if spec.co_learning and path:
+            load_colearn_side(path, cfg, which, categories)
+        elif model.pretrained:
+            build_model(model)
 
 
 def lr_factor(step: int, cfg: RunConfig, total_steps: int) -> float:

@@ -17,6 +17,7 @@ from torch import Tensor
 from schemas.config import RunConfig
 from schemas.modes import mode_spec, modes_where
 from trainer.assign import paa_assign_batch
+from trainer.categories import of_run
 from trainer.checkpoint import load_network
 from trainer.losses import BatchLabels, SoftTargets, soft_targets
 from trainer.model import HeadOutputs, PAADetector
@@ -26,7 +27,7 @@ from trainer.network import Precision
 def load_teacher(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[PAADetector, int]:
     """The run's frozen teacher (`teacher.checkpoint`, network A) in eval mode without gradients, and its step
     (the `teacher_version` stamped on what it assigns)."""
-    teacher, _, version = load_network(cfg.teacher.checkpoint, cfg, "a", device)
+    teacher, _, version = load_network(cfg.teacher.checkpoint, cfg, "a", device, of_run(cfg), warn=False)
     teacher.eval().requires_grad_(False)
     return teacher, version
 
