@@ -20,6 +20,20 @@ def _metrics(cfg) -> list[dict]:
     return [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_split_run_whole(cfg, data, trace_dir) -> None:
+    """A 2-epoch split run that lost a process: it succeeded by itself, each side trained every image once per
+    epoch (its rank 0's trace), and each of its 6 steps is in metrics.jsonl once."""
+    all_ids = {im["id"] for im in json.loads((data / "train.json").read_text())["images"]}
+    for name in ("a", "b"):
+        per_epoch = {}
+        for rec in map(json.loads, (trace_dir / f"trace.{name}.rank0.jsonl").read_text().splitlines()):
+            per_epoch.setdefault(rec["epoch"], []).extend(rec["ids"])
+        assert sorted(per_epoch) == [0, 1] and all(sorted(v) == sorted(all_ids) for v in per_epoch.values()), name
+    progress = json.loads((cfg.run_dir / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["step"] == 6
+    assert [m["step"] for m in _metrics(cfg) if "loss" in m] == list(range(1, 7))
+
+
 def _cfg(data, out, name, engine, mode="inline"):
     cfg = tiny_config(data, out, mode="colad",
                       train={"epochs": 2, "max_steps": 5, "eval_every": 1, "checkpoint_every": 2},
@@ -163,15 +177,7 @@ def test_split_recovers_when_a_worker_of_either_side_is_killed_from_outside(ray_
         ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
     assert kill.killed, f"side {side} was not killed"
     assert time.monotonic() - t0 < cfg.colearn.exchange_timeout_s, "the other side waited out the exchange timeout"
-    all_ids = {im["id"] for im in json.loads((data / "train.json").read_text())["images"]}
-    for name in ("a", "b"):
-        per_epoch = {}
-        for rec in map(json.loads, (trace_dir / f"trace.{name}.rank0.jsonl").read_text().splitlines()):
-            per_epoch.setdefault(rec["epoch"], []).extend(rec["ids"])
-        assert sorted(per_epoch) == [0, 1] and all(sorted(v) == sorted(all_ids) for v in per_epoch.values()), name
-    progress = json.loads((cfg.run_dir / "progress.json").read_text())
-    assert progress["state"] == "succeeded" and progress["step"] == 6
-    assert [m["step"] for m in _metrics(cfg) if "loss" in m] == list(range(1, 7))
+    _assert_split_run_whole(cfg, data, trace_dir)
     summary = json.loads((cfg.run_dir / "colearn.json").read_text())
     assert [s["step"] for s in summary["steps"]] == list(range(1, 7))
 
@@ -193,15 +199,7 @@ def test_split_recovers_when_the_coordinator_is_killed_from_outside(ray_session,
                          target=lambda: pids_of("ray::ColearnCoordinator")) as kill:
         ray_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
     assert len(kill.killed) == 1, f"killed {kill.killed}"
-    all_ids = {im["id"] for im in json.loads((data / "train.json").read_text())["images"]}
-    for name in ("a", "b"):
-        per_epoch = {}
-        for rec in map(json.loads, (trace_dir / f"trace.{name}.rank0.jsonl").read_text().splitlines()):
-            per_epoch.setdefault(rec["epoch"], []).extend(rec["ids"])
-        assert sorted(per_epoch) == [0, 1] and all(sorted(v) == sorted(all_ids) for v in per_epoch.values()), name
-    progress = json.loads((cfg.run_dir / "progress.json").read_text())
-    assert progress["state"] == "succeeded" and progress["step"] == 6
-    assert [m["step"] for m in _metrics(cfg) if "loss" in m] == list(range(1, 7))
+    _assert_split_run_whole(cfg, data, trace_dir)
     steps = [s["step"] for s in json.loads((cfg.run_dir / "colearn.json").read_text())["steps"]]
     assert steps == list(range(steps[0], 7)) and steps[0] >= 2   # the new coordinator's, from the checkpoint on
     assert load_checkpoint(cfg.run_dir / "checkpoints/last.pt")["step"] == 6
