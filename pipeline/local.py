@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -79,17 +80,22 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def prepare_run(cfg: RunConfig, workers: int = 1) -> tuple[RunConfig, Datasets, RunDir, int]:
+@contextmanager
+def prepare_run(cfg: RunConfig, workers: int = 1) -> Iterator[tuple[RunConfig, Datasets, RunDir, int]]:
     """What every driver does first, before any process starts: absolute paths, validated datasets and starting
-    checkpoints, the run directory (config written), the run's step count."""
+    checkpoints, the run directory (its lock taken, config and categories written), the run's step count. The
+    run directory stays held until the `with` block ends."""
     cfg = absolute_paths(cfg)
     data = load_datasets(cfg)
     check_start(cfg, data.train.categories)
     run = RunDir(cfg.run_dir)
-    run.claim()  # the caller releases it when the run ends
-    run.create(cfg)
-    run.write_categories(data.train.categories)  # every checkpoint of the run carries them
-    return cfg, data, run, total_steps(cfg, len(data.train.records), workers)
+    run.claim()
+    try:
+        run.create(cfg)
+        run.write_categories(data.train.categories)  # every checkpoint of the run carries them
+        yield cfg, data, run, total_steps(cfg, len(data.train.records), workers)
+    finally:
+        run.release()
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -236,8 +242,7 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
-    cfg, data, run, steps = prepare_run(cfg)
-    try:
+    with prepare_run(cfg) as (cfg, data, run, steps):
         start = read_start(run, resume)
         engine = Engine(cfg, device, steps)
         if start.resumed:
@@ -254,5 +259,3 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
             raise
         run.set_progress(out.state, out.step, steps, out.epoch)
         return out.eval
-    finally:
-        run.release()  # the run directory's lock (`prepare_run` took it)

@@ -166,10 +166,6 @@ def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
 
 # ------------------------------------------------------------------------------------------------ the driver
 
-def hub_name(colad: bool) -> str:
-    return "co-learning coordinator" if colad else "stream monitor"
-
-
 def new_hub(cfg: RunConfig, start: Start):
     """The run's hub actor: the co-learning coordinator (from the checkpoint's policy, step and best when there
     is one), or the stream's monitor."""
@@ -191,110 +187,117 @@ def new_hub(cfg: RunConfig, start: Start):
                 time.sleep(0.5)
     return ray_env.StreamMonitor.remote(cfg.pipeline.batches_ahead)
 
+
 def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observers: tuple = ()) -> dict:
     """Train `cfg` on Ray; returns the last evaluation ({network: stats}) or {}. `observers`: told about
     every step of every worker and every batch assigned (`pipeline.loop.train_loop`), e.g. a test's tracer."""
+    # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    with prepare_run(cfg, workers=cfg.pipeline.num_workers) as (cfg, data, run, steps):
+        return _drive(cfg, data, run, steps, resume=resume, progress=progress, observers=observers)
+
+
+def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progress: bool, observers: tuple) -> dict:
+    """`train` once its run is prepared (and its directory held): the hub, the worker group(s), the recoveries."""
     import ray
     import ray.train
 
     colad = mode_spec(cfg.mode).co_learning
     split = colad and cfg.colearn.mode == "split"
-    # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    cfg, data, run, steps = prepare_run(cfg, workers=cfg.pipeline.num_workers)
+    records = data.train.records
+    start = read_start(run, resume)
+    start.checkpoint = None  # each worker reads last.pt itself
+    if start.step >= steps:  # a finished run resumed: nothing left to train
+        run.set_progress("succeeded", start.step, steps, start.epoch)
+        return {e["network"]: e["stats"] for e in run.evals()}
+    stop, hub, started = StopRequested(), None, False
+    previous_handler, installed = None, False
+
+    def on_term(*_):  # the workers poll the hub: they checkpoint and leave with state "stopped"
+        stop.flag = True
+        if hub is not None:
+            hub.request_stop.remote()
+
     try:
-        records = data.train.records
-        start = read_start(run, resume)
-        start.checkpoint = None  # each worker reads last.pt itself
-        if start.step >= steps:  # a finished run resumed: nothing left to train
-            run.set_progress("succeeded", start.step, steps, start.epoch)
-            return {e["network"]: e["stats"] for e in run.evals()}
-        stop, hub, started = StopRequested(), None, False
-        previous_handler, installed = None, False
+        groups = ("a", "b") if split else ("a",)
+        if not (ray.is_initialized() or cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")):
+            ray_env.budget(cfg, groups, stream=not split, resources=ray_env.local_resources())  # before Ray
+        started = ray_env.connect(cfg)
+        budget = ray_env.budget(cfg, groups=groups, stream=not split)
+        hub = new_hub(cfg, start)
+        try:  # after ray.init, which installs its own SIGTERM handler in the driver
+            previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True
+        except ValueError:  # not the main thread: whoever runs us handles signals
+            pass
+        failures, records_ref = 0, None
+        while True:
+            run.set_progress("running", start.step, steps, start.epoch)
+            if stop.flag:
+                run.set_progress("stopped", start.step, steps, start.epoch)
+                return {}
+            loop_config = dict(cfg=cfg.to_dict(), hub=hub, total_steps=steps, num_images=len(records),
+                               start={k: v for k, v in vars(start).items() if k != "checkpoint"},
+                               progress=progress, observers=tuple(observers))
+            try:
+                if split:
+                    _fit_split(cfg, loop_config, hub)
+                else:  # the stream (assigned by the pool), or inline co-learning's (read and decoded only)
+                    from pipeline.plan_source import PlanSource, records_table
+                    from pipeline.stream import build_dataset, data_config
 
-        def on_term(*_):  # the workers poll the hub: they checkpoint and leave with state "stopped"
-            stop.flag = True
-            if hub is not None:
-                hub.request_stop.remote()
-
-        try:
-            groups = ("a", "b") if split else ("a",)
-            if not (ray.is_initialized() or cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")):
-                ray_env.budget(cfg, groups, stream=not split, resources=ray_env.local_resources())  # before Ray
-            started = ray_env.connect(cfg)
-            budget = ray_env.budget(cfg, groups=groups, stream=not split)
-            hub = new_hub(cfg, start)
-            try:  # after ray.init, which installs its own SIGTERM handler in the driver
-                previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True
-            except ValueError:  # not the main thread: whoever runs us handles signals
-                pass
-            failures, records_ref = 0, None
-            while True:
-                run.set_progress("running", start.step, steps, start.epoch)
-                if stop.flag:
-                    run.set_progress("stopped", start.step, steps, start.epoch)
-                    return {}
-                loop_config = dict(cfg=cfg.to_dict(), hub=hub, total_steps=steps, num_images=len(records),
-                                   start={k: v for k, v in vars(start).items() if k != "checkpoint"},
-                                   progress=progress, observers=tuple(observers))
+                    options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
+                    if records_ref is None:
+                        records_ref = ray.put(records_table(records))
+                    source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step)
+                    if not colad:
+                        ray.get(hub.set_plan.remote(source.offsets))
+                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers)
+                    fit_group(cfg.to_dict(), "inline" if colad else "stream", loop_config, datasets={"train": ds},
+                              dataset_config=data_config(options))
+                break
+            except Exception as e:
                 try:
-                    if split:
-                        _fit_split(cfg, loop_config, hub)
-                    else:  # the stream (assigned by the pool), or inline co-learning's (read and decoded only)
-                        from pipeline.plan_source import PlanSource, records_table
-                        from pipeline.stream import build_dataset, data_config
-
-                        options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
-                        if records_ref is None:
-                            records_ref = ray.put(records_table(records))
-                        source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step)
-                        if not colad:
-                            ray.get(hub.set_plan.remote(source.offsets))
-                        ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers)
-                        fit_group(cfg.to_dict(), "inline" if colad else "stream", loop_config, datasets={"train": ds},
-                                  dataset_config=data_config(options))
-                    break
-                except Exception as e:
-                    try:
-                        error, hub_lost = ray.get(hub.error_message.remote()), False
-                    except ray.exceptions.RayActorError:  # the hub's process died (the workers failed calling it)
-                        error, hub_lost = None, True
-                    if error:  # an error in our code: retrying would fail the same way
-                        raise RuntimeError(f"training failed: {error}") from e
-                    what = (f"the {hub_name(colad)}" if hub_lost else "a training worker" if
-                            isinstance(e, ray.train.TrainingFailedError) else None)  # else: not a lost process
-                    if what is None or stop.flag:
-                        raise
-                    if failures >= cfg.pipeline.max_failures:
-                        raise RunLost(f"{what} was lost ({type(e).__name__}) after {failures} recoveries "
-                                      f"(pipeline.max_failures); {run.last} is whole: run the same command again to "
-                                      "resume from it") from None
-                    failures += 1
-                    print(f"warning: {what} was lost ({type(e).__name__}); resuming from {run.last} "
-                          f"(recovery {failures} of {cfg.pipeline.max_failures})", file=sys.stderr)
-                    start = read_start(run, True)
-                    start.checkpoint = None
-                    if hub_lost:  # a new one, from the checkpoint (policy, step, best), as a restarted driver makes
-                        ray.kill(hub)  # frees the lost one's name in the cluster for the new one
-                        hub = new_hub(cfg, start)
-                    else:
-                        ray.get(hub.rewind.remote(start.step, start.best))  # forget what came after the checkpoint
-            result = ray.get(hub.result.remote())
-            if result.get("state") not in ("succeeded", "stopped"):
-                raise RuntimeError(f"training failed: {result.get('error', 'no result from the workers')}")
-            if colad:
-                summary = ray.get(hub.summary.remote())
-                run.write_json("colearn.json", summary)
-            run.set_progress(result["state"], result["step"], steps, result["epoch"])
-            return result.get("eval", {})
-        except BaseException as e:
-            run.fail(f"{type(e).__name__}: {e}")
-            raise
-        finally:
-            if installed:  # None: the previous handler was not Python's (Ray's, from C): back to the default
-                signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
-            if hub is not None and ray.is_initialized():
-                ray.kill(hub)
-            ray_env.shutdown(started)
+                    error, hub_lost = ray.get(hub.error_message.remote()), False
+                except ray.exceptions.RayActorError:  # the hub's process died (the workers failed calling it)
+                    error, hub_lost = None, True
+                if error:  # an error in our code: retrying would fail the same way
+                    raise RuntimeError(f"training failed: {error}") from e
+                if hub_lost:
+                    what = "the co-learning coordinator" if colad else "the stream monitor"
+                elif isinstance(e, ray.train.TrainingFailedError):  # a process of the group died
+                    what = "a training worker"
+                else:  # not a lost process
+                    raise
+                if stop.flag:
+                    raise
+                if failures >= cfg.pipeline.max_failures:
+                    raise RunLost(f"{what} was lost ({type(e).__name__}) after {failures} recoveries "
+                                  f"(pipeline.max_failures); {run.last} is whole: run the same command again to "
+                                  "resume from it") from None
+                failures += 1
+                print(f"warning: {what} was lost ({type(e).__name__}); resuming from {run.last} "
+                      f"(recovery {failures} of {cfg.pipeline.max_failures})", file=sys.stderr)
+                start = read_start(run, True)
+                start.checkpoint = None
+                if hub_lost:  # a new one, from the checkpoint (policy, step, best), as a restarted driver makes
+                    ray.kill(hub)  # frees the lost one's name in the cluster for the new one
+                    hub = new_hub(cfg, start)
+                else:
+                    ray.get(hub.rewind.remote(start.step, start.best))  # forget what came after the checkpoint
+        result = ray.get(hub.result.remote())
+        if result.get("state") not in ("succeeded", "stopped"):
+            raise RuntimeError(f"training failed: {result.get('error', 'no result from the workers')}")
+        if colad:
+            summary = ray.get(hub.summary.remote())
+            run.write_json("colearn.json", summary)
+        run.set_progress(result["state"], result["step"], steps, result["epoch"])
+        return result.get("eval", {})
+    except BaseException as e:
+        run.fail(f"{type(e).__name__}: {e}")
+        raise
     finally:
-        run.release()  # the run directory's lock (`prepare_run` took it)
+        if installed:  # None: the previous handler was not Python's (Ray's, from C): back to the default
+            signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
+        if hub is not None and ray.is_initialized():
+            ray.kill(hub)
+        ray_env.shutdown(started)

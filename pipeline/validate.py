@@ -76,11 +76,6 @@ def score(dataset: CocoDataset, detections: np.ndarray) -> tuple[dict[str, float
     return coco_evaluate(dataset.coco, detections_list(detections), image_ids=[r.image_id for r in dataset.records])
 
 
-def evaluate_network(model, anchors_fn, dataset: CocoDataset, input_size, cfg: InferenceConfig,
-                     device: torch.device, progress: bool = False) -> tuple[dict[str, float], str]:
-    return score(dataset, predict_array(model, anchors_fn, dataset, input_size, cfg, device, progress=progress))
-
-
 _TABLE_ROWS = [
     ("Average Precision", "AP", "0.50:0.95", "all", 100), ("Average Precision", "AP", "0.50", "all", 100),
     ("Average Precision", "AP", "0.75", "all", 100), ("Average Precision", "AP", "0.50:0.95", "small", 100),

@@ -25,16 +25,19 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write atomically: on any failure the previous file at `path` is untouched. torch reports a short write (a
     full disk, a file-size limit) as an opaque RuntimeError; it is raised again as an OSError that says so."""
     path = Path(path)
+
+    def failed(reason: str) -> str:
+        return (f"{path}: writing the checkpoint failed ({reason}); the previous {path.name} is unchanged; check "
+                f"the free space of {path.parent}")
+
     try:
         atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
     except OSError as e:
-        raise OSError(e.errno, f"{path}: writing the checkpoint failed ({e.strerror or e}); the previous "
-                      f"{path.name} is unchanged; check the free space of {path.parent}") from e
+        raise OSError(e.errno, failed(e.strerror or str(e))) from e
     except RuntimeError as e:
         if not any(sign in str(e) for sign in ("inline_container", "PytorchStreamWriter", "unexpected pos")):
             raise  # not the write: e.g. something in the payload that cannot be saved
-        raise OSError(f"{path}: writing the checkpoint failed ({str(e).splitlines()[0][:160]}); the previous "
-                      f"{path.name} is unchanged; check the free space of {path.parent}") from e
+        raise OSError(failed(str(e).splitlines()[0][:160])) from e
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -109,7 +109,7 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing:
             raise CheckpointError(f"model.pretrained {cfg.pretrained}: not ResNet-{cfg.depth} weights "
-                             f"(missing {len(missing)} keys, e.g. {missing[:3]})")
+                                  f"(missing {len(missing)} keys, e.g. {missing[:3]})")
     c_levels = [lv for lv in cfg.fpn_levels if lv <= 5]
     channels = [body.inplanes // 8 * 2 ** (lv - 2) for lv in c_levels]  # C2..C5 widths for either block type
     return_layers = {f"layer{lv - 1}": str(i) for i, lv in enumerate(c_levels)}
