@@ -100,11 +100,12 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
     else:  # split: both groups must see the same images in the same order, so each follows the plan itself
         from pipeline.split import SplitStepper
         from trainer.colad import SideEngine, side_state
+        from trainer.network import trainable
 
         batches = planned_batches(cfg, load_coco(cfg.data.train, cfg.data.image_root), start, total, rank, world)
         engine = SideEngine(cfg, group, device, total)
         if checkpoint is not None:
-            engine.load_state(side_state(checkpoint, group, len(list(engine.model.parameters()))))
+            engine.load_state(side_state(checkpoint, group, len(trainable(engine.model))))
         stepper = SplitStepper(cfg, run, group, engine, device, val, hub, total, collective)
     del checkpoint
     out = train_loop(cfg, stepper, batches, start, total=total, num_images=config["num_images"],

@@ -65,6 +65,12 @@ class ModelConfig(_Strict):
     head_convs: int = Field(2, ge=0, le=8)
     head_channels: int = Field(64, ge=8)
     octave_base_scale: float = Field(8.0, gt=0)
+    frozen_stages: int = Field(
+        -1, ge=-1, le=4, description="as MMDetection's ResNet: -1 trains every stage; 0 freezes the stem; N "
+        "freezes the stem and layers 1..N (no gradients, no optimizer state, their BatchNorms kept in eval mode). "
+        "For pretrained backbones; the official configs use 1")
+    norm_eval: bool = Field(False, description="keep every backbone BatchNorm in eval mode while training: "
+                            "running statistics stay those of the pretrained weights (the official configs: true)")
 
     @field_validator("fpn_levels")
     @classmethod
@@ -83,6 +89,9 @@ class AssignConfig(_Strict):
     topk: int = Field(9, ge=1)
     iou_thr: float = Field(0.1, gt=0.0, le=1.0)
     gmm: Literal["torch", "sklearn"] = "torch"
+    single_candidate: Literal["keep", "drop"] = Field(
+        "keep", description="a GT with a single candidate anchor: keep it as that GT's positive (ours), or drop the "
+        "GT from the selection, as every official training head does (the GMM needs two)")
 
 
 class LossConfig(_Strict):
@@ -99,6 +108,9 @@ class DistillConfig(_Strict):
     box_weight: Optional[float] = Field(None, ge=0)
     min_iou: Optional[float] = Field(None, ge=0, le=1)
     gamma: float = Field(0.5, ge=0)
+    focal_smoothing: float = Field(
+        0.0, ge=0, description="focal factor of the KD terms: 0 gives |t - p|^gamma (ours); e > 0 gives "
+        "((t - p)^2 + e)^(gamma / 2), the official FocalKLLoss with e = 1e-6")
 
 
 KD_DEFAULTS = {  # one entry per mode with `soft` (schemas.modes)
@@ -138,9 +150,15 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     warmup_ratio: float = Field(0.001, gt=0, le=1)
+    warmup_max_fraction: Optional[float] = Field(
+        None, gt=0, le=1, description="cap the warm-up at this fraction of the run's steps (rounded up), so a short "
+        "run warms up over the same share of its length as the reference schedule")
     milestones: list[float] = Field(default_factory=lambda: [0.75, 0.9], description="fractions of the total steps")
     gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: Optional[float] = Field(35.0, gt=0)
+    recipe: Literal["lad", "official"] = Field(
+        "lad", description="lad: this project's defaults; official: the defaults of the official LAD/CoLAD configs "
+        "(schemas.config.OFFICIAL_RECIPE; docs/decisions.md has the table). Fields set explicitly win")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: only at the end)")
     checkpoint_every: int = Field(200, ge=1, description="also checkpoint every N steps")
@@ -217,6 +235,65 @@ class PipelineConfig(_Strict):
         return self.max_batches_ahead or (self.prefetch_batches + 4) * self.num_workers
 
 
+# The official 1x schedule (CoLAD's configs/_base_/schedules/schedule_1x.py): 12 epochs with LR steps at epochs 8
+# and 11, linear warm-up over 500 iterations from 0.001, no gradient clipping. 12 epochs of COCO train2017's
+# 117,266 images with annotations at 16 images a batch are 87,960 iterations; 500 of them are 0.57 % of the run.
+OFFICIAL_ITERATIONS = 87_960
+OFFICIAL_RECIPE: dict[str, Any] = {  # dotted field -> the official value (docs/decisions.md names each source)
+    "train.milestones": [8 / 12, 11 / 12],
+    "train.grad_clip": None,
+    "train.warmup_steps": 500,
+    "train.warmup_ratio": 0.001,
+    "train.warmup_max_fraction": 500 / OFFICIAL_ITERATIONS,
+    "assign.single_candidate": "drop",
+    "distill.focal_smoothing": 1e-6,
+}
+
+
+def official_values(raw: dict) -> dict[str, Any]:
+    """`train.recipe: official` for this (raw) config: `OFFICIAL_RECIPE`, plus what depends on the mode and the
+    backbones. The student's GIoU is unweighted where another network assigns (PAA_LAD_Head, which SoLAD's student
+    uses too, and the CoLAD head), IoU-weighted where the student assigns itself (PAAHead). A pretrained backbone
+    gets `frozen_stages: 1, norm_eval: true` (_paa_distil_fpn.py); one trained from scratch keeps every stage."""
+    values = dict(OFFICIAL_RECIPE)
+    mode = raw.get("mode", "paa")
+    if mode in MODES:
+        values["loss.box_iou_weighted"] = mode_spec(mode).assigner not in ("teacher", "pair")
+    for section in ("model", "colearn.model_b"):
+        node = _section(raw, section)
+        if isinstance(node, dict) and node.get("pretrained"):
+            values[f"{section}.frozen_stages"] = 1
+            values[f"{section}.norm_eval"] = True
+    return values
+
+
+def _section(raw: dict, dotted: str) -> Any:
+    node: Any = raw
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def resolve_recipe(raw: Any) -> Any:
+    """A raw config with `train.recipe: official` gets every official value it does not set itself; any other
+    config comes back as it is. Idempotent, so a run's resolved config.yaml reads back to the same run."""
+    if not isinstance(raw, dict) or _section(raw, "train.recipe") != "official":
+        return raw
+    raw = copy.deepcopy(raw)
+    for dotted, value in official_values(raw).items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                break  # not a section: validation names the field
+        else:
+            node.setdefault(leaf, copy.deepcopy(value))
+    return raw
+
+
 class RunConfig(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     mode: Mode = "paa"
@@ -233,6 +310,11 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data):
+        return resolve_recipe(data)
 
     @model_validator(mode="after")
     def _mode_needs(self) -> "RunConfig":

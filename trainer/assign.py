@@ -183,17 +183,18 @@ def _candidate_table(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], 
     return table_loss, table_anchor >= 0, table_anchor
 
 
-def _separate(component: Tensor, score: Tensor, valid: Tensor) -> Tensor:
+def _separate(component: Tensor, score: Tensor, valid: Tensor, keep_single: bool = True) -> Tensor:
     """PAA's scheme (c): positives are the low-loss component's members up to its highest-scoring one.
 
-    Rows are in ascending loss. Rows with a single candidate keep it; rows without a low-loss member get none.
+    Rows are in ascending loss. Rows with a single candidate keep it (`keep_single`) or get none, as the official
+    heads' "gmm needs at least two samples"; rows without a low-loss member get none.
     """
     count = valid.sum(dim=1, keepdim=True)
     foreground = valid & (component == 0)
     best = torch.where(foreground, score, -torch.inf).argmax(dim=1, keepdim=True)  # first max: lower loss
     column = torch.arange(valid.shape[1], device=valid.device)
     positive = foreground & (column <= best)
-    return torch.where(count >= 2, positive, valid & (count == 1))
+    return torch.where(count >= 2, positive, valid & (count == 1) & keep_single)
 
 
 def _sklearn_fit(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +220,8 @@ def _sklearn_fit(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return component[0].numpy(), score[0].numpy()
 
 
-def _select_reference(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int], topk: int) -> Tensor:
+def _select_reference(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int], topk: int,
+                      keep_single: bool = True) -> Tensor:
     """The official `paa_reassign` + `gmm_separation_scheme`, GT by GT with scikit-learn (deterministic ties)."""
     pos_mask = torch.zeros_like(cand_gt, dtype=torch.bool)
     cand = cand_gt.cpu().numpy()
@@ -237,7 +239,8 @@ def _select_reference(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level
         idx = np.concatenate(per_level)
         idx = idx[np.argsort(losses[idx], kind="stable")]
         if idx.size < 2:
-            chosen.append(pos_inds[idx])  # a single candidate stays positive
+            if keep_single:
+                chosen.append(pos_inds[idx])  # a single candidate stays positive
             continue
         component, score = _sklearn_fit(losses[idx])
         foreground = pos_inds[idx[component == 0]]
@@ -249,11 +252,13 @@ def _select_reference(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level
 
 
 def paa_select_batch(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], num_anchors_per_level: list[int],
-                     topk: int = 9, gmm: str = "torch") -> list[tuple[Tensor, Tensor]]:
+                     topk: int = 9, gmm: str = "torch", keep_single: bool = True) -> list[tuple[Tensor, Tensor]]:
     """PAA's selection for every image of a batch (all sharing the same anchors), with one batched EM over all
-    their GTs. Returns [(pos_mask [A], ignore_mask [A])] per image."""
+    their GTs. Returns [(pos_mask [A], ignore_mask [A])] per image. `keep_single=False` drops GTs with a single
+    candidate (`assign.single_candidate: drop`)."""
     if gmm == "sklearn":
-        return [(_select_reference(losses, cand, num_anchors_per_level, topk), torch.zeros_like(cand, dtype=torch.bool))
+        return [(_select_reference(losses, cand, num_anchors_per_level, topk, keep_single),
+                 torch.zeros_like(cand, dtype=torch.bool))
                 for losses, cand in zip(pos_losses_list, cand_gt_list)]
     if gmm != "torch":
         raise ValueError(f"gmm must be 'torch' or 'sklearn', got {gmm!r}")
@@ -263,7 +268,7 @@ def paa_select_batch(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], 
         table_loss, valid, table_anchor = _candidate_table(pos_losses_list, [c.long() for c in cand_gt_list],
                                                            num_anchors_per_level, topk)
         component, score = fit_predict_1d(table_loss, valid)
-        positive_anchor = table_anchor[_separate(component, score, valid)]
+        positive_anchor = table_anchor[_separate(component, score, valid, keep_single)]
     num_images, num_anchors = len(cand_gt_list), cand_gt_list[0].numel()
     pos_flat = torch.zeros(num_images * num_anchors, dtype=torch.bool, device=cand_gt_list[0].device)
     pos_flat[positive_anchor] = True
@@ -272,16 +277,18 @@ def paa_select_batch(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], 
 
 
 def paa_select(pos_losses: Tensor, cand_gt: Tensor, num_anchors_per_level: list[int], topk: int = 9,
-               gmm: str = "torch") -> tuple[Tensor, Tensor]:
+               gmm: str = "torch", keep_single: bool = True) -> tuple[Tensor, Tensor]:
     """PAA's selection for one image: (pos_mask [A], ignore_mask [A]); see the CONTRACT."""
-    return paa_select_batch([pos_losses], [cand_gt], num_anchors_per_level, topk=topk, gmm=gmm)[0]
+    return paa_select_batch([pos_losses], [cand_gt], num_anchors_per_level, topk=topk, gmm=gmm,
+                            keep_single=keep_single)[0]
 
 
 def select_labels(pos_losses: list[Tensor], cand_gt: list[Tensor], num_anchors_per_level: list[int],
-                  gt_labels: list[Tensor], num_classes: int, topk: int = 9, gmm: str = "torch") -> BatchLabels:
+                  gt_labels: list[Tensor], num_classes: int, topk: int = 9, gmm: str = "torch",
+                  keep_single: bool = True) -> BatchLabels:
     """PAA's selection over the batch in one call (`paa_select_batch`), as the labels a student trains on: the
     class of each positive's GT (`num_classes` elsewhere), its GT index (-1 elsewhere) and the ignored anchors."""
-    masks = paa_select_batch(pos_losses, cand_gt, num_anchors_per_level, topk=topk, gmm=gmm)
+    masks = paa_select_batch(pos_losses, cand_gt, num_anchors_per_level, topk=topk, gmm=gmm, keep_single=keep_single)
     labels, gt_index, ignore = [], [], []
     for (pos, ign), cand, lab in zip(masks, cand_gt, gt_labels):
         cls = torch.full_like(cand, num_classes)
@@ -304,22 +311,23 @@ class BatchAssignment:
 
 def paa_assign_batch(anchors: Tensor, num_anchors_per_level: list[int], cls_logits: Tensor, box_deltas: Tensor,
                      gt_boxes: list[Tensor], gt_labels: list[Tensor], *, topk: int = 9, iou_thr: float = 0.1,
-                     gmm: str = "torch") -> BatchAssignment:
+                     gmm: str = "torch", keep_single: bool = True) -> BatchAssignment:
     """The whole PAA assignment of a batch scored by one network (cls_logits [B, A, C], box_deltas [B, A, 4]):
     candidates, their losses, one batched GMM selection over every GT of the batch, labels."""
     cand_gt = preassign_batch(anchors, gt_boxes, iou_thr)
     pos_losses = candidate_losses_batch(anchors, cls_logits, box_deltas, gt_boxes, gt_labels, cand_gt)
-    labels = select_labels(pos_losses, cand_gt, num_anchors_per_level, gt_labels, cls_logits.shape[-1], topk, gmm)
+    labels = select_labels(pos_losses, cand_gt, num_anchors_per_level, gt_labels, cls_logits.shape[-1], topk, gmm,
+                           keep_single)
     return BatchAssignment(labels, cand_gt, pos_losses)
 
 
 def paa_assign(anchors: Tensor, num_anchors_per_level: list[int], cls_logits: Tensor, box_deltas: Tensor,
                gt_boxes: Tensor, gt_labels: Tensor, *, topk: int = 9, iou_thr: float = 0.1,
-               gmm: str = "torch") -> Assignment:
+               gmm: str = "torch", keep_single: bool = True) -> Assignment:
     """The whole PAA assignment of one image from the scoring network's outputs (cls_logits [A, C], deltas [A, 4]):
     `paa_assign_batch` on a batch of one."""
     batch = paa_assign_batch(anchors, num_anchors_per_level, cls_logits[None], box_deltas[None], [gt_boxes],
-                             [gt_labels], topk=topk, iou_thr=iou_thr, gmm=gmm)
+                             [gt_labels], topk=topk, iou_thr=iou_thr, gmm=gmm, keep_single=keep_single)
     labels = batch.labels
     ignore_mask = labels.ignore[0]
     return Assignment(labels=labels.labels[0], label_weights=(~ignore_mask).float(), gt_index=labels.gt_index[0],

@@ -118,7 +118,7 @@ def colad_assign(cfg: RunConfig, losses_a: list[Tensor], losses_b: list[Tensor],
     choice = colad_choose(losses_a, losses_b, cand_gt, num_anchors_per_level, policy, step)
     a = cfg.assign
     labels = select_labels(choice.merged, cand_gt, num_anchors_per_level, gt_labels, cfg.model.num_classes, a.topk,
-                           a.gmm)
+                           a.gmm, a.single_candidate == "keep")
     return labels, choice
 
 

@@ -110,7 +110,8 @@ class Engine:
     def _kd_loss(self, out: HeadOutputs, targets: SoftTargets, anchors: Tensor) -> dict[str, Tensor]:
         d = self.cfg.distill
         return soft_label_kd(out.cls_logits, out.box_deltas, out.iou_logits, targets, anchors,
-                             cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight, gamma=d.gamma)
+                             cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight, gamma=d.gamma,
+                             focal_smoothing=d.focal_smoothing)
 
     # -- the step ------------------------------------------------------------------------------------------------
     def step(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> StepResult:

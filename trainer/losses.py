@@ -81,18 +81,22 @@ def detection_loss(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor, a
     return {"loss_cls": cls_weight * loss_cls, "loss_box": box_weight * loss_box, "loss_iou": iou_weight * loss_iou}
 
 
-def bernoulli_kd(student_logits: Tensor, teacher_prob: Tensor, gamma: float = 0.5) -> Tensor:
-    """Elementwise KL(t || p) between Bernoulli(t) and Bernoulli(sigmoid(student)), times |t - p|^gamma.
+def bernoulli_kd(student_logits: Tensor, teacher_prob: Tensor, gamma: float = 0.5, smoothing: float = 0.0) -> Tensor:
+    """Elementwise KL(t || p) between Bernoulli(t) and Bernoulli(sigmoid(student)), times a focal factor:
+    |t - p|^gamma, or with `smoothing` e > 0 the official FocalKLLoss's ((t - p)^2 + e)^(gamma / 2).
 
     Takes the teacher as a probability (t = sigmoid(teacher logit) in-process, or the streamed fp16 soft label);
-    the student side uses log-sigmoid so saturated logits stay finite. The focal factor is clamped away from 0 so
-    that equal inputs give zero loss and a zero (not NaN) gradient.
+    the student side uses log-sigmoid so saturated logits stay finite. Unsmoothed, the factor is clamped away from
+    0 so that equal inputs give zero loss and a zero (not NaN) gradient.
     """
     t = teacher_prob
     p = torch.sigmoid(student_logits)
     kl = torch.xlogy(t, t) - t * F.logsigmoid(student_logits) + \
         torch.xlogy(1 - t, 1 - t) - (1 - t) * F.logsigmoid(-student_logits)
-    focal = (t - p).abs().clamp(min=1e-12).pow(gamma)
+    if smoothing > 0:
+        focal = ((t - p).square() + smoothing).pow(gamma / 2)
+    else:
+        focal = (t - p).abs().clamp(min=1e-12).pow(gamma)
     return kl * focal
 
 
@@ -130,17 +134,17 @@ def soft_targets(teacher_cls: Tensor, teacher_deltas: Tensor, teacher_iou: Tenso
 
 def soft_label_kd(student_cls: Tensor, student_deltas: Tensor, student_iou: Tensor, targets: SoftTargets,
                   anchors: Tensor, *, cls_weight: float, iou_weight: float, box_weight: float,
-                  gamma: float = 0.5) -> dict[str, Tensor]:
+                  gamma: float = 0.5, focal_smoothing: float = 0.0) -> dict[str, Tensor]:
     """The official soft-label KD: KL on all anchors and classes; IoU-branch KL and GIoU to the teacher's box on the
     selected anchors (box term weighted by the overlap); every term averaged by the sum of those overlaps."""
     w = targets.weight
     norm = w.sum().clamp(min=1.0)
-    loss_cls = bernoulli_kd(student_cls, targets.cls_prob, gamma).sum() / norm
+    loss_cls = bernoulli_kd(student_cls, targets.cls_prob, gamma, focal_smoothing).sum() / norm
     if w.numel() == 0:
         zero = student_deltas.sum() * 0 + student_iou.sum() * 0
         return {"kd_cls": cls_weight * loss_cls, "kd_iou": zero, "kd_box": zero}
     b, a = targets.batch_idx, targets.anchor_idx
-    loss_iou = bernoulli_kd(student_iou[b, a], targets.iou_prob, gamma).sum() / norm
+    loss_iou = bernoulli_kd(student_iou[b, a], targets.iou_prob, gamma, focal_smoothing).sum() / norm
     student_boxes = decode(anchors[a], student_deltas[b, a])
     teacher_boxes = decode(anchors[a], targets.deltas)
     loss_box = (generalized_box_iou_loss(student_boxes, teacher_boxes, reduction="none") * w).sum() / norm

@@ -119,17 +119,43 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
     return BackboneWithFPN(body, return_layers, channels, cfg.fpn_channels, extra_blocks=extra)
 
 
+def frozen_stages(body: nn.Module, stages: int) -> list[nn.Module]:
+    """The ResNet parts `model.frozen_stages` freezes, as MMDetection's ResNet: -1 none, 0 the stem (conv1, bn1),
+    N the stem and layer1..layerN."""
+    if stages < 0:
+        return []
+    return [body.conv1, body.bn1] + [getattr(body, f"layer{i}") for i in range(1, stages + 1)]
+
+
 class PAADetector(nn.Module):
-    """Takes uint8 (or float 0-255) images [B,3,S,S], normalises them itself, returns `HeadOutputs`."""
+    """Takes uint8 (or float 0-255) images [B,3,S,S], normalises them itself, returns `HeadOutputs`.
+
+    With `frozen_stages` the frozen parts take no gradient and stay in eval mode; with `norm_eval` every backbone
+    BatchNorm stays in eval mode, so its running statistics are the pretrained ones (affine weights still train
+    unless frozen). `train()` keeps both, whoever calls it."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
+        self._frozen = frozen_stages(self.backbone.body, cfg.frozen_stages)
+        for part in self._frozen:
+            part.requires_grad_(False)
         self.head = PAAHead(cfg.fpn_channels, cfg.num_classes, len(cfg.fpn_levels), cfg.head_convs,
                             cfg.head_channels)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def train(self, mode: bool = True) -> "PAADetector":
+        super().train(mode)
+        if mode:
+            for part in self._frozen:
+                part.eval()
+            if self.cfg.norm_eval:
+                for m in self.backbone.body.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
 
     def features(self, images: Tensor) -> list[Tensor]:
         x = (images.float() - self.mean) / self.std
@@ -142,4 +168,4 @@ class PAADetector(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> PAADetector:
-    return PAADetector(cfg)
+    return PAADetector(cfg).train()

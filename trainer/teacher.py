@@ -38,7 +38,8 @@ def assign_hard(cfg: RunConfig, scorer: HeadOutputs, anchors: Tensor, num_anchor
     the run's `assign` settings: `trainer.assign.paa_assign_batch`."""
     a = cfg.assign
     return paa_assign_batch(anchors, num_anchors_per_level, scorer.cls_logits, scorer.box_deltas, gt_boxes,
-                            gt_labels, topk=a.topk, iou_thr=a.iou_thr, gmm=a.gmm).labels
+                            gt_labels, topk=a.topk, iou_thr=a.iou_thr, gmm=a.gmm,
+                            keep_single=a.single_candidate == "keep").labels
 
 
 def assign_soft(cfg: RunConfig, teacher_out: HeadOutputs, anchors: Tensor, gt_boxes: list[Tensor]) -> SoftTargets:
