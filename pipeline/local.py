@@ -57,7 +57,7 @@ class Datasets:
 
 def load_datasets(cfg: RunConfig) -> Datasets:
     train = load_coco(cfg.data.train, cfg.data.image_root)
-    val = load_coco(cfg.data.val, cfg.data.image_root) if cfg.data.val else None
+    val = load_coco(cfg.data.val, cfg.data.val_root) if cfg.data.val else None
     n = len(train.categories)
     if n != cfg.model.num_classes:
         raise ConfigError(f"{cfg.data.train}: has {n} categories but model.num_classes is "
@@ -68,7 +68,8 @@ def load_datasets(cfg: RunConfig) -> Datasets:
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """A copy with every path resolved here, on the driver: Ray workers may run in another directory."""
     cfg = cfg.model_copy(deep=True)
-    fields = [(cfg.data, "train"), (cfg.data, "val"), (cfg.data, "image_root"), (cfg.teacher, "checkpoint"),
+    fields = [(cfg.data, "train"), (cfg.data, "val"), (cfg.data, "image_root"),
+              (cfg.data, "val_image_root"), (cfg.teacher, "checkpoint"),
               (cfg.model, "pretrained"), (cfg.colearn, "checkpoint_a"), (cfg.colearn, "checkpoint_b")]
     if cfg.colearn.model_b is not None:
         fields.append((cfg.colearn.model_b, "pretrained"))

@@ -79,7 +79,7 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
     run = RunDir(cfg.run_dir)
     start = Start(**config["start"])
     total, collective = config["total_steps"], Collective(rank, world)
-    val = load_coco(cfg.data.val, cfg.data.image_root) if cfg.data.val else None  # each rank predicts a shard
+    val = load_coco(cfg.data.val, cfg.data.val_root) if cfg.data.val else None  # each rank predicts a shard
     checkpoint = None
     if start.resumed:
         from trainer.checkpoint import load_checkpoint

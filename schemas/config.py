@@ -35,6 +35,12 @@ class DataConfig(_Strict):
     train: str = "data/digits/train.json"
     val: Optional[str] = "data/digits/val.json"
     image_root: Optional[str] = Field(None, description="directory file_names are relative to; default: the json's")
+    val_image_root: Optional[str] = Field(
+        None, description="the same for data.val (COCO keeps train2017/ and val2017/ apart); default: image_root")
+
+    @property
+    def val_root(self) -> Optional[str]:
+        return self.val_image_root or self.image_root
     input_size: Union[int, tuple[int, int]] = Field(
         128, description="one number S: letterbox every image into an S x S square; a pair [long, short], e.g. "
         "[1333, 800] as the COCO recipes: resize keeping the aspect ratio to fit long x short, and pad each batch "

@@ -24,10 +24,10 @@ MIN_TOKEN_CHARS = 16
 TOKEN_ENV = "LAD_API_TOKEN"
 
 # Input files a run reads: allowed under any data root or the runs root (checkpoints live in run directories).
-INPUT_PATH_FIELDS = ("data.train", "data.val", "data.image_root", "teacher.checkpoint", "colearn.checkpoint_a",
-                     "colearn.checkpoint_b", "model.pretrained", "colearn.model_b.pretrained")
+INPUT_PATH_FIELDS = ("data.train", "data.val", "data.image_root", "data.val_image_root", "teacher.checkpoint",
+                     "colearn.checkpoint_a", "colearn.checkpoint_b", "model.pretrained", "colearn.model_b.pretrained")
 # Datasets must exist when the run is posted; checkpoints may be written by a run queued ahead of this one.
-MUST_EXIST_FIELDS = ("data.train", "data.val", "data.image_root")
+MUST_EXIST_FIELDS = ("data.train", "data.val", "data.image_root", "data.val_image_root")
 OUTPUT_PATH_FIELD = "output_dir"  # allowed under the runs root only
 
 

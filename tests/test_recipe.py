@@ -157,3 +157,36 @@ def test_without_norm_eval_bn_statistics_move_and_frozen_stages_alone_keep_their
     assert torch.equal(stem, body.bn1.running_mean)            # a frozen stage stays in eval mode
     assert not torch.equal(later, body.layer1[0].bn1.running_mean)
     assert engine.model.training and not body.bn1.training and body.layer1[0].bn1.training
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_the_coco_config_with_the_official_recipe_validates_and_resolves():
+    from schemas.config import load_config
+
+    cfg = load_config(REPO / "configs/lad_coco_official.yaml")
+    assert cfg.train.recipe == "official" and cfg.train.milestones == [8 / 12, 11 / 12]
+    assert (cfg.model.frozen_stages, cfg.model.norm_eval, cfg.loss.box_iou_weighted) == (1, True, False)
+    assert cfg.data.val_root.endswith("val2017") and cfg.data.image_root.endswith("train2017")
+
+
+def test_validation_images_under_their_own_root(tmp_path):
+    """COCO keeps train2017/ and val2017/ apart: `data.val_image_root` reads the validation file's images there."""
+    import shutil
+
+    from pipeline.local import load_datasets
+    from pipeline.errors import DatasetError
+    from tests.tiny import make_data, tiny_config
+
+    data = make_data(tmp_path / "d", num_train=4, num_val=2)
+    shutil.move(str(data / "images" / "val"), str(tmp_path / "valroot"))
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa")
+    with pytest.raises(DatasetError, match="val.json.*not found"):
+        load_datasets(cfg)
+    (tmp_path / "vr" / "images").mkdir(parents=True)
+    shutil.move(str(tmp_path / "valroot"), str(tmp_path / "vr" / "images" / "val"))
+    cfg.data.val_image_root = str(tmp_path / "vr")
+    both = load_datasets(cfg)
+    assert len(both.val.records) == 2 and len(both.train.records) == 4
+    assert all(r.path.startswith(str(tmp_path / "vr")) for r in both.val.records)
