@@ -231,8 +231,8 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
         except ValueError:  # not the main thread: whoever runs us handles signals
             pass
         failures, records_ref = 0, None
+        run.set_progress("running", start.step, steps, start.epoch)  # "recovering" below until a step is logged
         while True:
-            run.set_progress("running", start.step, steps, start.epoch)
             if stop.flag:
                 run.set_progress("stopped", start.step, steps, start.epoch)
                 return {}
@@ -276,10 +276,13 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                                   f"(pipeline.max_failures); {run.last} is whole: run the same command again to "
                                   "resume from it") from None
                 failures += 1
-                print(f"warning: {what} was lost ({type(e).__name__}); resuming from {run.last} "
+                reason = f"{what} was lost ({type(e).__name__})"
+                print(f"warning: {reason}; resuming from {run.last} "
                       f"(recovery {failures} of {cfg.pipeline.max_failures})", file=sys.stderr)
                 start = read_start(run, True)
                 start.checkpoint = None
+                run.set_progress("recovering", start.step, steps, start.epoch, recovery={
+                    "attempt": failures, "max": cfg.pipeline.max_failures, "reason": reason, "since": time.time()})
                 if hub_lost:  # a new one, from the checkpoint (policy, step, best), as a restarted driver makes
                     ray.kill(hub)  # frees the lost one's name in the cluster for the new one
                     hub = new_hub(cfg, start)

@@ -56,6 +56,11 @@ class Progress(BaseModel):
     epoch: Optional[int] = None
     error: Optional[str] = None
     pid: Optional[int] = None
+    recovery: Optional[dict[str, Any]] = Field(
+        None, description="with state 'recovering' (engine ray): a lost process (a training worker, the stream "
+        "monitor, the co-learning coordinator) is being replaced and the run resumes from its last checkpoint, "
+        "`step`. {attempt, max (pipeline.max_failures), reason, since (epoch seconds)}. The run's own state stays "
+        "'running'")
 
 
 class Checkpoint(_Out):

@@ -4,7 +4,9 @@
     categories.json      the training file's categories, [{"id", "name"}] in class-index order (checkpoints copy it)
     metrics.jsonl        one JSON object per logged step
     eval.json            a list of {"epoch", "step", "network", "stats": {AP, AP50, ...}}
-    progress.json        {"state", "step", "total_steps", "epoch", "error", "pid"}, rewritten atomically
+    progress.json        {"state", "step", "total_steps", "epoch", "error", "pid", "time"}, rewritten atomically;
+                         state running | recovering (with "recovery": attempt, max, reason) | succeeded |
+                         stopped | failed
     checkpoints/last.pt  and best.pt (by AP)
     control/roles.json   written by the control plane to change the CoLAD role policy mid-run
     logs/stdout.log      the run's output, and logs/stderr.log (its last line: the one-line failure message),
@@ -232,10 +234,15 @@ class RunDir:
         atomic_write_text(self.path / name, json.dumps(json_ready(data)))
 
     # ---- progress.json ----------------------------------------------------------------------------------
-    def set_progress(self, state: str, step: int, total_steps: int, epoch: int, error: str | None = None) -> None:
-        atomic_write_text(self.progress_path, json.dumps(
-            {"state": state, "step": step, "total_steps": total_steps, "epoch": epoch, "error": error,
-             "pid": os.getpid(), "time": time.time()}))
+    def set_progress(self, state: str, step: int, total_steps: int, epoch: int, error: str | None = None,
+                     recovery: dict[str, Any] | None = None) -> None:
+        """`recovery` ({"attempt", "max", "reason"}) goes with state `recovering`: a lost process is being
+        replaced and the run resumes from `step`, its last checkpoint, until the new workers log a step."""
+        record = {"state": state, "step": step, "total_steps": total_steps, "epoch": epoch, "error": error,
+                  "pid": os.getpid(), "time": time.time()}
+        if recovery is not None:
+            record["recovery"] = recovery
+        atomic_write_text(self.progress_path, json.dumps(record))
 
     def fail(self, error: str) -> None:
         """State `failed` with its one-line reason, at the step and epoch the run had reached."""

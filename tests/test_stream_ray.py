@@ -147,6 +147,39 @@ def test_run_ahead_stays_within_its_bound_when_the_teacher_is_much_faster(ray_se
     assert all(m["object_store_peak_bytes"] >= m["object_store_bytes"] >= 0 for m in steps)
 
 
+class ProgressWatcher:
+    """Every distinct progress.json a run writes, read every 20 ms from a thread (what GET /runs/{id} shows)."""
+
+    def __init__(self, path):
+        import threading
+        self.path, self.seen, self.done = path, [], threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        while not self.done.is_set():
+            try:
+                p = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                p = None
+            if p and (not self.seen or p != self.seen[-1]):
+                self.seen.append(p)
+            self.done.wait(0.02)
+
+    def __enter__(self):
+        self.thread.start()
+        return self.seen
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self._watch_once()
+
+    def _watch_once(self):
+        p = json.loads(self.path.read_text())
+        if not self.seen or p != self.seen[-1]:
+            self.seen.append(p)
+
+
 def test_two_workers_recover_when_one_is_killed_from_outside(ray_session, tiny):
     """2 DDP workers: the test SIGKILLs rank 1's process (its pid from the trace) after its 2nd step. The surviving
     rank's collective fails ("Connection closed by peer"): a lost peer, not a bug, so the driver resumes from
@@ -161,9 +194,15 @@ def test_two_workers_recover_when_one_is_killed_from_outside(ray_session, tiny):
                       train={"epochs": 2, "checkpoint_every": 1}, pipeline={"num_workers": 2, "max_failures": 1})
     cfg.name = "lost_peer"
     trace = trace_dir / "trace.rank1.jsonl"
-    with KillFromOutside(trace, lambda steps: steps[-1]["step"] >= 2) as kill:
+    with KillFromOutside(trace, lambda steps: steps[-1]["step"] >= 2) as kill, \
+            ProgressWatcher(cfg.run_dir / "progress.json") as seen:
         stream_train(cfg, progress=False, observers=(Tracer(trace_dir, step_sleep_s=0.3),))
     assert kill.killed, "rank 1 was not killed"
+    recovering = [p for p in seen if p["state"] == "recovering"]
+    assert recovering, f"the recovery never showed in progress.json: {[p['state'] for p in seen]}"
+    assert recovering[0]["recovery"]["attempt"] == 1 and recovering[0]["recovery"]["max"] == 1
+    assert "a training worker was lost" in recovering[0]["recovery"]["reason"]
+    assert seen.index(recovering[-1]) < len(seen) - 1 and seen[-1]["state"] == "succeeded"
     assert_exactly_once(trace_dir, image_ids(data), epochs=2)
     progress = json.loads((cfg.run_dir / "progress.json").read_text())
     assert progress["state"] == "succeeded" and progress["step"] == progress["total_steps"] == 6
