@@ -2,7 +2,7 @@
 
     python -m services.healthcheck http://127.0.0.1:8000/healthz               # the control plane
     python -m services.healthcheck --ray-token http://127.0.0.1:8265/api/gcs_healthz   # Ray's job server
-    python -m services.healthcheck --raylet                                    # this node's raylet runs
+    python -m services.healthcheck --raylet          # this node's raylet runs, its object store in /dev/shm
 
 One small module rather than inline `python -c` strings so that the checks compose runs are the ones the tests
 run against real processes.
@@ -30,14 +30,21 @@ def check_http(url: str, token: str | None = None, timeout: float = 5.0) -> str 
 
 
 def check_raylet(proc: Path = Path("/proc")) -> str | None:
-    """None when a raylet process runs in this container (what makes it a Ray node), else why not."""
+    """None when a raylet process runs in this container (what makes it a Ray node) with its object store in
+    shared memory, else why not. Ray moves the store to disk, silently, when /dev/shm is smaller than the store."""
     for cmdline in proc.glob("[0-9]*/cmdline"):
         try:
-            argv0 = cmdline.read_bytes().split(b"\0", 1)[0]
+            argv = cmdline.read_bytes().split(b"\0")
         except OSError:  # the process ended while we looked
             continue
-        if os.path.basename(argv0) == b"raylet":
-            return None
+        if os.path.basename(argv[0]) != b"raylet":
+            continue
+        plasma = next((a.split(b"=", 1)[1].decode(errors="replace") for a in argv
+                       if a.startswith(b"--plasma_directory=")), "")
+        if not plasma.startswith("/dev/shm"):
+            return (f"Ray's object store is on disk ({plasma or 'no --plasma_directory'}), not in /dev/shm: "
+                    "/dev/shm is smaller than --object-store-memory; raise RAY_SHM_SIZE (compose's shm_size)")
+        return None
     return "no raylet process: this Ray node is not running"
 
 
@@ -46,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("urls", nargs="*", metavar="URL", help="must answer HTTP 200")
     p.add_argument("--ray-token", action="store_true", help="send the Ray cluster token (token auth) with URLs")
-    p.add_argument("--raylet", action="store_true", help="a raylet process must run here")
+    p.add_argument("--raylet", action="store_true",
+                   help="a raylet process must run here, with its object store in /dev/shm")
     a = p.parse_args(argv)
     if not a.urls and not a.raylet:
         p.error("nothing to check: give a URL or --raylet")

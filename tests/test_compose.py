@@ -124,8 +124,8 @@ def test_head_coordinates_and_workers_compute(compose):
     """The head advertises no CPUs (work lands on workers); RAY_WORKER_CPUS caps a worker, unset it auto-detects."""
     assert "--num-cpus=0" in command(compose["services"]["ray-head"])
     assert not any(a.startswith("--num-cpus") for a in command(compose["services"]["ray-worker"]))
-    capped = command(load_compose({"RAY_WORKER_CPUS": "3"})["services"]["ray-worker"])
-    assert capped[-1] == "--num-cpus=3"
+    assert env(compose["services"]["ray-worker"])["RAY_WORKER_CPUS"] == ""  # ray-node.sh adds nothing
+    assert env(load_compose({"RAY_WORKER_CPUS": "3"})["services"]["ray-worker"])["RAY_WORKER_CPUS"] == "3"
     assert load_compose({"LAD_IMAGE": "me/lad:1"})["services"]["ray-head"]["image"] == "me/lad:1"
 
 
@@ -166,7 +166,11 @@ def test_healthcheck_module_reports_what_is_wrong(tmp_path):
     (tmp_path / "42" / "cmdline").write_bytes(b"/usr/bin/python\0-m\0raylet\0")  # raylet as an argument only
     assert "no raylet" in check_raylet(tmp_path)
     (tmp_path / "43").mkdir()
-    (tmp_path / "43" / "cmdline").write_bytes(b"/opt/venv/lib/ray/core/src/ray/raylet/raylet\0--node\0")
+    (tmp_path / "43" / "cmdline").write_bytes(b"/opt/venv/lib/ray/core/src/ray/raylet/raylet\0--node\0"
+                                              b"--plasma_directory=/tmp\0")
+    assert "on disk (/tmp)" in check_raylet(tmp_path)  # Ray's silent fallback when /dev/shm is too small
+    (tmp_path / "43" / "cmdline").write_bytes(b"/opt/venv/lib/ray/core/src/ray/raylet/raylet\0--node\0"
+                                              b"--plasma_directory=/dev/shm\0")
     assert check_raylet(tmp_path) is None
     assert main([f"http://127.0.0.1:{free_port()}/x"]) == 1
 
@@ -200,26 +204,56 @@ def test_dockerfile_installs_the_project_with_pyproject_pins():
     assert re.search(r"^USER lad$", text, re.M)
     pyproject = (REPO / "pyproject.toml").read_text()
     assert re.search(r'"torch==[0-9.]+"', pyproject) and re.search(r'"ray\[[^\]]*\]==[0-9.]+"', pyproject)
-    ignore = (REPO / "docker" / "Dockerfile.dockerignore").read_text().split()
+    ignore = (REPO / ".dockerignore").read_text().split()
     assert {"runs", "data", "docker/secrets", ".git"} <= set(ignore)
+    assert not (REPO / "docker" / "Dockerfile.dockerignore").exists()  # BuildKit would read it instead of the root's
 
 
-@pytest.mark.skipif(shutil.which("docker") is None or subprocess.run(
-    ["docker", "compose", "version"], capture_output=True).returncode != 0, reason="docker compose not installed")
-def test_docker_compose_config_is_valid(tmp_path):
-    secrets = COMPOSE.parent / "secrets"
-    created = not secrets.exists()
-    if created:
-        secrets.mkdir()
-        (secrets / "api_token").write_text("x" * 32)
-        (secrets / "ray_token").write_text("y" * 32)
-    try:
-        p = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True,
-                           text=True, timeout=60)
-        assert p.returncode == 0, p.stderr
-    finally:
-        if created:
-            shutil.rmtree(secrets)
+def _compose_cli(version: str) -> list[str] | None:
+    """The command of Compose `version` ("v1": docker-compose 1.x, "v2": the docker CLI plugin), if installed."""
+    cmd = ["docker-compose"] if version == "v1" else ["docker", "compose"]
+    if shutil.which(cmd[0]) is None:
+        return None
+    p = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True)
+    return cmd if p.returncode == 0 and p.stdout.strip().startswith("1." if version == "v1" else "2.") else None
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_docker_compose_config_is_valid(tmp_path, version):
+    """Both Compose generations accept the file (v1 refused `name:` and ${VAR:+...}), and read the same services,
+    entrypoint and shm size. .ci/run installs both (Debian's docker-compose 1.29 and the v2 CLI plugin)."""
+    cli = _compose_cli(version)
+    if cli is None:
+        pytest.skip(f"Compose {version} is not installed (.ci/run installs it)")
+    work = tmp_path / "docker"  # a copy beside its own secrets: the repository's docker/secrets stays untouched
+    work.mkdir()
+    shutil.copy(COMPOSE, work / "compose.yaml")
+    (work / "secrets").mkdir()
+    for name in ("api_token", "ray_token"):
+        (work / "secrets" / name).write_text("x" * 32)
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LAD_", "COMPOSE_"))}
+    p = subprocess.run([*cli, "-f", str(work / "compose.yaml"), "config"], capture_output=True, text=True,
+                       timeout=60, env={**clean_env, "RAY_WORKER_CPUS": "3"})
+    assert p.returncode == 0, p.stderr
+    resolved = yaml.safe_load(p.stdout)
+    worker = resolved["services"]["ray-worker"]
+    assert worker["entrypoint"] == ["/app/docker/ray-node.sh"] and env(worker)["RAY_WORKER_CPUS"] == "3"
+    assert set(resolved["services"]) == set(SERVICES)
+    assert str(worker["shm_size"]) in ("2gb", "2147483648")
+
+
+def test_ray_node_entrypoint_sizes_the_store_to_shm_and_adds_the_cpu_cap():
+    """docker/ray-node.sh, run here on the host's /dev/shm: 80 % of it as the object store, --num-cpus from
+    RAY_WORKER_CPUS, and an explicit --object-store-memory left alone."""
+    script = str(REPO / "docker" / "ray-node.sh")
+    shm_kb = int(subprocess.run(["df", "-kP", "/dev/shm"], capture_output=True, text=True).stdout.split("\n")[1]
+                 .split()[1])
+    out = subprocess.run([script, "echo", "ray", "start"], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"]}).stdout.split()
+    assert out == ["ray", "start", f"--object-store-memory={shm_kb * 1024 // 10 * 8}"]
+    out = subprocess.run([script, "echo", "ray", "start", "--object-store-memory=100"], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "RAY_WORKER_CPUS": "3"}).stdout.split()
+    assert out == ["ray", "start", "--object-store-memory=100", "--num-cpus=3"]
 
 
 # ---- the compose services' own commands, on loopback ------------------------------------------------------------
@@ -235,6 +269,12 @@ def on_loopback(cmd: list[str], swaps: dict[str, str], extra: list[str]) -> list
         out.append(arg)
     assert used == set(swaps), f"not in {cmd}: {sorted(set(swaps) - used)}"
     return out + extra
+
+
+def entrypoint(service: dict) -> list[str]:
+    """A service's entrypoint, its scripts from the image's /app/docker taken from this checkout."""
+    return [str(REPO / "docker" / Path(e).name) if e.startswith("/app/docker/") else e
+            for e in service.get("entrypoint") or []]
 
 
 class Processes:
@@ -312,11 +352,11 @@ def test_compose_services_run_a_lad_job_on_loopback(tmp_path):
 
     # Two Ray nodes share this host: each gets its own agent ports and a small object store.
     node = ["--node-ip-address=127.0.0.1", f"--temp-dir={ray_tmp}", "--object-store-memory=200000000"]
-    head_cmd = on_loopback(command(spec["ray-head"]), {
+    head_cmd = entrypoint(spec["ray-head"]) + on_loopback(command(spec["ray-head"]), {
         "--port=6379": f"--port={gcs}", "--dashboard-host=0.0.0.0": "--dashboard-host=127.0.0.1",
         "--dashboard-port=8265": f"--dashboard-port={dash_port}"},
         node + [f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"])
-    worker_cmd = on_loopback(command(spec["ray-worker"]), {"--address=ray-head:6379": f"--address=127.0.0.1:{gcs}"},
+    worker_cmd = entrypoint(spec["ray-worker"]) + on_loopback(command(spec["ray-worker"]), {"--address=ray-head:6379": f"--address=127.0.0.1:{gcs}"},
                              node + [f"--dashboard-agent-listen-port={free_port()}"])
     serve_cmd = on_loopback(command(spec["control-plane"]), {
         "lad": shutil.which("lad"), "0.0.0.0": "127.0.0.1", "8000": str(api_port),
