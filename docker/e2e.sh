@@ -49,8 +49,10 @@ run_final() {  # run_final ID SECONDS: waits until the run ends; prints its stat
 cleanup() {
   local rc=$?
   cd "$WORK/repo" 2>/dev/null || return
-  if [ "${KEEP:-0}" != 1 ]; then dc down -v --remove-orphans >/dev/null 2>&1 || true; fi
   [ $rc -eq 0 ] || { echo "--- logs (tail) ---"; dc logs --tail 40 2>/dev/null | tail -120; }
+  if [ "${KEEP:-0}" != 1 ]; then
+    dc down -v --remove-orphans >/dev/null 2>&1 || dc down -v --remove-orphans || echo "e2e: down -v failed" >&2
+  fi
 }
 trap cleanup EXIT
 
@@ -120,7 +122,7 @@ LAD=$(curl -sf -X POST $H/runs -H "$AUTH" -H 'Content-Type: application/json' -d
 wait_for 600 "lad-1 at step 8" sh -c "[ \"\$(curl -sf $H/runs/$LAD | python3 -c 'import json, sys; print((json.load(sys.stdin).get(\"progress\") or {}).get(\"step\") or 0)')\" -ge 8 ]"
 VICTIM=""
 for c in $(dc ps -q ray-worker); do
-  if docker top "$c" -eo args | grep -q RayTrainWorker; then VICTIM=$c; fi
+  if docker top "$c" -eo pid,args | grep -q RayTrainWorker; then VICTIM=$c; fi
 done
 [ -n "$VICTIM" ] || fail "no worker container holds the Train worker"
 docker kill "$VICTIM" >/dev/null

@@ -8,6 +8,7 @@
                          state running | recovering (with "recovery": attempt, max, reason) | succeeded |
                          stopped | failed
     checkpoints/last.pt  and best.pt (by AP)
+    tensorboard/         TensorBoard event files of the same metrics and evaluations (`schemas.events`)
     control/roles.json   written by the control plane to change the CoLAD role policy mid-run
     logs/stdout.log      the run's output, and logs/stderr.log (its last line: the one-line failure message),
                          written by the control plane's local launcher
@@ -27,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from schemas.events import EventLog
 from schemas.config import RunConfig, dump_config
 from schemas.files import atomic_write_json, atomic_write_text
 
@@ -72,6 +74,7 @@ class RunDir:
         self.logs_dir = self.path / "logs"
         self.stdout_path = self.logs_dir / "stdout.log"
         self.stderr_path = self.logs_dir / "stderr.log"
+        self.events = EventLog(self.path)  # tensorboard/: the same metrics and evaluations as TensorBoard events
         self._roles_mtime = 0.0
         self._lock_fd: Optional[int] = None
 
@@ -147,6 +150,7 @@ class RunDir:
         except OSError as e:
             raise OSError(e.errno, f"{self.metrics_path}: appending a metrics line failed ({e.strerror or e}); "
                           "the lines before it are kept") from e
+        self.events.metrics(record)
 
     def iter_metrics(self) -> Iterator[dict[str, Any]]:
         """Records in file order; stops at a torn last line (the writer is appending it)."""
@@ -216,6 +220,7 @@ class RunDir:
 
     def add_eval(self, record: dict) -> None:
         self._write_evals(self.evals() + [json_ready(record)])
+        self.events.evaluation(json_ready(record))
 
     # ---- resume -----------------------------------------------------------------------------------------
     def rewind(self, step: int) -> None:
