@@ -48,6 +48,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import predict_images
+    try:
+        summary = predict_images(args.checkpoint, args.inputs, args.out, score_thr=args.score_thr,
+                                 network=args.network, device=args.device, batch_size=args.batch_size,
+                                 progress=not args.quiet, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    skipped = f" ({summary['skipped']} skipped)" if summary["skipped"] else ""
+    print(f"{summary['detections']} detections on {summary['images']} images{skipped} -> "
+          f"{summary['out']}/detections.json and one drawn .jpg per image")
+    return 0 if summary["images"] else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import demo
     try:
@@ -115,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="run a trained detector on your images; COCO results and drawn images",
+                        description="Detects objects in image files and folders (searched recursively) with a "
+                        "checkpoint. Writes DIR/detections.json (COCO results, the checkpoint's category ids and "
+                        "names), DIR/images.json (the inputs as a COCO image file) and DIR/<name>.jpg with the "
+                        "boxes drawn. Files that are not readable images are reported and skipped.")
+    pr.add_argument("--checkpoint", required=True, help="a checkpoint written by `lad train`")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
+    pr.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    pr.add_argument("--score-thr", type=float, default=None,
+                    help="keep detections scoring at least this (default: the checkpoint's inference.score_thr)")
+    pr.add_argument("--network", choices=["a", "b"], default="a", help="of a CoLAD checkpoint (default: a)")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--device", default="auto", help="auto (a GPU when present) | cpu | cuda | cuda:N")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("serve", help="start the control plane (FastAPI)")
     try:
