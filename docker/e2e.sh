@@ -12,6 +12,7 @@
 # It works in a copy of this checkout (its own secrets, compose project `lad-e2e`, image `lad:e2e`), and removes
 # the project's containers and volumes at the end (KEEP=1 keeps them). Needs: docker, Compose, curl, openssl,
 # python3, and `ray` on the host for `ray job submit` (the project's own install has it).
+{ # the whole script is one compound command: bash reads it all before running, so editing it mid-run is safe
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 export COMPOSE="${COMPOSE:-docker compose}"
@@ -167,3 +168,5 @@ echo "recovery reason: $REASON"
 printf '%s\n' "${SUMMARY[@]}"
 printf '%-58s %5d s\n' "total" $((SECONDS - T0))
 echo "e2e PASSED"
+exit 0
+}

@@ -63,6 +63,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if summary["images"] else 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_checkpoint
+    try:
+        done = export_checkpoint(args.checkpoint, args.out, args.format, args.network)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.format}: {done['path']} (checked against PyTorch: max abs difference {done['max_abs_diff']:.1e}); "
+          f"anchors, categories and inference settings: {done['sidecar']}; docs/export.md shows inference")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import demo
     try:
@@ -146,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", help="auto (a GPU when present) | cpu | cuda | cuda:N")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="export a checkpoint's network to ONNX or TorchScript",
+                       description="Writes the network (images in, raw head outputs out; any batch and input size "
+                       "that is a multiple of 32) and FILE.json with what inference needs around it (anchors, "
+                       "categories, thresholds). Checked against PyTorch before it is kept. docs/export.md.")
+    x.add_argument("--checkpoint", required=True, help="a checkpoint written by `lad train`")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--out", required=True, metavar="FILE", help="e.g. model.onnx or model.pt")
+    x.add_argument("--network", choices=["a", "b"], default="a", help="of a CoLAD checkpoint (default: a)")
+    x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="start the control plane (FastAPI)")
     try:
