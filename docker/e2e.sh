@@ -138,7 +138,8 @@ dc up -d --scale ray-worker=2 >/dev/null 2>&1
 
 say "stop a run"
 ID=$(curl -sf -X POST $H/runs -H "$AUTH" -H 'Content-Type: application/json' -d '{"name": "paa-stop", "mode": "paa",
-  "output_dir": "/runs", "data": {"train": "/data/digits/train.json"}, "train": {"epochs": 50, "log_every": 1}}' \
+  "output_dir": "/runs", "data": {"train": "/data/digits/train.json", "val": null},
+  "train": {"epochs": 50, "log_every": 1}}' \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
 wait_for 600 "paa-stop training" sh -c "curl -sf $H/runs/$ID | grep -q '\"step\": *[1-9]'"
 curl -s -X POST $H/runs/$ID/stop -H "$AUTH" >/dev/null
