@@ -21,6 +21,7 @@ from typing import Optional
 from pipeline import ray_env
 from pipeline.errors import RunLost
 from pipeline.local import StopRequested, prepare_run
+from pipeline.follow import FollowBar
 from pipeline.loop import Collective, Start, read_start, train_loop
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
@@ -189,16 +190,18 @@ def new_hub(cfg: RunConfig, start: Start):
     return ray_env.StreamMonitor.remote(cfg.pipeline.batches_ahead)
 
 
-def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observers: tuple = ()) -> dict:
+def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observers: tuple = (),
+          verbose: bool = False) -> dict:
     """Train `cfg` on Ray; returns the last evaluation ({network: stats}) or {}. `observers`: told about
     every step of every worker and every batch assigned (`pipeline.loop.train_loop`), e.g. a test's tracer."""
     # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     with prepare_run(cfg, workers=cfg.pipeline.num_workers) as (cfg, data, run, steps):
-        return _drive(cfg, data, run, steps, resume=resume, progress=progress, observers=observers)
+        return _drive(cfg, data, run, steps, resume=resume, progress=progress, observers=observers, verbose=verbose)
 
 
-def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progress: bool, observers: tuple) -> dict:
+def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progress: bool, observers: tuple,
+           verbose: bool = False) -> dict:
     """`train` once its run is prepared (and its directory held): the hub, the worker group(s), the recoveries."""
     import ray
     import ray.train
@@ -211,7 +214,7 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
     if start.step >= steps:  # a finished run resumed: nothing left to train
         run.set_progress("succeeded", start.step, steps, start.epoch)
         return {e["network"]: e["stats"] for e in run.evals()}
-    stop, hub, started = StopRequested(), None, False
+    stop, hub, started, follow = StopRequested(), None, False, None
     previous_handler, installed = None, False
 
     def on_term(*_):  # the workers poll the hub: they checkpoint and leave with state "stopped"
@@ -223,7 +226,7 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
         groups = ("a", "b") if split else ("a",)
         if not (ray.is_initialized() or cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")):
             ray_env.budget(cfg, groups, stream=not split, resources=ray_env.local_resources())  # before Ray
-        started = ray_env.connect(cfg)
+        started = ray_env.connect(cfg, verbose=verbose)
         budget = ray_env.budget(cfg, groups=groups, stream=not split)
         hub = new_hub(cfg, start)
         try:  # after ray.init, which installs its own SIGTERM handler in the driver
@@ -232,6 +235,8 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
             pass
         failures, records_ref = 0, None
         run.set_progress("running", start.step, steps, start.epoch)  # "recovering" below until a step is logged
+        if progress and not verbose:  # the workers' output stays in Ray's logs; the driver shows the bar
+            follow = FollowBar(run, steps, start.step, f"{cfg.mode} {cfg.name}").__enter__()
         while True:
             if stop.flag:
                 run.set_progress("stopped", start.step, steps, start.epoch)
@@ -277,8 +282,9 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                                   "resume from it") from None
                 failures += 1
                 reason = f"{what} was lost ({type(e).__name__})"
-                print(f"warning: {reason}; resuming from {run.last} "
-                      f"(recovery {failures} of {cfg.pipeline.max_failures})", file=sys.stderr)
+                warning = (f"warning: {reason}; resuming from {run.last} "
+                           f"(recovery {failures} of {cfg.pipeline.max_failures})")
+                follow.write(warning) if follow else print(warning, file=sys.stderr)
                 start = read_start(run, True)
                 start.checkpoint = None
                 run.set_progress("recovering", start.step, steps, start.epoch, recovery={
@@ -300,6 +306,8 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
         run.fail(f"{type(e).__name__}: {e}")
         raise
     finally:
+        if follow is not None:
+            follow.__exit__(None, None, None)
         if installed:  # None: the previous handler was not Python's (Ray's, from C): back to the default
             signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
         if hub is not None and ray.is_initialized():

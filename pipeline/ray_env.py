@@ -29,12 +29,17 @@ class PipelineResourceError(ConfigError):
     """The configured pool and workers cannot fit the Ray cluster; the message says what to change."""
 
 
-def connect(cfg: RunConfig, *, num_cpus: Optional[float] = None) -> bool:
-    """Make sure Ray is initialised for this run. Returns True when this call started it (then call `shutdown`)."""
+def connect(cfg: RunConfig, *, num_cpus: Optional[float] = None, verbose: bool = False) -> bool:
+    """Make sure Ray is initialised for this run. Returns True when this call started it (then call `shutdown`).
+
+    Quiet unless `verbose`: the workers' and actors' output (Ray Train's controller, Ray Data, C++ core lines)
+    stays in Ray's log files (`<session>/logs`), and the driver's Ray logger shows errors only. Our own errors
+    still reach the console, as one line through the hub (`RunLost`, "training failed: ...")."""
     if ray.is_initialized():
         return False
     address = cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")
-    common = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    common = dict(log_to_driver=verbose, configure_logging=True,
+                  logging_level=logging.INFO if verbose else logging.ERROR)
     if address:
         # An existing cluster (`ray job submit`, or pipeline.ray_address). Token auth: the token comes from
         # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token, as for every Ray client (docs/pipeline.md).

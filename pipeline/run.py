@@ -18,11 +18,12 @@ from trainer.checkpoint import CheckpointError
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, RunDirBusy)
 
 
-def run(cfg: RunConfig, progress: bool = True, resume: bool = True) -> dict:
-    """Train `cfg` with its engine; returns the last evaluation ({network: stats}) or {}."""
+def run(cfg: RunConfig, progress: bool = True, resume: bool = True, verbose: bool = False) -> dict:
+    """Train `cfg` with its engine; returns the last evaluation ({network: stats}) or {}. `verbose`: Ray's own
+    output on the console too (engine ray)."""
     if cfg.pipeline.engine == "ray":  # the assignment stream, or co-learning's coordinator and worker groups
         from pipeline.ray_driver import train as ray_train
-        return ray_train(cfg, progress=progress, resume=resume)
+        return ray_train(cfg, progress=progress, resume=resume, verbose=verbose)
     from pipeline.local import train
     return train(cfg, progress=progress, resume=resume)
 
@@ -39,13 +40,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by its dotted path, e.g. --set train.max_steps=50 (repeatable)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has last.pt")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar: only warnings, errors and the result")
+    p.add_argument("--verbose", action="store_true",
+                   help="engine ray: Ray's own output too (workers, Ray Train, Ray Data), with the workers' step "
+                        "lines instead of the bar; otherwise it stays in Ray's log files")
 
 
 def main_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
-        result = run(cfg, progress=not args.quiet, resume=not args.no_resume)
+        result = run(cfg, progress=not args.quiet, resume=not args.no_resume, verbose=args.verbose)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,4 +13,4 @@ from tests.tracing import Tracer  # noqa: E402
 
 if __name__ == "__main__":
     cfg = load_config(sys.argv[1])
-    print_summary(cfg, train(cfg, progress=False, observers=(Tracer(**json.loads(sys.argv[2])),)))
+    print_summary(cfg, train(cfg, progress=True, observers=(Tracer(**json.loads(sys.argv[2])),)))

@@ -287,6 +287,11 @@ def test_lad_train_recovers_a_killed_worker_and_stops_on_sigterm(tiny):
     out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "a training worker was lost" in out, out[-3000:]
+    # the console of a normal run: the driver's bar (and the recovery on it), none of Ray's internal lines
+    assert f"lad {cfg.name}" in out and "(recovering 1/" in out, out[-3000:]
+    for noise in ("(TrainController", "core_worker.cc", "Progress bars disabled", "Token authentication",
+                  "(RayTrainWorker"):
+        assert noise not in out, f"{noise!r} on the console:\n{out[-3000:]}"
     progress = json.loads((cfg.run_dir / "progress.json").read_text())
     assert progress["state"] == "stopped", progress
     ckpt = load_checkpoint(cfg.run_dir / "checkpoints/last.pt")

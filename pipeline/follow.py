@@ -1,0 +1,66 @@
+"""The Ray driver's progress bar. The steps run in Ray Train workers, whose output stays in Ray's log files (unless
+`--verbose`); the driver follows the run directory instead (progress.json, the last metrics line, eval.json) from a
+thread, and shows the same bar as the in-process engine: steps, loss and lr, each evaluation, and a recovery."""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Optional
+
+from tqdm import tqdm
+
+from schemas.rundir import RunDir
+
+
+class FollowBar:
+    """`with FollowBar(run, total, initial, desc):` a tqdm bar on stderr, refreshed every `every` seconds."""
+
+    def __init__(self, run: RunDir, total: int, initial: int, desc: str, every: float = 0.5):
+        self.run, self.total, self.desc, self.every = run, total, desc, every
+        self.bar: Optional[tqdm] = None
+        self.initial = initial
+        self._evals = len(run.evals())
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="lad-progress", daemon=True)
+
+    def __enter__(self) -> "FollowBar":
+        self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, dynamic_ncols=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.tick()
+        self.bar.close()
+
+    def write(self, line: str) -> None:
+        """A console line that does not break the bar."""
+        self.bar.write(line, file=sys.stderr)
+
+    def _follow(self) -> None:
+        while not self._done.wait(self.every):
+            try:
+                self.tick()
+            except Exception:  # a half-written file, a closed bar at exit: the next tick reads again
+                pass
+
+    def tick(self) -> None:
+        progress = self.run.progress() or {}
+        step = progress.get("step")
+        if isinstance(step, int) and step != self.bar.n:
+            self.bar.n = min(step, self.total)
+        recovery = progress.get("recovery") if progress.get("state") == "recovering" else None
+        self.bar.set_description(f"{self.desc} (recovering {recovery['attempt']}/{recovery['max']})" if recovery
+                                 else self.desc, refresh=False)
+        metrics = self.run.latest_metrics() or {}
+        if isinstance(metrics.get("loss"), (int, float)):
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics.get('lr', float('nan')):.2e}",
+                                 refresh=False)
+        evals = self.run.evals()
+        for e in evals[self._evals:]:
+            s = e.get("stats", {})
+            self.write(f"epoch {e.get('epoch')} step {e.get('step')}: {str(e.get('network', 'a')).upper()} "
+                       f"AP {s.get('AP', float('nan')):.3f} AP50 {s.get('AP50', float('nan')):.3f}")
+        self._evals = len(evals)
+        self.bar.refresh()
