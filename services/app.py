@@ -14,11 +14,12 @@ import shlex
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Body, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -406,4 +407,32 @@ def create_app(settings: Settings, launcher: Optional[Launcher] = None,
         log.info("run %s: role policy %s requested", run_id, update.policy)
         return roles_state(rec)
 
+    ui_pages(app)
     return app
+
+
+UI_DIR = Path(__file__).resolve().parent / "ui"
+UI_STATIC = {"common.js": "text/javascript", "style.css": "text/css"}
+
+
+def ui_pages(app: FastAPI) -> None:
+    """The browser pages (`services/ui/`): `/` lists the runs, `/ui/runs/{id}` shows one. Static files that call
+    the JSON API from the browser; they hold no data and need no token to load (mutations ask for it)."""
+
+    def page(name: str) -> HTMLResponse:
+        return HTMLResponse((UI_DIR / name).read_text(), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/", include_in_schema=False)
+    def index() -> HTMLResponse:
+        return page("index.html")
+
+    @app.get("/ui/runs/{run_id}", include_in_schema=False)
+    def run_page(run_id: str) -> HTMLResponse:
+        return page("run.html")
+
+    @app.get("/ui/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        if name not in UI_STATIC:
+            raise ApiError(404, f"no file {name!r}", "name")
+        return Response((UI_DIR / name).read_text(), media_type=UI_STATIC[name],
+                        headers={"Cache-Control": "no-cache"})
