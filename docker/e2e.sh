@@ -53,6 +53,7 @@ cleanup() {
   [ $rc -eq 0 ] || { echo "--- logs (tail) ---"; dc logs --tail 40 2>/dev/null | tail -120; }
   if [ "${KEEP:-0}" != 1 ]; then
     dc down -v --remove-orphans >/dev/null 2>&1 || dc down -v --remove-orphans || echo "e2e: down -v failed" >&2
+    cd / && rm -rf "$WORK"   # its secrets and the copy of .git go too
   fi
 }
 trap cleanup EXIT
@@ -156,7 +157,9 @@ AFTER=$(curl -sf $H/runs -H "$AUTH" | python3 -c 'import json, sys; print(sorted
 lap "down/up: registry intact"
 
 say "the image holds no secret and no .git"
-docker run --rm --entrypoint sh -e T1="$(cat docker/secrets/api_token)" -e T2="$(cat docker/secrets/ray_token)" \
+(umask 077 && printf 'T1=%s\nT2=%s\n' "$(cat docker/secrets/api_token)" "$(cat docker/secrets/ray_token)" \
+  > "$WORK/tokens.env")   # in a file, not on a command line that `ps` shows
+docker run --rm --entrypoint sh --env-file "$WORK/tokens.env" \
   "$LAD_IMAGE" -c 'test ! -e /app/.git && test ! -e /app/docker/secrets && ! grep -rqsF -e "$T1" -e "$T2" /app /home' \
   || fail "a secret or .git is in the image"
 SIZE=$(docker image inspect -f '{{.Size}}' "$LAD_IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')

@@ -251,6 +251,7 @@ class ColearnCoordinator:
     async def rewind(self, step: int, best: dict) -> None:
         """A new attempt resumes from the checkpoint of `step`: forget what came after it, open the rendezvous."""
         self.book.rewind(step)
+        self.run.events.reset()  # its TensorBoard events after `step` are dropped as its metrics lines are
         self.best = dict(best)
         self.result_ = {}
         self.aborted = None

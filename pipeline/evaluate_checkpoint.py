@@ -10,9 +10,8 @@ from pipeline.validate import detections_list, predict_array, score
 from schemas.config import RunConfig
 from trainer.anchors import make_anchors
 from schemas.files import atomic_write_text
-from trainer.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from trainer.checkpoint import CheckpointError, checkpoint_network, load_checkpoint
 from trainer.engine import pick_device
-from trainer.model import build_model
 
 
 def with_checkpoint_categories(dataset, held, what: str, data: str):
@@ -61,8 +60,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = 
     scored = bool(dataset.coco.dataset.get("annotations"))
     results = {}
     for n in names:
-        model = build_model(cfg.model if n == "a" else cfg.model_b)
-        load_model_weights(model, ckpt["models"][n], checkpoint, f"network {n.upper()}")
+        model = checkpoint_network(ckpt, checkpoint, n)
         found = predict_array(model.to(dev), anchors_fn, dataset, cfg.data.input_size, cfg.inference, dev,
                               progress=progress)
         if detections:

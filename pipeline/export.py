@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from schemas.config import RunConfig
 from schemas.files import atomic_write_text
-from trainer.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from trainer.model import PAADetector, build_model
+from trainer.checkpoint import CheckpointError, checkpoint_network, load_checkpoint
+from trainer.model import PAADetector
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest absolute difference allowed between exported and PyTorch outputs (seen: ~4e-6)
@@ -94,13 +94,8 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str = "onnx", network: str
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     ckpt = load_checkpoint(checkpoint)
     cfg = RunConfig.model_validate(ckpt["config"])
-    if network not in ckpt["models"]:
-        raise CheckpointError(f"{checkpoint}: holds networks {sorted(ckpt['models'])}; there is no network "
-                              f"{network!r}")
     model_cfg = cfg.model if network == "a" else cfg.model_b
-    model = build_model(model_cfg)
-    load_model_weights(model, ckpt["models"][network], checkpoint, f"network {network.upper()}")
-    net = ExportedNetwork(model).eval()
+    net = ExportedNetwork(checkpoint_network(ckpt, checkpoint, network)).eval()
     h, w = example_shape(cfg)
     gen = torch.Generator().manual_seed(0)
     example = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=gen)

@@ -31,7 +31,10 @@ class FollowBar:
     def __exit__(self, *exc) -> None:
         self._done.set()
         self._thread.join()
-        self.tick()
+        try:
+            self.tick()  # the final state; never in the way of the driver's own clean-up
+        except Exception:
+            pass
         self.bar.close()
 
     def write(self, line: str) -> None:
@@ -54,12 +57,11 @@ class FollowBar:
         self.bar.set_description(f"{self.desc} (recovering {recovery['attempt']}/{recovery['max']})" if recovery
                                  else self.desc, refresh=False)
         metrics = self.run.latest_metrics() or {}
-        if isinstance(metrics.get("loss"), (int, float)):
-            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics.get('lr', float('nan')):.2e}",
-                                 refresh=False)
+        if isinstance(metrics.get("loss"), (int, float)) and isinstance(metrics.get("lr"), (int, float)):
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", refresh=False)
         evals = self.run.evals()
         for e in evals[self._evals:]:
-            s = e.get("stats", {})
+            s = {k: v if isinstance(v, (int, float)) else float("nan") for k, v in (e.get("stats") or {}).items()}
             self.write(f"epoch {e.get('epoch')} step {e.get('step')}: {str(e.get('network', 'a')).upper()} "
                        f"AP {s.get('AP', float('nan')):.3f} AP50 {s.get('AP50', float('nan')):.3f}")
         self._evals = len(evals)

@@ -7,6 +7,7 @@ stepper, with the co-learning coordinator as its control, is co-learning `inline
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from pipeline.dataset import DetectionDataset
 from pipeline.loop import (Batch, Collective, Start, Stepped, Stepper, plan_run,
                            read_start, total_steps, train_loop, write_commit)
 from pipeline.validate import predict_array, score
-from schemas.config import ConfigError, RunConfig
+from schemas.config import ConfigError, RunConfig, recipe_deviations
 from schemas.modes import mode_spec
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
@@ -87,6 +88,10 @@ def prepare_run(cfg: RunConfig, workers: int = 1) -> Iterator[tuple[RunConfig, D
     checkpoints, the run directory (its lock taken, config and categories written), the run's step count. The
     run directory stays held until the `with` block ends."""
     cfg = absolute_paths(cfg)
+    deviations = recipe_deviations(cfg)
+    if deviations:
+        print(f"warning: train.recipe is official, but these fields are set to other values and keep them: "
+              f"{', '.join(deviations)}", file=sys.stderr)
     data = load_datasets(cfg)
     check_start(cfg, data.train.categories)
     run = RunDir(cfg.run_dir)

@@ -25,9 +25,8 @@ from pipeline.validate import predict
 from schemas.config import RunConfig
 from schemas.files import atomic_write_text
 from trainer.anchors import make_anchors
-from trainer.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from trainer.checkpoint import checkpoint_network, load_checkpoint
 from trainer.engine import pick_device
-from trainer.model import build_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
@@ -57,7 +56,7 @@ def readable_images(paths: list[Path], warn: Callable[[str], None]) -> list[dict
         except FileNotFoundError:
             warn(f"{path}: skipped, no such file")
             continue
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             warn(f"{path}: skipped, not a readable image ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
         images.append({"id": len(images) + 1, "file_name": str(path.resolve()), "width": width, "height": height})
@@ -97,9 +96,7 @@ def predict_images(checkpoint: str, inputs: list[str], out: str, *, score_thr: O
     {"images", "skipped", "detections", "out"}."""
     ckpt = load_checkpoint(checkpoint)
     cfg = RunConfig.model_validate(ckpt["config"])
-    if network not in ckpt["models"]:
-        raise CheckpointError(f"{checkpoint}: holds networks {sorted(ckpt['models'])}; there is no network "
-                              f"{network!r}")
+    model = checkpoint_network(ckpt, checkpoint, network)
     paths = gather_inputs(inputs)
     images = readable_images(paths, warn)
     out_dir = Path(out)
@@ -111,8 +108,6 @@ def predict_images(checkpoint: str, inputs: list[str], out: str, *, score_thr: O
     if images:
         dataset = load_coco(str(images_file), os.sep, images_only=True)
         dev = pick_device(device)
-        model = build_model(cfg.model if network == "a" else cfg.model_b)
-        load_model_weights(model, ckpt["models"][network], checkpoint, f"network {network.upper()}")
         inference = cfg.inference.model_copy(update={} if score_thr is None else {"score_thr": score_thr})
         cache: dict = {}
 
@@ -134,8 +129,9 @@ def predict_images(checkpoint: str, inputs: list[str], out: str, *, score_thr: O
         by_image.setdefault(d["image_id"], []).append(d)
     used: set[str] = set()
     for im in images:
-        stem = Path(im["file_name"]).stem
-        name = stem if stem not in used else f"{stem}_{im['id']}"
+        stem = name = Path(im["file_name"]).stem
+        while name in used:  # the same file name in two folders: a_2, a_3, ...
+            name = f"{stem}_{len(used) + 1}" if name == stem else f"{name}_"
         used.add(name)
         draw(im["file_name"], by_image.get(im["id"], []), names, out_dir / f"{name}.jpg")
     return {"images": len(images), "skipped": len(paths) - len(images), "detections": len(dets), "out": str(out_dir)}

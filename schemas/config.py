@@ -86,6 +86,14 @@ class ModelConfig(_Strict):
                              "e.g. [3, 4, 5, 6, 7]")
         return v
 
+    @model_validator(mode="after")
+    def _frozen_within_backbone(self) -> "ModelConfig":
+        built = max(lv for lv in self.fpn_levels if lv <= 5) - 1  # ResNet layers the FPN reads (C2 = layer1)
+        if self.frozen_stages > built:
+            raise ValueError(f"frozen_stages {self.frozen_stages} freezes layer{self.frozen_stages}, but with "
+                             f"fpn_levels {self.fpn_levels} the backbone stops at layer{built}; use at most {built}")
+        return self
+
     @property
     def strides(self) -> list[int]:
         return [2 ** level for level in self.fpn_levels]
@@ -298,6 +306,20 @@ def resolve_recipe(raw: Any) -> Any:
         else:
             node.setdefault(leaf, copy.deepcopy(value))
     return raw
+
+
+def recipe_deviations(cfg: "RunConfig") -> list[str]:
+    """Under `train.recipe: official`, the fields whose value is not the official one (set explicitly, as in a
+    config that spells out every field): `dotted=value (official value)`, for a warning."""
+    if cfg.train.recipe != "official":
+        return []
+    raw = cfg.to_dict()
+    out = []
+    for dotted, official in official_values(raw).items():
+        value = _section(raw, dotted)
+        if value != official:
+            out.append(f"{dotted}={value!r} (official {official!r})")
+    return out
 
 
 class RunConfig(_Strict):

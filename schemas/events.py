@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -47,28 +48,50 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class EventLog:
-    """One process's TensorBoard event file in `<run>/tensorboard/`, opened on first use."""
+    """One process's TensorBoard event file in `<run>/tensorboard/`, opened on first use. Events are a view of
+    metrics.jsonl and eval.json, never the record: a failure to write them (tensorboard missing, a full disk) is
+    one warning, and the run goes on without them."""
 
     def __init__(self, run_path: Path):
         self.dir = Path(run_path) / "tensorboard"
         self._writer = None
+        self._broken = False
+
+    def reset(self) -> None:
+        """After a rewind (a resume in the same process): the next event starts a new session, so TensorBoard
+        drops what was written after the checkpoint."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+        self._writer = None
 
     def _write(self, step: int, values: dict[str, float]) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        if self._broken:
+            return
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        if self._writer is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._writer = EventFileWriter(str(self.dir), flush_secs=10)
-            start = event_pb2.Event(step=step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
-            self._writer.add_event(start)  # TensorBoard purges this run's older events at steps >= `step`
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v)
-                                             for t, v in values.items()])
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-        self._writer.flush()  # a logged step is rare enough, and a worker's process may end without closing
+            if self._writer is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._writer = EventFileWriter(str(self.dir), flush_secs=10)
+                start = event_pb2.Event(wall_time=time.time(), step=step,
+                                        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+                self._writer.add_event(start)  # TensorBoard purges this run's older events at steps >= `step`
+            summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v)
+                                                 for t, v in values.items()])
+            self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+            self._writer.flush()  # a logged step is rare enough, and a worker's process may end without closing
+        except Exception as e:  # ImportError, OSError, a protobuf clash: the metrics files are the record
+            self._broken = True
+            print(f"warning: {self.dir}: TensorBoard events are off for this process ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}); metrics.jsonl is complete",
+                  file=sys.stderr)
 
     def __getstate__(self) -> dict:
-        return {"dir": self.dir, "_writer": None}  # a RunDir sent to another process opens its own file
+        return {"dir": self.dir, "_writer": None, "_broken": False}  # a RunDir sent elsewhere opens its own file
 
     def metrics(self, record: dict[str, Any]) -> None:
         if isinstance(record.get("step"), int) and record.get("event") is None:

@@ -232,6 +232,7 @@ class RunDir:
             atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
         if self.eval_path.exists():
             self._write_evals([e for e in self.evals() if e.get("step", 0) <= step])
+        self.events.reset()
 
     # ---- other files ------------------------------------------------------------------------------------
     def write_json(self, name: str, data: Any) -> None:

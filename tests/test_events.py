@@ -58,3 +58,25 @@ def test_a_training_run_writes_its_events(tmp_path):
     acc = _read(RunDir(cfg.run_dir))
     assert [e.step for e in acc.Scalars("loss/loss")] == [1, 2]
     assert [e.step for e in acc.Scalars("eval/AP")] == [2]
+
+
+def test_a_rewind_in_the_same_process_starts_a_new_session(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    for step in (1, 2, 3, 4):
+        run.log({"step": step, "epoch": 0, "loss": 10.0})
+    run.rewind(2)  # as the split coordinator after a lost worker group
+    for step in (3, 4):
+        run.log({"step": step, "epoch": 0, "loss": 1.0})
+    assert [(e.step, e.value) for e in _read(run).Scalars("loss/loss")] == [(1, 10.0), (2, 10.0), (3, 1.0), (4, 1.0)]
+
+
+def test_events_that_cannot_be_written_are_one_warning_and_the_metrics_go_on(tmp_path, capsys):
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    (run.path / "tensorboard").write_text("a file where the folder should be")
+    for step in (1, 2):
+        run.log({"step": step, "epoch": 0, "loss": 1.0})
+    err = capsys.readouterr().err
+    assert err.count("TensorBoard events are off") == 1 and "metrics.jsonl is complete" in err
+    assert [m["step"] for m in run.iter_metrics()] == [1, 2]

@@ -53,3 +53,18 @@ def test_predict_with_nothing_readable_says_so(tmp_path, capsys):
     assert lad(["predict", "--checkpoint", str(ckpt), str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 1
     assert f"warning: {bad}: skipped, not a readable image" in capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "detections.json").read_text()) == []
+
+
+def test_predict_does_not_need_the_pretrained_backbone_file(tmp_path):
+    """A checkpoint trained from `model.pretrained` weights holds all its weights: predicting (and exporting,
+    evaluating) on another machine must not read that file."""
+    import torch
+
+    data = make_data(tmp_path / "d", num_train=4, num_val=2)
+    ckpt_path = make_teacher(tiny_config(data, tmp_path / "runs", mode="paa"), tmp_path / "model.pt", depth=18)
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["config"]["model"]["pretrained"] = str(tmp_path / "gone" / "resnet18.pth")
+    torch.save(ckpt, ckpt_path)
+    assert lad(["predict", "--checkpoint", str(ckpt_path), str(data / "images" / "val"), "--out",
+                str(tmp_path / "o"), "--quiet"]) == 0
+    assert len(list((tmp_path / "o").glob("*.jpg"))) == 2

@@ -190,3 +190,22 @@ def test_validation_images_under_their_own_root(tmp_path):
     both = load_datasets(cfg)
     assert len(both.val.records) == 2 and len(both.train.records) == 4
     assert all(r.path.startswith(str(tmp_path / "vr")) for r in both.val.records)
+
+
+def test_explicit_values_under_the_official_recipe_are_named_in_a_warning():
+    from schemas.config import recipe_deviations
+
+    spelled_out = _cfg("lad", recipe="lad").to_dict()  # e.g. a run's config.yaml, every field written
+    spelled_out["train"]["recipe"] = "official"
+    cfg = config_from_dict(spelled_out, "config.yaml")
+    found = recipe_deviations(cfg)
+    assert "train.grad_clip=35.0 (official None)" in found and any(d.startswith("train.milestones=") for d in found)
+    assert recipe_deviations(_cfg("lad")) == [] and recipe_deviations(_cfg("lad", recipe="lad")) == []
+
+
+def test_frozen_stages_beyond_the_built_backbone_are_refused():
+    from schemas.config import ConfigError
+
+    with pytest.raises(ConfigError, match="backbone stops at layer3"):
+        _cfg("paa", recipe="lad", model={"fpn_levels": [2, 3, 4], "frozen_stages": 4})
+    assert _cfg("paa", recipe="lad", model={"fpn_levels": [3, 4, 5, 6, 7], "frozen_stages": 4}).model.frozen_stages == 4

@@ -94,6 +94,21 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path, wh
     model.load_state_dict(state, strict=True)
 
 
+def checkpoint_network(ckpt: dict, path: str | Path, which: str = "a"):
+    """Network `which` of a loaded checkpoint, built from its own config and holding its weights. The backbone's
+    `pretrained` file is neither needed nor read (the weights replace it): a checkpoint trained from one works
+    on any machine. For `lad eval`, `lad predict` and `lad export`."""
+    from trainer.model import build_model
+
+    cfg = RunConfig.model_validate(ckpt["config"])
+    if which not in ckpt["models"]:
+        raise CheckpointError(f"{path}: holds networks {sorted(ckpt['models'])}; there is no network {which!r}")
+    model_cfg = cfg.model if which == "a" else cfg.model_b
+    model = build_model(model_cfg.model_copy(update={"pretrained": None}))
+    load_model_weights(model, ckpt["models"][which], path, f"network {which.upper()}")
+    return model
+
+
 def load_network(path: str | Path, student: RunConfig, which: str = "a", device: str | torch.device = "cpu",
                  categories: Optional[list] = None, warn: bool = True):
     """Build the network a checkpoint describes and load it strictly, refusing one whose anchors, input size or

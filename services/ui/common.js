@@ -30,6 +30,7 @@ async function api(method, path, body) {
     if (!r.ok) throw new Error((data.detail && data.detail.message) || ("HTTP " + r.status));
     return data;
   }
+  throw new Error("the API token was refused");
 }
 
 function fmt(x, digits) { return Number.isFinite(x) ? x.toFixed(digits) : "-"; }
