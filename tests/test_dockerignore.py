@@ -40,8 +40,8 @@ def canaries():
             path.write_text(text)
             planted.append(top)
     yield
-    for top in planted:
-        shutil.rmtree(top) if top.is_dir() else top.unlink()
+    for top in reversed(planted):  # a file planted inside a folder planted before it goes first
+        shutil.rmtree(top) if top.is_dir() else top.unlink(missing_ok=True)
 
 
 def test_the_legacy_builder_sends_no_secret_vcs_data_or_run(tmp_path, canaries):
