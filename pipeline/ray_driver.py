@@ -32,11 +32,14 @@ from schemas.rundir import RunDir
 
 def lost_peer(error: BaseException) -> bool:
     """A collective failed because another rank's process is gone (gloo: "Connection closed by peer"; NCCL: a
-    DistBackendError): the group is lost, which the driver recovers, not a bug of ours."""
+    DistBackendError), or Ray Train, having seen it go, already tore this rank's process group down beneath the
+    loop ("Default process group has not been initialized": seen under load in CI): the group is lost, which the
+    driver recovers, not a bug of ours."""
     import torch.distributed as dist
 
     return isinstance(error, (dist.DistNetworkError, dist.DistBackendError)) or any(
-        sign in str(error) for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+        sign in str(error) for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                        "Default process group has not been initialized"))
 
 
 def worker_loop(config: dict) -> None:
