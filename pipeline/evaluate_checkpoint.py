@@ -8,10 +8,10 @@ from pathlib import Path
 from pipeline.coco import load_coco
 from pipeline.validate import detections_list, predict_array, score
 from schemas.config import RunConfig
-from trainer.anchors import make_anchors
 from schemas.files import atomic_write_text
 from trainer.checkpoint import CheckpointError, checkpoint_network, load_checkpoint
 from trainer.engine import pick_device
+from trainer.network import AnchorCache
 
 
 def with_checkpoint_categories(dataset, held, what: str, data: str):
@@ -49,13 +49,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = 
                               f"{len(dataset.categories)} categories")
     dataset = with_checkpoint_categories(dataset, ckpt.get("categories"), f"{checkpoint}", data)
     dev = pick_device(device)
-    cache: dict = {}
-
-    def anchors_fn(level_sizes):
-        key = tuple(level_sizes)
-        if key not in cache:
-            cache[key] = make_anchors(list(level_sizes), cfg.model.strides, cfg.model.octave_base_scale, device=dev)
-        return cache[key]
+    anchors_fn = AnchorCache(cfg, dev)
 
     scored = bool(dataset.coco.dataset.get("annotations"))
     results = {}

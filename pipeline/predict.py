@@ -24,9 +24,9 @@ from pipeline.coco import load_coco
 from pipeline.validate import predict
 from schemas.config import RunConfig
 from schemas.files import atomic_write_text
-from trainer.anchors import make_anchors
 from trainer.checkpoint import checkpoint_network, load_checkpoint
 from trainer.engine import pick_device
+from trainer.network import AnchorCache
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
@@ -109,16 +109,7 @@ def predict_images(checkpoint: str, inputs: list[str], out: str, *, score_thr: O
         dataset = load_coco(str(images_file), os.sep, images_only=True)
         dev = pick_device(device)
         inference = cfg.inference.model_copy(update={} if score_thr is None else {"score_thr": score_thr})
-        cache: dict = {}
-
-        def anchors_fn(level_sizes):
-            key = tuple(level_sizes)
-            if key not in cache:
-                cache[key] = make_anchors(list(level_sizes), cfg.model.strides, cfg.model.octave_base_scale,
-                                          device=dev)
-            return cache[key]
-
-        dets = predict(model.to(dev), anchors_fn, dataset, cfg.data.input_size, inference, dev,
+        dets = predict(model.to(dev), AnchorCache(cfg, dev), dataset, cfg.data.input_size, inference, dev,
                        batch_size=batch_size, progress=progress)
     names = {c["id"]: c["name"] for c in categories}
     for d in dets:
