@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import posixpath
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -26,6 +27,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from pipeline.errors import DatasetError
+from schemas.storage import Location
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 MIN_BOX_SIZE = 1.0  # pixels; a clipped box thinner than this carries no trainable signal
@@ -102,14 +104,14 @@ class CocoDataset:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(Location(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise DatasetError("annotation file not found", file=path, fix="check the path") from None
     except IsADirectoryError:
         raise DatasetError("is a folder, not a COCO JSON file", file=path, fix="pass the .json file") from None
     except OSError as e:
-        raise DatasetError(f"cannot read the file ({e.strerror})", file=path, fix="check its permissions") from None
+        raise DatasetError(f"cannot read the file ({e.strerror or e})", file=path,
+                           fix="check its permissions, or the store's endpoint and credentials") from None
     except UnicodeDecodeError as e:
         raise DatasetError(
             f"not UTF-8 text (byte {e.start})", file=path, fix="save the annotation file as UTF-8 JSON"
@@ -313,8 +315,18 @@ def _raise_first(problems: Iterator[DatasetError]) -> None:
 
 
 def _check_image_files(images: list[dict], image_root: str, path: str) -> None:
-    """All image files exist; if not, name the first few and the count (usually a wrong image_root)."""
-    missing = [im for im in images if not os.path.isfile(os.path.join(image_root, im["file_name"]))]
+    """All image files exist; if not, name the first few and the count (usually a wrong image_root). On object
+    storage one listing of the root answers for every image (not one request per image)."""
+    root = Location(image_root)
+    if root.remote:
+        try:
+            present = root.all_files()
+        except OSError as e:
+            raise DatasetError(f"cannot list image_root ({e})", file=path, field="image_root",
+                               fix="check the URI, AWS_ENDPOINT_URL and the credentials") from None
+        missing = [im for im in images if posixpath.normpath(im["file_name"]) not in present]
+    else:
+        missing = [im for im in images if not os.path.isfile(os.path.join(image_root, im["file_name"]))]
     if not missing:
         return
     listed = ", ".join(f"{im['file_name']} (image id {im['id']})" for im in missing[:MAX_LISTED_MISSING])
@@ -392,12 +404,12 @@ def _renumber_if_needed(annotations: list[dict], report: LoadReport) -> None:
 
 
 def _make_records(images: list[dict], per_image: dict, label_of: dict[int, int], root: str) -> list[ImageRecord]:
-    records = []
+    records, remote = [], Location(root).remote
     for im in images:
         objects = per_image.get(im["id"], [])
         boxes = np.array([b for b, _ in objects], dtype=np.float32).reshape(-1, 4)
         labels = np.array([label_of[c] for _, c in objects], dtype=np.int64)
-        path = os.path.join(root, im["file_name"])
+        path = str(Location(root) / im["file_name"]) if remote else os.path.join(root, im["file_name"])
         records.append(ImageRecord(im["id"], path, im["width"], im["height"], boxes, labels))
     return records
 
@@ -429,7 +441,12 @@ def load_coco(ann_file: str, image_root: str | None = None, *, check_images: boo
     `images_only`: an image-info file without annotations (test-dev style) is accepted, for predicting only.
     """
     path = str(ann_file)
-    root = os.path.dirname(os.path.abspath(path)) if image_root is None else str(image_root)
+    if image_root is not None:
+        root = str(image_root)
+    elif Location(path).remote:
+        root = str(Location(path).parent)
+    else:
+        root = os.path.dirname(os.path.abspath(path))
     data = _read_json(path)
     if images_only and isinstance(data, dict) and "annotations" not in data:
         data = {**data, "annotations": []}

@@ -28,7 +28,6 @@ import asyncio
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import ray
@@ -36,6 +35,7 @@ import ray
 from schemas.config import RunConfig
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir, json_ready
+from schemas.storage import Location
 
 NAMESPACE = "lad"
 POLL_S = 0.05
@@ -43,7 +43,8 @@ POLL_S = 0.05
 
 def coordinator_name(cfg: RunConfig) -> str:
     """Unique per run directory (two runs never share one), readable by run name."""
-    digest = hashlib.sha1(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:10]
+    where = Location(cfg.run_dir)
+    digest = hashlib.sha1(str(where if where.remote else where.local.resolve()).encode()).hexdigest()[:10]
     return f"colearn:{cfg.name}:{digest}"
 
 
@@ -51,13 +52,14 @@ class RoleBook:
     """The policy, its version and history, the per-step role statistics and the roles.json watch (plain Python,
     used by the actor; tested without Ray)."""
 
-    def __init__(self, policy: str, roles_path: Optional[Path], start_step: int = 0, source: str = "config"):
+    def __init__(self, policy: str, roles_path: Optional[Location], start_step: int = 0, source: str = "config"):
         self._check(policy)
         self.policy = policy                  # the policy requested last (in force from the next step)
         self.version = 0
         self.stop = False
         self.roles_path = roles_path
         self._roles_mtime: Optional[float] = None
+        self._looked = 0.0
         self.requested_at: Optional[float] = None
         self._source = source
         self.history: list[dict] = [{"policy": policy, "from_step": start_step + 1, "source": source,
@@ -95,14 +97,19 @@ class RoleBook:
         """Pick up a new request the control plane wrote (an mtime change); True if the policy changed."""
         if self.roles_path is None:
             return False
+        if self.roles_path.remote:  # each look is a request to the store: once a second, not every poll
+            if time.monotonic() - self._looked < 1.0:
+                return False
+            self._looked = time.monotonic()
         try:
-            mtime = self.roles_path.stat().st_mtime
-        except (FileNotFoundError, NotADirectoryError):
+            st = self.roles_path.size_mtime()
+        except OSError:
             return False
-        if mtime == self._roles_mtime:
+        if st is None or st[1] == self._roles_mtime:
             return False
+        mtime = st[1]
         try:
-            data = json.loads(self.roles_path.read_text())
+            data = json.loads(self.roles_path.read_bytes())
         except (OSError, ValueError):
             return False  # torn by a non-atomic writer: the next poll reads it whole
         self._roles_mtime = mtime
@@ -251,7 +258,7 @@ class ColearnCoordinator:
     async def rewind(self, step: int, best: dict) -> None:
         """A new attempt resumes from the checkpoint of `step`: forget what came after it, open the rendezvous."""
         self.book.rewind(step)
-        self.run.events.reset()  # its TensorBoard events after `step` are dropped as its metrics lines are
+        self.run.rewound(step)  # its unwritten metrics lines and TensorBoard events after `step` are dropped
         self.best = dict(best)
         self.result_ = {}
         self.aborted = None

@@ -20,19 +20,19 @@ from PIL import Image
 from pipeline.coco import CocoDataset, ImageRecord
 from pipeline.errors import DatasetError
 from pipeline.transforms import InputSize, aug_params_for, canvas_shape, resize
+from schemas.storage import Location
 
 
 def read_image_file(record: ImageRecord) -> bytes:
     """The record's encoded file, as stored: what the stream carries instead of pixels."""
     try:
-        with open(record.path, "rb") as f:
-            return f.read()
+        return Location(record.path).read_bytes()  # a local file, or an object fetched by this read task
     except FileNotFoundError:
         raise DatasetError(
             "image file not found", file=record.path, image_id=record.image_id, fix="restore the file or fix image_root"
         ) from None
     except OSError as e:
-        raise DatasetError(f"cannot read the image ({e.strerror})", file=record.path, image_id=record.image_id,
+        raise DatasetError(f"cannot read the image ({e.strerror or e})", file=record.path, image_id=record.image_id,
                            fix="check the file's permissions and the storage it is on") from None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -25,6 +24,7 @@ from schemas.config import ConfigError, RunConfig, recipe_deviations
 from schemas.modes import mode_spec
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
+from schemas.storage import Location
 from trainer.colad import count_metrics, zero_counts
 from trainer.engine import Engine, pick_device
 from trainer.network import check_start
@@ -74,12 +74,17 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
               (cfg.model, "pretrained"), (cfg.colearn, "checkpoint_a"), (cfg.colearn, "checkpoint_b")]
     if cfg.colearn.model_b is not None:
         fields.append((cfg.colearn.model_b, "pretrained"))
-    for obj, key in fields:
+    for obj, key in fields + [(cfg, "output_dir")]:
         value = getattr(obj, key)
         if value:
-            setattr(obj, key, str(Path(value).resolve()))
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+            setattr(obj, key, absolute(value))
     return cfg
+
+
+def absolute(where: str) -> str:
+    """A local path made absolute (a `file://` URI becomes one); an object-storage URI as it is."""
+    loc = Location(where)
+    return where if loc.remote else str(loc.local.resolve())
 
 
 @contextmanager

@@ -146,6 +146,7 @@ def write_commit(run: RunDir, cfg: RunConfig, state: dict, step: int, epoch: int
     from trainer.checkpoint import save_checkpoint
 
     categories = run.categories()
+    run.flush()  # on object storage: the metrics up to this checkpoint are written before it
 
     def payload(ep: int, ids: list[int]) -> dict:
         return {"config": cfg.to_dict(), **state, "epoch": ep, "progress": {"epoch": ep, "trained_ids": list(ids)},

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 from pipeline import ray_env
@@ -26,6 +25,7 @@ from pipeline.loop import Collective, Start, read_start, train_loop
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from schemas.rundir import RunDir
+from schemas.storage import Location
 
 
 # ------------------------------------------------------------------------------------------------ the workers
@@ -127,6 +127,16 @@ def torch_config(cfg: RunConfig, group: str):
     return TorchConfig(backend="cpu:gloo,cuda:nccl" if ray_env.worker_resources(cfg, group)[1] > 0 else "gloo")
 
 
+def ray_storage(where: Location) -> dict:
+    """Ray Train's `storage_path` (its own run state; our checkpoints are the run directory's) beside the run:
+    on object storage through the same pyarrow filesystem as the run directory, so the same endpoint and
+    credentials serve both."""
+    if not where.remote:
+        return {"storage_path": str(where)}
+    fs, key = where.filesystem_and_key()
+    return {"storage_path": key, "storage_filesystem": fs}
+
+
 def fit_group(cfg_dict: dict, group: str, loop_config: dict, datasets: Optional[dict] = None,
               dataset_config=None) -> str:
     """Run one worker group (a TorchTrainer) to its end; in split co-learning this runs in a zero-CPU task."""
@@ -142,7 +152,7 @@ def fit_group(cfg_dict: dict, group: str, loop_config: dict, datasets: Optional[
                                                resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
         torch_config=torch_config(cfg, group),
         run_config=ray.train.RunConfig(name=f"{cfg.name}-{group}-{int(time.time())}",
-                                       storage_path=str(Path(cfg.run_dir) / ".ray_train"),
+                                       **ray_storage(Location(cfg.run_dir) / ".ray_train"),
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
         **extra).fit()
     return group

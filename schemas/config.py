@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.modes import MODES, mode_spec, modes_where
 from schemas.policy import PolicyName
+from schemas.storage import Location, location_problem
 
 Mode = Literal["paa", "lad", "kd", "solad", "colad"]  # spelled out for type checkers; the table is schemas.modes
 if get_args(Mode) != MODES:
@@ -28,14 +29,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _where(value: str) -> str:
+    problem = location_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+Where = Annotated[str, AfterValidator(_where)]  # a local path or a URI (s3://, gs://, file://): `schemas.storage`
+
 PAD_DIVISOR = 32  # keep-ratio batches are padded to a multiple of this (as MMDetection's pad_size_divisor=32)
 
 
 class DataConfig(_Strict):
-    train: str = "data/digits/train.json"
-    val: Optional[str] = "data/digits/val.json"
-    image_root: Optional[str] = Field(None, description="directory file_names are relative to; default: the json's")
-    val_image_root: Optional[str] = Field(
+    train: Where = "data/digits/train.json"
+    val: Optional[Where] = "data/digits/val.json"
+    image_root: Optional[Where] = Field(None, description="directory file_names are relative to; default: the json's")
+    val_image_root: Optional[Where] = Field(
         None, description="the same for data.val (COCO keeps train2017/ and val2017/ apart); default: image_root")
 
     @property
@@ -61,7 +71,7 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     depth: Literal[18, 34, 50, 101] = 18
-    pretrained: Optional[str] = Field(None, description="local file with torchvision ResNet weights (state dict)")
+    pretrained: Optional[Where] = Field(None, description="file with torchvision ResNet weights (state dict)")
     norm: Literal["bn", "frozen_bn", "gn"] = Field(
         "bn", description="backbone norm: bn (from scratch), frozen_bn (with pretrained weights), gn (same in "
         "train and eval mode)")
@@ -137,13 +147,13 @@ if set(KD_DEFAULTS) != set(modes_where("soft")):
 
 
 class TeacherConfig(_Strict):
-    checkpoint: Optional[str] = Field(None, description="a checkpoint written by `lad train` (modes lad, kd, solad)")
+    checkpoint: Optional[Where] = Field(None, description="a checkpoint written by `lad train` (modes lad, kd, solad)")
 
 
 class ColearnConfig(_Strict):
     model_b: Optional[ModelConfig] = Field(None, description="network B; default: the same as `model`")
-    checkpoint_a: Optional[str] = None
-    checkpoint_b: Optional[str] = None
+    checkpoint_a: Optional[Where] = None
+    checkpoint_b: Optional[Where] = None
     policy: PolicyName = Field("auto", description="auto | pin-a | pin-b | alternate:N")
     seed_b: Optional[int] = Field(None, description="initialisation seed of network B (default: model seed + 1)")
     mode: Literal["inline", "split"] = "inline"
@@ -327,7 +337,7 @@ class RunConfig(_Strict):
     mode: Mode = "paa"
     seed: int = Field(0, description="data order, augmentation and (unless model_seed is set) initialisation")
     model_seed: Optional[int] = Field(None, description="initialisation seed of network A (default: seed)")
-    output_dir: str = "runs"
+    output_dir: Where = Field("runs", description="where run directories go: a local path or s3://, gs://, file://")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     assign: AssignConfig = Field(default_factory=AssignConfig)
@@ -365,8 +375,10 @@ class RunConfig(_Strict):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+    def run_dir(self) -> "Path | Location":
+        """The run's directory: a Path when local, a `Location` on object storage."""
+        where = Location(self.output_dir) / self.name
+        return where if where.remote else where.local
 
     @property
     def model_b(self) -> ModelConfig:
@@ -380,7 +392,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"{source}: field '{loc}': {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix to our own validators' messages
+        lines.append(f"{source}: field '{loc}': {msg}")
     return "\n".join(lines)
 
 
@@ -430,11 +443,11 @@ def config_from_dict(raw: Any, source: str = "config", overrides: Optional[list[
 
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
     """Read a YAML run config, apply `--set` overrides, validate. Raises ConfigError with file and field."""
-    path = Path(path)
+    path = Location(path)
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

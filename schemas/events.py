@@ -9,12 +9,17 @@ tensorboard's own file writer and protos.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
+
+from schemas.storage import Location
+
+_COUNT = itertools.count()
 
 SKIP = {"step", "epoch", "pid", "time", "rank"}
 SIZES = ("small", "medium", "large")
@@ -52,8 +57,11 @@ class EventLog:
     metrics.jsonl and eval.json, never the record: a failure to write them (tensorboard missing, a full disk) is
     one warning, and the run goes on without them."""
 
-    def __init__(self, run_path: Path):
-        self.dir = Path(run_path) / "tensorboard"
+    def __init__(self, where: Location):
+        """`where`: the run's `tensorboard/`. On object storage the file is written in a local folder of this
+        process and uploaded whole by `upload` (an event file cannot be appended to there)."""
+        self.where = where
+        self.dir = None if where.remote else where.local  # remote: a local folder made at the first event
         self._writer = None
         self._broken = False
 
@@ -67,6 +75,22 @@ class EventLog:
                 pass
         self._writer = None
 
+    def upload(self) -> None:
+        """On object storage: copy this process's event files to the run's `tensorboard/` (whole objects)."""
+        if not self.where.remote or self._broken or self.dir is None or not self.dir.is_dir():
+            return
+        try:
+            for path in sorted(self.dir.iterdir()):
+                (self.where / path.name).write_bytes(path.read_bytes())
+        except OSError as e:
+            self._off(e)
+
+    def _off(self, e: Exception) -> None:
+        self._broken = True
+        print(f"warning: {self.where}: TensorBoard events are off for this process ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}); metrics.jsonl is complete",
+              file=sys.stderr)
+
     def _write(self, step: int, values: dict[str, float]) -> None:
         if self._broken:
             return
@@ -75,6 +99,8 @@ class EventLog:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             if self._writer is None:
+                if self.dir is None:
+                    self.dir = self.where.cache() / f"{os.getpid()}-{next(_COUNT)}"
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self._writer = EventFileWriter(str(self.dir), flush_secs=10)
                 start = event_pb2.Event(wall_time=time.time(), step=step,
@@ -85,13 +111,7 @@ class EventLog:
             self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
             self._writer.flush()  # a logged step is rare enough, and a worker's process may end without closing
         except Exception as e:  # ImportError, OSError, a protobuf clash: the metrics files are the record
-            self._broken = True
-            print(f"warning: {self.dir}: TensorBoard events are off for this process ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}); metrics.jsonl is complete",
-                  file=sys.stderr)
-
-    def __getstate__(self) -> dict:
-        return {"dir": self.dir, "_writer": None, "_broken": False}  # a RunDir sent elsewhere opens its own file
+            self._off(e)
 
     def metrics(self, record: dict[str, Any]) -> None:
         if isinstance(record.get("step"), int) and record.get("event") is None:

@@ -17,6 +17,17 @@
 One class for both sides: the trainer writes through it, the control plane reads through it (and writes
 control/roles.json). Torch-free on purpose: the server imports it and must start in a second, never loading torch.
 Every reader tolerates a file that does not exist yet, and a `metrics.jsonl` line being appended right now.
+
+A run directory may be on object storage (`output_dir: s3://bucket/runs`, `schemas.storage`). Every file there is
+written whole by one upload, so readers see the old object or the new one. What has no object-store equivalent:
+- append: the logging process keeps the `metrics.jsonl` lines it has not written yet and, at most every
+  `REMOTE_FLUSH_S` seconds and at every checkpoint and state change, reads the object, adds them and writes it
+  back (one process logs a run's metrics at a time; a resume rewinds the object as it does a file);
+  `progress.json` is written on the same beat;
+- TensorBoard's event files are written on this machine (`Location.cache`) and uploaded on the same beat;
+- the lock: a flock on a file in the local cache, so two drivers on one machine never train one run (across
+  machines an object store offers no lock: give runs distinct names);
+- `logs/`: the control plane's launcher writes them in the local cache.
 """
 from __future__ import annotations
 
@@ -30,9 +41,10 @@ from typing import Any, Iterator, Optional
 
 from schemas.events import EventLog
 from schemas.config import RunConfig, dump_config
-from schemas.files import atomic_write_json, atomic_write_text
+from schemas.storage import Location
 
 _TAIL_CHUNK = 64 * 1024
+REMOTE_FLUSH_S = 10.0  # on object storage: the most seconds metrics, progress and events wait to be written
 
 
 def json_ready(value: Any) -> Any:
@@ -46,13 +58,27 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Location) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError):
         return None  # unreadable or torn by a non-atomic writer: treat as absent, the next poll sees it whole
+
+
+def _parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
+    """metrics.jsonl records in order, stopping at a torn last line."""
+    for line in data.split(b"\n")[:-1]:  # the last piece is empty, or a torn line
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(record, dict):
+            yield record
 
 
 class RunDirBusy(ValueError):
@@ -62,8 +88,8 @@ class RunDirBusy(ValueError):
 class RunDir:
     """Paths, writers and readers of one run directory."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: "str | Path | Location"):
+        self.path = Location(path)
         self.config_path = self.path / "config.yaml"
         self.categories_path = self.path / "categories.json"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -71,12 +97,24 @@ class RunDir:
         self.progress_path = self.path / "progress.json"
         self.checkpoints_dir = self.path / "checkpoints"
         self.roles_path = self.path / "control" / "roles.json"
-        self.logs_dir = self.path / "logs"
+        self.remote = self.path.remote
+        self.logs_dir = Location(self.path.cache() / "logs") if self.remote else self.path / "logs"
         self.stdout_path = self.logs_dir / "stdout.log"
         self.stderr_path = self.logs_dir / "stderr.log"
-        self.events = EventLog(self.path)  # tensorboard/: the same metrics and evaluations as TensorBoard events
+        # tensorboard/: the same metrics and evaluations as TensorBoard events (staged here, uploaded when remote)
+        self.events = EventLog(self.path / "tensorboard")
         self._roles_mtime = 0.0
+        self._roles_checked = 0.0
         self._lock_fd: Optional[int] = None
+        self._pending: list[dict] = []  # remote: metrics lines not written yet
+        self._progress: Optional[dict] = None  # remote: the progress record not written yet
+        self._flushed = 0.0
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path.uri}  # a RunDir sent to another process starts with nothing pending there
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
     # ---- the driver's lock ------------------------------------------------------------------------------
     def claim(self) -> None:
@@ -84,8 +122,9 @@ class RunDir:
         leaves a stale lock). Raises `RunDirBusy` naming the holder's pid when another process holds it."""
         import fcntl
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self.path.mkdir()
+        lock = self.path.cache() / ".lock" if self.remote else self.path.local / ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,11 +145,11 @@ class RunDir:
     # ---- config and checkpoints -------------------------------------------------------------------------
     def create(self, cfg: RunConfig) -> None:
         """Make the directory (and checkpoints/) and write config.yaml."""
-        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_path, dump_config(cfg))
+        self.checkpoints_dir.mkdir()
+        self.config_path.write_text(dump_config(cfg))
 
     def write_categories(self, categories: list[dict[str, Any]]) -> None:
-        atomic_write_json(self.categories_path, [{"id": c["id"], "name": c.get("name")} for c in categories])
+        self.categories_path.write_text(json.dumps([{"id": c["id"], "name": c.get("name")} for c in categories]))
 
     def categories(self) -> Optional[list[dict[str, Any]]]:
         """The run's categories in class order, or None (a run directory made before they were recorded)."""
@@ -118,42 +157,62 @@ class RunDir:
         return data if isinstance(data, list) else None
 
     @property
-    def last(self) -> Path:
+    def last(self) -> Location:
         return self.checkpoints_dir / "last.pt"
 
     @property
-    def best(self) -> Path:
+    def best(self) -> Location:
         return self.checkpoints_dir / "best.pt"
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """The checkpoint files: {"name", "path", "size", "modified_at"}, by name."""
-        out = []
-        try:
-            entries = sorted(os.scandir(self.checkpoints_dir), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_file():
-                continue  # temporary files of an atomic write in progress
-            st = entry.stat()
-            out.append({"name": entry.name, "path": entry.path, "size": st.st_size,
-                        "modified_at": datetime.fromtimestamp(st.st_mtime, timezone.utc)})
-        return out
+        return [{"name": loc.name, "path": str(loc), "size": size,
+                 "modified_at": datetime.fromtimestamp(mtime, timezone.utc)}
+                for loc, size, mtime in self.checkpoints_dir.files()
+                if not loc.name.startswith(".")]  # temporary files of an atomic write in progress
 
     # ---- metrics.jsonl ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
         """Append one line. A failed append (a full disk) may leave a torn last line: every reader stops before
-        it, and a resume rewinds it away."""
+        it, and a resume rewinds it away. On object storage the line waits for the next `flush`."""
+        self.events.metrics(record)
+        if self.remote:
+            self._pending.append(json_ready(record))
+            return
         try:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(json_ready(record)) + "\n")
         except OSError as e:
             raise OSError(e.errno, f"{self.metrics_path}: appending a metrics line failed ({e.strerror or e}); "
                           "the lines before it are kept") from e
-        self.events.metrics(record)
+
+    def flush(self, force: bool = True) -> None:
+        """On object storage: write the pending metrics lines, progress and TensorBoard events (unless `force` is
+        off and the last write is under `REMOTE_FLUSH_S` old). Locally everything is written already."""
+        if not self.remote or (not force and time.monotonic() - self._flushed < REMOTE_FLUSH_S):
+            return
+        if self._pending:
+            old = self._metrics_bytes()
+            self.metrics_path.write_bytes(old + "".join(json.dumps(m) + "\n" for m in self._pending).encode())
+            self._pending = []
+        if self._progress is not None:
+            self.progress_path.write_text(json.dumps(self._progress))
+            self._progress = None
+        self.events.upload()
+        self._flushed = time.monotonic()
+
+    def _metrics_bytes(self) -> bytes:
+        try:
+            data = self.metrics_path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return b""
+        return data if data.endswith(b"\n") or not data else data[:data.rfind(b"\n") + 1]
 
     def iter_metrics(self) -> Iterator[dict[str, Any]]:
         """Records in file order; stops at a torn last line (the writer is appending it)."""
+        if self.remote:
+            yield from _parse_lines(self._metrics_bytes())
+            return
         try:
             f = open(self.metrics_path, "rb")
         except (FileNotFoundError, NotADirectoryError):
@@ -186,6 +245,9 @@ class RunDir:
 
     def latest_metrics(self) -> Optional[dict[str, Any]]:
         """The last complete record, read from the end of the file (metrics files grow to many MB)."""
+        if self.remote:
+            records = list(self.iter_metrics())
+            return records[-1] if records else None
         try:
             with open(self.metrics_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -216,39 +278,52 @@ class RunDir:
         return data if isinstance(data, list) else []
 
     def _write_evals(self, evals: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.eval_path, json.dumps(evals, indent=1))
+        self.eval_path.write_text(json.dumps(evals, indent=1))
 
     def add_eval(self, record: dict) -> None:
         self._write_evals(self.evals() + [json_ready(record)])
         self.events.evaluation(json_ready(record))
+        self.flush()
 
     # ---- resume -----------------------------------------------------------------------------------------
     def rewind(self, step: int) -> None:
         """On resume from the checkpoint of `step`: drop the metrics.jsonl lines and eval.json entries of later
         steps (the resumed run logs and evaluates them again). Each file is rewritten atomically; a file that
         does not exist is left absent."""
+        self.rewound(step)
         if self.metrics_path.exists():
             kept = [m for m in self.iter_metrics() if m.get("step", 0) <= step]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+            self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         if self.eval_path.exists():
             self._write_evals([e for e in self.evals() if e.get("step", 0) <= step])
+
+    def rewound(self, step: int) -> None:
+        """This process's side of a rewind to `step` (done here or by another process): the lines it has not
+        written yet that come after `step` are dropped, and its next TensorBoard event starts a new session."""
+        self._pending = [m for m in self._pending if m.get("step", 0) <= step]
+        self.flush()
         self.events.reset()
 
     # ---- other files ------------------------------------------------------------------------------------
     def write_json(self, name: str, data: Any) -> None:
         """A run file of its own (e.g. co-learning's colearn.json), written whole, NaN as null."""
-        atomic_write_text(self.path / name, json.dumps(json_ready(data)))
+        (self.path / name).write_text(json.dumps(json_ready(data)))
 
     # ---- progress.json ----------------------------------------------------------------------------------
     def set_progress(self, state: str, step: int, total_steps: int, epoch: int, error: str | None = None,
                      recovery: dict[str, Any] | None = None) -> None:
         """`recovery` ({"attempt", "max", "reason"}) goes with state `recovering`: a lost process is being
-        replaced and the run resumes from `step`, its last checkpoint, until the new workers log a step."""
+        replaced and the run resumes from `step`, its last checkpoint, until the new workers log a step.
+        On object storage a `running` record waits for the next flush; every other state is written at once."""
         record = {"state": state, "step": step, "total_steps": total_steps, "epoch": epoch, "error": error,
                   "pid": os.getpid(), "time": time.time()}
         if recovery is not None:
             record["recovery"] = recovery
-        atomic_write_text(self.progress_path, json.dumps(record))
+        if self.remote:
+            self._progress = record
+            self.flush(force=state != "running" or not self._flushed)
+            return
+        self.progress_path.write_text(json.dumps(record))
 
     def fail(self, error: str) -> None:
         """State `failed` with its one-line reason, at the step and epoch the run had reached."""
@@ -256,6 +331,8 @@ class RunDir:
         self.set_progress("failed", p.get("step", 0), p.get("total_steps", 0), p.get("epoch", 0), error=error)
 
     def progress(self) -> Optional[dict[str, Any]]:
+        if self._progress is not None:
+            return dict(self._progress)  # this process's, not written yet (object storage)
         data = _read_json(self.progress_path)
         return data if isinstance(data, dict) else None
 
@@ -276,7 +353,7 @@ class RunDir:
     def request_roles(self, policy: str) -> dict[str, Any]:
         """The control plane's side: ask the running trainer to switch the role policy."""
         payload = {"policy": policy, "requested_at": time.time()}
-        atomic_write_json(self.roles_path, payload)
+        self.roles_path.write_text(json.dumps(payload))
         return payload
 
     def roles_request(self) -> Optional[dict[str, Any]]:
@@ -287,11 +364,16 @@ class RunDir:
         return data
 
     def requested_policy(self) -> str | None:
-        """The trainer's side: the requested policy, if the request file changed since the last look."""
-        try:
-            mtime = self.roles_path.stat().st_mtime
-        except FileNotFoundError:
+        """The trainer's side: the requested policy, if the request file changed since the last look (on object
+        storage looked at once a second: each look is a request)."""
+        if self.remote:
+            if time.monotonic() - self._roles_checked < 1.0:
+                return None
+            self._roles_checked = time.monotonic()
+        st = self.roles_path.size_mtime()
+        if st is None:
             return None
+        mtime = st[1]
         if mtime == self._roles_mtime:
             return None
         request = self.roles_request()

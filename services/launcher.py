@@ -127,7 +127,7 @@ class LocalLauncher:
     def start(self, rec: RunRecord) -> dict[str, Any]:
         files = RunDir(rec.run_dir)
         try:
-            files.logs_dir.mkdir(parents=True, exist_ok=True)
+            files.logs_dir.mkdir()
             with open(files.stdout_path, "ab") as out, open(files.stderr_path, "ab") as err:
                 proc = subprocess.Popen([*self.command, rec.config_path], stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=err, cwd=self.cwd, env=self._env(rec), start_new_session=True,

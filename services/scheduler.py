@@ -115,9 +115,9 @@ class Scheduler:
             other = self.registry.find_by_run_dir(str(files.path))
             if other is not None:
                 raise Conflict(f"run {other.id} already uses {files.path}; choose another name", "name")
-            if files.path.is_symlink():  # it would write wherever the link points, outside the runs root
+            if not files.remote and files.path.local.is_symlink():  # it would write wherever the link points
                 raise Conflict(f"{files.path} is a symbolic link; choose another name", "name")
-            if files.path.exists() and (not files.path.is_dir() or any(files.path.iterdir())):
+            if not files.path.is_empty_folder():
                 raise Conflict(f"{files.path} already exists and is not empty; choose another name", "name")
             files.create(cfg)
             rec = RunRecord(id=run_id, name=cfg.name, mode=cfg.mode, config=cfg.to_dict(), state="pending",

@@ -4,7 +4,8 @@
    names files and launches code on the cluster.
 2. Token: with one, every mutating route needs `Authorization: Bearer <token>` (constant-time compare).
 3. Paths: every path in a posted config must resolve (symlinks followed) under the configured roots, so a
-   client can neither read files outside the datasets nor write outside the runs root.
+   client can neither read files outside the datasets nor write outside the runs root. A root may be an
+   object-storage URI (`s3://bucket/runs`); a URI is under it by prefix, and `..` is refused.
 4. Body size: request bodies over 1 MiB are refused with 413 before they are parsed.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from schemas.storage import Location, location_problem
 
 MAX_BODY_BYTES = 1 << 20
 MIN_TOKEN_CHARS = 16
@@ -95,7 +98,8 @@ def token_matches(expected: str, authorization: Optional[str]) -> bool:
 
 # ---- paths ------------------------------------------------------------------------------------------------
 def _is_under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    sep = "/" if Location(root).remote else os.sep
+    return path == root or path.startswith(root.rstrip(sep) + sep)
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -115,6 +119,13 @@ def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _exists(where: str) -> bool:
+    try:
+        return Location(where).exists()
+    except OSError:
+        return False  # the store cannot be reached: the run could not read it either
+
+
 class PathPolicy:
     """Resolves config paths against the server's working directory and confines them to the roots."""
 
@@ -125,9 +136,19 @@ class PathPolicy:
         self.input_roots = [*self.data_roots, self.runs_root]
 
     def resolve(self, path: str) -> str:
+        """A local path made absolute and real (symlinks followed); an object-storage URI normalised, with
+        no `..` (an object store has no links to follow)."""
         if "\x00" in path:
             raise ValueError("path contains a NUL byte")
-        return os.path.realpath(os.path.join(self.base_dir, path))
+        problem = location_problem(path)
+        if problem:
+            raise ValueError(problem)
+        where = Location(path)
+        if where.remote:
+            if ".." in where.uri.split("://", 1)[1].split("/"):
+                raise ValueError(f"{path!r} contains '..'")
+            return where.uri
+        return os.path.realpath(os.path.join(self.base_dir, os.fspath(where)))
 
     def confine(self, cfg: dict[str, Any], output_dir_given: bool) -> dict[str, Any]:
         """Return the config with every path field made absolute and real; raise PathViolation on the first
@@ -141,7 +162,7 @@ class PathPolicy:
             if not any(_is_under(real, root) for root in self.input_roots):
                 raise PathViolation(dotted, f"{value!r} resolves to {real}, outside the allowed roots "
                                             f"({', '.join(self.input_roots)})")
-            if dotted in MUST_EXIST_FIELDS and not os.path.exists(real):
+            if dotted in MUST_EXIST_FIELDS and not _exists(real):
                 raise PathViolation(dotted, f"{value!r} does not exist (resolved to {real})")
             _set(cfg, dotted, real)
         if output_dir_given:

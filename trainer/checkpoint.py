@@ -1,10 +1,12 @@
-"""Checkpoints: written atomically (never half a file), read with `weights_only=True`, and checked strictly.
+"""Checkpoints: written whole or not at all (never half a file), read with `weights_only=True`, checked strictly;
+locally or on object storage (`schemas.storage`).
 
 A checkpoint is a plain dict: {"format", "version", "config" (the resolved run config), "models" {"a": state dict,
 "b": ... for CoLAD}, "optimizer", "scheduler", "step", "epoch", "progress" (ids trained this epoch), "best"}.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,6 +14,7 @@ import torch
 
 from schemas.config import ModelConfig, RunConfig
 from schemas.files import atomic_write
+from schemas.storage import Location
 
 FORMAT = "lad-checkpoint"
 VERSION = 1
@@ -21,17 +24,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the difference."""
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: on any failure the previous file at `path` is untouched. torch reports a short write (a
-    full disk, a file-size limit) as an opaque RuntimeError; it is raised again as an OSError that says so."""
-    path = Path(path)
+def save_checkpoint(path: "str | Path | Location", payload: dict[str, Any]) -> None:
+    """Write whole or not at all: on any failure the previous file at `path` is untouched (locally a temporary
+    file renamed over it; on object storage one upload of the complete bytes). torch reports a short write (a full
+    disk, a file-size limit) as an opaque RuntimeError; it is raised again as an OSError that says so."""
+    path = Location(path)
 
     def failed(reason: str) -> str:
-        return (f"{path}: writing the checkpoint failed ({reason}); the previous {path.name} is unchanged; check "
-                f"the free space of {path.parent}")
+        where = "the store" if path.remote else f"the free space of {path.parent}"
+        return f"{path}: writing the checkpoint failed ({reason}); the previous {path.name} is unchanged; check {where}"
 
+    full = {"format": FORMAT, "version": VERSION, **payload}
     try:
-        atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
+        if path.remote:
+            buffer = io.BytesIO()
+            torch.save(full, buffer)
+            path.write_bytes(buffer.getvalue())
+        else:
+            atomic_write(path.local, lambda f: torch.save(full, f))
     except OSError as e:
         raise OSError(e.errno, failed(e.strerror or str(e))) from e
     except RuntimeError as e:
@@ -40,12 +50,18 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise OSError(failed(str(e).splitlines()[0][:160])) from e
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+def load_checkpoint(path: "str | Path | Location", map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Location(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        source = io.BytesIO(path.read_bytes()) if path.remote else path.local
+        if not path.remote and not path.local.is_file():
+            raise FileNotFoundError
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e})") from None
+    try:
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]}); re-create it with `lad train`") from None

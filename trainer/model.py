@@ -5,6 +5,7 @@ row-major within a level, which is the anchor order of `trainer.anchors.make_anc
 """
 from __future__ import annotations
 
+import io
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from schemas.config import ModelConfig
+from schemas.storage import Location
 
 RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,7 +102,9 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
     if cfg.pretrained:
         from trainer.checkpoint import CheckpointError
         try:
-            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+            where = Location(cfg.pretrained)
+            source = io.BytesIO(where.read_bytes()) if where.remote else where.local
+            state = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # missing, truncated or not a torch file: torch raises several types
             raise CheckpointError(f"model.pretrained {cfg.pretrained}: unreadable ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from None
