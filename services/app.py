@@ -29,6 +29,7 @@ from schemas.api import (RUN_STATES, Checkpoint, ErrorResponse, Health, MetricsP
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from schemas.rundir import RunDir
+from schemas.storage import Location, check_location
 from services.launcher import RAY_ENTRYPOINT, Launcher, LaunchError, LocalLauncher, RayLauncher
 from services.registry import Registry, RunRecord
 from services.scheduler import Conflict, NotFound, Scheduler, default_max_concurrent, new_run_id, usable_cpus
@@ -260,9 +261,11 @@ def make_launcher(settings: Settings) -> tuple[Launcher, int]:
 def create_app(settings: Settings, launcher: Optional[Launcher] = None,
                registry: Optional[Registry] = None) -> FastAPI:
     """Build the app. Opening the registry takes its lock, so a second server on the same file fails here."""
-    os.makedirs(settings.runs_root, exist_ok=True)
+    for root in [settings.runs_root, *settings.data_roots]:
+        check_location(root, "--runs-root" if root == settings.runs_root else "--data-root")
+    Location(settings.runs_root).mkdir()  # on object storage: nothing to make
     for root in settings.data_roots:
-        if not os.path.isdir(root):
+        if not Location(root).remote and not os.path.isdir(root):
             log.warning("data root %s does not exist (yet)", root)
     registry = registry or Registry(settings.registry_path)
     if launcher is None:

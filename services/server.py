@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", default="runs/registry.sqlite", metavar="PATH",
                         help="SQLite run registry (default runs/registry.sqlite)")
     parser.add_argument("--runs-root", default="runs", metavar="DIR",
-                        help="run directories go here; a posted output_dir must resolve under it (default runs)")
+                        help="run directories go here, a folder or s3://BUCKET/PREFIX (gs:// too); a posted output_dir must "
+                             "resolve under it (default runs)")
     parser.add_argument("--data-root", action="append", default=None, metavar="DIR",
                         help="datasets and checkpoints a run may read must resolve under one of these or the "
                              "runs root (repeatable; default: data)")
@@ -65,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
 
     from services.app import Settings, create_app
     from services.registry import RegistryError
+    from schemas.storage import StorageError
 
     settings = Settings(host=args.host, port=args.port, registry_path=args.registry, runs_root=args.runs_root,
                         data_roots=args.data_root or ["data"], ray_address=args.ray_address, ray_token=ray_token,
@@ -73,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
                         stop_grace_s=args.stop_grace)
     try:
         app = create_app(settings)
-    except (RegistryError, OSError) as e:
+    except (RegistryError, OSError, StorageError) as e:
         print(f"lad serve: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
