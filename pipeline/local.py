@@ -24,7 +24,7 @@ from schemas.config import ConfigError, RunConfig, recipe_deviations
 from schemas.modes import mode_spec
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
-from schemas.storage import Location
+from schemas.storage import absolute
 from trainer.colad import count_metrics, zero_counts
 from trainer.engine import Engine, pick_device
 from trainer.network import check_start
@@ -79,12 +79,6 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         if value:
             setattr(obj, key, absolute(value))
     return cfg
-
-
-def absolute(where: str) -> str:
-    """A local path made absolute (a `file://` URI becomes one); an object-storage URI as it is."""
-    loc = Location(where)
-    return where if loc.remote else str(loc.local.resolve())
 
 
 @contextmanager

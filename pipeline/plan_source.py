@@ -10,7 +10,6 @@ object store once (`records_table`), which the stages look the indices up in.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +19,7 @@ from ray.data.datasource import Datasource, ReadTask
 from pipeline.loop import epoch_budgets, plan_epoch
 from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN, list_array
 from schemas.config import RunConfig
+from schemas.storage import absolute
 
 
 def records_table(records: list) -> pa.Table:
@@ -29,7 +29,7 @@ def records_table(records: list) -> pa.Table:
     labels, _ = list_array([r.labels for r in records], np.int64, 1, "labels")
     return pa.table({
         "image_id": pa.array([int(r.image_id) for r in records], pa.int64()),
-        "path": pa.array([os.path.abspath(r.path) for r in records], pa.string()),
+        "path": pa.array([absolute(r.path) for r in records], pa.string()),  # read tasks fetch URIs themselves
         "width": pa.array([int(r.width) for r in records], pa.int32()),
         "height": pa.array([int(r.height) for r in records], pa.int32()),
         "boxes": boxes, "labels": labels,

@@ -57,6 +57,13 @@ def check_location(text: str, field: str) -> None:
         raise StorageError(f"{field}: {problem}")
 
 
+def absolute(where: str) -> str:
+    """A local path made absolute (a `file://` URI becomes one): Ray workers may run in another directory. An
+    object-storage URI as it is."""
+    loc = Location(where)
+    return where if loc.remote else os.path.realpath(loc.uri)
+
+
 @functools.lru_cache(maxsize=None)
 def filesystem(scheme: str, bucket: str):
     """One pyarrow filesystem per bucket and process (made on first use, so a Location pickles as its URI)."""
