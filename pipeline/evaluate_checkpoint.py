@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 from pipeline.coco import load_coco
 from pipeline.validate import detections_list, predict_array, score
 from schemas.config import RunConfig
-from schemas.files import atomic_write_text
+from schemas.storage import Location
 from trainer.checkpoint import CheckpointError, checkpoint_network, load_checkpoint
 from trainer.engine import pick_device
 from trainer.network import AnchorCache
@@ -58,12 +57,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = 
         found = predict_array(model.to(dev), anchors_fn, dataset, cfg.data.input_size, cfg.inference, dev,
                               progress=progress)
         if detections:
-            target = Path(detections)
+            target = Location(detections)
             if len(names) > 1 and n != "a":
-                target = target.with_suffix(f".{n}{target.suffix or '.json'}")
-            atomic_write_text(target, json.dumps(detections_list(found)))
+                suffix = "." + target.name.rpartition(".")[2] if "." in target.name else ".json"
+                target = target.with_suffix(f".{n}{suffix}")
+            target.write_text(json.dumps(detections_list(found)))
         results[n] = score(dataset, found)[0] if scored else {}
-    out_path = Path(out) if out else Path(checkpoint).with_suffix(".eval.json")
-    atomic_write_text(out_path, json.dumps({"checkpoint": str(checkpoint), "data": str(data),
+    out_path = Location(out) if out else Location(checkpoint).with_suffix(".eval.json")
+    out_path.write_text(json.dumps({"checkpoint": str(checkpoint), "data": str(data),
                                             "step": int(ckpt.get("step", 0)), "results": results}, indent=1))
     return results

@@ -4,8 +4,9 @@ Run directories, checkpoints and datasets all go through `Location`, one small p
 a run does not care where the run is. Local files keep what POSIX gives: an atomic rename, append and flock. On
 object storage a whole object is written by one upload, which readers see whole or not at all (S3 and GCS are
 strongly consistent for a read after a write), and there is no append, rename or lock; `schemas.rundir` says how a
-run copes. `file://` URIs are local paths. The S3 endpoint comes from the standard `AWS_ENDPOINT_URL`, credentials
-from the usual AWS and Google variables and files (pyarrow reads them).
+run copes. `file://` URIs are local paths. The S3 endpoint comes from the standard `AWS_ENDPOINT_URL`, a GCS
+emulator's from `STORAGE_EMULATOR_HOST`; credentials from the usual AWS and Google variables and files (pyarrow
+reads them).
 
 Torch-free on purpose: the control plane imports it.
 """
@@ -69,7 +70,11 @@ def filesystem(scheme: str, bucket: str):
     """One pyarrow filesystem per bucket and process (made on first use, so a Location pickles as its URI)."""
     import pyarrow.fs as pafs
 
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST") if scheme == "gs" else None
     try:
+        if emulator:  # Google's variable for a GCS emulator (as its client libraries read it): no credentials
+            parsed = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+            return pafs.GcsFileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, anonymous=True)
         return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
     except Exception as e:  # pyarrow raises OSError or ArrowInvalid for a bad endpoint or region lookup
         raise OSError(f"{scheme}://{bucket}: cannot open the bucket ({str(e).splitlines()[0][:200]}); check "

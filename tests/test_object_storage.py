@@ -1,6 +1,7 @@
-"""Run directories, checkpoints and datasets on object storage, against a real S3 server: moto's server mode,
-started by these tests on 127.0.0.1 and reached through the standard `AWS_ENDPOINT_URL`, as a user's MinIO or
-S3 would be. Faults come from outside: the training process is killed by pid."""
+"""Run directories, checkpoints and datasets on object storage, against real servers these tests start on
+127.0.0.1: moto's S3 server, reached through the standard `AWS_ENDPOINT_URL` as a user's MinIO or S3 would be,
+and a GCS emulator through Google's `STORAGE_EMULATOR_HOST`. Faults come from outside: the training process is
+killed by pid."""
 import json
 import os
 import signal
@@ -71,7 +72,7 @@ def s3_data(tmp_path: Path, s3: str, name: str) -> tuple[Path, str]:
     return local, f"{s3}/{name}"
 
 
-def on_s3(data: str) -> list[str]:
+def data_at(data: str) -> list[str]:
     return [f"data.train={data}/train.json", f"data.val={data}/val.json"]
 
 
@@ -131,7 +132,7 @@ def test_a_missing_image_on_s3_is_one_line_naming_it_before_any_ray_process(s3, 
     gone = json.loads((local / "train.json").read_text())["images"][3]["file_name"]
     fs, key = (Location(data) / gone).filesystem_and_key()
     fs.delete_file(key)
-    cfg = tiny_config(local, f"{s3}/runs", mode="paa", pipeline={"engine": "ray"}, overrides=on_s3(data))
+    cfg = tiny_config(local, f"{s3}/runs", mode="paa", pipeline={"engine": "ray"}, overrides=data_at(data))
     config = tmp_path / "paa.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     ray_tmp = tmp_path / "ray_tmp"
@@ -150,7 +151,7 @@ def test_a_run_on_s3_reads_its_data_there_is_killed_and_resumes_from_its_last_pt
     (no handler runs), then the same command: it resumes from that last.pt, and every step is logged once."""
     local, data = s3_data(tmp_path, s3, "digits")
     out_dir = f"{s3}/runs"
-    cfg = tiny_config(local, out_dir, mode="paa", overrides=on_s3(data),
+    cfg = tiny_config(local, out_dir, mode="paa", overrides=data_at(data),
                       train={"epochs": 12, "checkpoint_every": 2, "eval_every": 4, "log_every": 1})
     config = tmp_path / "paa.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -192,7 +193,7 @@ def test_a_ray_stream_lad_run_writes_to_s3_through_ray_train_workers(s3, tmp_pat
     make_teacher(tiny_config(local, tmp_path / "runs", mode="paa"), tmp_path / "teacher.pt")
     Location(teacher).write_bytes((tmp_path / "teacher.pt").read_bytes())
     cfg = tiny_config(local, f"{s3}/runs-ray", mode="lad", teacher=teacher, pipeline={"engine": "ray"},
-                      overrides=on_s3(data),
+                      overrides=data_at(data),
                       train={"max_steps": 3, "checkpoint_every": 2})
     config = tmp_path / "lad.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -204,7 +205,7 @@ def test_a_ray_stream_lad_run_writes_to_s3_through_ray_train_workers(s3, tmp_pat
     assert (run.path / ".ray_train").all_files(), "Ray Train's storage is not beside the run"
 
 
-def test_the_control_plane_starts_and_shows_a_run_whose_directory_is_on_s3(s3, tmp_path, monkeypatch):
+def test_the_control_plane_starts_and_shows_a_run_whose_directory_is_data_at(s3, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
     from services.app import Settings, create_app
@@ -240,3 +241,51 @@ def test_the_control_plane_starts_and_shows_a_run_whose_directory_is_on_s3(s3, t
         assert [m["step"] for m in page["items"] if "loss" in m] == [1, 2, 3, 4]
         assert client.get(f"/ui/runs/{run_id}").status_code == 200
     assert Location(f"{s3}/api-runs/on-s3/checkpoints/last.pt").is_file()
+
+
+# ---- Google Cloud Storage -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A bucket on a GCS emulator (gcp-storage-emulator, from PyPI) of this module, reached through Google's
+    `STORAGE_EMULATOR_HOST`."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("gcs") / "gcs.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+                             f"--port={port}", "--in-memory", "--default-bucket=lad-gcs"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/storage/v1/b", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, timeout=30, what="the GCS emulator")
+        filesystem.cache_clear()
+        yield "gs://lad-gcs"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        patch.undo()
+        filesystem.cache_clear()
+
+
+def test_a_run_on_gcs_reads_its_data_there_and_writes_its_directory_there(gcs, tmp_path):
+    local = make_data(tmp_path / "data")
+    upload(local, Location(f"{gcs}/digits"))
+    assert Location(f"{gcs}/digits").all_files() == {p.relative_to(local).as_posix()
+                                                     for p in local.rglob("*") if p.is_file()}
+    from pipeline.local import train
+
+    cfg = tiny_config(local, f"{gcs}/runs", mode="paa", overrides=data_at(f"{gcs}/digits"),
+                      train={"max_steps": 3, "checkpoint_every": 2})
+    train(cfg, progress=False)
+    run = RunDir(cfg.run_dir)
+    assert metrics_steps(run) == [1, 2, 3] and run.progress()["state"] == "succeeded"
+    assert load_checkpoint(f"{gcs}/runs/tiny_paa/checkpoints/last.pt")["step"] == 3
+    train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 5})}), progress=False)
+    assert metrics_steps(run) == [1, 2, 3, 4, 5]   # resumed from last.pt on GCS, nothing logged twice
