@@ -242,6 +242,41 @@ def test_docker_compose_config_is_valid(tmp_path, version):
     assert str(worker["shm_size"]) in ("2gb", "2147483648")
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_object_storage_overlay_points_every_service_at_the_bucket(tmp_path, version):
+    """compose.s3.yaml over compose.yaml: the control plane's runs root is the bucket (and `lad serve` accepts
+    it), every service gets the endpoint and the credentials as a secret file, and nothing of the base is lost."""
+    cli = _compose_cli(version)
+    if cli is None:
+        pytest.skip(f"Compose {version} is not installed (.ci/run installs it)")
+    work = tmp_path / "docker"
+    work.mkdir()
+    for name in ("compose.yaml", "compose.s3.yaml"):
+        shutil.copy(COMPOSE.parent / name, work / name)
+    (work / "secrets").mkdir()
+    for name in ("api_token", "ray_token", "aws_credentials"):
+        (work / "secrets" / name).write_text("x" * 32)
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LAD_", "COMPOSE_", "AWS_"))}
+    p = subprocess.run([*cli, "-f", str(work / "compose.yaml"), "-f", str(work / "compose.s3.yaml"), "config"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**clean_env, "LAD_RUNS_ROOT": "s3://bucket/runs", "AWS_ENDPOINT_URL": "http://minio:9000"})
+    assert p.returncode == 0, p.stderr
+    services = yaml.safe_load(p.stdout)["services"]
+    assert set(services) == set(SERVICES)
+    for name, service in services.items():
+        e = env(service)
+        assert e["AWS_ENDPOINT_URL"] == "http://minio:9000", name
+        assert e["AWS_SHARED_CREDENTIALS_FILE"] == "/run/secrets/aws_credentials", name
+        secrets = {s["source"] if isinstance(s, dict) else s for s in service["secrets"]}
+        assert {"ray_token", "aws_credentials"} <= secrets, name
+        assert not any(k.startswith("AWS_SECRET") or k.startswith("AWS_ACCESS") for k in e), name
+    assert env(services["ray-worker"])["RAY_AUTH_MODE"] == "token"   # the base's environment is kept
+    assert env(services["control-plane"])["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_token"
+    cmd = services["control-plane"]["command"]
+    args = build_parser().parse_args((shlex.split(cmd) if isinstance(cmd, str) else cmd)[2:])
+    assert args.runs_root == "s3://bucket/runs" and "/data" in args.data_root
+
+
 def test_ray_node_entrypoint_sizes_the_store_to_shm_and_adds_the_cpu_cap():
     """docker/ray-node.sh, run here on the host's /dev/shm: 80 % of it as the object store, --num-cpus from
     RAY_WORKER_CPUS, and an explicit --object-store-memory left alone."""
