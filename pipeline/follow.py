@@ -9,14 +9,15 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from schemas.rundir import RunDir
+from schemas.rundir import REMOTE_FLUSH_S, RunDir
 
 
 class FollowBar:
     """`with FollowBar(run, total, initial, desc):` a tqdm bar on stderr, refreshed every `every` seconds."""
 
     def __init__(self, run: RunDir, total: int, initial: int, desc: str, every: float = 0.5):
-        self.run, self.total, self.desc, self.every = run, total, desc, every
+        self.run, self.total, self.desc = run, total, desc
+        self.every = max(every, REMOTE_FLUSH_S / 2) if run.remote else every  # each look is requests to a store
         self.bar: Optional[tqdm] = None
         self.initial = initial
         self._evals = len(run.evals())

@@ -245,8 +245,20 @@ class RunDir:
 
     def latest_metrics(self) -> Optional[dict[str, Any]]:
         """The last complete record, read from the end of the file (metrics files grow to many MB)."""
-        if self.remote:
-            records = list(self.iter_metrics())
+        if self.remote:  # one ranged read of the tail; the whole object only for a last line longer than it
+            try:
+                tail = self.metrics_path.read_tail(_TAIL_CHUNK)
+            except (FileNotFoundError, OSError):
+                return None
+            lines = tail.split(b"\n")[:-1] if len(tail) < _TAIL_CHUNK else tail.split(b"\n")[1:-1]
+            for line in reversed(lines):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    return record
+            records = [] if len(tail) < _TAIL_CHUNK else list(self.iter_metrics())
             return records[-1] if records else None
         try:
             with open(self.metrics_path, "rb") as f:

@@ -210,6 +210,25 @@ class Location:
                 raise FileNotFoundError(2, "no such object", self.uri) from None
             raise OSError(f"{self.uri}: reading failed ({str(e).splitlines()[0][:200]})") from None
 
+    def read_tail(self, size: int) -> bytes:
+        """The last `size` bytes (all of a smaller file): one ranged read, not the whole object."""
+        if not self.remote:
+            with open(self.uri, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                return f.read()
+        fs, key = self._fs()
+        try:
+            with fs.open_input_file(key) as f:
+                total = f.size()
+                return f.read_at(min(size, total), max(0, total - size))
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "no such object", self.uri) from None
+        except OSError as e:
+            if "not found" in str(e).lower() or "NoSuchKey" in str(e):
+                raise FileNotFoundError(2, "no such object", self.uri) from None
+            raise OSError(f"{self.uri}: reading failed ({str(e).splitlines()[0][:200]})") from None
+
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
 

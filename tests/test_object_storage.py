@@ -100,6 +100,26 @@ def test_objects_are_written_whole_listed_and_missing_ones_say_so(s3):
     assert Location(f"{s3}/nothing-here").is_empty_folder() and not base.is_empty_folder()
 
 
+def test_metrics_on_s3_wait_for_a_flush_and_the_last_line_is_read_from_the_tail(s3):
+    writer, reader = RunDir(f"{s3}/rd/run"), RunDir(f"{s3}/rd/run")
+    writer.log({"step": 1, "loss": 1.0})
+    writer.set_progress("running", 1, 10, 0)   # the first progress is written at once
+    assert reader.progress()["step"] == 1 and reader.latest_metrics()["step"] == 1
+    writer.log({"step": 2, "loss": 0.5})
+    writer.set_progress("running", 2, 10, 0)   # within REMOTE_FLUSH_S: kept back
+    assert reader.progress()["step"] == 1 and [m["step"] for m in reader.iter_metrics()] == [1]
+    writer.set_progress("stopped", 2, 10, 0)   # a state change is written at once, with the lines before it
+    assert reader.progress()["state"] == "stopped" and reader.latest_metrics() == {"step": 2, "loss": 0.5}
+    long = {"step": 3, "note": "x" * 70_000}   # a last line longer than the tail chunk
+    writer.log(long)
+    writer.flush()
+    assert reader.latest_metrics() == long
+    writer.metrics_path.write_bytes(writer.metrics_path.read_bytes() + b'{"step": 4, "lo')   # a torn last line
+    assert reader.latest_metrics() == long and [m["step"] for m in reader.iter_metrics()] == [1, 2, 3]
+    writer.rewind(1)
+    assert [m["step"] for m in reader.iter_metrics()] == [1]
+
+
 def test_a_checkpoint_on_s3_loads_back_and_a_cut_one_is_refused_in_one_line(s3, tmp_path):
     cfg = tiny_config(make_data(tmp_path / "data"), f"{s3}/ck", mode="paa")
     from trainer.engine import Engine
