@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.assignment_store import AssignmentStore, Labels
 from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, encode_batch, tag_batch
 from schemas.config import RunConfig
 from trainer.worker import StreamSpec  # noqa: F401  (the stream's spec, re-exported for the pipeline)
@@ -162,8 +163,10 @@ class TeacherAssigner:
     """A Ray Data callable class (one instance per actor of the pool): the frozen teacher + PAA assignment.
     `observers` (as the loop's) are told of every batch assigned before it is returned: `assigned(epoch, ids)`."""
 
-    def __init__(self, cfg: dict, records, monitor: Any = None, observers: tuple = ()):
+    def __init__(self, cfg: dict, records, monitor: Any = None, observers: tuple = (), store: Optional[dict] = None):
+        """`store`: the manifest `pipeline.assignment_store.open_store` checked (None: no store)."""
         import torch
+
 
         from trainer.network import AnchorCache
         from trainer.teacher import load_teacher
@@ -183,6 +186,7 @@ class TeacherAssigner:
         self.monitor = monitor
         self.observers = observers
         self.decoders = decode_threads(p.cpus_per_assigner)
+        self.store = AssignmentStore(p.assignment_store, store) if store is not None else None
 
     def __call__(self, plan: pa.Table) -> pa.Table:
         parts = []
@@ -194,31 +198,67 @@ class TeacherAssigner:
         return pa.concat_tables(parts)
 
     def assign(self, item: dict) -> pa.Table:
+        """One planned batch's rows. With a store, the views it holds are taken from it (their rows say
+        `assign_ms` 0) and the teacher runs on the others only, on the batch's canvas, so their labels are those of
+        the whole batch; the new views go to the store."""
+        t0 = time.perf_counter()
+        spec = self.spec
+        images = planned_images(item, spec, self.cfg.seed, self.cfg.data.flip_prob)
+        canvas = canvas_of(images, spec)
+        views = [(int(im.record.image_id), bool(im.flip), *canvas) for im in images]
+        stored = self._stored(views)
+        todo = [i for i, s in enumerate(stored) if s is None]
+        computed = self._teacher(images, todo, canvas) if todo else {}
+        ms = (time.perf_counter() - t0) * 1e3
+        rows = []
+        for i, im in enumerate(images):
+            if i in computed:
+                labels, soft = computed[i]
+                rows.append(im.row(**labels, teacher_version=self.version, assign_ms=ms, **soft))
+                if self.store is not None:
+                    self.store.put(views[i], Labels(im.params.resized_h, im.params.resized_w, labels["pos_anchor"],
+                                                    labels["pos_gt"], labels["ignore_anchor"], self.version))
+            else:
+                s = stored[i]
+                rows.append(im.row(pos_anchor=s.pos_anchor, pos_gt=s.pos_gt, ignore_anchor=s.ignore_anchor,
+                                   teacher_version=s.teacher_version, assign_ms=0.0))
+        if self.store is not None:
+            self.store.flush()
+        table = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)
+        return tag_batch(table, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas)
+
+    def _stored(self, views: list) -> list:
+        """The store's labels of each view (None: not there); a miss first reads what other actors wrote since."""
+        if self.store is None:
+            return [None] * len(views)
+        found = [self.store.get(v) for v in views]
+        if None in found and self.store.refresh():
+            found = [self.store.get(v) for v in views]
+        return found
+
+    def _teacher(self, images: list, todo: list[int], canvas) -> dict:
+        """{index: (hard labels as sparse columns, soft-label columns)} of images[todo], from one teacher forward."""
         import torch
 
         from trainer.teacher import teacher_assign
         from trainer.soft_codec import encode_soft
         from trainer.worker import images_tensor, labels_to_sparse
 
-        t0 = time.perf_counter()
         cfg, spec = self.cfg, self.spec
-        images = planned_images(item, spec, cfg.seed, cfg.data.flip_prob)
-        canvas = canvas_of(images, spec)
-        pixels = decode_pixels([im.file for im in images], spec.input_size, [im.flip for im in images],
-                               [(im.params.resized_h, im.params.resized_w) for im in images],
-                               [im.record.image_id for im in images], self.decoders)
+        sub = [images[i] for i in todo]
+        pixels = decode_pixels([im.file for im in sub], spec.input_size, [im.flip for im in sub],
+                               [(im.params.resized_h, im.params.resized_w) for im in sub],
+                               [im.record.image_id for im in sub], self.decoders)
         batch = images_tensor(pixels, canvas, self.device)
-        boxes = [torch.from_numpy(im.gt_boxes).to(self.device) for im in images]
-        labels = [torch.from_numpy(im.record.labels).to(self.device) for im in images]
+        boxes = [torch.from_numpy(im.gt_boxes).to(self.device) for im in sub]
+        labels = [torch.from_numpy(im.record.labels).to(self.device) for im in sub]
         result = teacher_assign(cfg, self.teacher, batch, boxes, labels, self.anchors)
         hard = labels_to_sparse(result.labels) if result.labels is not None else None
         soft = (encode_soft(result.soft, spec.level_counts(canvas), cfg.pipeline.soft_label_tolerance)
                 if result.soft is not None else None)
-        ms = (time.perf_counter() - t0) * 1e3
-        rows = []
-        for i, im in enumerate(images):
-            pos_anchor, pos_gt, ignore = hard[i] if hard is not None else (_EMPTY, _EMPTY, _EMPTY)
-            rows.append(im.row(pos_anchor=pos_anchor, pos_gt=pos_gt, ignore_anchor=ignore,
-                               teacher_version=self.version, assign_ms=ms, **(soft[i] if soft is not None else {})))
-        table = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)
-        return tag_batch(table, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas)
+        out = {}
+        for j, i in enumerate(todo):
+            pos_anchor, pos_gt, ignore = hard[j] if hard is not None else (_EMPTY, _EMPTY, _EMPTY)
+            out[i] = (dict(pos_anchor=pos_anchor, pos_gt=pos_gt, ignore_anchor=ignore),
+                      soft[j] if soft is not None else {})
+        return out

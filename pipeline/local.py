@@ -70,7 +70,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     """A copy with every path resolved here, on the driver: Ray workers may run in another directory."""
     cfg = cfg.model_copy(deep=True)
     fields = [(cfg.data, "train"), (cfg.data, "val"), (cfg.data, "image_root"),
-              (cfg.data, "val_image_root"), (cfg.teacher, "checkpoint"),
+              (cfg.data, "val_image_root"), (cfg.teacher, "checkpoint"), (cfg.pipeline, "assignment_store"),
               (cfg.model, "pretrained"), (cfg.colearn, "checkpoint_a"), (cfg.colearn, "checkpoint_b")]
     if cfg.colearn.model_b is not None:
         fields.append((cfg.colearn.model_b, "pretrained"))

@@ -209,12 +209,22 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
     every step of every worker and every batch assigned (`pipeline.loop.train_loop`), e.g. a test's tracer."""
     # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    store = None
+    if cfg.pipeline.assignment_store:  # a store made for other labels is refused before the run directory is made
+        from pipeline.assignment_store import open_store
+        from pipeline.local import absolute_paths
+        from trainer.worker import StreamSpec
+
+        open_store(absolute_paths(cfg), StreamSpec.of(cfg).anchor_hash, create=False)
     with prepare_run(cfg, workers=cfg.pipeline.num_workers) as (cfg, data, run, steps):
-        return _drive(cfg, data, run, steps, resume=resume, progress=progress, observers=observers, verbose=verbose)
+        if cfg.pipeline.assignment_store:  # the teacher and data are valid: a new store's manifest may be written
+            store = open_store(cfg, StreamSpec.of(cfg).anchor_hash)
+        return _drive(cfg, data, run, steps, resume=resume, progress=progress, observers=observers, verbose=verbose,
+                      store=store)
 
 
 def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progress: bool, observers: tuple,
-           verbose: bool = False) -> dict:
+           verbose: bool = False, store: Optional[dict] = None) -> dict:
     """`train` once its run is prepared (and its directory held): the hub, the worker group(s), the recoveries."""
     import ray
     import ray.train
@@ -270,7 +280,7 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                     source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step)
                     if not colad:
                         ray.get(hub.set_plan.remote(source.offsets))
-                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers)
+                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, store)
                     fit_group(cfg.to_dict(), "inline" if colad else "stream", loop_config, datasets={"train": ds},
                               dataset_config=data_config(options))
                 break

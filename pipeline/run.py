@@ -10,12 +10,13 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.assignment_store import StoreMismatch
 from pipeline.errors import DatasetError, RunLost
 from schemas.config import ConfigError, RunConfig, load_config
 from schemas.rundir import RunDirBusy
 from trainer.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, RunDirBusy)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, RunDirBusy, StoreMismatch)
 
 
 def run(cfg: RunConfig, progress: bool = True, resume: bool = True, verbose: bool = False) -> dict:

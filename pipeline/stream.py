@@ -32,9 +32,11 @@ from schemas.modes import mode_spec
 from schemas.rundir import RunDir
 
 
-def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any = None, observers: tuple = ()):
+def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any = None, observers: tuple = (),
+                  store: Optional[dict] = None):
     """The stream: the lazy plan -> one block per planned batch -> encoded files (CPU tasks) or assignments (the
-    actor pool). `records` is the object-store reference of `pipeline.assigner.records_table`."""
+    actor pool). `records` is the object-store reference of `pipeline.assigner.records_table`; `store` the
+    checked manifest of the run's assignment store (`pipeline.assignment_store`)."""
     import ray
 
     p = cfg.pipeline
@@ -54,7 +56,8 @@ def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any
         # it in the same actor (the stream delivers in plan order)
         compute=ray.data.ActorPoolStrategy(size=p.assigners, max_tasks_in_flight_per_actor=1),
         num_cpus=p.cpus_per_assigner, num_gpus=p.gpus_per_assigner or None,
-        fn_constructor_kwargs=dict(cfg=cfg.to_dict(), records=records, monitor=monitor, observers=observers))
+        fn_constructor_kwargs=dict(cfg=cfg.to_dict(), records=records, monitor=monitor, observers=observers,
+                                   store=store))
 
 
 def data_config(execution_options):
@@ -177,6 +180,7 @@ class StreamStepper(Evaluating, Stepper):
                   "image_bytes": sb.image_bytes, "batch_images": len(sb), "canvas": list(sb.images.shape[-2:])}
         if self.mode.teacher_hard or self.mode.soft:
             record["assign_ms"] = round(sb.assign_ms, 3)
+            record["teacher_images"] = sb.teacher_images
         return Stepped(record, sb.labels)
 
     def log(self, record: dict, total: int) -> None:

@@ -215,6 +215,9 @@ class PipelineConfig(_Strict):
     ray_address: Optional[str] = Field(None, description="None: a local Ray started in-process")
     num_workers: int = Field(1, ge=1, description="Ray Train student workers")
     assigners: int = Field(1, ge=1, description="teacher-assigner actors")
+    assignment_store: Optional[Where] = Field(
+        None, description="mode lad, engine ray: a folder (or s3://, gs:// URI) where the teacher's labels of each "
+        "image view are kept and reused by later epochs and runs (pipeline.assignment_store); made if absent")
     cpus_per_worker: float = Field(0.5, gt=0)
     cpus_per_assigner: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
@@ -359,6 +362,10 @@ class RunConfig(_Strict):
         spec = mode_spec(self.mode)
         if spec.needs_teacher and not self.teacher.checkpoint:
             raise ValueError(f"mode {self.mode!r} needs teacher.checkpoint (a checkpoint written by `lad train`)")
+        if self.pipeline.assignment_store and (self.mode != "lad" or self.pipeline.engine != "ray"):
+            raise ValueError("pipeline.assignment_store keeps a frozen teacher's hard labels for the assigner pool: it "
+                             f"needs mode lad and pipeline.engine ray (this run: mode {self.mode}, engine "
+                             f"{self.pipeline.engine}); kd and solad need the teacher's soft outputs at every step")
         if spec.co_learning and self.colearn.mode == "split" and self.pipeline.engine != "ray":
             raise ValueError("colearn.mode 'split' trains A and B on separate Ray worker groups: it needs "
                              "pipeline.engine: ray (pipeline.engine local trains both networks in one process)")

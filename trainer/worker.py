@@ -115,6 +115,7 @@ class StreamBatch:
     soft: Optional[SoftTargets]        # kd / solad
     teacher_version: int
     assign_ms: float                   # the assigner's teacher + assignment time for this batch
+    teacher_images: int                # images whose labels the teacher computed (the rest came from a store)
     image_bytes: int                   # what the images cost in the stream (encoded files, or pixels)
     payload_bytes: int                 # everything but the images
 
@@ -184,7 +185,8 @@ def decode_stream_batch(table: pa.Table, spec: StreamSpec, device: torch.device,
     return StreamBatch(epoch=epochs.pop(), batch_index=batches.pop(), image_ids=[int(r.image_id) for r in rows],
                        images=images, gt_boxes=gt_boxes, gt_labels=gt_labels, labels=labels, soft=soft_targets,
                        teacher_version=max(int(r.teacher_version) for r in rows),
-                       assign_ms=float(rows[0].assign_ms), image_bytes=image_bytes,
+                       assign_ms=max(float(r.assign_ms) for r in rows),
+                       teacher_images=sum(1 for r in rows if r.assign_ms > 0), image_bytes=image_bytes,
                        payload_bytes=int(table.nbytes) - image_bytes)
 
 

@@ -1,0 +1,191 @@
+"""The assignment store: a frozen teacher's hard labels, computed once per (image, view) and reused by later epochs
+and later runs (`pipeline.assignment_store: PATH`, LAD on the Ray engine).
+
+With a frozen teacher, an image's assignment depends only on the teacher's weights, the assignment settings, the
+anchor layout and the image as augmented: its id, the flip, and the canvas it is padded to (anchor indices count
+over the canvas). A 1x recipe flips at one scale, so an image has two views per canvas and a 12-epoch run asks the
+teacher the same two questions six times each. The store answers the repeats.
+
+    PATH/manifest.json         what the labels are valid for: schema version, the teacher checkpoint's sha256,
+                               the anchor hash, the assignment settings and the teacher's precision
+    PATH/parts/*.arrow         Arrow IPC files (one per assigned batch with new views), one row per view: image_id, flip, pad_height, pad_width (the key),
+                               height, width, pos_anchor, pos_gt, ignore_anchor, teacher_version
+
+A store made for other labels is refused before any Ray process starts, in one line naming the difference. Each
+part is written whole (`schemas.storage`: a rename locally, one upload on object storage), so a run killed while
+writing leaves a readable store; what it had not written yet is recomputed. A part that cannot be read (cut by
+hand, say) is one warning and its views are recomputed. The store lives on a local disk or on object storage.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.assignment import SCHEMA_VERSION
+from schemas.config import RunConfig
+from schemas.storage import Location
+
+FORMAT = "lad-assignment-store"
+READERS = 8  # parts fetched at once (one request each on object storage)
+SCHEMA = pa.schema([("image_id", pa.int64()), ("flip", pa.bool_()), ("pad_height", pa.int32()),
+                    ("pad_width", pa.int32()), ("height", pa.int32()), ("width", pa.int32()),
+                    ("pos_anchor", pa.list_(pa.int32())), ("pos_gt", pa.list_(pa.int32())),
+                    ("ignore_anchor", pa.list_(pa.int32())), ("teacher_version", pa.int64())])
+
+View = tuple[int, bool, int, int]  # (image_id, flip, pad_height, pad_width)
+
+
+class StoreMismatch(ValueError):
+    """A store made for other labels (another teacher, anchors, settings or schema)."""
+
+
+@dataclass
+class Labels:
+    height: int
+    width: int
+    pos_anchor: np.ndarray
+    pos_gt: np.ndarray
+    ignore_anchor: np.ndarray
+    teacher_version: int
+
+
+def file_sha256(where: str) -> str:
+    h = hashlib.sha256()
+    h.update(Location(where).read_bytes())
+    return h.hexdigest()
+
+
+def manifest_for(cfg: RunConfig, anchor_hash: str, teacher_sha256: str) -> dict:
+    """What the labels depend on, besides the view."""
+    a = cfg.assign
+    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "teacher_sha256": teacher_sha256,
+            "anchor_hash": anchor_hash,
+            "assign": {"topk": a.topk, "iou_thr": a.iou_thr, "gmm": a.gmm, "single_candidate": a.single_candidate},
+            "teacher_precision": "amp" if cfg.train.amp else "fp32"}
+
+
+def _differences(found: dict, wanted: dict) -> list[str]:
+    names = {"teacher_sha256": "another teacher (checkpoint sha256)", "anchor_hash": "other anchors",
+             "schema_version": "another schema version", "assign": "other assignment settings",
+             "teacher_precision": "another teacher precision", "format": "not an assignment store"}
+    return [f"{names.get(k, k)}: store {found.get(k)!s:.24}, run {wanted[k]!s:.24}"
+            for k in wanted if found.get(k) != wanted[k]]
+
+
+def open_store(cfg: RunConfig, anchor_hash: str, create: bool = True) -> dict:
+    """The driver's check, before any Ray process: refuse a store made for other labels with one line, else
+    (`create`) write the manifest of a new store. Returns the manifest the run's actors are given."""
+    where = Location(cfg.pipeline.assignment_store)
+    wanted = manifest_for(cfg, anchor_hash, file_sha256(cfg.teacher.checkpoint))
+    path = where / "manifest.json"
+    try:
+        found = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        if not create:
+            return wanted
+        if not where.is_empty_folder():
+            raise StoreMismatch(f"pipeline.assignment_store {where}: exists, is not empty and has no manifest.json: "
+                                "not an assignment store; give another path") from None
+        path.write_text(json.dumps(wanted, indent=1))
+        return wanted
+    except ValueError:
+        raise StoreMismatch(f"pipeline.assignment_store {path}: unreadable manifest; delete the store or give "
+                            "another path") from None
+    diff = _differences(found if isinstance(found, dict) else {}, wanted)
+    if diff:
+        raise StoreMismatch(f"pipeline.assignment_store {where}: made for other labels, not used ({'; '.join(diff)});"
+                            " give this run another store path, or delete that one")
+    return wanted
+
+
+class AssignmentStore:
+    """One process's view of the store (an assigner actor's): the views read so far, and the new ones it has not
+    written yet."""
+
+    def __init__(self, where: str, manifest: dict):
+        self.where = Location(where)
+        self.parts = self.where / "parts"
+        self.manifest = manifest
+        self.index: dict[View, Labels] = {}
+        self._read: set[str] = set()
+        self._new: list[tuple[View, Labels]] = []
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Read the parts written since the last look (by any process); returns how many views were added."""
+        new = [loc for loc, _, _ in self.parts.files() if loc.name not in self._read and loc.name.endswith(".arrow")]
+        if not new:
+            return 0
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            tables = list(pool.map(self._read_part, new))
+        self._read.update(loc.name for loc in new)
+        return sum(self._add(t) for t in tables if t is not None)
+
+    @staticmethod
+    def _read_part(loc: Location) -> Optional[pa.Table]:
+        try:
+            with pa.ipc.open_file(io.BytesIO(loc.read_bytes())) as f:
+                table = f.read_all()
+            if not table.schema.equals(SCHEMA):
+                raise ValueError("columns differ from the store's schema")
+            return table
+        except (OSError, ValueError, pa.ArrowInvalid) as e:
+            print(f"warning: {loc}: unreadable part of the assignment store ({str(e).splitlines()[0][:160]}); "
+                  "its views are computed again", file=sys.stderr)
+            return None
+
+    def _add(self, table: pa.Table) -> int:
+        cols = table.to_pydict()
+        for i in range(table.num_rows):
+            view = (int(cols["image_id"][i]), bool(cols["flip"][i]), int(cols["pad_height"][i]),
+                    int(cols["pad_width"][i]))
+            self.index[view] = Labels(int(cols["height"][i]), int(cols["width"][i]),
+                                      np.asarray(cols["pos_anchor"][i], np.int32),
+                                      np.asarray(cols["pos_gt"][i], np.int32),
+                                      np.asarray(cols["ignore_anchor"][i], np.int32), int(cols["teacher_version"][i]))
+        return table.num_rows
+
+    def get(self, view: View) -> Optional[Labels]:
+        return self.index.get(view)
+
+    def put(self, view: View, labels: Labels) -> None:
+        """Keep a newly computed view; written with the others of its batch by `flush`."""
+        if view in self.index:
+            return
+        self.index[view] = labels
+        self._new.append((view, labels))
+
+    def flush(self) -> None:
+        """Write the views `put` since the last flush as one part, whole (the assigner flushes after each batch:
+        an actor is stopped without notice when its stream ends, so nothing may wait for a later call)."""
+        if not self._new:
+            return
+        views, labels = zip(*self._new)
+        table = pa.table({
+            "image_id": pa.array([v[0] for v in views], pa.int64()), "flip": pa.array([v[1] for v in views]),
+            "pad_height": pa.array([v[2] for v in views], pa.int32()),
+            "pad_width": pa.array([v[3] for v in views], pa.int32()),
+            "height": pa.array([x.height for x in labels], pa.int32()),
+            "width": pa.array([x.width for x in labels], pa.int32()),
+            "pos_anchor": pa.array([x.pos_anchor for x in labels], pa.list_(pa.int32())),
+            "pos_gt": pa.array([x.pos_gt for x in labels], pa.list_(pa.int32())),
+            "ignore_anchor": pa.array([x.ignore_anchor for x in labels], pa.list_(pa.int32())),
+            "teacher_version": pa.array([x.teacher_version for x in labels], pa.int64())}, schema=SCHEMA)
+        sink = io.BytesIO()
+        with pa.ipc.new_file(sink, SCHEMA) as writer:
+            writer.write_table(table)
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.arrow"
+        (self.parts / name).write_bytes(sink.getvalue())
+        self._read.add(name)
+        self._new = []

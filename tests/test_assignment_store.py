@@ -1,0 +1,149 @@
+"""The assignment store (`pipeline.assignment_store`) on a private 2-CPU local Ray: a LAD student fed from the store
+trains exactly as in-process LAD does (same losses at every step, same weights), over 3 epochs, whether the store
+starts empty, full, or cut; a store made for other labels is refused in one line before Ray starts."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.tiny import make_data, make_teacher, tiny_config
+from trainer.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.e2e
+SECTIONS = dict(train={"epochs": 3, "eval_every": 0, "checkpoint_every": 1000})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The in-process LAD run every stored run must equal."""
+    from pipeline.local import train as local_train
+
+    root = tmp_path_factory.mktemp("store")
+    data = make_data(root / "data")
+    teacher = make_teacher(tiny_config(data, root / "runs", mode="paa"), root / "teacher.pt")
+    reference = tiny_config(data, root / "runs", mode="lad", teacher=teacher, **SECTIONS)
+    reference.name = "reference"
+    local_train(reference, progress=False)
+    return root, data, teacher, reference
+
+
+def steps(cfg) -> list[dict]:
+    return [m for m in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def stored_run(tiny, name: str, store: Path):
+    from pipeline.ray_driver import train as stream_train
+
+    root, data, teacher, _ = tiny
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, **SECTIONS)
+    cfg.name = name
+    cfg.pipeline.engine = "ray"
+    cfg.pipeline.assignment_store = str(store)
+    threads = torch.get_num_threads()
+    stream_train(cfg, progress=False)
+    torch.set_num_threads(threads)
+    return cfg
+
+
+def assert_same_training(cfg, reference) -> None:
+    a, b = steps(reference), steps(cfg)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 19))
+    for x, y in zip(a, b):
+        for key in ("loss", "loss_cls", "loss_box", "loss_iou", "num_pos"):
+            assert x[key] == y[key], (cfg.name, x["step"], key, x[key], y[key])
+    ref, got = (load_checkpoint(c.run_dir / "checkpoints/last.pt")["models"]["a"] for c in (reference, cfg))
+    for k, v in ref.items():
+        assert torch.equal(v, got[k]), k
+
+
+def views_in(store: Path) -> int:
+    import pyarrow as pa
+
+    total = 0
+    for part in (store / "parts").glob("*.arrow"):
+        with pa.ipc.open_file(pa.memory_map(str(part))) as f:
+            total += f.read_all().num_rows
+    return total
+
+
+def test_a_student_fed_from_the_store_trains_exactly_like_in_process_lad(ray_session, tiny, tmp_path):
+    """Run 1 starts with an empty store: epoch 0 asks the teacher for every image, later epochs only for views
+    (flips) not seen before. Run 2 on the same store asks the teacher nothing. Both equal in-process LAD."""
+    reference = tiny[3]
+    store = tmp_path / "store"
+    first = stored_run(tiny, "store_first", store)
+    assert_same_training(first, reference)
+    taught = [m["teacher_images"] for m in steps(first)]
+    assert sum(taught[:6]) == 24                  # epoch 0: 24 images, all new
+    assert 0 < sum(taught[6:]) < 48               # epochs 1-2: only the views not stored yet
+    distinct = views_in(store)
+    assert distinct == sum(taught) <= 48          # every computed view stored once: 24 images x 2 flips at most
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["anchor_hash"] and len(manifest["teacher_sha256"]) == 64
+
+    second = stored_run(tiny, "store_second", store)
+    assert_same_training(second, reference)
+    assert [m["teacher_images"] for m in steps(second)] == [0] * 18   # the teacher was not asked once
+    assert views_in(store) == distinct
+
+
+def test_a_cut_store_is_read_where_it_can_be_and_the_rest_is_computed_again(ray_session, tiny, tmp_path, capfd):
+    """The store of a run killed mid-write: one part cut in half (as a crash of a non-atomic copy leaves it), one
+    missing. Its readable views are used, the others recomputed, and training is still exactly in-process LAD."""
+    reference = tiny[3]
+    store = tmp_path / "store"
+    stored_run(tiny, "store_full", store)
+    parts = sorted((store / "parts").glob("*.arrow"))
+    assert len(parts) >= 3
+    cut, gone = parts[0], parts[1]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    gone.unlink()
+    capfd.readouterr()
+    again = stored_run(tiny, "store_cut", store)
+    assert_same_training(again, reference)
+    taught = sum(m["teacher_images"] for m in steps(again))
+    assert 0 < taught < 48                         # only the lost views went to the teacher
+    err = capfd.readouterr().err
+    assert f"{cut}: unreadable part of the assignment store" in err
+
+
+def test_a_store_of_another_teacher_is_refused_in_one_line_before_ray(tiny, tmp_path):
+    root, data, teacher, _ = tiny
+    other = make_teacher(tiny_config(data, root / "runs", mode="paa"), tmp_path / "other.pt", seed=7)
+    store = tmp_path / "store"
+    store.mkdir()
+    cfg = tiny_config(data, tmp_path / "runs", mode="lad", teacher=other, pipeline={"engine": "ray"}, **SECTIONS)
+    cfg.pipeline.assignment_store = str(store)
+    from pipeline.assignment_store import manifest_for
+    from trainer.worker import StreamSpec
+    import hashlib
+
+    made_by = manifest_for(cfg, StreamSpec.of(cfg).anchor_hash, hashlib.sha256(teacher.read_bytes()).hexdigest())
+    (store / "manifest.json").write_text(json.dumps(made_by))
+    config = tmp_path / "lad.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    ray_tmp = tmp_path / "ray_tmp"
+    ray_tmp.mkdir()
+    out = subprocess.run([sys.executable, "-m", "services.cli", "train", str(config), "--quiet"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]   # (the tiny teachers record no categories)
+    assert out.returncode == 2 and len(errors) == 1 and all(x.startswith(("warning: ", "error: ")) for x in lines)
+    assert f"pipeline.assignment_store {store}: made for other labels, not used" in errors[0]
+    assert "another teacher (checkpoint sha256)" in errors[0]
+    assert list(ray_tmp.iterdir()) == [] and not (cfg.run_dir / "checkpoints").exists()
+
+
+def test_the_store_is_for_lad_on_the_ray_engine(tiny, tmp_path):
+    from schemas.config import ConfigError
+
+    root, data, teacher, _ = tiny
+    for mode, engine in (("solad", "ray"), ("lad", "local")):
+        with pytest.raises(ConfigError, match="pipeline.assignment_store keeps a frozen teacher's hard labels"):
+            tiny_config(data, tmp_path, mode=mode, teacher=teacher,
+                        pipeline={"engine": engine, "assignment_store": str(tmp_path / "s")})
