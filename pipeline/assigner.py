@@ -57,7 +57,8 @@ def planned_items(plan: pa.Table, records) -> list[dict]:
     items = []
     for row in plan.to_pylist():
         picked = table.take(pa.array(row["index"], pa.int32())).to_pydict()
-        items.append({EPOCH_COLUMN: row[EPOCH_COLUMN], BATCH_COLUMN: row[BATCH_COLUMN], **picked})
+        items.append({EPOCH_COLUMN: row[EPOCH_COLUMN], BATCH_COLUMN: row[BATCH_COLUMN], **picked,
+                      **({"flip": row["flip"]} if "flip" in row else {})})  # a view asked for (`lad assign`)
     return items
 
 
@@ -74,7 +75,8 @@ class PlannedImage:
         boxes = np.asarray(item["boxes"][i], np.float32).reshape(-1, 4)
         self.record = ImageRecord(item["image_id"][i], item["path"][i], item["width"][i], item["height"][i], boxes,
                                   np.asarray(item["labels"][i], np.int64))
-        self.flip = aug_params_for(self.record.image_id, item[EPOCH_COLUMN], seed, flip_prob)
+        self.flip = (bool(item["flip"][i]) if "flip" in item
+                     else aug_params_for(self.record.image_id, item[EPOCH_COLUMN], seed, flip_prob))
         self.params = aug_params(self.record.width, self.record.height, spec.input_size, self.flip)
         self.file = read_image_file(self.record)
         check_image_header(self.record, self.file)

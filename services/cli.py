@@ -75,6 +75,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assign(args: argparse.Namespace) -> int:
+    from pipeline.prefill import fill_store
+    from schemas.config import load_config
+    try:
+        done = fill_store(load_config(args.config, args.overrides), progress=not args.quiet, verbose=args.verbose)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{done['store']}: {done['views']} views; {done['stored_before']} were stored, the teacher assigned "
+          f"{done['computed']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import demo
     try:
@@ -168,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, metavar="FILE", help="e.g. model.onnx or model.pt")
     x.add_argument("--network", choices=["a", "b"], default="a", help="of a CoLAD checkpoint (default: a)")
     x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("assign", help="fill a LAD run's assignment store ahead of time (teacher labels, on Ray)",
+                       description="Runs the frozen teacher of a LAD config on every training image in every view "
+                       "the recipe makes (unflipped and flipped) and keeps the labels in pipeline.assignment_store. "
+                       "Views already stored are skipped, so it resumes; runs with this teacher then train "
+                       "without asking it. Uses pipeline.assigners actors on the config's Ray (a local one by "
+                       "default). docs/pipeline.md.")
+    a.add_argument("config", help="a LAD run config with pipeline.assignment_store set (or --set it)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set pipeline.assignment_store=s3://bucket/labels")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.add_argument("--verbose", action="store_true", help="Ray's own output on the console too")
+    a.set_defaults(func=cmd_assign)
 
     s = sub.add_parser("serve", help="start the control plane (FastAPI)")
     try:

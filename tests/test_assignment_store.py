@@ -147,3 +147,32 @@ def test_the_store_is_for_lad_on_the_ray_engine(tiny, tmp_path):
         with pytest.raises(ConfigError, match="pipeline.assignment_store keeps a frozen teacher's hard labels"):
             tiny_config(data, tmp_path, mode=mode, teacher=teacher,
                         pipeline={"engine": engine, "assignment_store": str(tmp_path / "s")})
+
+
+def test_lad_assign_fills_every_view_and_then_runs_ask_the_teacher_nothing(ray_session, tiny, tmp_path):
+    from pipeline.prefill import fill_store
+
+    root, data, teacher, reference = tiny
+    store = tmp_path / "filled"
+    cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, pipeline={"engine": "ray"}, **SECTIONS)
+    cfg.pipeline.assignment_store = str(store)
+    done = fill_store(cfg, progress=False)
+    assert done == {"views": 48, "stored_before": 0, "computed": 48, "store": str(store)}   # 24 images x 2 flips
+    assert views_in(store) == 48
+    again = fill_store(cfg, progress=False)                     # resumable: nothing left to do
+    assert again["stored_before"] == 48 and again["computed"] == 0
+    run = stored_run(tiny, "store_prefilled", store)
+    assert [m["teacher_images"] for m in steps(run)] == [0] * 18
+    assert_same_training(run, reference)
+
+
+def test_lad_assign_refuses_keep_ratio_inputs_in_one_line(tiny, tmp_path):
+    root, data, teacher, _ = tiny
+    cfg = tiny_config(data, tmp_path / "runs", mode="lad", teacher=teacher, pipeline={"engine": "ray"},
+                      input_size=[96, 64], **SECTIONS)
+    config = tmp_path / "lad.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    out = subprocess.run([sys.executable, "-m", "services.cli", "assign", str(config), "--set",
+                          f"pipeline.assignment_store={tmp_path / 's'}"], capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "keeps the aspect ratio" in lines[0], out.stderr
