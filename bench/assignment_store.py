@@ -79,7 +79,7 @@ def main() -> None:
     data = make_data(work / "data", image_size=args.input_size, num_train=args.images, num_val=8)
     base = run_config(args, data, work / "runs", work / "teacher.pt", "base", None)
     teacher = make_teacher(base, work / "teacher.pt", depth=args.teacher_depth)
-    init_local(num_cpus=os.cpu_count(), object_store_memory=512 * 1024 * 1024)
+    init_local(num_cpus=os.cpu_count(), object_store_memory=512 * 1024 * 1024, log_to_driver=False)
     results, threads = {}, torch.get_num_threads()
     try:
         for name, store in (("live", None), ("store", work / "store"), ("prefilled", work / "prefilled")):

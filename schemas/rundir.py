@@ -37,7 +37,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from schemas.events import EventLog
 from schemas.config import RunConfig, dump_config
@@ -67,9 +67,11 @@ def _read_json(path: Location) -> Any:
         return None  # unreadable or torn by a non-atomic writer: treat as absent, the next poll sees it whole
 
 
-def _parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
-    """metrics.jsonl records in order, stopping at a torn last line."""
-    for line in data.split(b"\n")[:-1]:  # the last piece is empty, or a torn line
+def _records(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """metrics.jsonl records in order, stopping at a torn last line (one without its newline: being appended)."""
+    for line in lines:
+        if not line.endswith(b"\n"):
+            return
         line = line.strip()
         if not line:
             continue
@@ -211,25 +213,14 @@ class RunDir:
     def iter_metrics(self) -> Iterator[dict[str, Any]]:
         """Records in file order; stops at a torn last line (the writer is appending it)."""
         if self.remote:
-            yield from _parse_lines(self._metrics_bytes())
+            yield from _records(self._metrics_bytes().splitlines(keepends=True))
             return
         try:
             f = open(self.metrics_path, "rb")
         except (FileNotFoundError, NotADirectoryError):
             return
         with f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    return
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    return
-                if isinstance(record, dict):
-                    yield record
+            yield from _records(f)
 
     def metrics_page(self, since: Optional[int], limit: int) -> tuple[list[dict[str, Any]], bool]:
         """Up to `limit` records with step > since (all when since is None), and whether more follow."""

@@ -247,11 +247,7 @@ class Location:
             return out
         import pyarrow.fs as pafs
 
-        fs, key = self._fs()
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(key, recursive=False, allow_not_found=True))
-        except Exception as e:
-            raise OSError(f"{self.uri}: listing failed ({str(e).splitlines()[0][:200]})") from None
+        infos = self._listing(recursive=False)
         return sorted(((self / i.base_name, int(i.size or 0), i.mtime.timestamp() if i.mtime else 0.0)
                        for i in infos if i.type == pafs.FileType.File), key=lambda t: t[0].name)
 
@@ -265,12 +261,17 @@ class Location:
             return out
         import pyarrow.fs as pafs
 
+        key = self._fs()[1]
+        return {i.path[len(key) + 1:] for i in self._listing(recursive=True) if i.type == pafs.FileType.File}
+
+    def _listing(self, recursive: bool) -> list:
+        import pyarrow.fs as pafs
+
         fs, key = self._fs()
         try:
-            infos = fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True))
+            return fs.get_file_info(pafs.FileSelector(key, recursive=recursive, allow_not_found=True))
         except Exception as e:
             raise OSError(f"{self.uri}: listing failed ({str(e).splitlines()[0][:200]})") from None
-        return {i.path[len(key) + 1:] for i in infos if i.type == pafs.FileType.File}
 
     def is_empty_folder(self) -> bool:
         """True where nothing is, or an empty folder (a run directory may be created there)."""
