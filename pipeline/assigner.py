@@ -113,18 +113,34 @@ _EMPTY = np.zeros(0, np.int32)
 _EMPTY_HARD = dict(pos_anchor=_EMPTY, pos_gt=_EMPTY, ignore_anchor=_EMPTY)
 
 
+def _stored_row(im: PlannedImage, s: Optional[Labels]) -> AssignmentRow:
+    if s is None:  # the driver checked the store covers the run: a view missing now is a store changed under us
+        raise RuntimeError(f"image {im.record.image_id} (flip {im.flip}): not in the assignment store, which held "
+                           "every view of the run when it started; was it deleted or replaced meanwhile?")
+    return im.row(pos_anchor=s.pos_anchor, pos_gt=s.pos_gt, ignore_anchor=s.ignore_anchor,
+                  teacher_version=s.teacher_version, assign_ms=0.0)
+
+
 # ----------------------------------------------------------------------------------------------- data only
 
 def read_batch(plan: pa.Table, *, records, spec: StreamSpec, seed: int, flip_prob: float,
-               monitor: Any = None) -> pa.Table:
-    """Planned batches -> their encoded files, augmented GT and geometry (modes without a teacher). The file's
-    header is checked against the annotation here; the pixels are decoded by the student."""
+               monitor: Any = None, store: Optional[tuple[str, dict]] = None) -> pa.Table:
+    """Planned batches -> their encoded files, augmented GT and geometry (modes without a teacher, and LAD from an
+    assignment store that holds every view of the run: `store` is its (path, manifest), and the labels come with
+    the images). The file's header is checked against the annotation here; the pixels are decoded by the
+    student."""
+    from pipeline.assignment_store import stored_labels
+
+    labels = stored_labels(*store) if store is not None else None
     out = []
     for item in planned_items(plan, records):
         wait_for_room(monitor, item)
         images = planned_images(item, spec, seed, flip_prob)
-        rows = [im.row(**_EMPTY_HARD) for im in images]   # soft labels need a teacher: never here
         canvas = canvas_of(images, spec)
+        if labels is None:
+            rows = [im.row(**_EMPTY_HARD) for im in images]   # soft labels need a teacher: never here
+        else:
+            rows = [_stored_row(im, labels.get((int(im.record.image_id), bool(im.flip), *canvas))) for im in images]
         rb = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, soft=False)
         out.append(tag_batch(rb, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas))
     return pa.concat_tables(out)
@@ -221,9 +237,7 @@ class TeacherAssigner:
                     self.store.put(views[i], Labels(im.params.resized_h, im.params.resized_w, labels["pos_anchor"],
                                                     labels["pos_gt"], labels["ignore_anchor"], self.version))
             else:
-                s = stored[i]
-                rows.append(im.row(pos_anchor=s.pos_anchor, pos_gt=s.pos_gt, ignore_anchor=s.ignore_anchor,
-                                   teacher_version=s.teacher_version, assign_ms=0.0))
+                rows.append(_stored_row(im, stored[i]))
         if self.store is not None:
             self.store.flush()
         table = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)

@@ -189,3 +189,28 @@ class AssignmentStore:
         (self.parts / name).write_bytes(sink.getvalue())
         self._read.add(name)
         self._new = []
+
+
+def covers(cfg: RunConfig, manifest: dict, image_ids: list[int], epochs: list[int]) -> bool:
+    """Whether the store holds every view these epochs of the run will ask for: then the stream needs no teacher at
+    all (`pipeline.stream.build_dataset` reads the labels with the images). Square inputs only (a keep-ratio
+    view's canvas is known only when its batch is made)."""
+    if not isinstance(cfg.data.input_size, int) or not epochs:
+        return False
+    from pipeline.transforms import aug_params_for
+
+    side = cfg.data.input_size
+    index = AssignmentStore(cfg.pipeline.assignment_store, manifest).index
+    return all((int(i), aug_params_for(int(i), e, cfg.seed, cfg.data.flip_prob), side, side) in index
+               for e in epochs for i in image_ids)
+
+
+_OPEN: dict = {}
+
+
+def stored_labels(where: str, manifest: dict) -> AssignmentStore:
+    """The store as read once per process (a read task's worker serves many batches)."""
+    if where not in _OPEN:
+        _OPEN.clear()
+        _OPEN[where] = AssignmentStore(where, manifest)
+    return _OPEN[where]

@@ -237,6 +237,15 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
     if start.step >= steps:  # a finished run resumed: nothing left to train
         run.set_progress("succeeded", start.step, steps, start.epoch)
         return {e["network"]: e["stats"] for e in run.evals()}
+    stored_only = False  # the assignment store holds every view left to train: no teacher pool at all
+    if store is not None:
+        from pipeline.assignment_store import covers
+        from pipeline.loop import epoch_budgets
+
+        ids = [r.image_id for r in records]
+        epochs = [e for e, _, _ in epoch_budgets(cfg, ids, start.epoch, start.trained_ids, steps - start.step,
+                                                 cfg.pipeline.num_workers)]
+        stored_only = covers(cfg, store, ids, epochs)
     stop, hub, started, follow = StopRequested(), None, False, None
     previous_handler, installed = None, False
 
@@ -248,9 +257,10 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
     try:
         groups = ("a", "b") if split else ("a",)
         if not (ray.is_initialized() or cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")):
-            ray_env.budget(cfg, groups, stream=not split, resources=ray_env.local_resources())  # before Ray
+            ray_env.budget(cfg, groups, stream=not split, resources=ray_env.local_resources(),
+                           teacher_pool=not stored_only)  # before Ray
         started = ray_env.connect(cfg, verbose=verbose)
-        budget = ray_env.budget(cfg, groups=groups, stream=not split)
+        budget = ray_env.budget(cfg, groups=groups, stream=not split, teacher_pool=not stored_only)
         hub = new_hub(cfg, start)
         try:  # after ray.init, which installs its own SIGTERM handler in the driver
             previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True
@@ -280,7 +290,8 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                     source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step)
                     if not colad:
                         ray.get(hub.set_plan.remote(source.offsets))
-                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, store)
+                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, store,
+                                       stored_only)
                     fit_group(cfg.to_dict(), "inline" if colad else "stream", loop_config, datasets={"train": ds},
                               dataset_config=data_config(options))
                 break

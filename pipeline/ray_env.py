@@ -109,17 +109,17 @@ def local_resources() -> dict[str, float]:
 
 
 def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True,
-           resources: Optional[dict] = None) -> Budget:
+           resources: Optional[dict] = None, teacher_pool: bool = True) -> Budget:
     """Check that the Train worker group(s) (co-learning split: side B's may differ), the assigner pool and at least
     one read task (the stream) fit, before anything starts (Ray would otherwise wait forever for a resource that
     never frees). `resources`: the cluster's, default what the connected Ray reports (`local_resources()` checks
-    a local run before its Ray starts)."""
+    a local run before its Ray starts). `teacher_pool` off: a LAD stream whose labels are all stored."""
     p = cfg.pipeline
     res = ray.cluster_resources() if resources is None else resources
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     train_cpus = sum(p.num_workers * worker_resources(cfg, g)[0] for g in groups)
     train_gpus = sum(p.num_workers * worker_resources(cfg, g)[1] for g in groups)
-    assigners = p.assigners if stream and mode_spec(cfg.mode).needs_teacher else 0
+    assigners = p.assigners if stream and teacher_pool and mode_spec(cfg.mode).needs_teacher else 0
     pool_cpus, pool_gpus = assigners * p.cpus_per_assigner, assigners * p.gpus_per_assigner
     read_cpus = p.cpus_per_read_task if stream else 0.0
     need_cpus = train_cpus + pool_cpus + read_cpus

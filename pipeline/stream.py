@@ -33,20 +33,23 @@ from schemas.rundir import RunDir
 
 
 def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any = None, observers: tuple = (),
-                  store: Optional[dict] = None):
+                  store: Optional[dict] = None, stored_only: bool = False):
     """The stream: the lazy plan -> one block per planned batch -> encoded files (CPU tasks) or assignments (the
     actor pool). `records` is the object-store reference of `pipeline.assigner.records_table`; `store` the
-    checked manifest of the run's assignment store (`pipeline.assignment_store`)."""
+    checked manifest of the run's assignment store (`pipeline.assignment_store`); `stored_only`: it holds every
+    view of the run, so read tasks bring the labels with the images and there is no teacher pool at all."""
     import ray
 
     p = cfg.pipeline
     spec = StreamSpec.of(cfg)
     ds = one_block_per_batch(ray.data.read_datasource(source, num_cpus=p.cpus_per_read_task), p.cpus_per_read_task)
-    if not mode_spec(cfg.mode).needs_teacher:  # paa, co-learning: data only, the students assign their own labels
+    if not mode_spec(cfg.mode).needs_teacher or stored_only:  # paa, co-learning (the students assign their own
+        # labels), or LAD whose labels are all in the store: data only
         return ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
                               num_cpus=p.cpus_per_read_task,
                               fn_kwargs=dict(records=records, spec=spec, seed=cfg.seed, flip_prob=cfg.data.flip_prob,
-                                             monitor=monitor))
+                                             monitor=monitor,
+                                             store=(p.assignment_store, store) if stored_only else None))
     # Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1 (its defaults; passing them is
     # deprecated in 2.60), so a lost actor is restarted and its batch re-run. An exception raised by the
     # assigner is not retried: it fails the run with its message.

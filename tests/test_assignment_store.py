@@ -62,6 +62,14 @@ def assert_same_training(cfg, reference) -> None:
         assert torch.equal(v, got[k]), k
 
 
+def teacher_actors() -> int:
+    """Teacher-assigner actors this Ray has ever started (dead ones included), from Ray's state API."""
+    from ray.util.state import list_actors
+
+    return sum(1 for a in list_actors(limit=10_000, raise_on_missing_output=False)
+               if "TeacherAssigner" in (a.class_name or ""))
+
+
 def views_in(store: Path) -> int:
     import pyarrow as pa
 
@@ -161,8 +169,10 @@ def test_lad_assign_fills_every_view_and_then_runs_ask_the_teacher_nothing(ray_s
     assert views_in(store) == 48
     again = fill_store(cfg, progress=False)                     # resumable: nothing left to do
     assert again["stored_before"] == 48 and again["computed"] == 0
+    pools = teacher_actors()
     run = stored_run(tiny, "store_prefilled", store)
     assert [m["teacher_images"] for m in steps(run)] == [0] * STEPS   # the teacher was not asked once
+    assert teacher_actors() == pools   # nor loaded: read tasks brought the labels, no assigner actor was started
     assert_same_training(run, reference)
 
 
