@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from pipeline.assignment_store import AssignmentStore, Labels
+from pipeline.assignment_store import AssignmentStore, Labels, stored_labels
 from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, encode_batch, tag_batch
 from schemas.config import RunConfig
 from trainer.worker import StreamSpec  # noqa: F401  (the stream's spec, re-exported for the pipeline)
@@ -129,8 +129,6 @@ def read_batch(plan: pa.Table, *, records, spec: StreamSpec, seed: int, flip_pro
     assignment store that holds every view of the run: `store` is its (path, manifest), and the labels come with
     the images). The file's header is checked against the annotation here; the pixels are decoded by the
     student."""
-    from pipeline.assignment_store import stored_labels
-
     labels = stored_labels(*store) if store is not None else None
     out = []
     for item in planned_items(plan, records):
@@ -184,7 +182,6 @@ class TeacherAssigner:
     def __init__(self, cfg: dict, records, monitor: Any = None, observers: tuple = (), store: Optional[dict] = None):
         """`store`: the manifest `pipeline.assignment_store.open_store` checked (None: no store)."""
         import torch
-
 
         from trainer.network import AnchorCache
         from trainer.teacher import load_teacher
