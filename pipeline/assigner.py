@@ -1,11 +1,13 @@
 """The one Ray Data stage of the assignment stream: each planned training batch becomes one Arrow batch.
 
     read_batch        modes without a teacher (paa, co-learning inline), CPU tasks: the batch's encoded image files
-                      as stored, with the augmented GT and geometry (no decode: the student decodes its images).
+                      as stored, with the augmented GT and geometry (no decode: the student decodes its images);
+                      also LAD whose assignment store holds every view of the run (the labels come with the files).
     TeacherAssigner   modes with a teacher, the actor pool: reads the files, decodes, resizes and flips them (a few
                       threads), runs the frozen teacher and the batched PAA assignment (`trainer.teacher.
                       teacher_assign`, the code `Engine.step` runs) and fills in positives, ignores and (kd/solad)
-                      the compact soft labels of `trainer.soft_codec`.
+                      the compact soft labels of `trainer.soft_codec`; with an assignment store, only for the views
+                      it does not hold (`pipeline.assignment_store`).
 
 Images travel once, as their encoded files (`image_file`): the pixels are made where they are used (the teacher
 here, the student in `pipeline.stream`), by the same function of (file, input size, flip), so both see the same
