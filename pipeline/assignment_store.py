@@ -140,6 +140,8 @@ class AssignmentStore:
             if not table.schema.equals(SCHEMA):
                 raise ValueError("columns differ from the store's schema")
             return table
+        except FileNotFoundError:
+            return None  # compacted away since the listing: its views are in the merged part, read next time
         except (OSError, ValueError, pa.ArrowInvalid) as e:
             print(f"warning: {loc}: unreadable part of the assignment store ({str(e).splitlines()[0][:160]}); "
                   "its views are computed again", file=sys.stderr)
@@ -165,6 +167,19 @@ class AssignmentStore:
             return
         self.index[view] = labels
         self._new.append((view, labels))
+
+    def compact(self) -> int:
+        """Merge every part read so far into one (written whole first, then the old ones deleted): a store filled
+        during training has a part per batch. Returns how many parts were merged."""
+        old = sorted(self._read)
+        if len(old) < 2:
+            return 0
+        self._new = list(self.index.items())
+        self.flush()
+        for name in old:
+            (self.parts / name).delete()
+        self._read -= set(old)
+        return len(old)
 
     def flush(self) -> None:
         """Write the views `put` since the last flush as one part, whole (the assigner flushes after each batch:

@@ -3,7 +3,8 @@
 Every image of the training file, in every view the recipe makes (unflipped, and flipped when `data.flip_prob` is
 above 0), goes through the same assigner pool as a training run (`pipeline.assigner.TeacherAssigner`), which
 stores what it computes. Views already stored are skipped, so an interrupted fill resumes where it stopped, and
-any number of student runs with this teacher (other seeds, a sweep) then train without asking the teacher.
+any number of student runs with this teacher (other seeds, a sweep) then train without asking the teacher. At the
+end the store's parts (one per assigned batch) are merged into one, which later runs read in one request.
 
 A square `data.input_size` only: with keep-ratio inputs a view's anchors depend on the canvas of the batch it
 lands in, which only the run's own plan decides.
@@ -38,19 +39,21 @@ def fill_store(cfg: RunConfig, *, progress: bool = True, verbose: bool = False) 
     check_start(cfg, train.categories)
     manifest = open_store(cfg, spec.anchor_hash)
     side = cfg.data.input_size
-    stored = AssignmentStore(cfg.pipeline.assignment_store, manifest).index
+    store = AssignmentStore(cfg.pipeline.assignment_store, manifest)
+    stored = store.index
     flips = (False, True) if cfg.data.flip_prob > 0 else (False,)
     records = train.records
     todo = [(i, flip) for flip in flips for i, r in enumerate(records) if (r.image_id, flip, side, side) not in stored]
     result = {"views": len(records) * len(flips), "stored_before": len(records) * len(flips) - len(todo),
               "computed": 0, "store": str(cfg.pipeline.assignment_store)}
-    if not todo:
-        return result
-    started = ray_env.connect(cfg, verbose=verbose)
-    try:
-        result["computed"] = _assign(cfg, records, todo, manifest, progress)
-    finally:
-        ray_env.shutdown(started)
+    if todo:
+        started = ray_env.connect(cfg, verbose=verbose)
+        try:
+            result["computed"] = _assign(cfg, records, todo, manifest, progress)
+        finally:
+            ray_env.shutdown(started)
+        store.refresh()
+    result["parts_merged"] = store.compact()
     return result
 
 

@@ -297,6 +297,22 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 
+    def delete(self) -> None:
+        """Remove this file (gone already: nothing to do)."""
+        if not self.remote:
+            try:
+                os.unlink(self.uri)
+            except FileNotFoundError:
+                pass
+            return
+        fs, key = self._fs()
+        try:
+            fs.delete_file(key)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise OSError(f"{self.uri}: deleting failed ({str(e).splitlines()[0][:200]})") from None
+
     def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
         """A local folder (as `Path.mkdir`, but with parents by default); object stores have no folders, so
         nothing there."""

@@ -83,8 +83,9 @@ def cmd_assign(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    merged = f"; {done['parts_merged']} parts merged into one" if done["parts_merged"] else ""
     print(f"{done['store']}: {done['views']} views; {done['stored_before']} were stored, the teacher assigned "
-          f"{done['computed']}")
+          f"{done['computed']}{merged}")
     return 0
 
 

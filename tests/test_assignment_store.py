@@ -165,10 +165,11 @@ def test_lad_assign_fills_every_view_and_then_runs_ask_the_teacher_nothing(ray_s
     cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, pipeline={"engine": "ray"}, **SECTIONS)
     cfg.pipeline.assignment_store = str(store)
     done = fill_store(cfg, progress=False)
-    assert done == {"views": 48, "stored_before": 0, "computed": 48, "store": str(store)}   # 24 images x 2 flips
+    assert done["views"] == 48 and done["stored_before"] == 0 and done["computed"] == 48   # 24 images x 2 flips
+    assert done["parts_merged"] == 12 and len(list((store / "parts").glob("*.arrow"))) == 1  # one per batch, merged
     assert views_in(store) == 48
     again = fill_store(cfg, progress=False)                     # resumable: nothing left to do
-    assert again["stored_before"] == 48 and again["computed"] == 0
+    assert again["stored_before"] == 48 and again["computed"] == 0 and again["parts_merged"] == 0
     pools = teacher_actors()
     run = stored_run(tiny, "store_prefilled", store)
     assert [m["teacher_images"] for m in steps(run)] == [0] * STEPS   # the teacher was not asked once
