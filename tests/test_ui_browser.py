@@ -32,6 +32,13 @@ def browser():
         driver.quit()
 
 
+def _text(driver, css: str) -> str:
+    """The rendered text of the first element matching `css` ("" when none), read in one script call: the pages
+    re-render their rows every poll, so an element handle found first and read later can already be gone."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
+
+
 def _points(driver, chart: str) -> int:
     """How many points the chart's first line has (0 when it has none yet)."""
     return driver.execute_script(
@@ -52,31 +59,30 @@ def test_pages_list_runs_draw_curves_and_steer_a_colad_run(tmp_path, browser):
         wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]")) == 2, 20,
                  "both runs listed on /")
         server.wait_state(plain["id"], "succeeded", timeout=30)
-        wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f'tr[data-run="{plain["id"]}"] .state').text
-                 == "succeeded", 10, "the plain run's state on /")
-        row = browser.find_element(By.CSS_SELECTOR, f'tr[data-run="{plain["id"]}"]').text
+        wait_for(lambda: _text(browser, f'tr[data-run="{plain["id"]}"] .state') == "succeeded", 10, "the plain run's state on /")
+        row = _text(browser, f'tr[data-run="{plain["id"]}"]')
         assert "12 / 12" in row and "0.500" in row  # progress and the latest AP
 
         browser.find_element(By.LINK_TEXT, "plain-ui").click()
         wait_for(lambda: _points(browser, "#chart-loss") == 12 and _points(browser, "#chart-ap") == 1, 20,
                  "the loss and AP curves")
         assert _points(browser, "#chart-lr") == 12
-        assert "last.pt" in browser.find_element(By.ID, "checkpoints").text
+        assert "last.pt" in _text(browser, "#checkpoints")
         assert browser.find_element(By.ID, "stop").get_attribute("disabled")  # a finished run cannot be stopped
 
         browser.get(f"{server.url}/ui/runs/{colad['id']}")
         wait_for(lambda: browser.find_element(By.ID, "roles").is_displayed()
                  and _points(browser, "#chart-ratio") > 1, 20, "the co-learning controls and teacher ratio")
-        assert browser.find_element(By.ID, "policy-now").text == "auto"
+        assert _text(browser, "#policy-now") == "auto"
         Select(browser.find_element(By.ID, "policy-kind")).select_by_value("pin-a")
         browser.find_element(By.ID, "policy-apply").click()
         wait_for(lambda: browser.find_element(By.ID, "token-box").is_displayed(), 10, "the token prompt")
         browser.find_element(By.ID, "token-input").send_keys(TOKEN)
         browser.find_element(By.ID, "token-save").click()
-        wait_for(lambda: browser.find_element(By.ID, "policy-result").text == "requested pin-a", 10,
+        wait_for(lambda: _text(browser, "#policy-result") == "requested pin-a", 10,
                  "the policy request")
         assert server.client.get(f"/runs/{colad['id']}/roles").json()["requested"]["policy"] == "pin-a"
-        wait_for(lambda: browser.find_element(By.ID, "policy-now").text == "pin-a", 20, "the trainer to apply it")
+        wait_for(lambda: _text(browser, "#policy-now") == "pin-a", 20, "the trainer to apply it")
         assert TOKEN not in browser.current_url
         assert browser.execute_script("return sessionStorage.getItem('lad-api-token')") == TOKEN
 
