@@ -5,13 +5,14 @@ Ray (`pipeline.engine: ray`, the same data, networks and seed):
     store      an empty store at the start: the first epoch fills it, later epochs ask only for new views
     prefilled  `lad assign` first (timed apart), then the run asks the teacher nothing
 
-Per run and epoch: images the teacher labelled, the student's step (step_ms: forward, backward, update, on labels
+Per run and epoch: teacher actors alive (most, and at the epoch's end: with a store the pool grows while the
+teacher is busy and lets idle actors go), images the teacher labelled, the student's step (step_ms: forward, backward, update, on labels
 that arrive ready), the time it waited for data, and wall time (their sum over the epoch's steps). Also the store's
 bytes per view. Networks are untrained (the cost of labelling does not depend on training). Prints a table and
 writes JSON (--out).
 
     python bench/assignment_store.py                       # digits 128 px, 96 images, batch 8, 4 epochs, R34 -> R18
-    python bench/assignment_store.py --images 192 --epochs 6
+    python bench/assignment_store.py --images 192 --epochs 6 --assigners 1
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,11 +38,45 @@ def run_config(args, data: Path, out: Path, teacher: Path, name: str, store: Pat
     cfg = tiny_config(data, out, mode="lad", teacher=str(teacher), input_size=args.input_size,
                       overrides=NETWORK, train={"epochs": args.epochs, "batch_size": args.batch, "eval_every": 0,
                                                 "checkpoint_every": 10_000, "threads": None},
-                      pipeline={"engine": "ray", "cpus_per_worker": 1.0, "cpus_per_assigner": 0.5,
-                                "cpus_per_read_task": 0.25})
+                      pipeline={"engine": "ray", "cpus_per_worker": 1.0, "assigners": args.assigners,
+                                "cpus_per_assigner": 0.5 / args.assigners, "cpus_per_read_task": 0.25})
     cfg.name = name
     cfg.pipeline.assignment_store = str(store) if store else None
     return cfg
+
+
+class ActorWatch:
+    """Samples, twice a second, the teacher actors alive and the epoch the run's metrics have reached."""
+
+    def __init__(self, cfg):
+        self.metrics, self.seen, self.stop = cfg.run_dir / "metrics.jsonl", {}, threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self):
+        from ray.util.state import list_actors
+
+        while not self.stop.wait(0.5):
+            try:
+                lines = self.metrics.read_text().splitlines() if self.metrics.exists() else []
+                epoch = json.loads(lines[-1]).get("epoch", 0) if lines else 0
+                alive = sum(1 for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000,
+                                                   raise_on_missing_output=False)
+                            if "TeacherAssigner" in (a.class_name or ""))
+            except (OSError, ValueError):
+                continue
+            self.seen.setdefault(epoch, []).append(alive)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def of(self, epoch: int) -> str:
+        counts = self.seen.get(epoch, [0])
+        return f"{max(counts)}/{counts[-1]}"
 
 
 def per_epoch(cfg) -> list[dict]:
@@ -65,6 +101,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--teacher-depth", type=int, default=34)
+    p.add_argument("--assigners", type=int, default=2, help="the pool's most actors (0.5 CPU shared among them)")
     p.add_argument("--out", default="bench/results/assignment_store.json")
     args = p.parse_args()
 
@@ -90,10 +127,11 @@ def main() -> None:
                 fill_store(cfg, progress=False)
                 prefill_s = round(time.perf_counter() - t0, 2)
             t0 = time.perf_counter()
-            train(cfg, progress=False)
+            with ActorWatch(cfg) as actors:
+                train(cfg, progress=False)
             torch.set_num_threads(threads)
-            results[name] = {"run_s": round(time.perf_counter() - t0, 2), "prefill_s": prefill_s,
-                             "epochs": per_epoch(cfg)}
+            epochs = [dict(e, teacher_actors=actors.of(e["epoch"])) for e in per_epoch(cfg)]
+            results[name] = {"run_s": round(time.perf_counter() - t0, 2), "prefill_s": prefill_s, "epochs": epochs}
             if store:
                 parts = list((store / "parts").glob("*.arrow"))
                 import pyarrow as pa
@@ -106,11 +144,11 @@ def main() -> None:
     out = {"command": "python bench/assignment_store.py " + " ".join(sys.argv[1:]), "args": vars(args),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
            "ray": ray.__version__, "results": results}
-    print(f"{'run':<10} {'epoch':>5} {'teacher imgs':>12} {'step ms':>8} {'wait ms':>8} {'wall s':>7}")
+    print(f"{'run':<10} {'epoch':>5} {'actors':>7} {'teacher imgs':>12} {'step ms':>8} {'wait ms':>8} {'wall s':>7}")
     for name, r in results.items():
         for e in r["epochs"]:
-            print(f"{name:<10} {e['epoch']:>5} {e['teacher_images']:>12} {e['step_ms']:>8} {e['data_wait_ms']:>8} "
-                  f"{e['wall_s']:>7}")
+            print(f"{name:<10} {e['epoch']:>5} {e['teacher_actors']:>7} {e['teacher_images']:>12} {e['step_ms']:>8} "
+                  f"{e['data_wait_ms']:>8} {e['wall_s']:>7}")
         extra = f", prefill {r['prefill_s']} s" if r["prefill_s"] is not None else ""
         size = f", store {r['store_bytes_per_view']} B/view" if "store_bytes_per_view" in r else ""
         print(f"{name:<10} whole run {r['run_s']} s{extra}{size}")

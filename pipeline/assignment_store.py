@@ -206,18 +206,32 @@ class AssignmentStore:
         self._new = []
 
 
-def covers(cfg: RunConfig, manifest: dict, image_ids: list[int], epochs: list[int]) -> bool:
-    """Whether the store holds every view these epochs of the run will ask for: then the stream needs no teacher at
-    all (`pipeline.stream.build_dataset` reads the labels with the images). Square inputs only (a keep-ratio
-    view's canvas is known only when its batch is made)."""
-    if not isinstance(cfg.data.input_size, int) or not epochs:
-        return False
+def epoch_misses(cfg: RunConfig, manifest: dict, image_ids: list[int], epochs: list[int]) -> Optional[list[int]]:
+    """Per epoch left to train, how many of its views the store lacks, so the teacher must label them (a view that
+    two epochs ask for is labelled once, by the first). None for keep-ratio inputs: a view's canvas is known only
+    when its batch is made."""
+    if not isinstance(cfg.data.input_size, int):
+        return None
     from pipeline.transforms import aug_params_for
 
     side = cfg.data.input_size
-    index = AssignmentStore(cfg.pipeline.assignment_store, manifest).index
-    return all((int(i), aug_params_for(int(i), e, cfg.seed, cfg.data.flip_prob), side, side) in index
-               for e in epochs for i in image_ids)
+    known, misses = set(AssignmentStore(cfg.pipeline.assignment_store, manifest).index), []
+    for e in epochs:
+        new = {(int(i), aug_params_for(int(i), e, cfg.seed, cfg.data.flip_prob), side, side) for i in image_ids}
+        misses.append(len(new - known))
+        known |= new
+    return misses
+
+
+def pool_sizes(assigners: int, misses: Optional[list[int]], images: int) -> tuple[int, int, int]:
+    """(min, initial, max) actors of the teacher pool, from the store's misses per epoch left (`epoch_misses`):
+    none when the store holds every view left; otherwise one to the configured pool, starting at the first epoch's
+    share of misses. Ray Data grows the pool while the teacher keeps every actor busy and lets idle actors go."""
+    if misses is None:
+        return assigners, assigners, assigners
+    if not any(misses):
+        return 0, 0, 0
+    return 1, min(assigners, max(1, -(-assigners * misses[0] // max(1, images)))), assigners
 
 
 _OPEN: dict = {}

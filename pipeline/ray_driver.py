@@ -237,15 +237,15 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
     if start.step >= steps:  # a finished run resumed: nothing left to train
         run.set_progress("succeeded", start.step, steps, start.epoch)
         return {e["network"]: e["stats"] for e in run.evals()}
-    stored_only = False  # the assignment store holds every view left to train: no teacher pool at all
+    pool = (cfg.pipeline.assigners,) * 3  # (min, initial, max) teacher actors; a store shrinks it to its misses
     if store is not None:
-        from pipeline.assignment_store import covers
+        from pipeline.assignment_store import epoch_misses, pool_sizes
         from pipeline.loop import epoch_budgets
 
         ids = [r.image_id for r in records]
         epochs = [e for e, _, _ in epoch_budgets(cfg, ids, start.epoch, start.trained_ids, steps - start.step,
                                                  cfg.pipeline.num_workers)]
-        stored_only = covers(cfg, store, ids, epochs)
+        pool = pool_sizes(cfg.pipeline.assigners, epoch_misses(cfg, store, ids, epochs), len(ids))
     stop, hub, started, follow = StopRequested(), None, False, None
     previous_handler, installed = None, False
 
@@ -258,9 +258,9 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
         groups = ("a", "b") if split else ("a",)
         if not (ray.is_initialized() or cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")):
             ray_env.budget(cfg, groups, stream=not split, resources=ray_env.local_resources(),
-                           teacher_pool=not stored_only)  # before Ray
+                           teacher_pool=pool[2] > 0)  # before Ray
         started = ray_env.connect(cfg, verbose=verbose)
-        budget = ray_env.budget(cfg, groups=groups, stream=not split, teacher_pool=not stored_only)
+        budget = ray_env.budget(cfg, groups=groups, stream=not split, teacher_pool=pool[2] > 0)
         hub = new_hub(cfg, start)
         try:  # after ray.init, which installs its own SIGTERM handler in the driver
             previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True
@@ -290,8 +290,7 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                     source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step)
                     if not colad:
                         ray.get(hub.set_plan.remote(source.offsets))
-                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, store,
-                                       stored_only)
+                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, store, pool)
                     fit_group(cfg.to_dict(), "inline" if colad else "stream", loop_config, datasets={"train": ds},
                               dataset_config=data_config(options))
                 break

@@ -141,10 +141,15 @@ def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True
 
 def configure_data_context(cfg: RunConfig, b: Budget):
     """Ray Data settings of the stream: ordered output, the CPU/GPU budget left by the Train workers, a bounded
-    object-store share. Returns the ExecutionOptions the Train ingest must use (Train copies them per shard)."""
+    object-store share, a teacher pool that grows once all its actors are busy (each takes one batch at a time, so
+    Ray's default threshold, 1.75 tasks per actor, is never reached). Returns the ExecutionOptions the Train ingest
+    must use (Train copies them per shard)."""
+    import dataclasses
+
     from ray.data import DataContext, ExecutionOptions, ExecutionResources
 
     ctx = DataContext.get_current()
+    ctx.autoscaling_config = dataclasses.replace(ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True

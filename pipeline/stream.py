@@ -23,44 +23,61 @@ import functools
 import time
 from typing import Any, Iterator, Optional
 
-from pipeline.assigner import StreamSpec, TeacherAssigner, decode_threads, load_row_pixels, read_batch
+from pipeline.assigner import (StreamSpec, TeacherAssigner, decode_threads, load_row_pixels, read_batch,
+                               wait_for_room)
 from pipeline.local import Evaluating, data_parallel
 from pipeline.loop import Batch, Collective, Stepped, Stepper
 from pipeline.plan_source import PlanSource, one_block_per_batch
+from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from schemas.rundir import RunDir
 
 
 def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any = None, observers: tuple = (),
-                  store: Optional[dict] = None, stored_only: bool = False):
+                  store: Optional[dict] = None, pool: Optional[tuple[int, int, int]] = None):
     """The stream: the lazy plan -> one block per planned batch -> encoded files (CPU tasks) or assignments (the
     actor pool). `records` is the object-store reference of `pipeline.assigner.records_table`; `store` the
-    checked manifest of the run's assignment store (`pipeline.assignment_store`); `stored_only`: it holds every
-    view of the run, so read tasks bring the labels with the images and there is no teacher pool at all."""
+    checked manifest of the run's assignment store (`pipeline.assignment_store`); `pool` the (min, initial, max)
+    teacher actors (`assignment_store.pool_sizes`; default: the configured pool, fixed). A pool of 0: the store
+    holds every view of the run, so read tasks bring the labels with the images and no teacher is loaded."""
     import ray
 
     p = cfg.pipeline
+    low, initial, high = pool or (p.assigners,) * 3
     spec = StreamSpec.of(cfg)
     ds = one_block_per_batch(ray.data.read_datasource(source, num_cpus=p.cpus_per_read_task), p.cpus_per_read_task)
-    if not mode_spec(cfg.mode).needs_teacher or stored_only:  # paa, co-learning (the students assign their own
+    if not mode_spec(cfg.mode).needs_teacher or high == 0:  # paa, co-learning (the students assign their own
         # labels), or LAD whose labels are all in the store: data only
         return ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
                               num_cpus=p.cpus_per_read_task,
                               fn_kwargs=dict(records=records, spec=spec, seed=cfg.seed, flip_prob=cfg.data.flip_prob,
-                                             monitor=monitor,
-                                             store=(p.assignment_store, store) if stored_only else None))
+                                             monitor=monitor, store=(p.assignment_store, store) if high == 0 else None))
+    if low == high:  # a fixed pool; its actors wait for room themselves
+        compute = ray.data.ActorPoolStrategy(size=high, max_tasks_in_flight_per_actor=1)
+    else:  # a pool sized by Ray Data's autoscaler to the teacher's work: the run-ahead wait moves in front of it,
+        # so an actor counts as busy only while it labels (a lone zero-CPU task admits batches in plan order)
+        ds = ds.map_batches(admit_in_order, batch_size=1, batch_format="pyarrow", zero_copy_batch=True, num_cpus=0,
+                            concurrency=1, fn_kwargs=dict(monitor=monitor))
+        compute = ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=initial,
+                                             max_tasks_in_flight_per_actor=1)
     # Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1 (its defaults; passing them is
     # deprecated in 2.60), so a lost actor is restarted and its batch re-run. An exception raised by the
-    # assigner is not retried: it fails the run with its message.
+    # assigner is not retried: it fails the run with its message. One batch at a time per actor: a call waiting
+    # for room must never hold up an earlier batch queued behind it in the same actor (the stream delivers in plan
+    # order).
     return ds.map_batches(
-        TeacherAssigner, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
-        # one batch at a time per actor: a call waiting for room must never hold up an earlier batch queued behind
-        # it in the same actor (the stream delivers in plan order)
-        compute=ray.data.ActorPoolStrategy(size=p.assigners, max_tasks_in_flight_per_actor=1),
+        TeacherAssigner, batch_size=1, batch_format="pyarrow", zero_copy_batch=True, compute=compute,
         num_cpus=p.cpus_per_assigner, num_gpus=p.gpus_per_assigner or None,
         fn_constructor_kwargs=dict(cfg=cfg.to_dict(), records=records, monitor=monitor, observers=observers,
                                    store=store))
+
+
+def admit_in_order(plan, *, monitor):
+    """Planned batches, each once the stream's monitor admits it (the run-ahead bound), unchanged."""
+    for epoch, index in zip(plan[EPOCH_COLUMN].to_pylist(), plan[BATCH_COLUMN].to_pylist()):
+        wait_for_room(monitor, {EPOCH_COLUMN: epoch, BATCH_COLUMN: index})
+    return plan
 
 
 def data_config(execution_options):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -37,13 +38,14 @@ def steps(cfg) -> list[dict]:
     return [m for m in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
 
-def stored_run(tiny, name: str, store: Path):
+def stored_run(tiny, name: str, store: Path, assigners: int = 1):
     from pipeline.ray_driver import train as stream_train
 
     root, data, teacher, _ = tiny
     cfg = tiny_config(data, root / "runs", mode="lad", teacher=teacher, **SECTIONS)
     cfg.name = name
     cfg.pipeline.engine = "ray"
+    cfg.pipeline.assigners = assigners
     cfg.pipeline.assignment_store = str(store)
     threads = torch.get_num_threads()
     stream_train(cfg, progress=False)
@@ -101,7 +103,8 @@ def test_a_student_fed_from_an_empty_store_trains_exactly_like_in_process_lad(fi
 
 def test_a_cut_store_is_read_where_it_can_be_and_the_rest_is_computed_again(filled, tiny, tmp_path, capfd):
     """The store of a run killed mid-write: one part cut in half (as a crash of a non-atomic copy leaves it), one
-    missing. Its readable views are used, the others recomputed, and training is still exactly in-process LAD."""
+    missing. Its readable views are used, the others recomputed, and training is still exactly in-process LAD. With
+    two assigners allowed, the pool is Ray Data's autoscaling one (1 to 2 actors) behind the run-ahead gate."""
     import shutil
 
     store = tmp_path / "store"
@@ -112,12 +115,38 @@ def test_a_cut_store_is_read_where_it_can_be_and_the_rest_is_computed_again(fill
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     gone.unlink()
     capfd.readouterr()
-    again = stored_run(tiny, "store_cut", store)
+    pools = teacher_actors()
+    again = stored_run(tiny, "store_cut", store, assigners=2)
+    assert 1 <= teacher_actors() - pools <= 2
     assert_same_training(again, tiny[3])
     taught = sum(m["teacher_images"] for m in steps(again))
     assert 0 < taught < 24                         # only the lost views went to the teacher
     err = capfd.readouterr().err
     assert f"{cut}: unreadable part of the assignment store" in err
+
+
+def test_the_teacher_pool_is_sized_to_the_views_the_store_lacks(tiny, tmp_path):
+    from pipeline.assignment_store import AssignmentStore, Labels, epoch_misses, pool_sizes
+    from pipeline.transforms import aug_params_for
+
+    root, data, teacher, _ = tiny
+    cfg = tiny_config(data, tmp_path, mode="lad", teacher=teacher, pipeline={"engine": "ray"}, **SECTIONS)
+    cfg.pipeline.assignment_store = str(tmp_path / "store")
+    side, ids, none = cfg.data.input_size, list(range(1, 9)), np.zeros(0, np.int32)
+    store = AssignmentStore(cfg.pipeline.assignment_store, {})
+    for i in ids[:6]:   # epoch 0's views of six of the eight images
+        store.put((i, aug_params_for(i, 0, cfg.seed, cfg.data.flip_prob), side, side),
+                  Labels(side, side, none, none, none, 0))
+    store.flush()
+    flips = [[aug_params_for(i, e, cfg.seed, cfg.data.flip_prob) for i in ids] for e in range(3)]
+    misses = epoch_misses(cfg, {}, ids, [0, 1, 2])
+    assert misses[0] == 2                                                  # the two images not stored
+    assert misses[1] == sum(f1 != f0 for f0, f1 in zip(*flips[:2]))         # the other flip, once
+    assert misses[2] == sum(f2 not in (f0, f1) for f0, f1, f2 in zip(*flips))  # 0: both flips known by then
+    assert pool_sizes(4, misses, len(ids)) == (1, 1, 4)     # a quarter missing at first: one of four actors
+    assert pool_sizes(4, [8, 3], 8) == (1, 4, 4)            # an empty store: the whole pool at first
+    assert pool_sizes(4, [0, 0, 0], 8) == (0, 0, 0)         # all stored: no teacher at all
+    assert pool_sizes(4, None, 8) == (4, 4, 4)              # keep-ratio inputs: the configured pool, fixed
 
 
 def test_a_store_of_another_teacher_is_refused_in_one_line_before_ray(tiny, tmp_path):
