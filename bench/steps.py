@@ -7,6 +7,9 @@ networks are untrained (assignment cost does not depend on training). Writes JSO
     python bench/steps.py                                   # digits scale on this machine's device
     python bench/steps.py --input-size 512 --student-depth 50 --teacher-depth 101 --levels 3,4,5,6,7 --batch 8
     python bench/steps.py --amp          # every mode in float32 and with mixed precision (train.amp), side by side
+    python bench/steps.py --preset coco  # issue 20's comparison with MMDetection: 512x512, batch 2, R50 student,
+                                         # R101 teacher, P3-P7 x 256, 4 head convs, 80 classes, 2 threads
+    python bench/steps.py --preset coco --input-size 800 --device cuda
 """
 from __future__ import annotations
 
@@ -30,9 +33,13 @@ from trainer.model import build_model  # noqa: E402
 
 # backward_ms covers the losses, the backward pass and the SGD update; soft_ms is KD/SoLAD building the soft targets
 SECTIONS = ["forward_ms", "teacher_ms", "soft_ms", "assign_ms", "backward_ms"]
+# issue 20's side-by-side with MMDetection 3.3 (its PAA and LAD configs at these shapes, random init, fp32)
+PRESETS = {"coco": dict(input_size=512, batch=2, student_depth=50, teacher_depth=101, levels="3,4,5,6,7",
+                        channels=256, head_convs=4, classes=80, gt="3,12", threads=2, frozen_stages=1,
+                        norm_eval=True)}
 
 
-def random_batch(batch: int, size: int, gt_range: tuple[int, int], seed: int, device):
+def random_batch(batch: int, size: int, gt_range: tuple[int, int], seed: int, device, classes: int = 10):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
     boxes, labels = [], []
@@ -41,7 +48,7 @@ def random_batch(batch: int, size: int, gt_range: tuple[int, int], seed: int, de
         wh = (torch.rand(n, 2, generator=g) * 0.35 + 0.08) * size
         xy = torch.rand(n, 2, generator=g) * (size - wh)
         boxes.append(torch.cat([xy, xy + wh], 1).to(device))
-        labels.append(torch.randint(0, 10, (n,), generator=g).to(device))
+        labels.append(torch.randint(0, classes, (n,), generator=g).to(device))
     return images.to(device), boxes, labels
 
 
@@ -54,6 +61,9 @@ def main() -> int:
     ap.add_argument("--levels", default="2,3,4", help="FPN levels, e.g. 3,4,5,6,7")
     ap.add_argument("--channels", type=int, default=64, help="FPN and head width")
     ap.add_argument("--head-convs", type=int, default=2)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--frozen-stages", type=int, default=-1, help="the student's model.frozen_stages")
+    ap.add_argument("--norm-eval", action="store_true", help="the student's model.norm_eval")
     ap.add_argument("--gt", default="2,5", help="GT boxes per image: min,max")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per mode (after 2 warm-up steps)")
     ap.add_argument("--modes", default="paa,lad,kd,solad,colad")
@@ -61,11 +71,22 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--amp", action="store_true", help="also time each mode with train.amp (bf16 on CPU, fp16 on CUDA)")
     ap.add_argument("--out", default="bench/results/steps.json")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="shapes of a named comparison; flags given too win")
+    ap.add_argument("--threads", type=int, help="intra-op threads on a CPU (default: torch's)")
     a = ap.parse_args()
+    if a.preset:
+        given = {arg.lstrip("-").split("=")[0].replace("-", "_") for arg in sys.argv[1:] if arg.startswith("--")}
+        for k, v in PRESETS[a.preset].items():
+            if k not in given:
+                setattr(a, k, v)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = pick_device(a.device)
     levels = [int(x) for x in a.levels.split(",")]
-    model = dict(fpn_levels=levels, fpn_channels=a.channels, head_channels=a.channels, head_convs=a.head_convs)
-    base = {"data": {"input_size": a.input_size}, "model": {**model, "depth": a.student_depth},
+    model = dict(fpn_levels=levels, fpn_channels=a.channels, head_channels=a.channels, head_convs=a.head_convs,
+                 num_classes=a.classes)
+    base = {"data": {"input_size": a.input_size},
+            "model": {**model, "depth": a.student_depth, "frozen_stages": a.frozen_stages, "norm_eval": a.norm_eval},
             "assign": {"gmm": a.gmm}, "train": {"warmup_steps": 0}}
     tmp = tempfile.mkdtemp()
     teacher_cfg = config_from_dict({**base, "model": {**model, "depth": a.teacher_depth}})
@@ -73,7 +94,7 @@ def main() -> int:
     save_checkpoint(teacher_path, {"config": teacher_cfg.to_dict(),
                                    "models": {"a": build_model(teacher_cfg.model).state_dict()}})
     gt_range = tuple(int(x) for x in a.gt.split(","))
-    batches = [random_batch(a.batch, a.input_size, gt_range, s, device) for s in range(a.steps + 2)]
+    batches = [random_batch(a.batch, a.input_size, gt_range, s, device, a.classes) for s in range(a.steps + 2)]
     engines = {}
     for mode in a.modes.split(","):
         extra = {"teacher": {"checkpoint": str(teacher_path)}} if mode in ("lad", "kd", "solad") else {}
