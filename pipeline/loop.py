@@ -274,6 +274,8 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
     `progress`: print progress (a tqdm bar when `bar`, else a line every `log_every` steps). `observers`: objects
     told about every step of this rank (`before_step(step, rank, tag)`, `after_step(step, epoch, rank, tag,
     image_ids, labels)`), e.g. a tracer; `tag` names this worker group for them ('' for the only one)."""
+    from trainer.engine import on_host
+
     rank = collective.rank
     t = cfg.train
     epoch, trained, best = start.epoch, list(start.trained_ids) if rank == 0 else [], dict(start.best)
@@ -298,6 +300,8 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
         all) at the current step; True when it ends a complete epoch (then last.pt starts the next one, so a
         resume never skips this epoch's evaluation)."""
         nonlocal best, last_eval, trained
+        if unlogged is not None:
+            on_host(unlogged, stepper.step_count)  # a checkpoint is never written after a non-finite loss
         gather_ids()
         full = epoch_end and len(trained) >= num_images
         detections = None
@@ -321,6 +325,7 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
             trained = []
 
     pending: Optional[Batch] = None
+    unlogged: Optional[dict] = None  # rank 0: the last step's metrics, when that step was not logged
     exhausted, state = False, "succeeded"
     try:
         while True:
@@ -361,10 +366,12 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
                 new_ids.extend(batch.image_ids)
             for o in observers:
                 o.after_step(step, epoch, rank, tag, batch.image_ids if batch is not None else [], out.labels)
-            if rank == 0 and out.record is not None and (step % t.log_every == 0 or step == 1):
+            unlogged = out.record if rank == 0 else None
+            if unlogged is not None and (step % t.log_every == 0 or step == 1):
+                unlogged = None
                 decode_ms = batch.decode_ms if batch is not None else 0.0
                 data_wait_ms = max(wait_ms - decode_ms, 0.0)
-                record = {"step": step, "epoch": epoch, **out.record, "step_ms": round(step_ms, 2),
+                record = {"step": step, "epoch": epoch, **on_host(out.record, step), "step_ms": round(step_ms, 2),
                           "data_wait_ms": round(data_wait_ms, 2), "control_ms": round(control_ms, 3),
                           "images": n_images, "images_per_s": round(n_images / max(step_ms + wait_ms, 1e-6) * 1e3, 2),
                           "workers_active": n_active}
@@ -373,11 +380,10 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
                     say(f"step {step}/{total} epoch {epoch} loss {record.get('loss', float('nan')):.4f} "
                         f"lr {record.get('lr', float('nan')):.2e} step {step_ms:.0f} ms "
                         f"wait {data_wait_ms:.0f} ms {record['images_per_s']:.1f} img/s")
+                if pbar is not None and "loss" in record:
+                    pbar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
             if pbar is not None:
                 pbar.update(1)
-                if out.record is not None and "loss" in out.record:
-                    pbar.set_postfix(loss=f"{out.record['loss']:.3f}", lr=f"{out.record['lr']:.2e}",
-                                     refresh=False)
             if step >= total:
                 end_epoch(finished=True)
                 break

@@ -48,7 +48,7 @@ def test_lad_with_identical_teacher_is_paa_self_assignment(tmp_path):
     assert r_paa.labels.pos.sum() > 0
     assert _same(r_paa.labels, r_lad.labels)
     # the first step's losses match too: same student init, same labels
-    assert r_paa.metrics["loss"] == pytest.approx(r_lad.metrics["loss"], rel=1e-6)
+    assert r_paa.host()["loss"] == pytest.approx(r_lad.host()["loss"], rel=1e-6)
 
 
 def test_lad_follows_the_teacher_not_the_student(tmp_path):
@@ -121,7 +121,7 @@ def test_a_mixed_precision_step_is_close_to_the_float32_step(tmp_path, mode):
     ref = Engine(_cfg(mode, **extra))
     amp = Engine(_cfg(mode, train={"warmup_steps": 0, "lr": 0.01, "amp": True}, **extra))
     assert amp.precision.dtype == torch.bfloat16 and ref.precision.dtype is None
-    m_ref, m_amp = ref.step(*_batch()).metrics, amp.step(*_batch()).metrics
+    m_ref, m_amp = ref.step(*_batch()).host(), amp.step(*_batch()).host()
     losses = [k for k, v in m_ref.items() if k.startswith(("loss", "kd_")) and isinstance(v, float)]
     assert losses and all(m_amp[k] == pytest.approx(m_ref[k], rel=0.05) for k in losses), \
         {k: (m_ref[k], m_amp[k]) for k in losses}

@@ -85,25 +85,33 @@ def candidate_losses(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt
 
     Computed on candidate anchors only (0 elsewhere) and without gradient: it ranks anchors, it is not trained.
     """
-    losses = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
-    idx = torch.nonzero(cand_gt >= 0).squeeze(1)
-    if idx.numel() == 0:
-        return losses
-    gt = cand_gt[idx]
-    logits = cls_logits[idx].float()
-    targets = F.one_hot(gt_labels[gt].long(), logits.shape[1]).to(logits.dtype)
-    cls_loss = sigmoid_focal_loss(logits, targets, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none").sum(1)
-    boxes = decode(anchors[idx].float(), box_deltas[idx].float())
-    box_loss = generalized_box_iou_loss(boxes, gt_boxes[gt].float(), reduction="none")
-    losses[idx] = cls_loss + GIOU_WEIGHT * box_loss
-    return losses
+    return candidate_losses_batch(anchors, cls_logits[None], box_deltas[None], [gt_boxes], [gt_labels],
+                                  [cand_gt])[0]
 
 
+@torch.no_grad()
 def candidate_losses_batch(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt_boxes: list[Tensor],
                            gt_labels: list[Tensor], cand_gt: list[Tensor]) -> list[Tensor]:
-    """`candidate_losses` per image of a batch's outputs (cls_logits [B, A, C], box_deltas [B, A, 4])."""
-    return [candidate_losses(anchors, cls_logits[i], box_deltas[i], gt_boxes[i], gt_labels[i], cand_gt[i])
-            for i in range(len(gt_boxes))]
+    """`candidate_losses` of every image of a batch's outputs (cls_logits [B, A, C], box_deltas [B, A, 4]), in one
+    pass over all the batch's candidates: one host synchronisation (finding them), not one per image."""
+    cand = torch.stack(cand_gt).long()
+    losses = torch.zeros(cand.shape, dtype=torch.float32, device=anchors.device)
+    b, a = torch.nonzero(cand >= 0, as_tuple=True)
+    if b.numel():
+        first = _first_gt(gt_boxes, anchors.device)
+        gt = first.index_select(0, b) + cand[b, a]
+        logits = cls_logits[b, a].float()
+        targets = F.one_hot(torch.cat(gt_labels).long().index_select(0, gt), logits.shape[1]).to(logits.dtype)
+        cls_loss = sigmoid_focal_loss(logits, targets, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none").sum(1)
+        boxes = decode(anchors.index_select(0, a).float(), box_deltas[b, a].float())
+        box_loss = generalized_box_iou_loss(boxes, torch.cat(gt_boxes).float().index_select(0, gt), reduction="none")
+        losses[b, a] = cls_loss + GIOU_WEIGHT * box_loss
+    return list(losses.unbind(0))
+
+
+def _first_gt(gt_boxes: list[Tensor], device) -> Tensor:
+    """Index of each image's first GT in the batch's GTs laid end to end (sizes known on the host: no sync)."""
+    return torch.tensor([0] + [len(g) for g in gt_boxes[:-1]], device=device).cumsum(0)
 
 
 def _level_of(anchor_idx: Tensor, num_anchors_per_level: list[int]) -> Tensor:
@@ -138,16 +146,12 @@ def _candidate_table(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], 
     num_levels = len(num_anchors_per_level)
     device = cand_gt_list[0].device
     level_of_anchor = torch.repeat_interleave(torch.arange(num_levels, device=device),
-                                              torch.tensor(num_anchors_per_level, device=device))
-    anchor, local_gt, loss = [], [], []
-    for cand_gt, pos_losses in zip(cand_gt_list, pos_losses_list):
-        idx = torch.nonzero(cand_gt >= 0).squeeze(1)
-        anchor.append(idx)
-        local_gt.append(cand_gt.index_select(0, idx))
-        loss.append(pos_losses.index_select(0, idx))
-    counts = torch.tensor([len(idx) for idx in anchor], device=device)
-    anchor, local_gt, loss = torch.cat(anchor), torch.cat(local_gt), torch.cat(loss).float()
-    image = torch.repeat_interleave(torch.arange(num_images, device=device), counts, output_size=anchor.numel())
+                                              torch.tensor(num_anchors_per_level, device=device),
+                                              output_size=num_anchors)
+    cand = torch.stack(cand_gt_list)
+    image, anchor = torch.nonzero(cand >= 0, as_tuple=True)   # every image's candidates: one synchronisation
+    local_gt = cand[image, anchor]
+    loss = torch.stack(pos_losses_list)[image, anchor].float()
     gts_per_image = torch.zeros(num_images, dtype=torch.long, device=device).scatter_reduce_(
         0, image, local_gt + 1, reduce="amax")
     first_gt = torch.cumsum(gts_per_image, 0) - gts_per_image  # GTs are numbered image after image
@@ -289,15 +293,17 @@ def select_labels(pos_losses: list[Tensor], cand_gt: list[Tensor], num_anchors_p
     """PAA's selection over the batch in one call (`paa_select_batch`), as the labels a student trains on: the
     class of each positive's GT (`num_classes` elsewhere), its GT index (-1 elsewhere) and the ignored anchors."""
     masks = paa_select_batch(pos_losses, cand_gt, num_anchors_per_level, topk=topk, gmm=gmm, keep_single=keep_single)
-    labels, gt_index, ignore = [], [], []
-    for (pos, ign), cand, lab in zip(masks, cand_gt, gt_labels):
-        cls = torch.full_like(cand, num_classes)
-        if pos.any():
-            cls[pos] = lab[cand[pos]].to(cls.dtype)
-        labels.append(cls)
-        gt_index.append(torch.where(pos, cand, torch.full_like(cand, -1)))
-        ignore.append(ign)
-    return BatchLabels(torch.stack(labels), torch.stack(gt_index), torch.stack(ignore))
+    pos = torch.stack([m[0] for m in masks])
+    cand = torch.stack(cand_gt).long()
+    gt_index = torch.where(pos, cand, -1)
+    labels = torch.full_like(cand, num_classes)
+    if sum(len(g) for g in gt_labels):   # the class of each positive's GT, for the whole batch at once
+        gt = _first_gt(gt_labels, cand.device)[:, None] + cand.clamp(min=0)
+        all_labels = torch.cat(gt_labels).long()
+        labels = torch.where(pos, all_labels.index_select(0, gt.view(-1).clamp(max=len(all_labels) - 1)).view_as(gt),
+                             labels)
+    labels, gt_index = labels.to(cand_gt[0].dtype), gt_index.to(cand_gt[0].dtype)
+    return BatchLabels(labels, gt_index, torch.stack([m[1] for m in masks]))
 
 
 @dataclass

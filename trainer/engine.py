@@ -54,12 +54,31 @@ class Timer:
         self._t = now
 
 
+def on_host(metrics: dict, step: int) -> dict:
+    """A step's metrics as Python numbers, the device's values fetched in one transfer. A step leaves its losses on
+    the device (a float() per metric would make every step wait for it); the loop calls this only on the steps
+    it logs and before a checkpoint. A non-finite loss stops the run here, before anything is written."""
+    tensors = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    out = dict(metrics)
+    if tensors:
+        values = torch.stack([metrics[k].detach().reshape(()).double() for k in tensors]).tolist()
+        for k, v in zip(tensors, values):
+            out[k] = int(v) if not metrics[k].is_floating_point() else v
+    for k, v in out.items():
+        if k.startswith("loss") and isinstance(v, float) and not math.isfinite(v):
+            raise FloatingPointError(f"step {step}: {k} is {v}; lower train.lr or check the data")
+    return out
+
+
 @dataclass
 class StepResult:
-    metrics: dict[str, float]
+    metrics: dict  # losses as 0-d tensors on the device, timings and lr as floats (`on_host` converts)
     labels: BatchLabels | None = None
     choice: ColadChoice | None = None
     extra: dict = field(default_factory=dict)
+
+    def host(self, step: int = 0) -> dict:
+        return on_host(self.metrics, step)
 
 
 class Engine:
@@ -157,10 +176,10 @@ class Engine:
         total = sum(losses.values())
         self._backward(total)
         timer.lap("backward_ms")
-        metrics = {k: float(v.detach()) for k, v in losses.items()}
-        metrics["loss"] = float(total.detach())
+        metrics = {k: v.detach() for k, v in losses.items()}
+        metrics["loss"] = total.detach()
         if labels is not None:
-            metrics["num_pos"] = int(labels.pos.sum())
+            metrics["num_pos"] = labels.pos.sum()
         return StepResult(self._stamp(metrics, timer), labels=labels)
 
     def _colad_step(self, images, gt_boxes, gt_labels, timer) -> StepResult:
@@ -197,10 +216,7 @@ class Engine:
     def _stamp(self, metrics: dict, timer: Timer) -> dict:
         metrics.update({k: round(v, 3) for k, v in timer.ms.items()})
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        for k, v in list(metrics.items()):
-            if isinstance(v, float) and not math.isfinite(v) and k.startswith("loss"):
-                raise FloatingPointError(f"step {self.step_count}: {k} is {v}; lower train.lr or check the data")
-        return metrics
+        return on_host(metrics, self.step_count) if self.spec.co_learning else metrics  # CoLAD's roles need them
 
     # -- state ---------------------------------------------------------------------------------------------------
     def networks(self) -> dict[str, PAADetector]:

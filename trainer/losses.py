@@ -62,9 +62,13 @@ def detection_loss(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor, a
     pos = labels.pos
     if num_pos is None:
         num_pos = pos.sum().clamp(min=1).to(cls_logits.dtype)
-    valid = ~labels.ignore
-    onehot = F.one_hot(labels.labels.clamp(max=num_classes), num_classes + 1)[..., :num_classes].to(cls_logits.dtype)
-    loss_cls = sigmoid_focal_loss(cls_logits[valid], onehot[valid], alpha=0.25, gamma=2.0, reduction="sum") / num_pos
+    # the targets in the logits' dtype, a 1 at each positive's class (no [B, A, C+1] int64 one-hot), and ignored
+    # anchors masked out of the sum rather than indexed away (indexing by a mask waits for the device)
+    is_pos = labels.labels < num_classes
+    onehot = torch.zeros_like(cls_logits).scatter_(-1, labels.labels.clamp(max=num_classes - 1).long()[..., None],
+                                                   is_pos[..., None].to(cls_logits.dtype))
+    focal = sigmoid_focal_loss(cls_logits, onehot, alpha=0.25, gamma=2.0, reduction="none")
+    loss_cls = (focal * (~labels.ignore)[..., None].to(focal.dtype)).sum() / num_pos
 
     b_idx, a_idx, pred, target = _pos_targets(anchors, box_deltas, labels, gt_boxes)
     if pred is None:
