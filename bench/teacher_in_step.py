@@ -8,10 +8,12 @@ frozen_stages 1 and norm_eval, as MMDetection's).
     after student    the student's forward has run first and its autograd graph is held (the order of the step
                      before the fix), then the teacher under no_grad
     after/inference  the same, the teacher under inference_mode
-    before student   the teacher first, then the student's forward (the order of the step after the fix)
+    before student   the teacher first, then the student's forward
+    ..., heap kept   with glibc told (mallopt) to keep freed memory for reuse instead of unmapping large blocks
 
-and the whole LAD step (Engine.step: forward, teacher, assignment, backward, update) as the engine runs it. Prints
-medians and writes JSON (--out).
+and the whole LAD step (forward, teacher, assignment, backward, update) both ways: as Engine.step runs it (the
+teacher first) and in the order it had before (the student's forward first). Prints medians and writes JSON
+(--out).
 
     python bench/teacher_in_step.py                   # 2 threads, 6 timed rounds
     python bench/teacher_in_step.py --threads 16 --rounds 10 --size 800
@@ -37,6 +39,13 @@ from trainer.checkpoint import save_checkpoint  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+try:
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt  # noqa: B018  (glibc only)
+except (OSError, AttributeError):
+    libc = None
 MODEL = dict(fpn_levels=[3, 4, 5, 6, 7], fpn_channels=256, head_channels=256, head_convs=4, num_classes=80)
 
 
@@ -83,12 +92,43 @@ def main() -> int:
         student.zero_grad(set_to_none=True)
         return ms
 
+    def step_student_first():
+        """Engine.step before the fix, from the engine's own parts."""
+        from trainer.engine import Timer
+        from trainer.teacher import assign_hard
+
+        timer = Timer(engine.device, False)
+        out = engine.precision.forward(engine.forward_a, images)
+        anchors, nl = engine.anchors(out.level_sizes)
+        with torch.no_grad():
+            tout = engine.precision.forward(teacher, images)
+        labels_ = assign_hard(engine.cfg, tout, anchors, nl, boxes, labels)
+        return engine._finish(out, anchors, labels_, boxes, None, timer)
+
+    def kept_heap(case):
+        """`case` with glibc told to keep freed memory (no mmap for large blocks, no trim), then back to defaults."""
+        def run():
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+            try:
+                return case()
+            finally:
+                libc.mallopt(M_MMAP_MAX, 65536)
+                libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+                libc.malloc_trim(0)
+        return run
+
     cases = {"alone": lambda: timed(lambda: teacher_forward(False)),
              "alone/inference": lambda: timed(lambda: teacher_forward(True)),
              "after student": lambda: after_student(False),
              "after/inference": lambda: after_student(True),
              "before student": before_student,
-             "LAD step": lambda: timed(lambda: engine.step(images, boxes, labels))}
+             "LAD step": lambda: timed(lambda: engine.step(images, boxes, labels)),
+             "LAD step, student first": lambda: timed(step_student_first)}
+    if libc is not None:
+        cases.update({"after student, heap kept": kept_heap(lambda: after_student(False)),
+                      "LAD step, heap kept": kept_heap(lambda: timed(lambda: engine.step(images, boxes, labels))),
+                      "LAD step, student first, heap kept": kept_heap(lambda: timed(step_student_first))})
     times: dict[str, list[float]] = {k: [] for k in cases}
     for r in range(a.rounds + 1):
         for name, case in cases.items():   # interleaved: a load change on the machine hits every case alike
@@ -98,7 +138,10 @@ def main() -> int:
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in times.items() if v), flush=True)
     results = {k: round(statistics.median(v), 1) for k, v in times.items()}
     for k, v in results.items():
-        print(f"{k:16s} {v:8.1f} ms  ({v / results['alone']:.2f}x alone)")
+        print(f"{k:36s} {v:8.1f} ms  ({v / results['alone']:.2f}x alone)")
+    print(f"LAD step, teacher first / student first: {results['LAD step'] / results['LAD step, student first']:.3f}")
+    if libc is not None:
+        print(f"LAD step, heap kept / default: {results['LAD step, heap kept'] / results['LAD step']:.3f}")
     env = {"cpu": platform.processor() or platform.machine(), "threads": a.threads, "torch": torch.__version__,
            "args": vars(a), "command": "python bench/teacher_in_step.py " + " ".join(sys.argv[1:])}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -134,3 +134,25 @@ def test_fp16_on_the_cpu_is_refused_with_what_to_do():
 
     with pytest.raises(ConfigError, match="amp_dtype=bf16"):
         Engine(_cfg("paa", train={"amp": True, "amp_dtype": "fp16", "device": "auto"}), "cpu")
+
+
+@pytest.mark.parametrize("mode", ["paa", "lad"])
+def test_channels_last_trains_the_same_network_in_nhwc_memory(tmp_path, mode):
+    """`train.channels_last`: weights (the teacher's too) and activations in NHWC, the same step as NCHW up to the
+    order of the arithmetic (losses within 1e-5, weights within 1e-5 after two steps)."""
+    extra = {}
+    if mode == "lad":
+        paa = Engine(_cfg("paa", model_seed=9))
+        extra["teacher"] = {"checkpoint": _teacher_from(tmp_path, "t", paa.cfg, paa.model)}
+    nchw = Engine(_cfg(mode, **extra))
+    nhwc = Engine(_cfg(mode, train={"warmup_steps": 0, "lr": 0.01, "channels_last": True}, **extra))
+    convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    if mode == "lad":
+        assert all(p.is_contiguous(memory_format=torch.channels_last)
+                   for p in nhwc.teacher.parameters() if p.dim() == 4)
+    for seed in (0, 1):
+        a, b = nchw.step(*_batch(seed)).host(), nhwc.step(*_batch(seed)).host()
+        assert a["num_pos"] == b["num_pos"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for p, q in zip(nchw.model.parameters(), nhwc.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)

@@ -139,14 +139,14 @@ class Engine:
         self.model.train()
         if self.spec.co_learning:
             return self._colad_step(images, gt_boxes, gt_labels, timer)
+        tout = None
+        if self.teacher is not None:  # first: after the student's forward, whose graph is then held, the same
+            with torch.no_grad():     # forward took 1.3x as long (docs/decisions.md, "The teacher goes first")
+                tout = self.precision.forward(self.teacher, images)
+            timer.lap("teacher_ms")
         out = self.precision.forward(self.forward_a, images)
         timer.lap("forward_ms")
         anchors, nl = self.anchors(out.level_sizes)
-        tout = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                tout = self.precision.forward(self.teacher, images)
-            timer.lap("teacher_ms")
         labels, soft = None, None
         if self.spec.soft:
             soft = self.soft_targets(tout, anchors, gt_boxes)

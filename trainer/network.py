@@ -49,8 +49,15 @@ def build_network(cfg: RunConfig, which: str = "a") -> PAADetector:
     torch.manual_seed(seed_of(cfg, which))
     path = cfg.colearn.checkpoint_a if which == "a" else cfg.colearn.checkpoint_b
     if mode_spec(cfg.mode).co_learning and path:
-        return load_colearn_side(path, cfg, which, of_run(cfg), warn=False)
-    return build_model(cfg.model if which == "a" else cfg.model_b)
+        network = load_colearn_side(path, cfg, which, of_run(cfg), warn=False)
+    else:
+        network = build_model(cfg.model if which == "a" else cfg.model_b)
+    return network.to(memory_format=memory_format(cfg))
+
+
+def memory_format(cfg: RunConfig) -> torch.memory_format:
+    """NHWC (`train.channels_last`: oneDNN's and cuDNN's faster convolutions) or PyTorch's default NCHW."""
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
 def check_start(cfg: RunConfig, categories: Optional[list] = None) -> None:
@@ -141,10 +148,11 @@ class Precision:
     """Mixed precision of one process (`train.amp`, `train.amp_dtype`): forwards run under autocast and return
     float32 outputs (`forward`), so candidate losses, the GMM and the loss reductions stay float32; in fp16 the
     loss is scaled and the optimizer step skipped on overflow (`GradScaler`). Off, every call is the plain float32
-    one, bit for bit."""
+    one, bit for bit. With `train.channels_last` the images enter the networks in NHWC (`memory_format`)."""
 
     def __init__(self, cfg: RunConfig, device: torch.device | str):
         device = torch.device(device)
+        self.memory_format = memory_format(cfg)
         self.dtype: Optional[torch.dtype] = None
         if cfg.train.amp:
             name = cfg.train.amp_dtype
@@ -158,6 +166,7 @@ class Precision:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
     def forward(self, network, images: Tensor) -> HeadOutputs:
+        images = images.contiguous(memory_format=self.memory_format)
         if self.dtype is None:
             return network(images)
         with torch.autocast(self.device_type, dtype=self.dtype):

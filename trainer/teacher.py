@@ -21,14 +21,14 @@ from trainer.categories import of_run
 from trainer.checkpoint import load_network
 from trainer.losses import BatchLabels, SoftTargets, soft_targets
 from trainer.model import HeadOutputs, PAADetector
-from trainer.network import Precision
+from trainer.network import Precision, memory_format
 
 
 def load_teacher(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[PAADetector, int]:
     """The run's frozen teacher (`teacher.checkpoint`, network A) in eval mode without gradients, and its step
     (the `teacher_version` stamped on what it assigns)."""
     teacher, _, version = load_network(cfg.teacher.checkpoint, cfg, "a", device, of_run(cfg), warn=False)
-    teacher.eval().requires_grad_(False)
+    teacher.eval().requires_grad_(False).to(memory_format=memory_format(cfg))
     return teacher, version
 
 
