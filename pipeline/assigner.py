@@ -20,6 +20,7 @@ students.
 """
 from __future__ import annotations
 
+import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
@@ -83,6 +84,16 @@ class PlannedImage:
         self.file = read_image_file(self.record)
         check_image_header(self.record, self.file)
         self.gt_boxes = boxes_to_resized(boxes, self.params).astype(np.float32)
+
+    def mirrored(self, input_size) -> "PlannedImage":
+        """The same image with the other flip (the same file and size: only the GT moves)."""
+        from pipeline.transforms import aug_params, boxes_to_resized
+
+        twin = copy.copy(self)
+        twin.flip = not self.flip
+        twin.params = aug_params(self.record.width, self.record.height, input_size, twin.flip)
+        twin.gt_boxes = boxes_to_resized(self.record.boxes, twin.params).astype(np.float32)
+        return twin
 
     def row(self, **labels) -> AssignmentRow:
         return AssignmentRow(image_id=self.record.image_id, height=self.params.resized_h, width=self.params.resized_w,
@@ -225,22 +236,37 @@ class TeacherAssigner:
         views = [(int(im.record.image_id), bool(im.flip), *canvas) for im in images]
         stored = self._stored(views)
         todo = [i for i, s in enumerate(stored) if s is None]
-        computed = self._teacher(images, todo, canvas) if todo else {}
+        twins = self._twins(images, views, todo)
+        computed = self._teacher(images + twins, todo + list(range(len(images), len(images) + len(twins))),
+                                 canvas) if todo else {}
         ms = (time.perf_counter() - t0) * 1e3
         rows = []
-        for i, im in enumerate(images):
+        for i, im in enumerate(images + twins):
             if i in computed:
                 labels, soft = computed[i]
-                rows.append(im.row(**labels, teacher_version=self.version, assign_ms=ms, **soft))
+                if i < len(images):
+                    rows.append(im.row(**labels, teacher_version=self.version, assign_ms=ms, **soft))
                 if self.store is not None:
-                    self.store.put(views[i], Labels(im.params.resized_h, im.params.resized_w, labels["pos_anchor"],
-                                                    labels["pos_gt"], labels["ignore_anchor"], self.version))
+                    self.store.put((int(im.record.image_id), bool(im.flip), *canvas),
+                                   Labels(im.params.resized_h, im.params.resized_w, labels["pos_anchor"],
+                                          labels["pos_gt"], labels["ignore_anchor"], self.version))
             else:
                 rows.append(_stored_row(im, stored[i]))
         if self.store is not None:
             self.store.flush()
         table = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)
         return tag_batch(table, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas)
+
+    def _twins(self, images: list, views: list, todo: list[int]) -> list:
+        """With a store and a recipe that flips, the other flip of each image the teacher labels now, where the store
+        lacks it: labelled in the same forward, so a store filled while training holds both views of every image
+        after one epoch (a view's labels do not depend on its batch companions: docs/decisions.md)."""
+        if self.store is None or not 0 < self.cfg.data.flip_prob < 1:
+            return []
+        asked = set(views)
+        twins = [images[i].mirrored(self.spec.input_size) for i in todo]
+        return [t for t in twins if (int(t.record.image_id), bool(t.flip), *views[0][2:]) not in asked
+                and self.store.get((int(t.record.image_id), bool(t.flip), *views[0][2:])) is None]
 
     def _stored(self, views: list) -> list:
         """The store's labels of each view (None: not there); a miss first reads what other actors wrote since."""

@@ -208,18 +208,19 @@ class AssignmentStore:
 
 def epoch_misses(cfg: RunConfig, manifest: dict, image_ids: list[int], epochs: list[int]) -> Optional[list[int]]:
     """Per epoch left to train, how many of its views the store lacks, so the teacher must label them (a view that
-    two epochs ask for is labelled once, by the first). None for keep-ratio inputs: a view's canvas is known only
-    when its batch is made."""
+    two epochs ask for is labelled once, by the first; with a flip in the recipe, the other flip of a miss is
+    labelled with it). None for keep-ratio inputs: a view's canvas is known only when its batch is made."""
     if not isinstance(cfg.data.input_size, int):
         return None
     from pipeline.transforms import aug_params_for
 
-    side = cfg.data.input_size
+    side, twins = cfg.data.input_size, 0 < cfg.data.flip_prob < 1   # a miss's other flip is labelled with it
     known, misses = set(AssignmentStore(cfg.pipeline.assignment_store, manifest).index), []
     for e in epochs:
         new = {(int(i), aug_params_for(int(i), e, cfg.seed, cfg.data.flip_prob), side, side) for i in image_ids}
-        misses.append(len(new - known))
-        known |= new
+        missing = new - known
+        misses.append(len(missing))
+        known |= missing | ({(i, not f, h, w) for i, f, h, w in missing} if twins else set())
     return misses
 
 

@@ -82,6 +82,20 @@ def views_in(store: Path) -> int:
     return total
 
 
+def readable_views(store: Path) -> set:
+    """The (image id, flip) keys of every part that reads whole (a cut part is skipped, as the store skips it)."""
+    import pyarrow as pa
+
+    keys = set()
+    for part in (store / "parts").glob("*.arrow"):
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(part))).read_all()
+        except (pa.ArrowInvalid, OSError):
+            continue
+        keys |= set(zip(table["image_id"].to_pylist(), table["flip"].to_pylist()))
+    return keys
+
+
 @pytest.fixture(scope="module")
 def filled(ray_session, tiny, tmp_path_factory):
     """A run that starts with an empty store: epoch 0 asks the teacher for every image, epoch 1 only for the views
@@ -94,9 +108,9 @@ def test_a_student_fed_from_an_empty_store_trains_exactly_like_in_process_lad(fi
     first, store = filled
     assert_same_training(first, tiny[3])
     taught = [m["teacher_images"] for m in steps(first)]
-    assert sum(taught[:6]) == 24                  # epoch 0: 24 images, all new
-    assert 0 < sum(taught[6:]) < 24               # epoch 1: only the views not stored yet
-    assert views_in(store) == sum(taught) <= 48   # every computed view stored once: 24 images x 2 flips at most
+    assert sum(taught[:6]) == 24                  # epoch 0: 24 images, all new, each with its other flip
+    assert sum(taught[6:]) == 0                   # epoch 1: every view is in the store
+    assert views_in(store) == 48                  # 24 images x 2 flips, each stored once
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["anchor_hash"] and len(manifest["teacher_sha256"]) == 64
 
@@ -121,6 +135,7 @@ def test_a_cut_store_is_read_where_it_can_be_and_the_rest_is_computed_again(fill
     assert_same_training(again, tiny[3])
     taught = sum(m["teacher_images"] for m in steps(again))
     assert 0 < taught < 24                         # only the lost views went to the teacher
+    assert len(readable_views(store)) == 48        # and are back in the store, with their other flips
     err = capfd.readouterr().err
     assert f"{cut}: unreadable part of the assignment store" in err
 
@@ -140,9 +155,9 @@ def test_the_teacher_pool_is_sized_to_the_views_the_store_lacks(tiny, tmp_path):
     store.flush()
     flips = [[aug_params_for(i, e, cfg.seed, cfg.data.flip_prob) for i in ids] for e in range(3)]
     misses = epoch_misses(cfg, {}, ids, [0, 1, 2])
-    assert misses[0] == 2                                                  # the two images not stored
-    assert misses[1] == sum(f1 != f0 for f0, f1 in zip(*flips[:2]))         # the other flip, once
-    assert misses[2] == sum(f2 not in (f0, f1) for f0, f1, f2 in zip(*flips))  # 0: both flips known by then
+    assert misses[0] == 2                     # the two images not stored (their other flips are labelled with them)
+    assert misses[1] == sum(f1 != f0 for f0, f1 in zip(*[f[:6] for f in flips[:2]]))  # stored images' other flip
+    assert misses[2] == sum(f2 not in (f0, f1) for f0, f1, f2 in zip(*[f[:6] for f in flips]))  # seen once only
     assert pool_sizes(4, misses, len(ids)) == (1, 1, 4)     # a quarter missing at first: one of four actors
     assert pool_sizes(4, [8, 3], 8) == (1, 4, 4)            # an empty store: the whole pool at first
     assert pool_sizes(4, [0, 0, 0], 8) == (0, 0, 0)         # all stored: no teacher at all
