@@ -45,11 +45,25 @@ def run_config(args, data: Path, out: Path, teacher: Path, name: str, store: Pat
     return cfg
 
 
+def stored_views(store: Path) -> int:
+    import pyarrow as pa
+
+    total = 0
+    for part in (store / "parts").glob("*.arrow") if (store / "parts").exists() else []:
+        try:
+            total += pa.ipc.open_file(pa.memory_map(str(part))).read_all().num_rows
+        except (pa.ArrowInvalid, OSError):  # being written or merged
+            pass
+    return total
+
+
 class ActorWatch:
     """Samples, twice a second, the teacher actors alive and the epoch the run's metrics have reached."""
 
     def __init__(self, cfg):
         self.metrics, self.seen, self.stop = cfg.run_dir / "metrics.jsonl", {}, threading.Event()
+        self.store = Path(cfg.pipeline.assignment_store) if cfg.pipeline.assignment_store else None
+        self.stored: dict = {}  # epoch -> views in the store when last sampled
         self.thread = threading.Thread(target=self.watch, daemon=True)
 
     def watch(self):
@@ -65,6 +79,8 @@ class ActorWatch:
             except (OSError, ValueError):
                 continue
             self.seen.setdefault(epoch, []).append(alive)
+            if self.store is not None:
+                self.stored[epoch] = stored_views(self.store)
 
     def __enter__(self):
         self.thread.start()
@@ -130,7 +146,8 @@ def main() -> None:
             with ActorWatch(cfg) as actors:
                 train(cfg, progress=False)
             torch.set_num_threads(threads)
-            epochs = [dict(e, teacher_actors=actors.of(e["epoch"])) for e in per_epoch(cfg)]
+            epochs = [dict(e, teacher_actors=actors.of(e["epoch"]), stored_views=actors.stored.get(e["epoch"]))
+                      for e in per_epoch(cfg)]
             results[name] = {"run_s": round(time.perf_counter() - t0, 2), "prefill_s": prefill_s, "epochs": epochs}
             if store:
                 parts = list((store / "parts").glob("*.arrow"))
@@ -144,10 +161,12 @@ def main() -> None:
     out = {"command": "python bench/assignment_store.py " + " ".join(sys.argv[1:]), "args": vars(args),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
            "ray": ray.__version__, "results": results}
-    print(f"{'run':<10} {'epoch':>5} {'actors':>7} {'teacher imgs':>12} {'step ms':>8} {'wait ms':>8} {'wall s':>7}")
+    print(f"{'run':<10} {'epoch':>5} {'actors':>7} {'teacher imgs':>12} {'stored':>7} {'step ms':>8} {'wait ms':>8} "
+          f"{'wall s':>7}")
     for name, r in results.items():
         for e in r["epochs"]:
-            print(f"{name:<10} {e['epoch']:>5} {e['teacher_actors']:>7} {e['teacher_images']:>12} {e['step_ms']:>8} "
+            print(f"{name:<10} {e['epoch']:>5} {e['teacher_actors']:>7} {e['teacher_images']:>12} "
+                  f"{e['stored_views'] if e['stored_views'] is not None else '-':>7} {e['step_ms']:>8} "
                   f"{e['data_wait_ms']:>8} {e['wall_s']:>7}")
         extra = f", prefill {r['prefill_s']} s" if r["prefill_s"] is not None else ""
         size = f", store {r['store_bytes_per_view']} B/view" if "store_bytes_per_view" in r else ""
