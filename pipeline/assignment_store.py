@@ -72,7 +72,7 @@ def manifest_for(cfg: RunConfig, anchor_hash: str, teacher_sha256: str) -> dict:
     return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "teacher_sha256": teacher_sha256,
             "anchor_hash": anchor_hash,
             "assign": {"topk": a.topk, "iou_thr": a.iou_thr, "gmm": a.gmm, "single_candidate": a.single_candidate},
-            "teacher_precision": "amp" if cfg.train.amp else "fp32"}
+            "teacher_precision": ("amp" if cfg.train.amp else "fp32") + ("-nhwc" if cfg.train.channels_last else "")}
 
 
 def _differences(found: dict, wanted: dict) -> list[str]:

@@ -192,6 +192,10 @@ class Stepper:
     def step_count(self) -> int:
         return self.engine.step_count
 
+    def losses_finite(self) -> bool:
+        """Every loss this rank has trained on so far was finite (engines without the flag raise at the step)."""
+        return self.engine.losses_finite() if hasattr(self.engine, "losses_finite") else True
+
     def poll(self) -> tuple[bool, Optional[int]]:
         """Rank 0, before each step: (stop requested, the role policy's code or None)."""
         return False, None
@@ -300,8 +304,7 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
         all) at the current step; True when it ends a complete epoch (then last.pt starts the next one, so a
         resume never skips this epoch's evaluation)."""
         nonlocal best, last_eval, trained
-        if unlogged is not None:
-            on_host(unlogged, stepper.step_count)  # a checkpoint is never written after a non-finite loss
+        check_finite(stepper.step_count)  # a checkpoint is never written after a non-finite loss
         gather_ids()
         full = epoch_end and len(trained) >= num_images
         detections = None
@@ -324,8 +327,14 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
         if commit(evaluate=has_val and (finished or due), final="succeeded" if finished else None, epoch_end=True):
             trained = []
 
+    def check_finite(step: int) -> None:
+        """Every rank, together: stop the run if any rank's loss was not finite since the start (each engine keeps
+        a flag on its device, so a step never waits for it; this reads it)."""
+        if collective.reduce([int(not stepper.losses_finite())], "MAX")[0]:
+            raise FloatingPointError(f"step {step}: a loss was not finite (at this step or since the last log); "
+                                     "lower train.lr or check the data")
+
     pending: Optional[Batch] = None
-    unlogged: Optional[dict] = None  # rank 0: the last step's metrics, when that step was not logged
     exhausted, state = False, "succeeded"
     try:
         while True:
@@ -366,9 +375,10 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
                 new_ids.extend(batch.image_ids)
             for o in observers:
                 o.after_step(step, epoch, rank, tag, batch.image_ids if batch is not None else [], out.labels)
-            unlogged = out.record if rank == 0 else None
-            if unlogged is not None and (step % t.log_every == 0 or step == 1):
-                unlogged = None
+            logged = step % t.log_every == 0 or step == 1
+            if logged:
+                check_finite(step)
+            if rank == 0 and out.record is not None and logged:
                 decode_ms = batch.decode_ms if batch is not None else 0.0
                 data_wait_ms = max(wait_ms - decode_ms, 0.0)
                 record = {"step": step, "epoch": epoch, **on_host(out.record, step), "step_ms": round(step_ms, 2),

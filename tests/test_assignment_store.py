@@ -164,6 +164,17 @@ def test_the_teacher_pool_is_sized_to_the_views_the_store_lacks(tiny, tmp_path):
     assert pool_sizes(4, None, 8) == (4, 4, 4)              # keep-ratio inputs: the configured pool, fixed
 
 
+def test_a_store_records_the_teachers_memory_layout(tiny, tmp_path):
+    """NHWC is the same arithmetic in another order, so its labels may differ in a tie: another store."""
+    from pipeline.assignment_store import manifest_for
+
+    root, data, teacher, _ = tiny
+    nchw = tiny_config(data, tmp_path, mode="lad", teacher=teacher)
+    nhwc = tiny_config(data, tmp_path, mode="lad", teacher=teacher, train={"channels_last": True})
+    assert manifest_for(nchw, "h", "s")["teacher_precision"] == "fp32"   # stores made before still match
+    assert manifest_for(nhwc, "h", "s")["teacher_precision"] == "fp32-nhwc"
+
+
 def test_a_store_of_another_teacher_is_refused_in_one_line_before_ray(tiny, tmp_path):
     root, data, teacher, _ = tiny
     other = make_teacher(tiny_config(data, root / "runs", mode="paa"), tmp_path / "other.pt", seed=7)

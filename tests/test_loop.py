@@ -15,14 +15,19 @@ NUM_IMAGES = 9   # batch 2, 2 ranks: per epoch 2 full steps (8 images) and a las
 
 class _Engine:
     step_count = 0
+    bad_from = None  # a step from which this rank's losses are not finite
+
+    def losses_finite(self):
+        return self.bad_from is None or self.step_count < self.bad_from
 
 
 class FakeStepper(Stepper):
     """Counts what the loop asks of it; its 'step' trains nothing."""
 
-    def __init__(self, cfg, run, rank, stop_at=None, policy_code=None):
+    def __init__(self, cfg, run, rank, stop_at=None, policy_code=None, bad=None):
         self.cfg, self.run, self.rank, self.engine = cfg, run, rank, _Engine()
         self.stop_at, self.policy_code = stop_at, policy_code
+        self.engine.bad_from = (bad or {}).get(rank)
         self.steps, self.commits, self.policies, self.predicted = [], [], [], []
 
     def poll(self):
@@ -74,10 +79,13 @@ def _rank(rank, world, store, out_dir, scenario):
     plan = plan_run(cfg, list(range(NUM_IMAGES)), 0, [], total, world)
     batches = (Batch(epoch, step[rank], None) for epoch, steps in plan for step in steps if rank < len(step))
     stepper = FakeStepper(cfg, run, rank, **scenario)
-    out = train_loop(cfg, stepper, batches, Start(), total=total, num_images=NUM_IMAGES, has_val=True,
-                     collective=Collective(rank, world))
+    try:
+        out, error = train_loop(cfg, stepper, batches, Start(), total=total, num_images=NUM_IMAGES, has_val=True,
+                                collective=Collective(rank, world)), None
+    except FloatingPointError as e:
+        out, error = None, str(e)
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump({"state": out.state, "steps": stepper.steps, "commits": stepper.commits,
+        json.dump({"state": out.state if out else "failed", "error": error, "steps": stepper.steps, "commits": stepper.commits,
                    "policies": stepper.policies, "predicted": stepper.predicted, "devices": sorted(set(devices)),
                    "total": total}, f)
     dist.destroy_process_group()
@@ -122,6 +130,16 @@ def test_a_stop_and_a_policy_from_rank_0_reach_every_rank_at_the_same_step(tmp_p
     stopped_ids = sorted(i for s in r0["steps"] + r1["steps"] for i in s["ids"])
     assert r0["commits"] == [{"step": 2, "epoch": 0, "last": [0, stopped_ids], "final": None},
                              {"step": 2, "epoch": 0, "last": [0, stopped_ids], "final": "stopped"}]
+
+
+def test_a_non_finite_loss_on_any_rank_stops_every_rank_before_the_next_checkpoint(tmp_path):
+    """Rank 1's loss goes non-finite at step 2, a step rank 0 logs without ever seeing it: both ranks stop at the
+    check before step 2's checkpoint, together (neither is left waiting in a collective), and nothing is written."""
+    r0, r1 = _run(tmp_path, bad={1: 2})
+    assert r0["state"] == r1["state"] == "failed"
+    assert r0["error"] == r1["error"] and r0["error"].startswith("step 2: a loss was not finite")
+    assert [s["step"] for s in r0["steps"]] == [s["step"] for s in r1["steps"]] == [1, 2]
+    assert r0["commits"] == []
 
 
 def test_process_groups_have_a_backend_for_every_device_their_workers_use():

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from trainer.box_coder import decode
 from trainer.gmm import fit_predict_1d
-from trainer.losses import BatchLabels
+from trainer.losses import BatchLabels, giou_loss, on_device
 
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
@@ -85,33 +85,43 @@ def candidate_losses(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt
 
     Computed on candidate anchors only (0 elsewhere) and without gradient: it ranks anchors, it is not trained.
     """
-    return candidate_losses_batch(anchors, cls_logits[None], box_deltas[None], [gt_boxes], [gt_labels],
-                                  [cand_gt])[0]
+    return _losses_at(anchors, cls_logits, box_deltas, gt_boxes, gt_labels, cand_gt,
+                      torch.nonzero(cand_gt >= 0).squeeze(1))
 
 
-@torch.no_grad()
+def _losses_at(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+               cand_gt: Tensor, idx: Tensor) -> Tensor:
+    """`candidate_losses` of one image whose candidate anchors `idx` are known. Each image is scored on its own
+    rows: vectorised kernels round a vector's tail differently from its body, so scoring a batch's candidates in
+    one pass would make an image's losses (and so its labels) depend on its batch companions."""
+    losses = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
+    if idx.numel() == 0:
+        return losses
+    gt = cand_gt[idx]
+    logits = cls_logits[idx].float()
+    targets = F.one_hot(gt_labels[gt].long(), logits.shape[1]).to(logits.dtype)
+    cls_loss = sigmoid_focal_loss(logits, targets, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none").sum(1)
+    boxes = decode(anchors[idx].float(), box_deltas[idx].float())
+    box_loss = giou_loss(boxes, gt_boxes[gt].float())
+    losses[idx] = cls_loss + GIOU_WEIGHT * box_loss
+    return losses
+
+
 def candidate_losses_batch(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt_boxes: list[Tensor],
                            gt_labels: list[Tensor], cand_gt: list[Tensor]) -> list[Tensor]:
-    """`candidate_losses` of every image of a batch's outputs (cls_logits [B, A, C], box_deltas [B, A, 4]), in one
-    pass over all the batch's candidates: one host synchronisation (finding them), not one per image."""
-    cand = torch.stack(cand_gt).long()
-    losses = torch.zeros(cand.shape, dtype=torch.float32, device=anchors.device)
-    b, a = torch.nonzero(cand >= 0, as_tuple=True)
-    if b.numel():
-        first = _first_gt(gt_boxes, anchors.device)
-        gt = first.index_select(0, b) + cand[b, a]
-        logits = cls_logits[b, a].float()
-        targets = F.one_hot(torch.cat(gt_labels).long().index_select(0, gt), logits.shape[1]).to(logits.dtype)
-        cls_loss = sigmoid_focal_loss(logits, targets, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none").sum(1)
-        boxes = decode(anchors.index_select(0, a).float(), box_deltas[b, a].float())
-        box_loss = generalized_box_iou_loss(boxes, torch.cat(gt_boxes).float().index_select(0, gt), reduction="none")
-        losses[b, a] = cls_loss + GIOU_WEIGHT * box_loss
-    return list(losses.unbind(0))
+    """`candidate_losses` of every image of a batch's outputs (cls_logits [B, A, C], box_deltas [B, A, 4]). The
+    candidates of the whole batch are found at once and counted per image in one transfer (two host reads per
+    batch, not one per image); each image is then scored on its own rows, exactly as alone."""
+    image, anchor = torch.nonzero(torch.stack(cand_gt) >= 0, as_tuple=True)
+    counts = torch.bincount(image, minlength=len(cand_gt)).tolist()
+    with torch.no_grad():
+        return [_losses_at(anchors, cls_logits[i], box_deltas[i], gt_boxes[i], gt_labels[i], cand_gt[i], idx)
+                for i, idx in enumerate(anchor.split(counts))]
 
 
 def _first_gt(gt_boxes: list[Tensor], device) -> Tensor:
-    """Index of each image's first GT in the batch's GTs laid end to end (sizes known on the host: no sync)."""
-    return torch.tensor([0] + [len(g) for g in gt_boxes[:-1]], device=device).cumsum(0)
+    """Index of each image's first GT in the batch's GTs laid end to end (sizes known on the host: no read)."""
+    return on_device([0] + [len(g) for g in gt_boxes[:-1]], device).cumsum(0)
 
 
 def _level_of(anchor_idx: Tensor, num_anchors_per_level: list[int]) -> Tensor:
@@ -146,8 +156,7 @@ def _candidate_table(pos_losses_list: list[Tensor], cand_gt_list: list[Tensor], 
     num_levels = len(num_anchors_per_level)
     device = cand_gt_list[0].device
     level_of_anchor = torch.repeat_interleave(torch.arange(num_levels, device=device),
-                                              torch.tensor(num_anchors_per_level, device=device),
-                                              output_size=num_anchors)
+                                              on_device(num_anchors_per_level, device), output_size=num_anchors)
     cand = torch.stack(cand_gt_list)
     image, anchor = torch.nonzero(cand >= 0, as_tuple=True)   # every image's candidates: one synchronisation
     local_gt = cand[image, anchor]

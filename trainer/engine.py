@@ -56,8 +56,9 @@ class Timer:
 
 def on_host(metrics: dict, step: int) -> dict:
     """A step's metrics as Python numbers, the device's values fetched in one transfer. A step leaves its losses on
-    the device (a float() per metric would make every step wait for it); the loop calls this only on the steps
-    it logs and before a checkpoint. A non-finite loss stops the run here, before anything is written."""
+    the device (a float() per metric would make every step wait for it); the loop calls this only on the steps it
+    logs. A non-finite loss raises (the loop also checks every rank's `Engine.losses_finite` before each log and
+    checkpoint)."""
     tensors = [k for k, v in metrics.items() if isinstance(v, Tensor)]
     out = dict(metrics)
     if tensors:
@@ -109,6 +110,7 @@ class Engine:
         self.policy = RolePolicy.parse(cfg.colearn.policy)
         self.step_count = 0
         self._anchors = AnchorCache(cfg, self.device)
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far (kept on the device)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def anchors(self, level_sizes: list[tuple[int, int]]) -> tuple[Tensor, list[int]]:
@@ -175,6 +177,7 @@ class Engine:
             losses.update(self._kd_loss(out, soft, anchors))
         total = sum(losses.values())
         self._backward(total)
+        self._finite &= torch.isfinite(total.detach())
         timer.lap("backward_ms")
         metrics = {k: v.detach() for k, v in losses.items()}
         metrics["loss"] = total.detach()
@@ -217,6 +220,10 @@ class Engine:
         metrics.update({k: round(v, 3) for k, v in timer.ms.items()})
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return on_host(metrics, self.step_count) if self.spec.co_learning else metrics  # CoLAD's roles need them
+
+    def losses_finite(self) -> bool:
+        """Whether every step's loss so far was finite (one read of a flag the steps keep on the device)."""
+        return bool(self._finite)
 
     # -- state ---------------------------------------------------------------------------------------------------
     def networks(self) -> dict[str, PAADetector]:
