@@ -2,7 +2,8 @@
 
 Every image of the training file, in every view the recipe makes (unflipped, and flipped when `data.flip_prob` is
 above 0), goes through the same assigner pool as a training run (`pipeline.assigner.TeacherAssigner`), which
-stores what it computes. Views already stored are skipped, so an interrupted fill resumes where it stopped, and
+stores what it computes; with both flips in the recipe each image is asked once and its other flip is labelled in
+the same forward. Views already stored are skipped, so an interrupted fill resumes where it stopped, and
 any number of student runs with this teacher (other seeds, a sweep) then train without asking the teacher. At the
 end the store's parts (one per assigned batch) are merged into one, which later runs read in one request.
 
@@ -46,19 +47,23 @@ def fill_store(cfg: RunConfig, *, progress: bool = True, verbose: bool = False) 
     todo = [(i, flip) for flip in flips for i, r in enumerate(records) if (r.image_id, flip, side, side) not in stored]
     result = {"views": len(records) * len(flips), "stored_before": len(records) * len(flips) - len(todo),
               "computed": 0, "store": str(cfg.pipeline.assignment_store)}
+    if 0 < cfg.data.flip_prob < 1:  # the assigner labels a missing view's other flip with it: ask once per image
+        seen: set = set()
+        todo = [(i, flip) for i, flip in todo if i not in seen and not seen.add(i)]
     if todo:
+        before = len(store.index)
         started = ray_env.connect(cfg, verbose=verbose)
         try:
-            result["computed"] = _assign(cfg, records, todo, manifest, progress)
+            _assign(cfg, records, todo, manifest, progress)
         finally:
             ray_env.shutdown(started)
         store.refresh()
+        result["computed"] = len(store.index) - before
     result["parts_merged"] = store.compact()
     return result
 
 
-def _assign(cfg: RunConfig, records, todo: list[tuple[int, bool]], manifest: dict, progress: bool) -> int:
-    import pyarrow.compute as pc
+def _assign(cfg: RunConfig, records, todo: list[tuple[int, bool]], manifest: dict, progress: bool) -> None:
     import ray
     from tqdm import tqdm
 
@@ -79,11 +84,7 @@ def _assign(cfg: RunConfig, records, todo: list[tuple[int, bool]], manifest: dic
         compute=ray.data.ActorPoolStrategy(size=p.assigners, max_tasks_in_flight_per_actor=1),
         num_cpus=p.cpus_per_assigner, num_gpus=p.gpus_per_assigner or None,
         fn_constructor_kwargs=dict(cfg=cfg.to_dict(), records=ray.put(records_table(records)), store=manifest))
-    computed = 0
-    with tqdm(total=len(todo), desc=f"lad assign {cfg.name}", unit="view", disable=not progress, file=sys.stderr,
+    with tqdm(total=len(todo), desc=f"lad assign {cfg.name}", unit="image", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            n = int(pc.sum(pc.greater(table.column("assign_ms"), 0.0)).as_py() or 0)
-            computed += n
             bar.update(table.num_rows)
-    return computed
