@@ -193,8 +193,8 @@ class Stepper:
         return self.engine.step_count
 
     def losses_finite(self) -> bool:
-        """Every loss this rank has trained on so far was finite (engines without the flag raise at the step)."""
-        return self.engine.losses_finite() if hasattr(self.engine, "losses_finite") else True
+        """Every loss this rank has trained on so far was finite (the engine keeps a flag on its device)."""
+        return self.engine.losses_finite()
 
     def poll(self) -> tuple[bool, Optional[int]]:
         """Rank 0, before each step: (stop requested, the role policy's code or None)."""

@@ -159,9 +159,13 @@ class SideEngine:
         self.precision = Precision(cfg, self.device)
         self.step_count = 0
         self._anchors = AnchorCache(cfg, self.device)
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # as `Engine`'s
 
     def wrap(self, wrapper) -> None:
         self.forward = wrapper(self.model)
+
+    def losses_finite(self) -> bool:
+        return bool(self._finite)
 
     def anchors(self, level_sizes) -> tuple[Tensor, list[int]]:
         return self._anchors(level_sizes)
@@ -182,6 +186,7 @@ class SideEngine:
         """Gradients of this side; returns its per-parameter gradient norms when clipping is on (to exchange)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.scaler.scale(total).backward()
+        self._finite &= torch.isfinite(total.detach())
         if not self.cfg.train.grad_clip:
             return None
         self.precision.scaler.unscale_(self.optimizer)  # fp16: the norms of the true gradients are exchanged

@@ -54,7 +54,7 @@ class Timer:
         self._t = now
 
 
-def on_host(metrics: dict, step: int) -> dict:
+def on_host(metrics: dict, step: int, check: bool = True) -> dict:
     """A step's metrics as Python numbers, the device's values fetched in one transfer. A step leaves its losses on
     the device (a float() per metric would make every step wait for it); the loop calls this only on the steps it
     logs. A non-finite loss raises (the loop also checks every rank's `Engine.losses_finite` before each log and
@@ -66,7 +66,7 @@ def on_host(metrics: dict, step: int) -> dict:
         for k, v in zip(tensors, values):
             out[k] = int(v) if not metrics[k].is_floating_point() else v
     for k, v in out.items():
-        if k.startswith("loss") and isinstance(v, float) and not math.isfinite(v):
+        if check and k.startswith("loss") and isinstance(v, float) and not math.isfinite(v):
             raise FloatingPointError(f"step {step}: {k} is {v}; lower train.lr or check the data")
     return out
 
@@ -200,6 +200,7 @@ class Engine:
         lb = detection_loss_for(self.cfg, out_b, anchors, labels, gt_boxes)
         total_a, total_b = sum(la.values()), sum(lb.values())
         self._backward(total_a + total_b)
+        self._finite &= torch.isfinite((total_a + total_b).detach())
         timer.lap("backward_ms")
         metrics = {f"{k}_a": float(v.detach()) for k, v in la.items()} | {f"{k}_b": float(v.detach()) for k, v in lb.items()}
         counts = choice.role_counts(gt_boxes)
@@ -219,7 +220,8 @@ class Engine:
     def _stamp(self, metrics: dict, timer: Timer) -> dict:
         metrics.update({k: round(v, 3) for k, v in timer.ms.items()})
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        return on_host(metrics, self.step_count) if self.spec.co_learning else metrics  # CoLAD's roles need them
+        # CoLAD's role statistics are read every step anyway; the finite check stays the loop's, on every rank
+        return on_host(metrics, self.step_count, check=False) if self.spec.co_learning else metrics
 
     def losses_finite(self) -> bool:
         """Whether every step's loss so far was finite (one read of a flag the steps keep on the device)."""
