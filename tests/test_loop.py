@@ -88,6 +88,7 @@ def _rank(rank, world, store, out_dir, scenario):
         json.dump({"state": out.state if out else "failed", "error": error, "steps": stepper.steps, "commits": stepper.commits,
                    "policies": stepper.policies, "predicted": stepper.predicted, "devices": sorted(set(devices)),
                    "total": total}, f)
+    dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts then)
     dist.destroy_process_group()
 
 
