@@ -85,6 +85,10 @@ class PlannedImage:
         check_image_header(self.record, self.file)
         self.gt_boxes = boxes_to_resized(boxes, self.params).astype(np.float32)
 
+    def view(self, canvas: tuple[int, int]) -> tuple:
+        """Its key in the assignment store: (image id, flip, canvas height, canvas width)."""
+        return int(self.record.image_id), bool(self.flip), *canvas
+
     def mirrored(self, input_size) -> "PlannedImage":
         """The same image with the other flip (the same file and size: only the GT moves)."""
         from pipeline.transforms import aug_params, boxes_to_resized
@@ -151,7 +155,7 @@ def read_batch(plan: pa.Table, *, records, spec: StreamSpec, seed: int, flip_pro
         if labels is None:
             rows = [im.row(**_EMPTY_HARD) for im in images]   # soft labels need a teacher: never here
         else:
-            rows = [_stored_row(im, labels.get((int(im.record.image_id), bool(im.flip), *canvas))) for im in images]
+            rows = [_stored_row(im, labels.get(im.view(canvas))) for im in images]
         rb = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, soft=False)
         out.append(tag_batch(rb, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas))
     return pa.concat_tables(out)
@@ -233,10 +237,10 @@ class TeacherAssigner:
         spec = self.spec
         images = planned_images(item, spec, self.cfg.seed, self.cfg.data.flip_prob)
         canvas = canvas_of(images, spec)
-        views = [(int(im.record.image_id), bool(im.flip), *canvas) for im in images]
+        views = [im.view(canvas) for im in images]
         stored = self._stored(views)
         todo = [i for i, s in enumerate(stored) if s is None]
-        twins = self._twins(images, views, todo)
+        twins = self._twins(images, views, todo, canvas)
         computed = self._teacher(images + twins, todo + list(range(len(images), len(images) + len(twins))),
                                  canvas) if todo else {}
         ms = (time.perf_counter() - t0) * 1e3
@@ -247,7 +251,7 @@ class TeacherAssigner:
                 if i < len(images):
                     rows.append(im.row(**labels, teacher_version=self.version, assign_ms=ms, **soft))
                 if self.store is not None:
-                    self.store.put((int(im.record.image_id), bool(im.flip), *canvas),
+                    self.store.put(im.view(canvas),
                                    Labels(im.params.resized_h, im.params.resized_w, labels["pos_anchor"],
                                           labels["pos_gt"], labels["ignore_anchor"], self.version))
             else:
@@ -257,7 +261,7 @@ class TeacherAssigner:
         table = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)
         return tag_batch(table, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas)
 
-    def _twins(self, images: list, views: list, todo: list[int]) -> list:
+    def _twins(self, images: list, views: list, todo: list[int], canvas: tuple[int, int]) -> list:
         """With a store and a recipe that flips, the other flip of each image the teacher labels now, where the store
         lacks it: labelled in the same forward, so a store filled while training holds both views of every image
         after one epoch (a view's labels do not depend on its batch companions: docs/decisions.md)."""
@@ -265,8 +269,7 @@ class TeacherAssigner:
             return []
         asked = set(views)
         twins = [images[i].mirrored(self.spec.input_size) for i in todo]
-        return [t for t in twins if (int(t.record.image_id), bool(t.flip), *views[0][2:]) not in asked
-                and self.store.get((int(t.record.image_id), bool(t.flip), *views[0][2:])) is None]
+        return [t for t in twins if t.view(canvas) not in asked and self.store.get(t.view(canvas)) is None]
 
     def _stored(self, views: list) -> list:
         """The store's labels of each view (None: not there); a miss first reads what other actors wrote since."""
