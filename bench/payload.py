@@ -34,12 +34,13 @@ import torch  # noqa: E402
 from schemas.assignment import (  # noqa: E402
     AssignmentRow, anchor_hash, column_bytes, decode_batch, encode_batch, payload_bytes,
 )
+from trainer.anchors import feature_sizes_for, make_anchors  # noqa: E402
 from trainer.losses import SoftTargets  # noqa: E402
 from trainer.soft_codec import decode_soft, encode_soft  # noqa: E402
 
 TOLERANCES = [0.0, 0.003, 0.01, 0.05]
 SOFT_COLS = ("soft_base", "soft_offset", "soft_index", "soft_prob")
-KD_COLS = ("kd_anchor", "kd_delta", "kd_iou_prob", "kd_weight")
+KD_COLS = ("kd_anchor", "kd_delta", "kd_iou_prob")
 
 
 def level_counts(strides, height, width):
@@ -142,7 +143,8 @@ def measure(case, tolerances, repeat, mean, std, seed):
         batch, t = enc_dec(srows, True)
         cb = column_bytes(batch)
         soft_b = sum(cb[k] for k in SOFT_COLS) / n
-        dec_soft_ms, got = timed(lambda: decode_soft(srows[:1], case["levels"], c), max(1, repeat // 2))
+        anchors = make_anchors(feature_sizes_for((case["h"], case["w"]), case["strides"]), case["strides"])[0]
+        dec_soft_ms, got = timed(lambda: decode_soft(srows[:1], anchors, case["levels"], c), max(1, repeat // 2))
         out["soft"].append(dict(
             tolerance=tol, entries=int(np.mean([len(r.soft_index) for r in srows])),
             sent_pct=100 * np.mean([len(r.soft_index) for r in srows]) / (a * c),

@@ -6,18 +6,28 @@ encoded file, and the KD loss terms and the kd_cls gradient on the student's cla
 teacher, for an untrained student and (--student) a trained one. Beside them, the schema-3 form it replaced
 (entries >= 0.01 at 8 bytes each, a per-class fill elsewhere, 28-byte box entries), computed here.
 
-    # a COCO-sized canvas: 640x480 digits at the scale the demo's teacher was trained on
-    lad data digits --out runs/coco_digits --shapes 640x480,480x640 --min-digits 6 --max-digits 12
-    python bench/soft_labels.py --data runs/coco_digits --input-size 640,480 \\
-        --teacher runs/demo/teacher_r34/checkpoints/best.pt --student runs/demo/student_lad_r18/checkpoints/best.pt
+    # COCO's layout: FPN P3-P7 networks, (1333, 800) keep-ratio inputs, landscape images of 1067x800 (what a
+    # 640x480 photo becomes), digits at the size the networks were trained on
+    lad data digits --out data/digits_big --digit-size 16 64
+    lad train configs/paa_digits.yaml --set name=teacher_p37 --set model.depth=34 \\
+        --set 'model.fpn_levels=[3,4,5,6,7]' --set data.train=... --set train.epochs=10
+    lad train configs/paa_digits.yaml --set name=student_p37 --set 'model.fpn_levels=[3,4,5,6,7]' ... epochs=5
+    lad data digits --out data/coco_digits --shapes 1067x800,800x1067 --digit-size 16 64 --min-digits 6 \\
+        --max-digits 12 --num-train 16 --num-val 4
+    python bench/soft_labels.py --data data/coco_digits --input-size 1333,800 \\
+        --teacher runs/teacher_p37/checkpoints/best.pt --student runs/student_p37/checkpoints/best.pt
     python bench/soft_labels.py ... --teacher untrained --out bench/results/soft_labels_untrained.json
 
 The networks are fully convolutional, so a teacher trained at 128 px runs on a larger canvas; its objects keep
-the size it learned when the digits do. Prints a table and writes JSON (--out).
+the size it learned when the digits do. The batch takes images of the first image's orientation only, as an
+aspect-ratio-grouped sampler would (a landscape and a portrait image pad each other to a square). Bytes are set
+against the image's file, the same image as a JPEG (quality 90), and COCO's mean JPEG (train2017, ~163 KB).
+Prints a table and writes JSON (--out).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -44,9 +54,16 @@ from trainer.soft_codec import decode_soft, encode_soft  # noqa: E402
 from trainer.worker import StreamSpec  # noqa: E402
 
 SOFT_COLS = ("soft_base", "soft_offset", "soft_index", "soft_prob")
-KD_COLS = ("kd_anchor", "kd_delta", "kd_iou_prob", "kd_weight")
+KD_COLS = ("kd_anchor", "kd_delta", "kd_iou_prob")
 COCO_MEAN_JPEG = 163_000   # train2017: 19.3 GB of JPEGs in 118,287 files
-COCO_ANCHORS = 22_300      # 800x1333, strides 8-128
+
+
+def jpeg_bytes(path: str, quality: int = 90) -> int:
+    """The size of an image re-encoded as a JPEG, the format COCO's photos come in."""
+    from PIL import Image
+    sink = io.BytesIO()
+    Image.open(path).convert("RGB").save(sink, format="JPEG", quality=quality)
+    return sink.tell()
 
 
 def network_from(path: str, device: str):
@@ -88,9 +105,9 @@ def run(args) -> dict:
     size = size[0] if len(size) == 1 else size
     root = Path(tempfile.mkdtemp(prefix="lad_bench_soft_"))
     teacher_path = args.teacher
-    teacher_cfg = json.loads(json.dumps(load_checkpoint(args.student)["config"]["model"])) if args.student else None
-    model = teacher_cfg or {"depth": 18, "fpn_levels": [2, 3, 4], "fpn_channels": 64, "head_convs": 2,
-                            "head_channels": 64}
+    trained = args.student or (None if args.teacher == "untrained" else args.teacher)
+    model = (load_checkpoint(trained)["config"]["model"] if trained else
+             {"depth": 18, "fpn_levels": [2, 3, 4], "fpn_channels": 64, "head_convs": 2, "head_channels": 64})
     model = {k: model[k] for k in ("depth", "fpn_levels", "fpn_channels", "head_convs", "head_channels")}
     if args.teacher == "untrained":
         paa = tiny_config(args.data, root, mode="paa", input_size=size, model=model)
@@ -100,9 +117,12 @@ def run(args) -> dict:
                                "gamma": 0.5})
     coco = load_coco(cfg.data.train)
     ds = DetectionDataset(coco, cfg.data.input_size, train=False, seed=0, flip_prob=0.0)
-    batch = ds.collate([ds[i] for i in range(min(args.images, len(coco.records)))])
+    landscape = [r.width >= r.height for r in coco.records]
+    chosen = [i for i, wide in enumerate(landscape) if wide == landscape[0]][:args.images]
+    batch = ds.collate([ds[i] for i in chosen])
     n = batch["images"].shape[0]
-    files = [os.path.getsize(coco.records[i].path) for i in range(n)]
+    files = [os.path.getsize(coco.records[i].path) for i in chosen]
+    jpegs = [jpeg_bytes(coco.records[i].path) for i in chosen]
     engine = Engine(cfg, "cpu", 10, load_teacher=False)
     teacher = network_from(teacher_path, "cpu")
     with torch.no_grad():
@@ -125,7 +145,8 @@ def run(args) -> dict:
                                gt_labels=np.zeros(0, np.int32), **hard) for i in range(n)]
     num_anchors, num_classes = int(sum(level_counts)), cfg.model.num_classes
     result = {"canvas": list(batch["images"].shape[2:]), "anchors": num_anchors, "classes": num_classes,
-              "images": n, "image_file_bytes": float(np.mean(files)), "dense_fp32_bytes": num_anchors * num_classes * 4,
+              "fpn_levels": model["fpn_levels"], "images": n, "image_file_bytes": float(np.mean(files)),
+              "image_jpeg_q90_bytes": float(np.mean(jpegs)), "dense_fp32_bytes": num_anchors * num_classes * 4,
               "kd_entries_per_image": dense.batch_idx.numel() / n,
               "dense": {k: v[1] for k, v in students.items()}, "tolerances": []}
     for tol in args.tolerances:
@@ -133,17 +154,20 @@ def run(args) -> dict:
         encoded = encode_soft(dense, level_counts, tol)
         enc_ms = (time.perf_counter() - t0) * 1e3 / n
         rows = [AssignmentRow(**{**r.__dict__, **e}) for r, e in zip(rows_base, encoded)]
+        for r, gt in zip(rows, batch["boxes"]):        # the student weighs the box entries against its GT boxes
+            r.gt_boxes, r.gt_labels = gt.numpy(), np.zeros(len(gt), np.int32)
         table = encode_batch(rows, spec.anchor_hash, num_anchors, num_classes, True)
         cb = column_bytes(table)
         t0 = time.perf_counter()
-        got = decode_soft(decode_batch(table, spec.anchor_hash), level_counts, num_classes)
+        got = decode_soft(decode_batch(table, spec.anchor_hash), anchors, level_counts, num_classes)
         dec_ms = (time.perf_counter() - t0) * 1e3 / n
         soft_b, kd_b = sum(cb[k] for k in SOFT_COLS) / n, sum(cb[k] for k in KD_COLS) / n
         entry = {"tolerance": tol, "sent_entries_per_image": float(np.mean([len(r.soft_index) for r in rows])),
                  "max_abs_error": float((got.cls_prob - dense.cls_prob).abs().max()),
                  "soft_bytes_per_image": soft_b, "kd_bytes_per_image": kd_b,
                  "pct_of_image_file": 100 * (soft_b + kd_b) / result["image_file_bytes"],
-                 "pct_of_coco_jpeg_at_coco_anchors": 100 * (soft_b + kd_b) * COCO_ANCHORS / num_anchors / COCO_MEAN_JPEG,
+                 "pct_of_image_jpeg": 100 * (soft_b + kd_b) / result["image_jpeg_q90_bytes"],
+                 "pct_of_coco_mean_jpeg": 100 * (soft_b + kd_b) / COCO_MEAN_JPEG,
                  "encode_ms_per_image": enc_ms, "decode_ms_per_image": dec_ms,
                  "loss": compare(students, got, dense, anchors, kw)}
         result["tolerances"].append(entry)
@@ -156,24 +180,27 @@ def run(args) -> dict:
 
 
 def print_table(res: dict) -> None:
-    print(f"\ncanvas {res['canvas']}, {res['anchors']} anchors x {res['classes']} classes, {res['images']} images, "
-          f"image file {res['image_file_bytes'] / 1024:.1f} KB, {res['kd_entries_per_image']:.0f} KD box entries/image")
+    print(f"\ncanvas {res['canvas']}, FPN levels {res['fpn_levels']}, {res['anchors']} anchors x {res['classes']} "
+          f"classes, {res['images']} images, image file {res['image_file_bytes'] / 1024:.1f} KB (as JPEG q90 "
+          f"{res['image_jpeg_q90_bytes'] / 1024:.1f} KB), {res['kd_entries_per_image']:.0f} KD box entries/image")
     names = list(res["dense"])
     head = "".join(f"{'kd_cls ' + n.split()[0]:>20}{'grad':>8}{'kd total':>10}" for n in names)
-    print(f"{'scheme':<22}{'KB/image':>9}{'% file':>8}{'% COCO*':>8}{'max err':>9}{head}")
+    print(f"{'scheme':<22}{'KB/image':>9}{'% file':>8}{'% JPEG':>8}{'% COCO*':>8}{'max err':>9}{head}")
 
-    def row(label, kb, pct, coco, err, loss):
+    def row(label, kb, pct, jpeg, coco, err, loss):
         cells = "".join(f"{loss[n]['kd_cls_rel_error']:>+19.2%} {loss[n]['kd_cls_grad_rel_error']:>7.1%}"
                         f"{loss[n]['kd_total_rel_error']:>+10.2%}" for n in names)
-        print(f"{label:<22}{kb:>9.1f}{pct:>7.1f}%{coco:>8}{err:>9}{cells}")
+        print(f"{label:<22}{kb:>9.1f}{pct:>7.1f}%{jpeg:>7.1f}%{coco:>7.1f}%{err:>9}{cells}")
 
     for t in res["tolerances"]:
         b = t["soft_bytes_per_image"] + t["kd_bytes_per_image"]
-        row(f"tolerance {t['tolerance']:g}", b / 1024, t["pct_of_image_file"],
-            f"{t['pct_of_coco_jpeg_at_coco_anchors']:.1f}%", f"{t['max_abs_error']:.4f}", t["loss"])
+        row(f"tolerance {t['tolerance']:g}", b / 1024, t["pct_of_image_file"], t["pct_of_image_jpeg"],
+            t["pct_of_coco_mean_jpeg"], f"{t['max_abs_error']:.4f}", t["loss"])
     old = res["schema3_floor_0.01"]
-    row("schema 3 (floor 0.01)", old["bytes_per_image"] / 1024, old["pct_of_image_file"], "", "", old["loss"])
-    print("* bytes per anchor scaled to COCO's 22.3k anchors (800x1333), against its mean JPEG (~163 KB)")
+    b = old["bytes_per_image"]
+    row("schema 3 (floor 0.01)", b / 1024, old["pct_of_image_file"], 100 * b / res["image_jpeg_q90_bytes"],
+        100 * b / COCO_MEAN_JPEG, "", old["loss"])
+    print("* against COCO's mean JPEG (train2017, ~163 KB)")
 
 
 def main(argv=None) -> int:

@@ -15,10 +15,12 @@ Beside the per-image columns, the pipeline adds batch columns (`epoch`, `batch_i
 `batch_tag` / `batch_canvas`.
 
 Soft labels (KD/SoLAD) travel as a model plus corrections (`trainer.soft_codec` builds and reads them): per FPN
-level and class a baseline logit, per anchor an int8 logit offset, and exactly every probability the model
-misses by more than the run's tolerance. Two of those columns are integer sequences packed as zstd-compressed
-deltas (`pack_deltas` / `unpack_deltas`): an int8 offset per anchor is already 22 KB per COCO-sized image, and
-the offsets of neighbouring anchors are close, so the deltas compress about 3x.
+level and class a baseline logit, per anchor an int8 logit offset, and every probability the model misses by
+more than the run's tolerance, as an 8-bit probability (fp16 below a tolerance of 1/255). They travel
+zstd-compressed (`pack_array` / `unpack_array`) in binary columns: ascending indices and the offsets of
+neighbouring anchors as their deltas (an int8 offset per anchor is 18 KB per COCO-sized image raw, about 8 KB
+packed), the 8-bit probabilities as they are. The KD box entries carry no weight: the student recomputes each
+one's overlap with its GT boxes from the teacher's deltas it receives.
 
 This module imports numpy and pyarrow only (no torch), as `schemas` must.
 """
@@ -33,8 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 4  # 2: batch columns epoch, batch_index, soft_fill; 3: image_file, canvas pad_height/pad_width;
-                    # 4: compact soft labels (soft_base/offset/index/prob, kd_delta), no soft_fill
+SCHEMA_VERSION = 5  # 2: batch columns epoch, batch_index, soft_fill; 3: image_file, canvas pad_height/pad_width;
+                    # 4: compact soft labels (soft_base/offset/index/prob, kd_delta), no soft_fill;
+                    # 5: soft_prob and kd_iou_prob 8-bit (packed), no kd_weight
 # Bump when the anchor generator's conventions change (same config, different anchors).
 ANCHOR_LAYOUT = "xyxy, one anchor per location, side 8*stride*octave/8, levels finest first, row-major"
 
@@ -97,17 +100,22 @@ _SOFT_FIELDS = [
     ("soft_base", pa.list_(pa.float16())),   # L*C: per FPN level and class, the teacher's baseline logit
     ("soft_offset", pa.binary()),            # A int8: per anchor, a logit offset in SOFT_OFFSET_STEP (packed)
     ("soft_index", pa.binary()),             # S int32, ascending: anchor * C + class of the entries sent exactly
-    ("soft_prob", pa.list_(pa.float16())),   # S: the teacher's probability there
+    ("soft_prob", pa.binary()),              # S uint8 in PROB_STEP, or float16 (packed): the teacher's
+                                             # probability there
     ("kd_anchor", pa.binary()),              # K int32, ascending (packed): anchors whose teacher box has IoU >
                                              # min_iou with some GT
     ("kd_delta", pa.list_(pa.float16())),    # K*4 flat, the teacher's box deltas there (decoded on the anchors)
-    ("kd_iou_prob", pa.list_(pa.float16())),
-    ("kd_weight", pa.list_(pa.float16())),   # that IoU
+    ("kd_iou_prob", pa.binary()),            # K uint8 in PROB_STEP, or float16 (packed): its IoU-branch
+                                             # probability
 ]
 SOFT_COLUMNS = tuple(name for name, _ in _SOFT_FIELDS)
 SOFT_OFFSET_STEP = 1 / 16   # soft_offset's unit, in logits: int8 covers +-8
-_PACKED = {"soft_offset": np.int8, "soft_index": np.int32, "kd_anchor": np.int32}  # binary: `pack_deltas` blobs
-_PACKED_PARTNER = {"soft_index": "soft_prob", "kd_anchor": "kd_delta"}  # list column of the same length
+PROB_STEP = 1 / 255         # soft_prob's and kd_iou_prob's unit: uint8 covers [0, 1], rounding error <= 1/510
+# binary columns of `pack_array` blobs: name -> (the dtypes allowed, sent as deltas). Probabilities are uint8 in
+# PROB_STEP, or float16 where the encoder was asked for every entry as it is (tolerance 0).
+_PACKED = {"soft_offset": ((np.int8,), True), "soft_index": ((np.int32,), True),
+           "soft_prob": ((np.uint8, np.float16), False), "kd_anchor": ((np.int32,), True),
+           "kd_iou_prob": ((np.uint8, np.float16), False)}
 
 # Batch columns: the pipeline tags every row with the planned training batch it belongs to and the canvas its
 # images are padded to. They describe the batch rather than the image, so they are not fields of
@@ -160,11 +168,10 @@ class AssignmentRow:
     soft_base: Optional[np.ndarray] = None     # [L * C] float16
     soft_offset: Optional[np.ndarray] = None   # [A] int8
     soft_index: Optional[np.ndarray] = None    # [S] int32, ascending
-    soft_prob: Optional[np.ndarray] = None     # [S] float16
+    soft_prob: Optional[np.ndarray] = None     # [S] uint8 in PROB_STEP, or float16
     kd_anchor: Optional[np.ndarray] = None     # [K] int32
     kd_delta: Optional[np.ndarray] = None      # [K, 4] float16
-    kd_iou_prob: Optional[np.ndarray] = None   # [K] float16
-    kd_weight: Optional[np.ndarray] = None     # [K] float16
+    kd_iou_prob: Optional[np.ndarray] = None   # [K] uint8 in PROB_STEP, or float16
 
     @property
     def has_soft(self) -> bool:
@@ -174,12 +181,10 @@ class AssignmentRow:
 _LIST_COLUMNS = {  # name -> (numpy dtype, values per element)
     "gt_boxes": (np.float32, 4), "gt_labels": (np.int32, 1),
     "pos_anchor": (np.int32, 1), "pos_gt": (np.int32, 1), "ignore_anchor": (np.int32, 1),
-    "soft_base": (np.float16, 1), "soft_prob": (np.float16, 1),
-    "kd_delta": (np.float16, 4), "kd_iou_prob": (np.float16, 1),
-    "kd_weight": (np.float16, 1),
+    "soft_base": (np.float16, 1), "kd_delta": (np.float16, 4),
 }
 _SAME_LENGTH = [("gt_boxes", "gt_labels"), ("pos_anchor", "pos_gt"),
-                ("soft_index", "soft_prob"), ("kd_anchor", "kd_delta", "kd_iou_prob", "kd_weight")]
+                ("soft_index", "soft_prob"), ("kd_anchor", "kd_delta", "kd_iou_prob")]
 
 
 def list_array(arrays: list[np.ndarray], dtype, width: int, name: str) -> tuple[pa.Array, np.ndarray]:
@@ -248,10 +253,10 @@ def encode_batch(rows: list[AssignmentRow], anchor_hash: str, num_anchors: int, 
             continue
         cols[name], counts[name] = list_array([getattr(r, name) for r in rows], dtype, width, name)
     if soft:
-        for name, dtype in _PACKED.items():
-            values = [np.asarray(getattr(r, name)).reshape(-1) for r in rows]
+        for name, (dtypes, deltas) in _PACKED.items():
+            values = [_packed_values(getattr(r, name), dtypes, f"image {r.image_id}: {name}") for r in rows]
             counts[name] = np.array([v.size for v in values], np.int64)
-            cols[name] = pa.array([pack_deltas(v, dtype) for v in values], pa.binary())
+            cols[name] = pa.array([pack_array(v, deltas) for v in values], pa.binary())
     for group in _SAME_LENGTH:
         present = [g for g in group if g in counts]
         for other in present[1:]:
@@ -293,36 +298,59 @@ def batch_canvas(table: Union[pa.Table, pa.RecordBatch]) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------- packed columns
 
-def pack_deltas(values: np.ndarray, dtype) -> bytes:
-    """An integer sequence -> its length (uint32, little-endian) and its zstd-compressed deltas. Deltas wrap
-    around in `dtype`, so any sequence round-trips; they are small where neighbours are close (per-anchor
-    offsets) or ascending (flat indices), which is what makes them compress."""
-    dtype = np.dtype(dtype)
-    v = np.ascontiguousarray(values, dtype=dtype).reshape(-1)
-    head = np.array([v.size], "<u4").tobytes()
+def pack_array(values: np.ndarray, deltas: bool = True) -> bytes:
+    """A 1-d array -> its length (uint32, little-endian), its dtype (one byte, numpy's type character) and,
+    zstd-compressed, its deltas (`deltas`, integers only) or the values themselves. Deltas wrap around in the
+    dtype, so any sequence round-trips; they are small where neighbours are close (per-anchor offsets) or
+    ascending (flat indices), which is what makes them compress."""
+    v = np.ascontiguousarray(values).reshape(-1)
+    dtype = v.dtype.newbyteorder("<") if v.dtype.byteorder == ">" else v.dtype
+    head = np.array([v.size], "<u4").tobytes() + dtype.char.encode()
     if not v.size:
         return head
-    with np.errstate(over="ignore"):
-        deltas = np.diff(v, prepend=dtype.type(0)).astype(dtype.newbyteorder("<"), copy=False)
-    return head + pa.compress(deltas.tobytes(), codec="zstd", asbytes=True)
+    if deltas:
+        with np.errstate(over="ignore"):
+            v = np.diff(v, prepend=v.dtype.type(0))
+    return head + pa.compress(v.astype(dtype.newbyteorder("<"), copy=False).tobytes(), codec="zstd", asbytes=True)
 
 
-def unpack_deltas(blob: Union[bytes, pa.Buffer], dtype, name: str = "column") -> np.ndarray:
-    """`pack_deltas`'s inverse. A blob that is cut or corrupt raises ValueError naming `name`."""
-    dtype = np.dtype(dtype)
+def unpack_array(blob: Union[bytes, pa.Buffer], dtypes: Sequence, deltas: bool = True,
+                 name: str = "column") -> np.ndarray:
+    """`pack_array`'s inverse, for a blob whose dtype is one of `dtypes`. A blob that is cut, corrupt or of
+    another dtype raises ValueError naming `name`."""
     buf = pa.py_buffer(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else blob
-    if buf.size < 4:
-        raise ValueError(f"{name}: packed blob of {buf.size} bytes has no length header")
-    n = int(np.frombuffer(buf, "<u4", count=1)[0])
+    if buf.size < 5:
+        raise ValueError(f"{name}: packed blob of {buf.size} bytes has no header")
+    head = buf.slice(0, 5).to_pybytes()
+    n = int(np.frombuffer(head[:4], "<u4")[0])
+    allowed = {np.dtype(d).char: np.dtype(d) for d in dtypes}
+    dtype = allowed.get(chr(head[4]))
+    if dtype is None:
+        raise ValueError(f"{name}: packed values are of type {chr(head[4])!r}, expected one of "
+                         f"{', '.join(str(d) for d in allowed.values())}")
     if n == 0:
         return np.zeros(0, dtype)
     try:
-        raw = pa.decompress(buf.slice(4), decompressed_size=n * dtype.itemsize, codec="zstd")
+        raw = pa.decompress(buf.slice(5), decompressed_size=n * dtype.itemsize, codec="zstd")
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{name}: packed blob does not decompress to {n} values ({e})") from None
-    deltas = np.frombuffer(raw, dtype.newbyteorder("<"), count=n)
+    values = np.frombuffer(raw, dtype.newbyteorder("<"), count=n)
+    if not deltas:
+        return values.astype(dtype, copy=False)
     with np.errstate(over="ignore"):
-        return np.cumsum(deltas, dtype=dtype)
+        return np.cumsum(values, dtype=dtype)
+
+
+def _packed_values(value, dtypes: Sequence, where: str) -> np.ndarray:
+    """A row's array for a packed column, in the column's first dtype unless it already has an allowed one
+    (integers are converted; anything else is refused rather than silently truncated)."""
+    v = np.asarray(value).reshape(-1)
+    allowed = [np.dtype(d) for d in dtypes]
+    if v.dtype in allowed:
+        return v
+    if v.dtype.kind in "iub" and allowed[0].kind in "iu":
+        return v.astype(allowed[0])
+    raise ValueError(f"{where}: values of type {v.dtype}, expected {' or '.join(str(d) for d in allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -460,14 +488,14 @@ def _decode_record_batch(rb: pa.RecordBatch, soft: bool) -> list[AssignmentRow]:
         fields[name] = _views(col[name], dtype, width)
     if soft:
         ids = fields["image_id"]
-        for name, dtype in _PACKED.items():
-            fields[name] = [unpack_deltas(b, dtype, f"image {ids[i]}: {name}")
+        for name, (dtypes, deltas) in _PACKED.items():
+            fields[name] = [unpack_array(b, dtypes, deltas, f"image {ids[i]}: {name}")
                             for i, b in enumerate(_file_views(col[name]))]
-            other = _PACKED_PARTNER.get(name)
-            for i, v in enumerate(fields[name]):
-                if other and v.size != len(fields[other][i]):
-                    raise ValueError(f"image {ids[i]}: {name} has {v.size} elements but {other} has "
-                                     f"{len(fields[other][i])}")
+        for first, *others in _SAME_LENGTH[2:]:
+            for other in others:
+                for i, (a, b) in enumerate(zip(fields[first], fields[other])):
+                    if len(a) != len(b):
+                        raise ValueError(f"image {ids[i]}: {first} has {len(a)} elements but {other} has {len(b)}")
     return [AssignmentRow(**{k: v[i] for k, v in fields.items()}) for i in range(n)]
 
 

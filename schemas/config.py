@@ -235,8 +235,8 @@ class PipelineConfig(_Strict):
     soft_label_tolerance: float = Field(
         0.01, ge=0, lt=1, description="kd/solad through the stream: how far a teacher class probability the student "
         "receives may be from the teacher's. The stream sends a per-level/class and per-anchor logit model of the "
-        "probabilities and, exactly (fp16), every one it misses by more than this (trainer.soft_codec). 0 sends "
-        "every entry. In-process runs use the dense probabilities and ignore it")
+        "probabilities and every one it misses by more than this, in 8 bits (fp16 below 1/255; trainer.soft_codec). "
+        "0 sends every entry as fp16. In-process runs use the dense probabilities and ignore it")
     max_failures: int = Field(2, ge=0, description="lost Train workers the run recovers from, each time resuming "
                               "from checkpoints/last.pt (engine ray)")
 

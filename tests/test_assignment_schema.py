@@ -8,13 +8,13 @@ import pytest
 
 from schemas.assignment import (
     SCHEMA_VERSION, AssignmentRow, SchemaMismatch, anchor_hash, assignment_schema, decode_batch,
-    decode_table_rows, encode_batch, pack_deltas, payload_bytes, unpack_deltas,
+    decode_table_rows, encode_batch, pack_array, payload_bytes, unpack_array,
 )
 
 A, C = 1344, 10
 HASH = anchor_hash([4, 8, 16], 8.0, 128, C)
 ARRAYS = ["gt_boxes", "gt_labels", "pos_anchor", "pos_gt", "ignore_anchor", "soft_base", "soft_offset", "soft_index",
-          "soft_prob", "kd_anchor", "kd_delta", "kd_iou_prob", "kd_weight", "image"]
+          "soft_prob", "kd_anchor", "kd_delta", "kd_iou_prob", "image"]
 SCALARS = ["image_id", "height", "width", "scale", "flip", "teacher_version", "assign_ms"]
 
 
@@ -37,10 +37,10 @@ def make_row(rng, soft, g=None, p=None, s=None, k=None, with_image=True, image_i
         row.soft_base = rng.normal(-5, 2, 3 * C).astype(np.float16)
         row.soft_offset = rng.integers(-128, 128, A).astype(np.int8)
         row.soft_index = np.sort(rng.choice(A * C, s, replace=False)).astype(np.int32)
-        row.soft_prob = rng.random(s).astype(np.float16)
+        row.soft_prob = rng.integers(0, 256, s).astype(np.uint8)
         row.kd_anchor = rng.choice(A, k, replace=False).astype(np.int32)
         row.kd_delta = rng.normal(0, 1, (k, 4)).astype(np.float16)
-        row.kd_iou_prob, row.kd_weight = rng.random(k).astype(np.float16), rng.random(k).astype(np.float16)
+        row.kd_iou_prob = rng.integers(0, 256, k).astype(np.uint8)
     return row
 
 
@@ -131,8 +131,8 @@ def test_metadata_stripped_still_validated_by_column():
     # Ray may hand columns back dictionary-encoded or with 64-bit offsets.
     i = table.schema.get_field_index("anchor_hash")
     dict_table = table.set_column(i, "anchor_hash", table.column("anchor_hash").dictionary_encode())
-    j = table.schema.get_field_index("soft_prob")
-    dict_table = dict_table.set_column(j, "soft_prob", table.column("soft_prob").cast(pa.large_list(pa.float16())))
+    j = table.schema.get_field_index("kd_delta")
+    dict_table = dict_table.set_column(j, "kd_delta", table.column("kd_delta").cast(pa.large_list(pa.float16())))
     j = table.schema.get_field_index("soft_offset")
     dict_table = dict_table.set_column(j, "soft_offset", table.column("soft_offset").cast(pa.large_binary()))
     assert_rows_equal(decode_table_rows(dict_table, HASH), rows)
@@ -159,7 +159,7 @@ def test_decode_is_zero_copy():
     rng = np.random.default_rng(7)
     batch = encode_batch([make_row(rng, True, g=3, p=5, s=20, k=4, image_id=i) for i in range(3)], HASH, A, C, True)
     rows = decode_batch(batch, HASH)
-    for name in ["gt_boxes", "pos_anchor", "pos_gt", "soft_base", "soft_prob", "kd_delta"]:
+    for name in ["gt_boxes", "pos_anchor", "pos_gt", "soft_base", "kd_delta"]:
         values = _buffer_view(batch.column(name).values, 1)
         for r in rows:
             v = getattr(r, name)
@@ -189,22 +189,29 @@ def test_ipc_stream_round_trip_stays_zero_copy():
     assert all(np.shares_memory(r.image, whole) for r in got)
 
 
-def test_packed_deltas_round_trip_and_refuse_cut_blobs():
+def test_packed_integers_round_trip_and_refuse_cut_blobs():
     rng = np.random.default_rng(9)
     offsets = np.array([127, -128, 127, 0, -1, -128, 5], np.int8)            # deltas that wrap around int8
     ascending = np.sort(rng.choice(1 << 30, 5000, replace=False)).astype(np.int32)
     smooth = np.cumsum(rng.integers(-2, 3, 20000)).clip(-128, 127).astype(np.int8)
-    for values, dtype in [(offsets, np.int8), (ascending, np.int32), (smooth, np.int8), (np.zeros(0, np.int8), np.int8)]:
-        blob = pack_deltas(values, dtype)
-        got = unpack_deltas(blob, dtype)
-        assert got.dtype == dtype
-        np.testing.assert_array_equal(got, values)
-    assert len(pack_deltas(smooth, np.int8)) < smooth.size / 2   # neighbours close: the deltas compress
-    blob = pack_deltas(ascending, np.int32)
+    probs = rng.integers(0, 256, 3000).astype(np.uint8)
+    for values, dtype in [(offsets, np.int8), (ascending, np.int32), (smooth, np.int8), (np.zeros(0, np.int8), np.int8),
+                          (probs, np.uint8)]:
+        for deltas in (True, False):
+            got = unpack_array(pack_array(values, deltas), (dtype,), deltas)
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(got, values)
+    halves = rng.random(100).astype(np.float16)
+    np.testing.assert_array_equal(unpack_array(pack_array(halves, False), (np.uint8, np.float16), False), halves)
+    assert len(pack_array(smooth)) < smooth.size / 2   # neighbours close: the deltas compress
+    assert len(pack_array(smooth)) < len(pack_array(smooth, deltas=False))
+    blob = pack_array(ascending)
     with pytest.raises(ValueError, match="soft_index: packed blob does not decompress"):
-        unpack_deltas(blob[: len(blob) // 2], np.int32, "soft_index")
-    with pytest.raises(ValueError, match="no length header"):
-        unpack_deltas(b"\x01", np.int8)
+        unpack_array(blob[: len(blob) // 2], (np.int32,), name="soft_index")
+    with pytest.raises(ValueError, match="no header"):
+        unpack_array(b"\x01", (np.int8,))
+    with pytest.raises(ValueError, match="soft_prob: packed values are of type 'i'"):
+        unpack_array(blob, (np.uint8, np.float16), False, "soft_prob")
 
 
 def test_encode_rejects_inconsistent_rows():
@@ -219,6 +226,10 @@ def test_encode_rejects_inconsistent_rows():
     bad.pos_anchor = np.array([A], np.int32)
     with pytest.raises(ValueError, match="pos_anchor out of range"):
         decode_batch(encode_batch([bad], HASH, A, C, False), HASH)
+    row = make_row(rng, True, s=4)
+    row.soft_prob = row.soft_prob.astype(np.float32)           # neither 8-bit steps nor fp16: refused, not cast
+    with pytest.raises(ValueError, match="soft_prob: values of type float32"):
+        encode_batch([row], HASH, A, C, True)
     row = make_row(rng, True, s=4)
     row.soft_prob = row.soft_prob[:3]
     with pytest.raises(ValueError, match="soft_index has 4 elements but soft_prob has 3"):

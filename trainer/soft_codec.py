@@ -8,15 +8,18 @@ image sends
     soft_base    [L, C] fp16   per level and class, the mean logit over the level's anchors
     soft_offset  [A] int8      per anchor, the mean over classes of what is left, in steps of 1/16 logit
     soft_index   [S] int32     every entry whose probability this model misses by more than `tolerance` ...
-    soft_prob    [S] fp16      ... sent as it is
+    soft_prob    [S] uint8     ... sent in steps of 1/255
 
 and the student rebuilds sigmoid(base[level(a), c] + offset[a]) with those entries overwritten. Every probability
-the student sees is therefore within `tolerance` of the teacher's (plus fp16 rounding where sent): the same kind
-of guarantee as a floor, at one byte per anchor instead of eight per kept entry. `tolerance=0` sends every
-entry. Measured against the dense loss in docs/results.md ("Soft labels"); why this form in docs/decisions.md.
+the student sees is therefore within `tolerance` of the teacher's (the 8-bit step's 1/510 is inside any tolerance
+of at least 1/255; below that, the sent entries go as fp16): the same kind of guarantee as a floor, at one byte
+per anchor instead of eight per kept entry. `tolerance=0` sends every entry as fp16.
+Measured against the dense loss in docs/results.md ("Soft labels"); why this form in docs/decisions.md.
 
 The KD box terms need the teacher's box only where it overlaps a GT (`SoftTargets`): those travel as anchor
-index, fp16 deltas (decoded on the anchors in the loss), fp16 IoU-branch probability and fp16 overlap.
+index, fp16 deltas (decoded on the anchors in the loss) and IoU-branch probability (8-bit, or fp16 below a
+tolerance of 1/255). The overlap that weighs each entry is not sent: the student decodes the teacher's box from
+those deltas and measures it against its own GT boxes, as the teacher did.
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
-from schemas.assignment import SOFT_OFFSET_STEP, AssignmentRow
+from schemas.assignment import PROB_STEP, SOFT_OFFSET_STEP, AssignmentRow
+from trainer.box_coder import decode
 from trainer.losses import SoftTargets
 
 _LOGIT_EPS = 1e-6   # probabilities are clamped to [eps, 1 - eps] before the logit: +-13.8
@@ -68,8 +73,8 @@ def encode_soft(soft: SoftTargets, level_counts: Sequence[int], tolerance: float
     bounds = np.searchsorted(b_idx, np.arange(probs.shape[0] + 1))  # batch_idx is sorted (nonzero of [B, A])
     a_idx = soft.anchor_idx.cpu().numpy().astype(np.int32)
     deltas = soft.deltas.detach().half().cpu().numpy()
-    iou = soft.iou_prob.detach().half().cpu().numpy()
-    weight = soft.weight.detach().half().cpu().numpy()
+    as_sent = quantise_prob if tolerance >= PROB_STEP else (lambda p: p.half())
+    iou = as_sent(soft.iou_prob.detach()).cpu().numpy()
     base_np, offset_np = base.cpu().numpy(), offset.cpu().numpy()
     out = []
     for i in range(probs.shape[0]):
@@ -77,19 +82,31 @@ def encode_soft(soft: SoftTargets, level_counts: Sequence[int], tolerance: float
         s, e = bounds[i], bounds[i + 1]
         out.append(dict(soft_base=base_np[i].reshape(-1), soft_offset=offset_np[i],
                         soft_index=index.cpu().numpy().astype(np.int32),
-                        soft_prob=flat_probs[i, index].half().cpu().numpy(),
-                        kd_anchor=a_idx[s:e], kd_delta=deltas[s:e], kd_iou_prob=iou[s:e], kd_weight=weight[s:e]))
+                        soft_prob=as_sent(flat_probs[i, index]).cpu().numpy(),
+                        kd_anchor=a_idx[s:e], kd_delta=deltas[s:e], kd_iou_prob=iou[s:e]))
     return out
+
+
+def quantise_prob(p: Tensor) -> Tensor:
+    """Probabilities -> uint8 in steps of PROB_STEP (the nearest step)."""
+    return torch.round(p.float().clamp(0, 1) / PROB_STEP).to(torch.uint8)
+
+
+def _prob(q: np.ndarray, device) -> Tensor:
+    """Sent probabilities -> float32: uint8 in PROB_STEP, or float16 as they are."""
+    p = _tensor(q, device).float()
+    return p * PROB_STEP if q.dtype == np.uint8 else p
 
 
 def _tensor(a: np.ndarray, device) -> Tensor:
     return torch.from_numpy(np.asarray(a)).to(device)
 
 
-def decode_soft(rows: list[AssignmentRow], level_counts: Sequence[int], num_classes: int,
+def decode_soft(rows: list[AssignmentRow], anchors: Tensor, level_counts: Sequence[int], num_classes: int,
                 device: torch.device | str = "cpu") -> SoftTargets:
     """Decoded stream rows -> `SoftTargets` on the device: the model's probabilities with the sent entries
-    written over them."""
+    written over them, and each box entry weighed by its teacher box's IoU with the row's GT boxes (`anchors`:
+    the batch's [A, 4] on `device`)."""
     num_anchors, num_levels = int(sum(level_counts)), len(level_counts)
     probs = []
     for r in rows:
@@ -99,7 +116,7 @@ def decode_soft(rows: list[AssignmentRow], level_counts: Sequence[int], num_clas
         base = _tensor(r.soft_base, device).reshape(num_levels, num_classes)
         p = model_probs(base, _tensor(r.soft_offset, device), level_counts)
         if r.soft_index.size:
-            p.view(-1)[_tensor(r.soft_index, device).long()] = _tensor(r.soft_prob, device).float()
+            p.view(-1)[_tensor(r.soft_index, device).long()] = _prob(r.soft_prob, device)
         probs.append(p)
     cls_prob = torch.stack(probs) if probs else torch.zeros((0, num_anchors, num_classes), device=device)
     k = [int(r.kd_anchor.size) for r in rows]
@@ -110,5 +127,16 @@ def decode_soft(rows: list[AssignmentRow], level_counts: Sequence[int], num_clas
         out = torch.cat(parts) if parts else torch.zeros(0, device=device)
         return out.reshape(-1, width) if width else out
 
-    return SoftTargets(cls_prob, batch_idx, cat("kd_anchor").long(), cat("kd_delta", 4).float(),
-                       cat("kd_iou_prob").float(), cat("kd_weight").float())
+    anchor_idx, deltas = cat("kd_anchor").long(), cat("kd_delta", 4).float()
+    iou_prob = torch.cat([_prob(r.kd_iou_prob, device) for r in rows]) if rows else torch.zeros(0, device=device)
+    return SoftTargets(cls_prob, batch_idx, anchor_idx, deltas, iou_prob,
+                       _overlaps(rows, decode(anchors[anchor_idx], deltas), k, device))
+
+
+def _overlaps(rows: list[AssignmentRow], teacher_boxes: Tensor, counts: list[int], device) -> Tensor:
+    """Each box entry's largest IoU with a GT of its image (what `losses.teacher_box_iou` gave the teacher)."""
+    out = []
+    for r, boxes in zip(rows, teacher_boxes.split(counts)):
+        gt = _tensor(r.gt_boxes, device).reshape(-1, 4).float()
+        out.append(box_iou(boxes, gt).amax(1) if len(gt) and len(boxes) else boxes.new_zeros(len(boxes)))
+    return torch.cat(out) if out else teacher_boxes.new_zeros(0)

@@ -24,7 +24,7 @@ from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, ancho
                                 decode_table_rows)
 from schemas.config import PAD_DIVISOR, RunConfig
 from schemas.modes import mode_spec
-from trainer.anchors import feature_sizes_for
+from trainer.anchors import feature_sizes_for, make_anchors
 from trainer.losses import BatchLabels, SoftTargets
 from trainer.soft_codec import decode_soft
 
@@ -86,12 +86,18 @@ class StreamSpec:
     num_classes: int
     input_size: Union[int, tuple[int, int]]
     soft: bool
+    octave_base_scale: float = 8.0
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "StreamSpec":
-        strides, size = tuple(cfg.model.strides), cfg.data.input_size
-        return cls(anchor_hash(strides, cfg.model.octave_base_scale, size, cfg.model.num_classes, PAD_DIVISOR),
-                   strides, cfg.model.num_classes, size, mode_spec(cfg.mode).soft)
+        strides, size, octave = tuple(cfg.model.strides), cfg.data.input_size, cfg.model.octave_base_scale
+        return cls(anchor_hash(strides, octave, size, cfg.model.num_classes, PAD_DIVISOR),
+                   strides, cfg.model.num_classes, size, mode_spec(cfg.mode).soft, octave)
+
+    def anchors(self, canvas: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """The [A, 4] anchors of a batch padded to `canvas` (H, W)."""
+        strides = list(self.strides)
+        return make_anchors(feature_sizes_for(tuple(canvas), strides), strides, self.octave_base_scale, device)[0]
 
     def level_counts(self, canvas: Sequence[int]) -> list[int]:
         """Anchors per pyramid level of a batch padded to `canvas` (H, W)."""
@@ -180,7 +186,8 @@ def decode_stream_batch(table: pa.Table, spec: StreamSpec, device: torch.device,
     labels = sparse_to_labels([r.pos_anchor for r in rows], [r.pos_gt for r in rows],
                               [r.ignore_anchor for r in rows], gt_labels, num_anchors, num_classes,
                               device) if hard else None
-    soft_targets = decode_soft(rows, spec.level_counts(canvas), num_classes, device) if soft else None
+    soft_targets = (decode_soft(rows, spec.anchors(canvas, device), spec.level_counts(canvas), num_classes, device)
+                    if soft else None)
     image_bytes = int(table.column("image").nbytes) + int(table.column("image_file").nbytes)
     return StreamBatch(epoch=epochs.pop(), batch_index=batches.pop(), image_ids=[int(r.image_id) for r in rows],
                        images=images, gt_boxes=gt_boxes, gt_labels=gt_labels, labels=labels, soft=soft_targets,
