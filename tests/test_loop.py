@@ -3,6 +3,7 @@ batches give idle steps, every rank takes the same steps, trained ids are gather
 where the plan says, a stop and a policy reach every rank at the same step, and every collective gets a tensor on
 a device its group has a backend for."""
 import json
+import os
 
 import numpy as np
 
@@ -88,8 +89,11 @@ def _rank(rank, world, store, out_dir, scenario):
         json.dump({"state": out.state if out else "failed", "error": error, "steps": stepper.steps, "commits": stepper.commits,
                    "policies": stepper.policies, "predicted": stepper.predicted, "devices": sorted(set(devices)),
                    "total": total}, f)
-    dist.barrier()  # neither rank tears the group down while the other still talks to it (gloo aborts then)
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks have written their results
+    # Leave without tearing gloo down: its threads sometimes abort the teardown ("terminate called without an
+    # active exception", seen in CI and here now and then) after the work is done and written, and
+    # mp.spawn would report that as a failed rank. What the test checks is in the files.
+    os._exit(0)
 
 
 def _run(tmp_path, **scenario):
