@@ -110,7 +110,8 @@ def planned_batches(cfg: RunConfig, train: CocoDataset, start: Start, total: int
     """This rank's batches of the rest of the run (`pipeline.loop.plan_run`), decoded by a DataLoader."""
     dataset = DetectionDataset(train, cfg.data.input_size, train=True, seed=cfg.seed, flip_prob=cfg.data.flip_prob)
     image_ids = [r.image_id for r in train.records]
-    for epoch, steps in plan_run(cfg, image_ids, start.epoch, start.trained_ids, total - start.step, world):
+    wide = [r.width >= r.height for r in train.records]
+    for epoch, steps in plan_run(cfg, image_ids, start.epoch, start.trained_ids, total - start.step, world, wide):
         dataset.set_epoch(epoch)
         mine = [step[rank] for step in steps if rank < len(step)]
         for b in DataLoader(dataset, batch_sampler=mine, collate_fn=dataset.collate, num_workers=cfg.data.num_workers):

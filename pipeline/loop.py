@@ -20,7 +20,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -65,6 +65,26 @@ def plan_batches(order: list[int], batch_size: int, num_workers: int) -> list[li
     return batches
 
 
+def group_by_orientation(order: list[int], wide: Sequence[bool], batch_size: int) -> list[int]:
+    """`order` rearranged so that each batch cut from it holds landscape images only or portrait images only.
+
+    A keep-ratio batch is padded to its tallest and its widest image, so one portrait image among landscape ones
+    pads the whole batch to a square: 1.7x the pixels and anchors at (1333, 800). Images are taken in the shuffled
+    order and a batch is closed when its orientation's bucket fills (MMDetection's `AspectRatioBatchSampler`);
+    what is left in both buckets ends the epoch. A permutation of `order`: the batch count, the step budget and
+    the exactly-once accounting do not change.
+    """
+    buckets: dict[bool, list[int]] = {True: [], False: []}
+    out: list[int] = []
+    for i in order:
+        bucket = buckets[bool(wide[i])]
+        bucket.append(i)
+        if len(bucket) == batch_size:
+            out.extend(bucket)
+            bucket.clear()
+    return out + buckets[True] + buckets[False]
+
+
 def batches_in(num_images: int, steps: int, batch_size: int, world: int) -> int:
     """How many batches `plan_batches` makes of `num_images`, cut after `steps` steps."""
     per_step = batch_size * world
@@ -92,22 +112,28 @@ def epoch_budgets(cfg: RunConfig, image_ids: list[int], start_epoch: int, traine
 
 
 def plan_epoch(cfg: RunConfig, image_ids: list[int], epoch: int, trained_ids: list[int], steps: int,
-               world: int) -> list[list[list[int]]]:
+               world: int, wide: Optional[Sequence[bool]] = None) -> list[list[list[int]]]:
     """One epoch's steps, each the batches (dataset indices) of the ranks that have one: `epoch_order` without the
-    ids already trained (`trained_ids`, those of the resumed epoch), cut into batches, cut at `steps`."""
+    ids already trained (`trained_ids`, those of the resumed epoch), grouped by orientation where the inputs keep
+    their ratio (`wide[i]`: dataset image i is at least as wide as it is tall), cut into batches, cut at
+    `steps`."""
     done = set(int(i) for i in trained_ids)
     order = [int(i) for i in epoch_order(len(image_ids), cfg.seed, epoch) if int(image_ids[i]) not in done]
+    if wide is not None and cfg.data.group_by_orientation and not isinstance(cfg.data.input_size, int):
+        order = group_by_orientation(order, wide, cfg.train.batch_size)
     batches = plan_batches(order, cfg.train.batch_size, world)
     return [batches[k:k + world] for k in range(0, len(batches), world)][:steps]
 
 
 def plan_run(cfg: RunConfig, image_ids: list[int], start_epoch: int, trained_ids: list[int],
-             remaining_steps: int, world: int) -> Iterator[tuple[int, list[list[list[int]]]]]:
+             remaining_steps: int, world: int,
+             wide: Optional[Sequence[bool]] = None) -> Iterator[tuple[int, list[list[list[int]]]]]:
     """The rest of the run, one epoch at a time: per epoch, per step, the batches (dataset indices) of the ranks
     that have one. A pure function of the config and the checkpoint, so every process plans the same run; an
     epoch is planned only when it is reached."""
     for epoch, steps, _ in epoch_budgets(cfg, image_ids, start_epoch, trained_ids, remaining_steps, world):
-        yield epoch, plan_epoch(cfg, image_ids, epoch, trained_ids if epoch == start_epoch else [], steps, world)
+        yield epoch, plan_epoch(cfg, image_ids, epoch, trained_ids if epoch == start_epoch else [], steps, world,
+                                wide)
 
 
 # ------------------------------------------------------------------------------------------------ the start

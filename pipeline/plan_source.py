@@ -10,6 +10,7 @@ object store once (`records_table`), which the stages look the indices up in.
 from __future__ import annotations
 
 import functools
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,8 +51,11 @@ class PlanSource(Datasource):
     do not grow with the number of epochs or batches. Each source row is one planned batch (epoch, batch_index,
     dataset indices); a streaming repartition makes it one block."""
 
-    def __init__(self, cfg: RunConfig, image_ids: list[int], start, remaining_steps: int):
+    def __init__(self, cfg: RunConfig, image_ids: list[int], start, remaining_steps: int,
+                 wide: Optional[Sequence[bool]] = None):
         self.cfg, self.num_images = cfg, len(image_ids)
+        # per image, whether it is landscape (`plan_epoch` groups batches by it): one byte an image
+        self.wide = None if wide is None else np.asarray(wide, bool)
         self.budgets = epoch_budgets(cfg, image_ids, start.epoch, start.trained_ids, remaining_steps,
                                      cfg.pipeline.num_workers)
         # only the resumed epoch needs the ids (to leave out those already trained); the others only the count
@@ -73,15 +77,16 @@ class PlanSource(Datasource):
             ids, trained = (range(self.num_images), [])
             if self.resumed and self.resumed[0] == epoch:
                 ids, trained = self.resumed[1:]
-            read = functools.partial(epoch_rows, self.cfg, epoch, steps, ids, trained)
+            read = functools.partial(epoch_rows, self.cfg, epoch, steps, ids, trained, self.wide)
             tasks.append(ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None,
                                                       exec_stats=None)))
         return tasks
 
 
-def epoch_rows(cfg: RunConfig, epoch: int, steps: int, image_ids, trained_ids: list, rows_per_block: int = 1024):
+def epoch_rows(cfg: RunConfig, epoch: int, steps: int, image_ids, trained_ids: list, wide=None,
+               rows_per_block: int = 1024):
     """The source rows of one epoch, in blocks: what its read task yields."""
-    batches = [b for step in plan_epoch(cfg, image_ids, epoch, trained_ids, steps, cfg.pipeline.num_workers)
+    batches = [b for step in plan_epoch(cfg, image_ids, epoch, trained_ids, steps, cfg.pipeline.num_workers, wide)
                for b in step]
     for k in range(0, len(batches), rows_per_block):
         yield plan_table(epoch, batches[k:k + rows_per_block], first_index=k)

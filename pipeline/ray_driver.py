@@ -287,7 +287,8 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                     options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
                     if records_ref is None:
                         records_ref = ray.put(records_table(records))
-                    source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step)
+                    source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step,
+                                        [r.width >= r.height for r in records])
                     if not colad:
                         ray.get(hub.set_plan.remote(source.offsets))
                     ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, store, pool)

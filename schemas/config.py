@@ -56,6 +56,10 @@ class DataConfig(_Strict):
         "[1333, 800] as the COCO recipes: resize keeping the aspect ratio to fit long x short, and pad each batch "
         f"only to its largest image, rounded up to a multiple of {PAD_DIVISOR}")
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    group_by_orientation: bool = Field(
+        True, description="with a [long, short] input_size: cut each batch from landscape images or from portrait "
+        "images (as MMDetection's aspect-ratio grouping), so that batches are not padded to squares; the epoch's "
+        "leftovers of both close it. No effect on square inputs")
     num_workers: int = Field(0, ge=0, description="torch DataLoader workers for in-process runs")
 
     @field_validator("input_size")

@@ -1,0 +1,89 @@
+"""Batches by orientation: with keep-ratio inputs a batch holds landscape or portrait images, never both (but for
+the epoch's last leftovers), and the plan still trains every image exactly once, resumed or not."""
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.loop import epoch_budgets, group_by_orientation, plan_epoch
+from schemas.config import PAD_DIVISOR, config_from_dict
+
+LONG, SHORT = 1333, 800
+
+
+def config(input_size, batch_size=4, group=True):
+    return config_from_dict({"name": "plan", "seed": 3, "data": {"input_size": input_size,
+                                                                   "group_by_orientation": group},
+                             "train": {"epochs": 2, "batch_size": batch_size}}, "test")
+
+
+def shapes(n, seed=0):
+    """COCO-like photos: 640x480 or 480x640, about 3 landscape to 1 portrait."""
+    rng = np.random.default_rng(seed)
+    return [(640, 480) if w else (480, 640) for w in rng.random(n) < 0.75]
+
+
+def canvas_area(batch, sizes):
+    """The padded area of a keep-ratio batch (each image fit into (1333, 800), padded to a multiple of 32)."""
+    fitted = []
+    for w, h in (sizes[i] for i in batch):
+        s = min(LONG / max(w, h), SHORT / min(w, h))
+        fitted.append((round(h * s), round(w * s)))
+    pad = lambda v: math.ceil(v / PAD_DIVISOR) * PAD_DIVISOR  # noqa: E731
+    return pad(max(h for h, _ in fitted)) * pad(max(w for _, w in fitted))
+
+
+def flat(steps):
+    return [b for step in steps for b in step]
+
+
+def test_grouping_is_a_permutation_with_single_orientation_batches():
+    wide = [bool(v) for v in np.random.default_rng(1).random(50) < 0.6]
+    order = list(np.random.default_rng(2).permutation(50))
+    grouped = group_by_orientation(order, wide, 4)
+    assert sorted(grouped) == list(range(50))
+    full = len(grouped) - (sum(wide) % 4) - ((50 - sum(wide)) % 4)
+    for k in range(0, full, 4):
+        assert len({wide[i] for i in grouped[k:k + 4]}) == 1, grouped[k:k + 4]
+    # within an orientation the shuffled order is kept
+    for side in (True, False):
+        assert [i for i in grouped if wide[i] == side] == [i for i in order if wide[i] == side]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_keep_ratio_plan_groups_and_trains_every_image_once(world):
+    sizes = shapes(103)
+    wide = [w >= h for w, h in sizes]
+    ids = list(range(1000, 1103))
+    cfg = config([LONG, SHORT])
+    (epoch, steps, batches), *_ = epoch_budgets(cfg, ids, 0, [], 10 ** 6, world)
+    plan = flat(plan_epoch(cfg, ids, epoch, [], steps, world, wide))
+    assert len(plan) == batches and sorted(i for b in plan for i in b) == list(range(103))
+    mixed = [b for b in plan if len({wide[i] for i in b}) > 1]
+    assert len(mixed) <= 2 * world        # only the epoch's leftovers of the two orientations
+    # the same images, ungrouped: a portrait image pads its landscape batch to a square
+    ungrouped = flat(plan_epoch(config([LONG, SHORT], group=False), ids, epoch, [], steps, world, wide))
+    area = sum(canvas_area(b, sizes) for b in plan) / sum(canvas_area(b, sizes) for b in ungrouped)
+    assert area < 0.85, area   # 0.80 here; 0.88 at batch 2 and 0.74 at 16 over 5,000 images
+
+
+def test_resumed_epoch_leaves_out_trained_ids_and_still_groups():
+    sizes = shapes(40, seed=5)
+    wide = [w >= h for w, h in sizes]
+    ids = list(range(40))
+    cfg = config([LONG, SHORT])
+    trained = ids[::3]
+    (epoch, steps, _), *_ = epoch_budgets(cfg, ids, 1, trained, 10 ** 6, 1)
+    plan = flat(plan_epoch(cfg, ids, epoch, trained, steps, 1, wide))
+    assert sorted(i for b in plan for i in b) == sorted(set(ids) - set(trained))
+    assert plan == flat(plan_epoch(cfg, ids, epoch, trained, steps, 1, wide))   # a pure function: resumable
+    assert sum(len({wide[i] for i in b}) > 1 for b in plan) <= 2
+
+
+def test_square_inputs_and_the_switch_keep_the_shuffled_order():
+    sizes = shapes(30)
+    wide = [w >= h for w, h in sizes]
+    ids = list(range(30))
+    for cfg in (config(128), config([LONG, SHORT], group=False)):
+        (epoch, steps, _), *_ = epoch_budgets(cfg, ids, 0, [], 10 ** 6, 1)
+        assert plan_epoch(cfg, ids, epoch, [], steps, 1, wide) == plan_epoch(cfg, ids, epoch, [], steps, 1)
