@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import write_results  # noqa: E402
 from pipeline.assigner import StreamSpec, TeacherAssigner, load_row_pixels  # noqa: E402
 from pipeline.plan_source import plan_table, records_table  # noqa: E402
 from pipeline.loop import plan_batches  # noqa: E402
@@ -327,9 +328,7 @@ def run(args, root: Path) -> int:
                          {f"d_service_pool{s['pool']}": s["ratio_to_bare"] for s in services},
         "service": services, "codec": codec_res,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import write_results  # noqa: E402
 from pipeline.coco import load_coco  # noqa: E402
 from pipeline.dataset import DetectionDataset  # noqa: E402
 from schemas.assignment import AssignmentRow, column_bytes, decode_batch, encode_batch  # noqa: E402
@@ -218,9 +218,7 @@ def main(argv=None) -> int:
     print_table(res)
     doc = {"args": vars(args), "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), **res}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

@@ -1,10 +1,11 @@
-"""Losses: the soft-label KD against a direct float64 formula, and PAA's detection loss on a hand-made case."""
+"""Losses: the soft-label KD against a direct float64 formula, PAA's detection loss on a hand-made case, and the
+focal loss by index against torchvision's dense one."""
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from trainer.box_coder import encode
-from trainer.losses import (BatchLabels, SoftTargets, aligned_iou, bernoulli_kd, detection_loss, soft_label_kd,
-                            soft_targets)
+from trainer.losses import (BatchLabels, SoftTargets, aligned_iou, bernoulli_kd, detection_loss, focal_loss_sum,
+                            soft_label_kd, soft_targets)
 
 
 def test_kd_is_zero_with_zero_gradient_when_student_equals_teacher():
@@ -79,3 +80,19 @@ def test_soft_targets_select_teacher_boxes_overlapping_a_gt_by_more_than_min_iou
     assert torch.equal(t.deltas, torch.zeros(len(expected), 4))
     assert torch.allclose(t.iou_prob, torch.sigmoid(iou[t.batch_idx, t.anchor_idx]))
     assert torch.allclose(t.cls_prob, torch.sigmoid(cls))
+
+
+def test_focal_loss_by_index_equals_torchvisions_dense_focal_loss():
+    g = torch.Generator().manual_seed(4)
+    B, A, C = 2, 300, 7
+    logits = (torch.randn(B, A, C, generator=g) * 3).requires_grad_(True)
+    labels = torch.randint(0, C + 1, (B, A), generator=g)          # C: background
+    ignore = torch.rand(B, A, generator=g) < 0.1
+    target = torch.zeros(B, A, C).scatter_(-1, labels.clamp(max=C - 1)[..., None], (labels < C)[..., None].float())
+    dense = torch.where(ignore[..., None], 0.0, sigmoid_focal_loss(logits, target, 0.25, 2.0, "none")).sum()
+    by_index = focal_loss_sum(logits, labels, ignore)
+    g_dense, = torch.autograd.grad(dense, logits)
+    g_index, = torch.autograd.grad(by_index, logits)
+    assert torch.allclose(by_index, dense, rtol=1e-5) and float(dense) > 1
+    assert torch.allclose(g_index, g_dense, atol=1e-6)
+    assert float(g_index[ignore].abs().max()) == 0.0                # ignored anchors get no gradient

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_iou, sigmoid_focal_loss
+from torchvision.ops import box_iou
 
 from trainer.box_coder import decode
 
@@ -73,22 +73,33 @@ def _pos_targets(anchors: Tensor, box_deltas: Tensor, labels: BatchLabels, gt_bo
     return b_idx, a_idx, pred, target
 
 
+def focal_loss_sum(cls_logits: Tensor, labels: Tensor, ignore: Tensor, alpha: float = 0.25,
+                   gamma: float = 2.0) -> Tensor:
+    """torchvision's `sigmoid_focal_loss` summed over [B, A, C] logits whose targets are one class per anchor
+    (`labels` [B, A], C for background), with `ignore`d anchors left out, without a target tensor.
+
+    With target 0 an entry's loss is (1 - alpha) * p^gamma * softplus(x); with target 1 it is alpha * (1 - p)^gamma
+    * softplus(-x). So every entry pays the first, and each positive anchor swaps it for the second at its class
+    (a gather, no host sync). The same values as the dense form to float rounding, in about 0.6x its time
+    (bench/focal_loss.py), and no [B, A, C] target to hold."""
+    num_classes = cls_logits.shape[-1]
+    as_negative = (1 - alpha) * torch.sigmoid(cls_logits).pow(gamma) * F.softplus(cls_logits)
+    total = torch.where(ignore[..., None], 0.0, as_negative).sum()
+    x = cls_logits.gather(-1, labels.clamp(max=num_classes - 1).long()[..., None]).squeeze(-1)
+    p = torch.sigmoid(x)
+    swap = alpha * (1 - p).pow(gamma) * F.softplus(-x) - (1 - alpha) * p.pow(gamma) * F.softplus(x)
+    return total + torch.where((labels < num_classes) & ~ignore, swap, 0.0).sum()
+
+
 def detection_loss(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor, anchors: Tensor,
                    labels: BatchLabels, gt_boxes: list[Tensor], *, cls_weight: float = 1.0,
                    box_weight: float = 1.3, iou_weight: float = 0.5, box_iou_weighted: bool = True,
                    num_pos: Tensor | None = None) -> dict[str, Tensor]:
     """PAA's loss. `num_pos` may be given (e.g. averaged over DDP workers); by default this batch's positives."""
-    num_classes = cls_logits.shape[-1]
     pos = labels.pos
     if num_pos is None:
         num_pos = pos.sum().clamp(min=1).to(cls_logits.dtype)
-    # the targets in the logits' dtype, a 1 at each positive's class (no [B, A, C+1] int64 one-hot), and ignored
-    # anchors masked out of the sum rather than indexed away (indexing by a mask waits for the device)
-    is_pos = labels.labels < num_classes
-    onehot = torch.zeros_like(cls_logits).scatter_(-1, labels.labels.clamp(max=num_classes - 1).long()[..., None],
-                                                   is_pos[..., None].to(cls_logits.dtype))
-    focal = sigmoid_focal_loss(cls_logits, onehot, alpha=0.25, gamma=2.0, reduction="none")
-    loss_cls = torch.where(labels.ignore[..., None], 0.0, focal).sum() / num_pos
+    loss_cls = focal_loss_sum(cls_logits, labels.labels, labels.ignore) / num_pos
 
     b_idx, a_idx, pred, target = _pos_targets(anchors, box_deltas, labels, gt_boxes)
     if pred is None:
