@@ -217,7 +217,8 @@ def pool_throughput(args, root, teacher, coco, pool: int, batches: int) -> dict:
                                                              "cpus_per_assigner": args.cpus_per_assigner,
                                                              "gpus_per_assigner": args.gpus_per_assigner})
     ray_env.configure_data_context(cfg, ray_env.budget(cfg))
-    source = PlanSource(cfg, [r.image_id for r in coco.records], Start(), batches)
+    source = PlanSource(cfg, [r.image_id for r in coco.records], Start(), batches,
+                        [r.width >= r.height for r in coco.records])
     times = []
     for _ in build_dataset(cfg, source, ray.put(records_table(coco.records))).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
         times.append(time.perf_counter())

@@ -32,11 +32,13 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from schemas.assignment import SCHEMA_VERSION
 from schemas.config import RunConfig
 from schemas.storage import Location
 
 FORMAT = "lad-assignment-store"
+# The stream schema version that last changed what a store holds (the hard labels and the view key). Schema 5
+# changed soft labels only, which a store never holds, so stores written under 4 stay valid.
+LABELS_SCHEMA_VERSION = 4
 READERS = 8  # parts fetched at once (one request each on object storage)
 SCHEMA = pa.schema([("image_id", pa.int64()), ("flip", pa.bool_()), ("pad_height", pa.int32()),
                     ("pad_width", pa.int32()), ("height", pa.int32()), ("width", pa.int32()),
@@ -69,7 +71,7 @@ def file_sha256(where: str) -> str:
 def manifest_for(cfg: RunConfig, anchor_hash: str, teacher_sha256: str) -> dict:
     """What the labels depend on, besides the view."""
     a = cfg.assign
-    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "teacher_sha256": teacher_sha256,
+    return {"format": FORMAT, "schema_version": LABELS_SCHEMA_VERSION, "teacher_sha256": teacher_sha256,
             "anchor_hash": anchor_hash,
             "assign": {"topk": a.topk, "iou_thr": a.iou_thr, "gmm": a.gmm, "single_candidate": a.single_candidate},
             "teacher_precision": ("amp" if cfg.train.amp else "fp32") + ("-nhwc" if cfg.train.channels_last else "")}

@@ -119,7 +119,10 @@ def plan_epoch(cfg: RunConfig, image_ids: list[int], epoch: int, trained_ids: li
     `steps`."""
     done = set(int(i) for i in trained_ids)
     order = [int(i) for i in epoch_order(len(image_ids), cfg.seed, epoch) if int(image_ids[i]) not in done]
-    if wide is not None and cfg.data.group_by_orientation and not isinstance(cfg.data.input_size, int):
+    if cfg.data.group_by_orientation and not isinstance(cfg.data.input_size, int):
+        if wide is None:  # every engine must plan the same batches: none may silently skip the grouping
+            raise ValueError("plan_epoch: keep-ratio inputs with data.group_by_orientation need each image's "
+                             "orientation (wide)")
         order = group_by_orientation(order, wide, cfg.train.batch_size)
     batches = plan_batches(order, cfg.train.batch_size, world)
     return [batches[k:k + world] for k in range(0, len(batches), world)][:steps]

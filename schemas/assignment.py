@@ -112,7 +112,7 @@ SOFT_COLUMNS = tuple(name for name, _ in _SOFT_FIELDS)
 SOFT_OFFSET_STEP = 1 / 16   # soft_offset's unit, in logits: int8 covers +-8
 PROB_STEP = 1 / 255         # soft_prob's and kd_iou_prob's unit: uint8 covers [0, 1], rounding error <= 1/510
 # binary columns of `pack_array` blobs: name -> (the dtypes allowed, sent as deltas). Probabilities are uint8 in
-# PROB_STEP, or float16 where the encoder was asked for every entry as it is (tolerance 0).
+# PROB_STEP, or float16 where the run's tolerance is below PROB_STEP (0 included).
 _PACKED = {"soft_offset": ((np.int8,), True), "soft_index": ((np.int32,), True),
            "soft_prob": ((np.uint8, np.float16), False), "kd_anchor": ((np.int32,), True),
            "kd_iou_prob": ((np.uint8, np.float16), False)}

@@ -87,3 +87,25 @@ def test_square_inputs_and_the_switch_keep_the_shuffled_order():
     for cfg in (config(128), config([LONG, SHORT], group=False)):
         (epoch, steps, _), *_ = epoch_budgets(cfg, ids, 0, [], 10 ** 6, 1)
         assert plan_epoch(cfg, ids, epoch, [], steps, 1, wide) == plan_epoch(cfg, ids, epoch, [], steps, 1)
+
+
+def test_in_process_and_streamed_plans_are_the_same_batches():
+    """The in-process engine plans with `plan_run`, the stream with `PlanSource`'s read tasks: with keep-ratio
+    inputs both must group by orientation alike, resumed epoch included."""
+    from pipeline.loop import Start, plan_run
+    from pipeline.plan_source import PlanSource
+
+    sizes = shapes(37, seed=9)
+    wide = [w >= h for w, h in sizes]
+    ids = list(range(500, 537))
+    cfg = config([LONG, SHORT], batch_size=3)
+    start = Start(epoch=0, trained_ids=ids[:7])
+    remaining = 20
+    in_process = [b for _, steps in plan_run(cfg, ids, start.epoch, start.trained_ids, remaining, 1, wide)
+                  for b in flat(steps)]
+    source = PlanSource(cfg, ids, start, remaining, wide)
+    streamed = [b for task in source.get_read_tasks(1) for table in task() for b in table.column("index").to_pylist()]
+    assert streamed == in_process and len(in_process) == remaining
+    assert sum(len({wide[i] for i in b}) > 1 for b in in_process[:10]) <= 2   # the resumed epoch is grouped too
+    with pytest.raises(ValueError, match="need each image's orientation"):
+        list(plan_run(cfg, ids, 0, [], remaining, 1))
