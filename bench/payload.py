@@ -136,6 +136,7 @@ def measure(case, tolerances, repeat, mean, std, seed):
     targets = [soft_targets(rng, teacher_probs(rng, a, c, r.pos_anchor, r.pos_gt, r.gt_labels, mean, std),
                             r.pos_anchor) for r in rows]
     out["soft"] = []
+    anchors = make_anchors(feature_sizes_for((case["h"], case["w"]), case["strides"]), case["strides"])[0]
     for tol in tolerances:
         enc_soft_ms, _ = timed(lambda: encode_soft(targets[0], case["levels"], tol), max(1, repeat // 2))
         srows = [AssignmentRow(**{**r.__dict__, **encode_soft(t, case["levels"], tol)[0]})
@@ -143,7 +144,6 @@ def measure(case, tolerances, repeat, mean, std, seed):
         batch, t = enc_dec(srows, True)
         cb = column_bytes(batch)
         soft_b = sum(cb[k] for k in SOFT_COLS) / n
-        anchors = make_anchors(feature_sizes_for((case["h"], case["w"]), case["strides"]), case["strides"])[0]
         dec_soft_ms, got = timed(lambda: decode_soft(srows[:1], anchors, case["levels"], c), max(1, repeat // 2))
         out["soft"].append(dict(
             tolerance=tol, entries=int(np.mean([len(r.soft_index) for r in srows])),

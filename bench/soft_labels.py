@@ -141,8 +141,9 @@ def run(args) -> dict:
         students[name] = (out, *kd_terms(out, dense, anchors, kw))
     spec = StreamSpec.of(cfg)
     hard = dict(pos_anchor=np.zeros(0, np.int32), pos_gt=np.zeros(0, np.int32), ignore_anchor=np.zeros(0, np.int32))
-    rows_base = [AssignmentRow(image_id=i, height=1, width=1, gt_boxes=np.zeros((0, 4), np.float32),
-                               gt_labels=np.zeros(0, np.int32), **hard) for i in range(n)]
+    # the student weighs the box entries against its own GT boxes
+    rows_base = [AssignmentRow(image_id=i, height=1, width=1, gt_boxes=gt.numpy(),
+                               gt_labels=np.zeros(len(gt), np.int32), **hard) for i, gt in enumerate(batch["boxes"])]
     num_anchors, num_classes = int(sum(level_counts)), cfg.model.num_classes
     result = {"canvas": list(batch["images"].shape[2:]), "anchors": num_anchors, "classes": num_classes,
               "fpn_levels": model["fpn_levels"], "images": n, "image_file_bytes": float(np.mean(files)),
@@ -154,8 +155,6 @@ def run(args) -> dict:
         encoded = encode_soft(dense, level_counts, tol)
         enc_ms = (time.perf_counter() - t0) * 1e3 / n
         rows = [AssignmentRow(**{**r.__dict__, **e}) for r, e in zip(rows_base, encoded)]
-        for r, gt in zip(rows, batch["boxes"]):        # the student weighs the box entries against its GT boxes
-            r.gt_boxes, r.gt_labels = gt.numpy(), np.zeros(len(gt), np.int32)
         table = encode_batch(rows, spec.anchor_hash, num_anchors, num_classes, True)
         cb = column_bytes(table)
         t0 = time.perf_counter()

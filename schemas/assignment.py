@@ -183,8 +183,8 @@ _LIST_COLUMNS = {  # name -> (numpy dtype, values per element)
     "pos_anchor": (np.int32, 1), "pos_gt": (np.int32, 1), "ignore_anchor": (np.int32, 1),
     "soft_base": (np.float16, 1), "kd_delta": (np.float16, 4),
 }
-_SAME_LENGTH = [("gt_boxes", "gt_labels"), ("pos_anchor", "pos_gt"),
-                ("soft_index", "soft_prob"), ("kd_anchor", "kd_delta", "kd_iou_prob")]
+_SOFT_SAME_LENGTH = [("soft_index", "soft_prob"), ("kd_anchor", "kd_delta", "kd_iou_prob")]
+_SAME_LENGTH = [("gt_boxes", "gt_labels"), ("pos_anchor", "pos_gt")] + _SOFT_SAME_LENGTH
 
 
 def list_array(arrays: list[np.ndarray], dtype, width: int, name: str) -> tuple[pa.Array, np.ndarray]:
@@ -304,14 +304,13 @@ def pack_array(values: np.ndarray, deltas: bool = True) -> bytes:
     dtype, so any sequence round-trips; they are small where neighbours are close (per-anchor offsets) or
     ascending (flat indices), which is what makes them compress."""
     v = np.ascontiguousarray(values).reshape(-1)
-    dtype = v.dtype.newbyteorder("<") if v.dtype.byteorder == ">" else v.dtype
-    head = np.array([v.size], "<u4").tobytes() + dtype.char.encode()
+    head = np.array([v.size], "<u4").tobytes() + v.dtype.char.encode()
     if not v.size:
         return head
     if deltas:
         with np.errstate(over="ignore"):
             v = np.diff(v, prepend=v.dtype.type(0))
-    return head + pa.compress(v.astype(dtype.newbyteorder("<"), copy=False).tobytes(), codec="zstd", asbytes=True)
+    return head + pa.compress(v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes(), codec="zstd", asbytes=True)
 
 
 def unpack_array(blob: Union[bytes, pa.Buffer], dtypes: Sequence, deltas: bool = True,
@@ -491,7 +490,7 @@ def _decode_record_batch(rb: pa.RecordBatch, soft: bool) -> list[AssignmentRow]:
         for name, (dtypes, deltas) in _PACKED.items():
             fields[name] = [unpack_array(b, dtypes, deltas, f"image {ids[i]}: {name}")
                             for i, b in enumerate(_file_views(col[name]))]
-        for first, *others in _SAME_LENGTH[2:]:
+        for first, *others in _SOFT_SAME_LENGTH:
             for other in others:
                 for i, (a, b) in enumerate(zip(fields[first], fields[other])):
                     if len(a) != len(b):

@@ -135,12 +135,16 @@ def bernoulli_kd(student_logits: Tensor, teacher_prob: Tensor, gamma: float = 0.
     return kl * focal
 
 
+def largest_gt_iou(boxes: Tensor, gt: Tensor) -> Tensor:
+    """[N]: each box's largest IoU with the GT boxes `gt` of its image (0 where the image has none)."""
+    return box_iou(boxes, gt).amax(1) if len(gt) and len(boxes) else boxes.new_zeros(len(boxes))
+
+
 def teacher_box_iou(teacher_boxes: Tensor, gt_boxes: list[Tensor]) -> Tensor:
     """[B,A]: the largest IoU of each teacher box with a GT of its image (0 for images without GT)."""
     out = teacher_boxes.new_zeros(teacher_boxes.shape[:2])
     for i, gt in enumerate(gt_boxes):
-        if len(gt):
-            out[i] = box_iou(teacher_boxes[i], gt).amax(1)
+        out[i] = largest_gt_iou(teacher_boxes[i], gt)
     return out
 
 

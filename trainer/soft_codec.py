@@ -28,11 +28,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from schemas.assignment import PROB_STEP, SOFT_OFFSET_STEP, AssignmentRow
 from trainer.box_coder import decode
-from trainer.losses import SoftTargets
+from trainer.losses import SoftTargets, largest_gt_iou
 
 _LOGIT_EPS = 1e-6   # probabilities are clamped to [eps, 1 - eps] before the logit: +-13.8
 
@@ -135,8 +134,6 @@ def decode_soft(rows: list[AssignmentRow], anchors: Tensor, level_counts: Sequen
 
 def _overlaps(rows: list[AssignmentRow], teacher_boxes: Tensor, counts: list[int], device) -> Tensor:
     """Each box entry's largest IoU with a GT of its image (what `losses.teacher_box_iou` gave the teacher)."""
-    out = []
-    for r, boxes in zip(rows, teacher_boxes.split(counts)):
-        gt = _tensor(r.gt_boxes, device).reshape(-1, 4).float()
-        out.append(box_iou(boxes, gt).amax(1) if len(gt) and len(boxes) else boxes.new_zeros(len(boxes)))
+    out = [largest_gt_iou(boxes, _tensor(r.gt_boxes, device).reshape(-1, 4).float())
+           for r, boxes in zip(rows, teacher_boxes.split(counts))]
     return torch.cat(out) if out else teacher_boxes.new_zeros(0)
