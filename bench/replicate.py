@@ -3,6 +3,7 @@
     python bench/replicate.py                     # the full table (about an hour of a 2-core CPU per seed set)
     python bench/replicate.py --quick             # a few minutes: tiny data and schedule (CI-sized smoke run)
     python bench/replicate.py --seeds 0 1 2 --epochs 4 --out bench/results/replicate
+    python bench/replicate.py --regime pretrained --out bench/results/replicate_pretrained   # the paper's regime
 
 Resumable: a finished run (progress.json says succeeded) is skipped, an interrupted one resumes from its
 last.pt. Per seed it trains, every student with the same data and schedule (--epochs):
@@ -12,7 +13,14 @@ last.pt. Per seed it trains, every student with the same data and schedule (--ep
            PAA baseline (student schedule, same init seed)
   CoLAD: R18 + R34 together (auto, pin-a, pin-b, alternate:N) vs each alone (the two PAA baselines, same init)
 Tables 2 and 3 of every seed are trained before any CoLAD run, so a cut-short run still has whole tables.
-Writes results.json, table.md and ap_curves.png into --out, and prints the table.
+
+--regime pretrained is the paper's setting: every backbone starts from weights `lad pretrain` made (ResNet-18 and
+-34 classifiers on digit crops of a separate dataset: the stand-in for ImageNet, made once and kept in
+--out/weights), trained as the official configs train a pretrained backbone (frozen_stages 1, norm_eval); one
+Table 2 teacher serves every seed (the paper's teachers are fixed models); CoLAD runs its auto policy.
+
+Writes results.json, table.md (means and the per-seed paired differences with 95 % intervals) and
+ap_curves.png into --out, and prints the tables.
 """
 from __future__ import annotations
 
@@ -42,34 +50,74 @@ class Spec:
     overrides: list[str] = field(default_factory=list)
     group: str = ""
     label: str = ""
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        """The run without its seed (`s3_lad_r18` -> `lad_r18`): what the paired differences match across seeds."""
+        head, _, rest = self.name.partition("_")
+        return rest if head[:1] == "s" and head[1:].isdigit() else self.name
 
 
-def specs_for_seed(seed: int, alt_n: int, teacher_epochs: int) -> list[Spec]:
-    """Runs of one seed, teachers first. Network B of CoLAD uses init seed `seed + 1`, as its PAA baseline does."""
+PRETRAINED_BACKBONE = ["model.frozen_stages=1", "model.norm_eval=true"]  # as the official configs train one
+SHARED_TEACHER_SEED = 100
+
+
+def teacher_spec(name: str, seed: int, teacher_epochs: int, backbone: list[str]) -> Spec:
+    return Spec(name, "paa_digits", [f"model.depth={LARGE}", f"model_seed={seed + 1}", *backbone,
+                                     f"train.epochs={teacher_epochs}", "train.eval_every=3"], "table2",
+                f"R{LARGE} PAA teacher ({teacher_epochs} epochs)", seed)
+
+
+def specs_for_seed(seed: int, alt_n: int, teacher_epochs: int, backbones: dict[int, list[str]] | None = None,
+                   shared_teacher: str | None = None, policies: list[str] | None = None) -> list[Spec]:
+    """Runs of one seed, teachers first. Network B of CoLAD uses init seed `seed + 1`, as its PAA baseline does.
+    `backbones` maps a depth to the overrides that start it from pretrained weights; `shared_teacher` names the
+    one Table 2 teacher every seed learns from (else each seed trains its own)."""
     s = f"s{seed}"
-    teacher_big = f"{s}_teacher_r{LARGE}"
+    small_bb, big_bb = (backbones or {}).get(SMALL, []), (backbones or {}).get(LARGE, [])
+    teacher_big = shared_teacher or f"{s}_teacher_r{LARGE}"
     teacher_small = f"{s}_paa_r{SMALL}"
     ck = lambda run: f"teacher.checkpoint={{out}}/{run}/checkpoints/last.pt"  # noqa: E731
-    big = [f"model.depth={LARGE}", f"model_seed={seed + 1}"]
-    colad = [f"colearn.model_b.depth={LARGE}", f"model_seed={seed}", f"colearn.seed_b={seed + 1}"]
-    return [
-        Spec(teacher_big, "paa_digits", big + [f"train.epochs={teacher_epochs}", "train.eval_every=3"], "table2",
-             f"R{LARGE} PAA teacher ({teacher_epochs} epochs)"),
-        Spec(teacher_small, "paa_digits", [f"model_seed={seed}"], "table2", f"R{SMALL} PAA baseline"),
-        Spec(f"{s}_paa_r{LARGE}", "paa_digits", big, "table3", f"R{LARGE} PAA (own baseline)"),
-        Spec(f"{s}_kd_r{SMALL}", "kd_digits", [ck(teacher_big), f"model_seed={seed}"], "table2",
-             f"R{SMALL} soft-label KD (R{LARGE} teacher)"),
-        Spec(f"{s}_lad_r{SMALL}", "lad_digits", [ck(teacher_big), f"model_seed={seed}"], "table2",
-             f"R{SMALL} LAD (R{LARGE} teacher)"),
-        Spec(f"{s}_solad_r{SMALL}", "solad_digits", [ck(teacher_big), f"model_seed={seed}"], "table2",
-             f"R{SMALL} SoLAD (R{LARGE} teacher)"),
-        Spec(f"{s}_lad_r{LARGE}", "lad_digits", [ck(teacher_small)] + big, "table3",
-             f"R{LARGE} LAD (R{SMALL} teacher)"),
-        Spec(f"{s}_kd_r{LARGE}", "kd_digits", [ck(teacher_small)] + big, "table3",
-             f"R{LARGE} soft-label KD (R{SMALL} teacher)"),
-        *[Spec(f"{s}_colad_{p.replace(':', '')}", "colad_digits", colad + [f"colearn.policy={p}"], "colad",
-               f"CoLAD R{SMALL}+R{LARGE} {p}") for p in ("auto", "pin-a", "pin-b", f"alternate:{alt_n}")],
-    ]
+    small = [f"model_seed={seed}", *small_bb]
+    big = [f"model.depth={LARGE}", f"model_seed={seed + 1}", *big_bb]
+    colad = [f"colearn.model_b.depth={LARGE}", f"model_seed={seed}", f"colearn.seed_b={seed + 1}", *small_bb,
+             *[o.replace("model.", "colearn.model_b.", 1) for o in big_bb]]
+    policies = policies or ["auto", "pin-a", "pin-b", f"alternate:{alt_n}"]
+    specs = [] if shared_teacher else [teacher_spec(teacher_big, seed, teacher_epochs, big_bb)]
+    return specs + [Spec(*spec, seed=seed) for spec in [
+        (teacher_small, "paa_digits", small, "table2", f"R{SMALL} PAA baseline"),
+        (f"{s}_paa_r{LARGE}", "paa_digits", big, "table3", f"R{LARGE} PAA (own baseline)"),
+        (f"{s}_kd_r{SMALL}", "kd_digits", [ck(teacher_big), *small], "table2",
+         f"R{SMALL} soft-label KD (R{LARGE} teacher)"),
+        (f"{s}_lad_r{SMALL}", "lad_digits", [ck(teacher_big), *small], "table2", f"R{SMALL} LAD (R{LARGE} teacher)"),
+        (f"{s}_solad_r{SMALL}", "solad_digits", [ck(teacher_big), *small], "table2",
+         f"R{SMALL} SoLAD (R{LARGE} teacher)"),
+        (f"{s}_lad_r{LARGE}", "lad_digits", [ck(teacher_small)] + big, "table3", f"R{LARGE} LAD (R{SMALL} teacher)"),
+        (f"{s}_kd_r{LARGE}", "kd_digits", [ck(teacher_small)] + big, "table3",
+         f"R{LARGE} soft-label KD (R{SMALL} teacher)"),
+        *[(f"{s}_colad_{p.replace(':', '')}", "colad_digits", colad + [f"colearn.policy={p}"], "colad",
+           f"CoLAD R{SMALL}+R{LARGE} {p}") for p in policies],
+    ]]
+
+
+def pretrained_backbones(out: Path, a: argparse.Namespace) -> dict[int, list[str]]:
+    """`lad pretrain` R18 and R34 on a digits dataset of their own (other images and seed than the detectors'),
+    once: an existing weights file is kept (it is written whole or not at all)."""
+    from pipeline.digits import make_digits
+    from pipeline.pretrain import pretrain
+    data = out / "pretrain_data"
+    if not (data / "val.json").exists():
+        make_digits(data, num_train=a.pretrain_images, num_val=100, seed=4321, progress=False)
+    backbones = {}
+    for depth in (SMALL, LARGE):
+        weights = out / "weights" / f"r{depth}.pth"
+        if not weights.exists():
+            info = pretrain(str(data / "train.json"), str(data / "val.json"), str(weights), depth=depth,
+                            epochs=a.pretrain_epochs, seed=depth)
+            print(f"pretrained R{depth}: val accuracy {info['val_accuracy']:.3f} in {info['wall_s']:.0f} s")
+        backbones[depth] = [f"model.pretrained={weights}", *PRETRAINED_BACKBONE]
+    return backbones
 
 
 def run_spec(spec: Spec, out: Path, data: Path, schedule: list[str]) -> dict:
@@ -78,8 +126,7 @@ def run_spec(spec: Spec, out: Path, data: Path, schedule: list[str]) -> dict:
     cfg = load_config(REPO / "configs" / f"{spec.config}.yaml", [
         f"name={spec.name}", f"output_dir={out}", f"data.train={data / 'train.json'}",
         f"data.val={data / 'val.json'}", *schedule, *overrides])
-    seed = int(spec.name.split("_")[0][1:])
-    cfg.seed = seed
+    cfg.seed = spec.seed
     run = RunDir(cfg.run_dir)
     if (run.progress() or {}).get("state") == "succeeded":
         return {"skipped": True}
@@ -103,7 +150,10 @@ def summarise(out: Path, specs: list[Spec]) -> dict:
             label = spec.label + (f" -> network {net.upper()} (R{SMALL if net == 'a' else LARGE})"
                                   if spec.group == "colad" else "")
             final = [e for e in evals if e["network"] == net][-1]["stats"]
-            r = rows.setdefault(label, {"group": spec.group, "AP": [], "AP50": [], "ms_per_step": []})
+            key = spec.key + (f"@{net}" if spec.group == "colad" else "")
+            r = rows.setdefault(label, {"group": spec.group, "key": key, "seeds": [], "AP": [], "AP50": [],
+                                        "ms_per_step": []})
+            r["seeds"].append(spec.seed)
             r["AP"].append(final["AP"])
             r["AP50"].append(final["AP50"])
             if step_ms:
@@ -115,6 +165,52 @@ def summarise(out: Path, specs: list[Spec]) -> dict:
             r[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
             r[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return {"rows": rows, "curves": curves}
+
+
+# (what, the run, the run it is measured against): the paper's claims, as per-seed paired differences
+COMPARISONS = [
+    ("LAD > baseline (Table 2)", f"lad_r{SMALL}", f"paa_r{SMALL}"),
+    ("KD > baseline (Table 2)", f"kd_r{SMALL}", f"paa_r{SMALL}"),
+    ("SoLAD > baseline (Table 2)", f"solad_r{SMALL}", f"paa_r{SMALL}"),
+    ("SoLAD >= LAD (Table 2)", f"solad_r{SMALL}", f"lad_r{SMALL}"),
+    ("LAD lifts the larger student (Table 3)", f"lad_r{LARGE}", f"paa_r{LARGE}"),
+    ("KD does not lift it (Table 3)", f"kd_r{LARGE}", f"paa_r{LARGE}"),
+    ("LAD > KD for the larger student (Table 3)", f"lad_r{LARGE}", f"kd_r{LARGE}"),
+    (f"CoLAD auto network A >= R{SMALL} alone", "colad_auto@a", f"paa_r{SMALL}"),
+    (f"CoLAD auto network B >= R{LARGE} alone", "colad_auto@b", f"paa_r{LARGE}"),
+]
+
+
+def paired(summary: dict, confidence: float = 0.95) -> list[dict]:
+    """Per comparison: AP differences seed by seed (the same data order and init on both sides), their mean and a
+    Student-t interval. "holds" / "reversed" when the interval excludes 0, else "within the noise"."""
+    from scipy import stats
+    by_key = {r["key"]: dict(zip(r["seeds"], r["AP"])) for r in summary["rows"].values() if "key" in r}
+    out = []
+    for what, run, against in COMPARISONS:
+        a, b = by_key.get(run, {}), by_key.get(against, {})
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        diffs = [a[s] - b[s] for s in seeds]
+        mean = statistics.fmean(diffs)
+        half = (stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+                if len(diffs) > 1 else float("nan"))
+        verdict = ("holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within the noise"
+                   if half == half else "one seed")
+        out.append({"claim": what, "run": run, "against": against, "seeds": seeds, "diffs": diffs, "mean": mean,
+                    "low": mean - half, "high": mean + half, "verdict": verdict})
+    return out
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    lines = ["| claim | run - against | seeds | per-seed AP difference x 100 | mean | 95 % interval | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per_seed = ", ".join(f"{100 * d:+.1f}" for d in r["diffs"])
+        lines.append(f"| {r['claim']} | {r['run']} - {r['against']} | {len(r['seeds'])} | {per_seed} | "
+                     f"{100 * r['mean']:+.2f} | [{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] | {r['verdict']} |")
+    return "\n".join(lines)
 
 
 def table_markdown(summary: dict) -> str:
@@ -170,6 +266,12 @@ def main() -> int:
     ap.add_argument("--num-val", type=int, default=150)
     ap.add_argument("--alternate", type=int, default=20, help="N of the alternate:N CoLAD policy")
     ap.add_argument("--only", default=None, help="comma-separated groups to run: table2,table3,colad")
+    ap.add_argument("--regime", choices=["scratch", "pretrained"], default="scratch",
+                    help="scratch: every backbone from random init; pretrained: from `lad pretrain` weights, "
+                    "one shared Table 2 teacher, CoLAD's auto policy (the paper's setting)")
+    ap.add_argument("--recipe", choices=["lad", "official"], default="lad", help="train.recipe of every run")
+    ap.add_argument("--pretrain-images", type=int, default=1000, help="pretrained regime: images of the crop set")
+    ap.add_argument("--pretrain-epochs", type=int, default=6, help="pretrained regime: `lad pretrain --epochs`")
     ap.add_argument("--quick", action="store_true", help="tiny data and schedule, one seed: a smoke run")
     ap.add_argument("--summarise-only", action="store_true",
                     help="train nothing: rebuild the table and plot from the runs already in --out")
@@ -183,10 +285,15 @@ def main() -> int:
         from pipeline.digits import make_digits
         make_digits(data, num_train=a.num_train, num_val=a.num_val, seed=1234, progress=False)
     schedule = [f"train.epochs={a.epochs}", "train.eval_every=1", "train.log_every=5",
-                f"train.warmup_steps={a.warmup}"]
-    per_seed = [specs_for_seed(seed, a.alternate, a.teacher_epochs) for seed in a.seeds]
-    specs = [s for group in (("table2", "table3"), ("colad",)) for seed_specs in per_seed
-             for s in seed_specs if s.group in group]
+                f"train.warmup_steps={a.warmup}", f"train.recipe={a.recipe}"]
+    shared, backbones, policies = None, None, None
+    if a.regime == "pretrained":
+        backbones = pretrained_backbones(out, a)
+        shared, policies = f"teacher_r{LARGE}", ["auto"]
+    per_seed = [specs_for_seed(seed, a.alternate, a.teacher_epochs, backbones, shared, policies) for seed in a.seeds]
+    specs = [teacher_spec(shared, SHARED_TEACHER_SEED, a.teacher_epochs, backbones[LARGE])] if shared else []
+    specs += [s for group in (("table2", "table3"), ("colad",)) for seed_specs in per_seed
+              for s in seed_specs if s.group in group]
     if a.only:
         keep = set(a.only.split(","))
         needed = {s.name for s in specs if s.group in keep}
@@ -198,7 +305,8 @@ def main() -> int:
         bar.set_postfix_str(spec.name)
         log[spec.name] = run_spec(spec, out, data, schedule)
     summary = summarise(out, [s for s in specs if (RunDir(out / s.name).progress() or {}).get("state") == "succeeded"])
-    md = table_markdown(summary)
+    summary["paired"] = paired(summary)
+    md = table_markdown(summary) + "\n\n" + paired_markdown(summary["paired"])
     (out / "table.md").write_text(md + "\n")
     record = {"args": vars(a), "command": " ".join(sys.argv), "runs": log}
     previous = out / "results.json"

@@ -1,4 +1,4 @@
-"""The `lad` command: make the built-in dataset, train, evaluate, serve, and the README's demo."""
+"""The `lad` command: make the built-in dataset, pretrain a backbone, train, evaluate, serve, and the README's demo."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,23 @@ def cmd_assign(args: argparse.Namespace) -> int:
     merged = f"; {done['parts_merged']} parts merged into one" if done["parts_merged"] else ""
     print(f"{done['store']}: {done['views']} views; {done['stored_before']} were stored, the teacher assigned "
           f"{done['computed']}{merged}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pipeline.pretrain import pretrain
+    try:
+        info = pretrain(args.train, args.val, args.out, depth=args.depth, epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, window=args.window,
+                        background_ratio=args.background_ratio, seed=args.seed, device=args.device,
+                        threads=args.threads, progress=not args.quiet)
+    except (*USER_ERRORS, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    acc = info["val_accuracy"]
+    scored = f", val accuracy {acc:.3f} over {len(info['classes'])} classes" if acc is not None else ""
+    print(f"ResNet-{args.depth} backbone: {info['weights']} ({info['wall_s']:.0f} s{scored}); "
+          f"use it as model.pretrained={info['weights']}; how it was made: {info['weights']}.json")
     return 0
 
 
@@ -195,6 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--verbose", action="store_true", help="Ray's own output on the console too")
     a.set_defaults(func=cmd_assign)
+
+    pt = sub.add_parser("pretrain", help="train a ResNet backbone on object crops of a COCO dataset "
+                        "(a model.pretrained file)",
+                        description="The stand-in for ImageNet weights where none can be had, or where your images "
+                        "are far from ImageNet's: a ResNet classifier learns the categories of TRAIN's boxes and "
+                        "background from windows cut around each object (at the image's own scale) and away from "
+                        "all objects. Saves the backbone (torchvision's state dict, no classifier) to FILE for "
+                        "model.pretrained, and FILE.json with the accuracy per epoch. docs/pretraining.md.")
+    pt.add_argument("--train", required=True, help="COCO instances JSON whose boxes give the crops")
+    pt.add_argument("--val", default=None, help="a COCO file of the same categories to measure accuracy on")
+    pt.add_argument("--out", required=True, metavar="FILE", help="the weights file to write (e.g. weights/r18.pth)")
+    pt.add_argument("--depth", type=int, choices=[18, 34, 50, 101], default=18, help="ResNet depth (default 18)")
+    pt.add_argument("--epochs", type=int, default=6, help="passes over every object (default 6)")
+    pt.add_argument("--batch-size", type=int, default=128, help="crops per step (default 128)")
+    pt.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine to zero (default 0.1)")
+    pt.add_argument("--window", type=int, default=48,
+                    help="crop side in pixels at the image's scale; larger objects are scaled down to fit (default 48)")
+    pt.add_argument("--background-ratio", type=float, default=0.5,
+                    help="background windows per object window (default 0.5)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--device", default="auto", help="auto (a GPU when present) | cpu | cuda | cuda:N")
+    pt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("serve", help="start the control plane (FastAPI)")
     try:

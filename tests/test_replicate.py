@@ -85,3 +85,46 @@ def test_summarise_only_keeps_the_training_runs_log(replicate, tmp_path, monkeyp
     assert {k: record[k] for k in trained} == trained
     assert record["summarised_by"].endswith(f"--out {out}") and "R18 PAA baseline" in record["rows"]
     assert "R18 PAA baseline" in (out / "table.md").read_text()
+
+
+def test_the_pretrained_regime_starts_every_backbone_from_its_own_weights(replicate):
+    backbones = {18: ["model.pretrained=W/r18.pth", "model.frozen_stages=1", "model.norm_eval=true"],
+                 34: ["model.pretrained=W/r34.pth", "model.frozen_stages=1", "model.norm_eval=true"]}
+    specs = replicate.specs_for_seed(2, 20, 12, backbones, shared_teacher="teacher_r34", policies=["auto"])
+    by_name = {s.name: s for s in specs}
+    assert "s2_teacher_r34" not in by_name and all(s.seed == 2 for s in specs)
+    assert [s.name for s in specs if s.group == "colad"] == ["s2_colad_auto"]
+    for name in ("s2_paa_r18", "s2_lad_r18", "s2_kd_r18", "s2_solad_r18"):
+        assert "model.pretrained=W/r18.pth" in by_name[name].overrides
+    for name in ("s2_paa_r34", "s2_lad_r34", "s2_kd_r34"):
+        assert "model.pretrained=W/r34.pth" in by_name[name].overrides
+        assert "model.pretrained=W/r18.pth" not in by_name[name].overrides
+    assert any("/teacher_r34/checkpoints" in o for o in by_name["s2_lad_r18"].overrides)
+    colad = by_name["s2_colad_auto"].overrides
+    assert {"model.pretrained=W/r18.pth", "colearn.model_b.pretrained=W/r34.pth",
+            "colearn.model_b.frozen_stages=1", "colearn.model_b.norm_eval=true"} <= set(colad)
+    teacher = replicate.teacher_spec("teacher_r34", 100, 12, backbones[34])
+    assert teacher.key == "teacher_r34" and by_name["s2_lad_r18"].key == "lad_r18"
+    assert "model.pretrained=W/r34.pth" in teacher.overrides and "train.epochs=12" in teacher.overrides
+
+
+def test_paired_differences_and_their_interval(replicate, tmp_path):
+    seeds = [0, 1, 2, 3, 4]
+    base = [0.10, 0.12, 0.11, 0.13, 0.09]
+    lad = [b + d for b, d in zip(base, [0.02, 0.03, 0.01, 0.02, 0.02])]   # every seed up: holds
+    kd = [b + d for b, d in zip(base, [0.02, -0.03, 0.01, -0.02, 0.01])]  # both ways: noise
+    for s in seeds:
+        _fake_run(tmp_path, f"s{s}_paa_r18", {"a": [base[s]]}, 100.0)
+        _fake_run(tmp_path, f"s{s}_lad_r18", {"a": [lad[s]]}, 100.0)
+        _fake_run(tmp_path, f"s{s}_kd_r18", {"a": [kd[s]]}, 100.0)
+    specs = [s for seed in seeds for s in replicate.specs_for_seed(seed, 20, 12) if (tmp_path / s.name).exists()]
+    rows = {r["claim"]: r for r in replicate.paired(replicate.summarise(tmp_path, specs))}
+    assert set(rows) == {"LAD > baseline (Table 2)", "KD > baseline (Table 2)"}  # only what both sides have
+    lad_row = rows["LAD > baseline (Table 2)"]
+    diffs = [0.02, 0.03, 0.01, 0.02, 0.02]
+    assert lad_row["diffs"] == pytest.approx(diffs) and lad_row["seeds"] == seeds
+    half = 2.7764451 * statistics.stdev(diffs) / 5 ** 0.5  # t(0.975, 4)
+    assert (lad_row["low"], lad_row["high"]) == pytest.approx((0.02 - half, 0.02 + half))
+    assert lad_row["verdict"] == "holds" and rows["KD > baseline (Table 2)"]["verdict"] == "within the noise"
+    md = replicate.paired_markdown(list(rows.values()))
+    assert "| LAD > baseline (Table 2) | lad_r18 - paa_r18 | 5 | +2.0, +3.0, +1.0, +2.0, +2.0 | +2.00 |" in md
