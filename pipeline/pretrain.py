@@ -11,6 +11,7 @@ the accuracy and how it was made. Images are normalised as the detector normalis
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +26,7 @@ from pipeline.coco import CocoDataset, ImageRecord, load_coco
 from pipeline.dataset import load_image
 from pipeline.errors import DatasetError
 from schemas.files import atomic_write, atomic_write_json
+from trainer.checkpoint import CheckpointError
 from trainer.engine import pick_device
 from trainer.model import IMAGENET_MEAN, IMAGENET_STD, RESNETS
 
@@ -151,12 +153,29 @@ def accuracy(model: nn.Module, loader, device) -> float:
     return right / max(total, 1)
 
 
-def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int = 18, epochs: int = 10,
+def _resume_state(path: str, settings: dict) -> Optional[dict]:
+    """What an interrupted pretraining of the same settings left (FILE.resume, written at every epoch's end)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}); delete it to start the pretraining "
+                              "afresh") from None
+    if state.get("settings") != settings:
+        changed = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+        raise CheckpointError(f"{path}: left by a pretraining with other settings ({', '.join(changed)}); run it "
+                              "again with those, or delete the file to start afresh")
+    return state
+
+
+def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int = 18, epochs: int = 6,
              batch_size: int = 128, lr: float = 0.1, weight_decay: float = 1e-4, window: int = 48,
              background_ratio: float = 0.5, seed: int = 0, device: str = "auto", threads: Optional[int] = None,
-             progress: bool = True) -> dict:
+             num_workers: int = 0, progress: bool = True) -> dict:
     """Train and save; returns what FILE.json records. SGD with Nesterov momentum, a linear warm-up over the
-    first tenth of the steps and a cosine decay to zero: a short, standard ImageNet-style schedule."""
+    first tenth of the steps and a cosine decay to zero: a short, standard ImageNet-style schedule. Every epoch's
+    end is kept in FILE.resume, so an interrupted pretraining goes on from there when run again."""
     for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("window", window, 16)):
         if value < least:
             raise DatasetError(f"{name} must be at least {least}, got {value}", field=name)
@@ -184,14 +203,26 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     warmup = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1))))
-    history, t0 = [], time.time()
-    bar = tqdm(total=total, desc=f"pretrain R{depth}", unit="step", disable=not progress, dynamic_ncols=True)
-    for epoch in range(epochs):
+    settings = {"train": str(train_file), "classes": names, "depth": depth, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "window": window,
+                "background_ratio": background_ratio, "seed": seed}
+    resume_file = f"{out}.resume"
+    history, spent, start = [], 0.0, 0
+    state = _resume_state(resume_file, settings)
+    if state is not None:
+        model.net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, spent, start = state["history"], state["wall_s"], len(state["history"])
+    t0 = time.time() - spent
+    bar = tqdm(total=total, initial=start * steps_per_epoch, desc=f"pretrain R{depth}", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    for epoch in range(start, epochs):
         crops = epoch_crops(train_data, window, background_ratio, seed=seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         loader = torch.utils.data.DataLoader(CropDataset(train_data, crops, window), batch_size=batch_size,
                                              sampler=torch.utils.data.RandomSampler(crops, generator=gen),
-                                             drop_last=len(crops) >= batch_size)
+                                             drop_last=len(crops) >= batch_size, num_workers=num_workers)
         losses = []
         for images, labels in loader:
             loss = F.cross_entropy(model(images.to(device)), labels.to(device))
@@ -206,13 +237,19 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
             row["val_accuracy"] = accuracy(model, val_loader, device)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('val_accuracy', float('nan')):.3f}")
+        if epoch + 1 < epochs:
+            snapshot = {"settings": settings, "model": model.net.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "history": history, "wall_s": time.time() - t0}
+            atomic_write(resume_file, lambda f: torch.save(snapshot, f))
     bar.close()
     backbone = {k: v.cpu() for k, v in model.net.state_dict().items() if not k.startswith("fc.")}
     atomic_write(out, lambda f: torch.save(backbone, f))
     info = {"weights": str(out), "depth": depth, "classes": [c["name"] for c in train_data.categories] + ["background"],
             "train": str(train_file), "val": str(val_file) if val_file else None, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "window": window,
-            "background_ratio": background_ratio, "seed": seed, "history": history,
+            "background_ratio": background_ratio, "seed": seed, "resumed_at_epoch": start, "history": history,
             "val_accuracy": history[-1].get("val_accuracy"), "wall_s": round(time.time() - t0, 1)}
     atomic_write_json(f"{out}.json", info)
+    if os.path.exists(resume_file):
+        os.unlink(resume_file)
     return info

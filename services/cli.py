@@ -95,7 +95,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         info = pretrain(args.train, args.val, args.out, depth=args.depth, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, window=args.window,
                         background_ratio=args.background_ratio, seed=args.seed, device=args.device,
-                        threads=args.threads, progress=not args.quiet)
+                        threads=args.threads, num_workers=args.workers, progress=not args.quiet)
     except (*USER_ERRORS, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "are far from ImageNet's: a ResNet classifier learns the categories of TRAIN's boxes and "
                         "background from windows cut around each object (at the image's own scale) and away from "
                         "all objects. Saves the backbone (torchvision's state dict, no classifier) to FILE for "
-                        "model.pretrained, and FILE.json with the accuracy per epoch. docs/pretraining.md.")
+                        "model.pretrained, and FILE.json with the accuracy per epoch. Each epoch's end is kept in "
+                        "FILE.resume: the same command run again after an interruption goes on from there. "
+                        "docs/pretraining.md.")
     pt.add_argument("--train", required=True, help="COCO instances JSON whose boxes give the crops")
     pt.add_argument("--val", default=None, help="a COCO file of the same categories to measure accuracy on")
     pt.add_argument("--out", required=True, metavar="FILE", help="the weights file to write (e.g. weights/r18.pth)")
@@ -234,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--device", default="auto", help="auto (a GPU when present) | cpu | cuda | cuda:N")
     pt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    pt.add_argument("--workers", type=int, default=0, help="DataLoader processes cutting crops (default 0: in the "
+                    "training process; give a GPU a few)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_pretrain)
 

@@ -1,5 +1,11 @@
 """`lad pretrain`: where the crops fall, and that its weights file is what `model.pretrained` loads."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +17,8 @@ from schemas.config import ModelConfig
 from services.cli import main
 from tests.tiny import make_data
 from trainer.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _record(boxes) -> ImageRecord:
@@ -94,3 +102,36 @@ def test_bad_settings_are_one_line(tmp_path, capsys, flag, value):
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag.lstrip("-").replace("-", "_") in err
+
+
+def test_a_killed_pretraining_goes_on_from_its_last_epoch_and_ends_as_if_never_stopped(tmp_path):
+    data = make_data(tmp_path / "data", num_train=24, num_val=8)
+    args = ["pretrain", "--train", str(data / "train.json"), "--epochs", "6", "--batch-size", "8", "--window", "32",
+            "--threads", "1", "--device", "cpu", "--quiet"]
+    whole = tmp_path / "whole.pth"
+    assert main(args + ["--out", str(whole)]) == 0
+    cut = tmp_path / "cut.pth"
+    resume = tmp_path / "cut.pth.resume"
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--out", str(cut)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert resume.exists() and not cut.exists()  # an epoch kept, no half-written weights
+    assert main(args + ["--out", str(cut)]) == 0
+    info = json.loads((tmp_path / "cut.pth.json").read_text())
+    assert info["resumed_at_epoch"] >= 1 and [h["epoch"] for h in info["history"]] == [1, 2, 3, 4, 5, 6]
+    assert not resume.exists()
+    a, b = torch.load(whole, weights_only=True), torch.load(cut, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_file_of_other_settings_is_refused_in_one_line(tmp_path, capsys):
+    data = make_data(tmp_path / "data", num_train=24, num_val=8)
+    out = tmp_path / "w.pth"
+    torch.save({"settings": {"depth": 34}}, f"{out}.resume")
+    assert main(["pretrain", "--train", str(data / "train.json"), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "w.pth.resume" in err and "depth" in err and not out.exists()
