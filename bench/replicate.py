@@ -120,6 +120,27 @@ def pretrained_backbones(out: Path, a: argparse.Namespace) -> dict[int, list[str
     return backbones
 
 
+# what decides a finished run's result: runs in one --out must share them, or the table would mix regimes
+SETTINGS = ("regime", "recipe", "epochs", "teacher_epochs", "warmup", "num_train", "num_val", "pretrain_images",
+            "pretrain_epochs")
+
+
+def same_runs(out: Path, a: argparse.Namespace) -> None:
+    """Record the settings in --out/settings.json, or leave (one line) when the runs there were made otherwise."""
+    mine = {k: getattr(a, k) for k in SETTINGS}
+    path = out / "settings.json"
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        theirs = {"regime": "scratch", "recipe": "lad", **theirs}
+        differ = [f"{k} {theirs.get(k)} there, {mine[k]} now" for k in SETTINGS if theirs.get(k) != mine[k]
+                  and not (k.startswith("pretrain_") and a.regime == "scratch")]
+        if differ:
+            sys.exit(f"error: {out} holds runs made with other settings ({'; '.join(differ)}); use another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1))
+
+
 def run_spec(spec: Spec, out: Path, data: Path, schedule: list[str]) -> dict:
     from pipeline.local import train
     overrides = [o.replace("{out}", str(out)) for o in spec.overrides]
@@ -167,27 +188,39 @@ def summarise(out: Path, specs: list[Spec]) -> dict:
     return {"rows": rows, "curves": curves}
 
 
-# (what, the run, the run it is measured against): the paper's claims, as per-seed paired differences
+# (the paper's claim, the run, the run it is measured against, what the claim says of run - against):
+# ">" a gain, ">=" no loss, "not >" no gain. Each is tested with per-seed paired differences.
 COMPARISONS = [
-    ("LAD > baseline (Table 2)", f"lad_r{SMALL}", f"paa_r{SMALL}"),
-    ("KD > baseline (Table 2)", f"kd_r{SMALL}", f"paa_r{SMALL}"),
-    ("SoLAD > baseline (Table 2)", f"solad_r{SMALL}", f"paa_r{SMALL}"),
-    ("SoLAD >= LAD (Table 2)", f"solad_r{SMALL}", f"lad_r{SMALL}"),
-    ("LAD lifts the larger student (Table 3)", f"lad_r{LARGE}", f"paa_r{LARGE}"),
-    ("KD does not lift it (Table 3)", f"kd_r{LARGE}", f"paa_r{LARGE}"),
-    ("LAD > KD for the larger student (Table 3)", f"lad_r{LARGE}", f"kd_r{LARGE}"),
-    (f"CoLAD auto network A >= R{SMALL} alone", "colad_auto@a", f"paa_r{SMALL}"),
-    (f"CoLAD auto network B >= R{LARGE} alone", "colad_auto@b", f"paa_r{LARGE}"),
+    ("LAD > baseline (Table 2)", f"lad_r{SMALL}", f"paa_r{SMALL}", ">"),
+    ("KD > baseline (Table 2)", f"kd_r{SMALL}", f"paa_r{SMALL}", ">"),
+    ("SoLAD > baseline (Table 2)", f"solad_r{SMALL}", f"paa_r{SMALL}", ">"),
+    ("SoLAD >= LAD (Table 2)", f"solad_r{SMALL}", f"lad_r{SMALL}", ">="),
+    ("LAD lifts the larger student (Table 3)", f"lad_r{LARGE}", f"paa_r{LARGE}", ">"),
+    ("KD does not lift it (Table 3)", f"kd_r{LARGE}", f"paa_r{LARGE}", "not >"),
+    (f"CoLAD network A (R{SMALL}) >= R{SMALL} alone", "colad_auto@a", f"paa_r{SMALL}", ">="),
+    (f"CoLAD network B (R{LARGE}) >= R{LARGE} alone", "colad_auto@b", f"paa_r{LARGE}", ">="),
 ]
 
 
+def verdict(low: float, high: float, claim: str) -> tuple[str, str]:
+    """(what the interval says of the difference, what that says of the claim)."""
+    if not low == low:  # one seed: no interval
+        return "one seed", "not tested"
+    diff = "above 0" if low > 0 else "below 0" if high < 0 else "includes 0"
+    if claim == ">":
+        return diff, {"above 0": "holds", "below 0": "reversed", "includes 0": "not shown (within the noise)"}[diff]
+    if claim == ">=":
+        return diff, {"above 0": "holds (a gain)", "below 0": "fails", "includes 0": "holds (no resolved loss)"}[diff]
+    return diff, {"above 0": "fails (it lifts it)", "below 0": "holds (a loss)", "includes 0": "holds (no resolved gain)"}[diff]
+
+
 def paired(summary: dict, confidence: float = 0.95) -> list[dict]:
-    """Per comparison: AP differences seed by seed (the same data order and init on both sides), their mean and a
-    Student-t interval. "holds" / "reversed" when the interval excludes 0, else "within the noise"."""
+    """Per comparison: AP differences seed by seed (the same data order and init on both sides), their mean, a
+    Student-t interval, and what it says of the difference and of the claim."""
     from scipy import stats
     by_key = {r["key"]: dict(zip(r["seeds"], r["AP"])) for r in summary["rows"].values() if "key" in r}
     out = []
-    for what, run, against in COMPARISONS:
+    for what, run, against, claim in COMPARISONS:
         a, b = by_key.get(run, {}), by_key.get(against, {})
         seeds = sorted(set(a) & set(b))
         if not seeds:
@@ -196,20 +229,20 @@ def paired(summary: dict, confidence: float = 0.95) -> list[dict]:
         mean = statistics.fmean(diffs)
         half = (stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
                 if len(diffs) > 1 else float("nan"))
-        verdict = ("holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within the noise"
-                   if half == half else "one seed")
+        difference, holds = verdict(mean - half, mean + half, claim)
         out.append({"claim": what, "run": run, "against": against, "seeds": seeds, "diffs": diffs, "mean": mean,
-                    "low": mean - half, "high": mean + half, "verdict": verdict})
+                    "low": mean - half, "high": mean + half, "difference": difference, "verdict": holds})
     return out
 
 
 def paired_markdown(rows: list[dict]) -> str:
-    lines = ["| claim | run - against | seeds | per-seed AP difference x 100 | mean | 95 % interval | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| claim | run - against | seeds | per-seed AP difference x 100 | mean | 95 % interval | interval | "
+             "claim |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per_seed = ", ".join(f"{100 * d:+.1f}" for d in r["diffs"])
         lines.append(f"| {r['claim']} | {r['run']} - {r['against']} | {len(r['seeds'])} | {per_seed} | "
-                     f"{100 * r['mean']:+.2f} | [{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] | {r['verdict']} |")
+                     f"{100 * r['mean']:+.2f} | [{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] | {r['difference']} "
+                     f"| {r['verdict']} |")
     return "\n".join(lines)
 
 
@@ -256,7 +289,7 @@ def plot_curves(summary: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/results/replicate")
+    ap.add_argument("--out", default=None, help="default bench/results/replicate, or replicate_pretrained")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=4, help="every student's schedule")
     ap.add_argument("--teacher-epochs", type=int, default=None,
@@ -278,8 +311,12 @@ def main() -> int:
     a = ap.parse_args()
     if a.quick:
         a.seeds, a.epochs, a.num_train, a.num_val, a.warmup = a.seeds[:1], 1, 48, 16, 2
+        a.pretrain_images, a.pretrain_epochs = 48, 1
     a.teacher_epochs = a.teacher_epochs or 3 * a.epochs
+    a.out = a.out or ("bench/results/replicate" + ("_pretrained" if a.regime == "pretrained" else ""))
     out = Path(a.out)
+    if not a.summarise_only:
+        same_runs(out, a)
     data = out / "data"
     if not (data / "val.json").exists():
         from pipeline.digits import make_digits
@@ -288,7 +325,7 @@ def main() -> int:
                 f"train.warmup_steps={a.warmup}", f"train.recipe={a.recipe}"]
     shared, backbones, policies = None, None, None
     if a.regime == "pretrained":
-        backbones = pretrained_backbones(out, a)
+        backbones = ({d: [] for d in (SMALL, LARGE)} if a.summarise_only else pretrained_backbones(out, a))
         shared, policies = f"teacher_r{LARGE}", ["auto"]
     per_seed = [specs_for_seed(seed, a.alternate, a.teacher_epochs, backbones, shared, policies) for seed in a.seeds]
     specs = [teacher_spec(shared, SHARED_TEACHER_SEED, a.teacher_epochs, backbones[LARGE])] if shared else []

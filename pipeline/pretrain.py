@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pipeline.coco import CocoDataset, ImageRecord, load_coco
 from pipeline.dataset import load_image
 from pipeline.errors import DatasetError
+from schemas.config import ConfigError
 from schemas.files import atomic_write, atomic_write_json
 from trainer.checkpoint import CheckpointError
 from trainer.engine import pick_device
@@ -64,34 +65,39 @@ def object_crops(record: ImageRecord, index: int, window: int, rng: np.random.Ge
     return crops
 
 
-def background_crops(record: ImageRecord, index: int, window: int, count: int, background: int,
+def background_crops(record: ImageRecord, index: int, sides: np.ndarray, count: int, background: int,
                      rng: np.random.Generator) -> list[Crop]:
-    """Up to `count` windows that share at most a quarter of any object, and of themselves, with an object."""
+    """Up to `count` windows that share at most a quarter of any object, and of themselves, with an object. Their
+    sides are drawn from `sides` (the object windows'), and they overhang the image's edge by up to a quarter as
+    object windows near an edge do: so that neither a size, a blur nor a black border gives the class away."""
     crops = []
     boxes = record.boxes
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     for _ in range(count * BACKGROUND_TRIES):
         if len(crops) == count:
             break
-        x0, y0 = rng.uniform(0, max(record.width - window, 0)), rng.uniform(0, max(record.height - window, 0))
+        side = float(rng.choice(sides))
+        x0 = rng.uniform(-side / 4, max(record.width - 3 * side / 4, -side / 4))
+        y0 = rng.uniform(-side / 4, max(record.height - 3 * side / 4, -side / 4))
         if len(boxes):
-            ix = np.clip(np.minimum(boxes[:, 2], x0 + window) - np.maximum(boxes[:, 0], x0), 0, None)
-            iy = np.clip(np.minimum(boxes[:, 3], y0 + window) - np.maximum(boxes[:, 1], y0), 0, None)
-            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            if np.any(ix * iy > 0.25 * np.minimum(area, window * window)):
+            ix = np.clip(np.minimum(boxes[:, 2], x0 + side) - np.maximum(boxes[:, 0], x0), 0, None)
+            iy = np.clip(np.minimum(boxes[:, 3], y0 + side) - np.maximum(boxes[:, 1], y0), 0, None)
+            if np.any(ix * iy > 0.25 * np.minimum(area, side * side)):
                 continue
-        crops.append(Crop(index, x0, y0, float(window), background))
+        crops.append(Crop(index, x0, y0, side, background))
     return crops
 
 
 def epoch_crops(data: CocoDataset, window: int, background_ratio: float, seed: int) -> list[Crop]:
     """Every object once and background windows in proportion, placed anew for each `seed` (an epoch)."""
     rng = np.random.default_rng(seed)
-    crops: list[Crop] = []
+    objects = [object_crops(record, i, window, rng) for i, record in enumerate(data.records)]
+    sides = np.array([c.side for crops in objects for c in crops] or [float(window)])
     per_image = background_ratio * data.report.boxes / max(len(data.records), 1)
+    crops: list[Crop] = []
     for i, record in enumerate(data.records):
-        crops += object_crops(record, i, window, rng)
         count = int(per_image) + (rng.random() < per_image % 1)
-        crops += background_crops(record, i, window, count, data.num_classes, rng)
+        crops += objects[i] + background_crops(record, i, sides, count, data.num_classes, rng)
     return crops
 
 
@@ -162,6 +168,8 @@ def _resume_state(path: str, settings: dict) -> Optional[dict]:
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}); delete it to start the pretraining "
                               "afresh") from None
+    if not isinstance(state, dict) or not {"settings", "model", "optimizer", "scheduler", "history"} <= state.keys():
+        raise CheckpointError(f"{path}: not a pretraining's resume file; delete it to start the pretraining afresh")
     if state.get("settings") != settings:
         changed = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
         raise CheckpointError(f"{path}: left by a pretraining with other settings ({', '.join(changed)}); run it "
@@ -179,7 +187,11 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("window", window, 16)):
         if value < least:
             raise DatasetError(f"{name} must be at least {least}, got {value}", field=name)
-    device = pick_device(device)
+    try:
+        device = pick_device(device)
+    except (ValueError, RuntimeError):
+        raise ConfigError(f"--device {device}: not a device here; use auto, cpu, or cuda[:N] on a machine with "
+                          "a GPU") from None
     train_data = load_coco(train_file)
     val_data = load_coco(val_file) if val_file else None
     names = [c["name"] for c in train_data.categories]
@@ -202,7 +214,8 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     total = epochs * steps_per_epoch
     warmup = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1))))
+        opt, lambda s: (s + 1) / warmup if s < warmup else  # an epoch's crop count varies: clamp to the end
+        0.5 * (1 + math.cos(math.pi * min(s - warmup, total - warmup) / max(total - warmup, 1))))
     settings = {"train": str(train_file), "classes": names, "depth": depth, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "window": window,
                 "background_ratio": background_ratio, "seed": seed}

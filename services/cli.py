@@ -96,8 +96,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, lr=args.lr, window=args.window,
                         background_ratio=args.background_ratio, seed=args.seed, device=args.device,
                         threads=args.threads, num_workers=args.workers, progress=not args.quiet)
-    except (*USER_ERRORS, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        line = str(e).strip()
+        if line.startswith("Caught "):  # from a DataLoader worker: torch's "Original Traceback" ends in "...Error: line"
+            line = line.splitlines()[-1].split("Error: ", 1)[-1]
+        print(f"error: {line}", file=sys.stderr)
         return 2
     acc = info["val_accuracy"]
     scored = f", val accuracy {acc:.3f} over {len(info['classes'])} classes" if acc is not None else ""

@@ -125,6 +125,28 @@ def test_paired_differences_and_their_interval(replicate, tmp_path):
     assert lad_row["diffs"] == pytest.approx(diffs) and lad_row["seeds"] == seeds
     half = 2.7764451 * statistics.stdev(diffs) / 5 ** 0.5  # t(0.975, 4)
     assert (lad_row["low"], lad_row["high"]) == pytest.approx((0.02 - half, 0.02 + half))
-    assert lad_row["verdict"] == "holds" and rows["KD > baseline (Table 2)"]["verdict"] == "within the noise"
+    assert (lad_row["difference"], lad_row["verdict"]) == ("above 0", "holds")
+    kd_row = rows["KD > baseline (Table 2)"]
+    assert (kd_row["difference"], kd_row["verdict"]) == ("includes 0", "not shown (within the noise)")
     md = replicate.paired_markdown(list(rows.values()))
     assert "| LAD > baseline (Table 2) | lad_r18 - paa_r18 | 5 | +2.0, +3.0, +1.0, +2.0, +2.0 | +2.00 |" in md
+
+
+@pytest.mark.parametrize("low,high,claim,expected", [
+    (0.01, 0.03, ">", "holds"), (-0.03, -0.01, ">", "reversed"), (-0.01, 0.01, ">", "not shown (within the noise)"),
+    (-0.01, 0.01, ">=", "holds (no resolved loss)"), (-0.03, -0.01, ">=", "fails"),
+    (0.01, 0.03, "not >", "fails (it lifts it)"), (-0.01, 0.01, "not >", "holds (no resolved gain)"),
+])
+def test_the_verdict_reads_the_interval_as_the_claim_is_worded(replicate, low, high, claim, expected):
+    assert replicate.verdict(low, high, claim)[1] == expected
+
+
+def test_runs_made_with_other_settings_are_not_mixed_into_the_table(replicate, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rep"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "val.json").write_text("{}")
+    (out / "settings.json").write_text(json.dumps({"regime": "scratch", "recipe": "lad", "epochs": 4}))
+    monkeypatch.setattr(sys, "argv", ["bench/replicate.py", "--out", str(out), "--epochs", "6"])
+    with pytest.raises(SystemExit) as stop:
+        replicate.main()
+    assert "other settings" in str(stop.value) and "epochs 4 there, 6 now" in str(stop.value)
