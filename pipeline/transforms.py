@@ -138,13 +138,3 @@ def pad_to(image: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
     out[: image.shape[0], : image.shape[1]] = image
     return out
 
-
-def letterbox(
-    image: np.ndarray, boxes: np.ndarray, input_size: InputSize, flip: bool
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """`resize`, padded to this one image's canvas (S x S for a square input size).
-
-    Returns (image uint8 [H, W, 3], boxes float32 [G, 4] xyxy in the output frame, scale).
-    """
-    out, boxes, scale = resize(image, boxes, input_size, flip)
-    return pad_to(out, canvas_shape([out.shape[:2]], input_size)), boxes, scale

@@ -11,7 +11,13 @@ from PIL import Image
 from pipeline.coco import load_coco
 from pipeline.dataset import DetectionDataset
 from pipeline.errors import DatasetError
-from pipeline.transforms import aug_params, aug_params_for, boxes_to_original, canvas_shape, letterbox, resize
+from pipeline.transforms import aug_params, aug_params_for, boxes_to_original, canvas_shape, pad_to, resize
+
+
+def letterbox(image, boxes, input_size, flip):
+    """`resize`, padded to this one image's canvas, as a batch of one is."""
+    out, boxes, scale = resize(image, boxes, input_size, flip)
+    return pad_to(out, canvas_shape([out.shape[:2]], input_size)), boxes, scale
 
 
 def _painted(height, width, box):
