@@ -154,6 +154,9 @@ def run_spec(spec: Spec, out: Path, data: Path, schedule: list[str]) -> dict:
         return {"skipped": True}
     t0 = time.time()
     train(cfg, progress=False)
+    state = (run.progress() or {}).get("state")
+    if state != "succeeded":  # stopped (a SIGTERM, a stop request) or failed: the next runs would build on it
+        sys.exit(f"{spec.name} ended {state}; the bench stops here (run the same command to resume)")
     return {"wall_s": time.time() - t0}
 
 
