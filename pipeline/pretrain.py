@@ -29,7 +29,7 @@ from schemas.config import ConfigError
 from schemas.files import atomic_write, atomic_write_json
 from trainer.checkpoint import CheckpointError
 from trainer.engine import pick_device
-from trainer.model import IMAGENET_MEAN, IMAGENET_STD, RESNETS
+from trainer.model import RESNETS, PixelNormalise
 
 MARGIN = 1.25         # a window is at least this many times the object's longer side (then scaled to `window`)
 JITTER = 0.125         # an object's centre is at most this fraction of the window's side off the window's centre
@@ -135,19 +135,6 @@ class CropDataset(torch.utils.data.Dataset):
         return canvas, c.label
 
 
-class Normalised(nn.Module):
-    """The classifier sees pixels exactly as the detector's backbone will (`trainer.model.PAADetector`)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.net((images.float() - self.mean) / self.std)
-
-
 def accuracy(model: nn.Module, loader, device) -> float:
     model.eval()
     right = total = 0
@@ -204,13 +191,16 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     num_classes = train_data.num_classes + 1  # + background
-    model = Normalised(RESNETS[depth](weights=None, num_classes=num_classes)).to(device)
+    net = RESNETS[depth](weights=None, num_classes=num_classes)
+    model = nn.Sequential(PixelNormalise(), net).to(device)  # pixels as the detector's backbone will see them
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     val_loader = None
     if val_data is not None:
         val_set = CropDataset(val_data, epoch_crops(val_data, window, background_ratio, seed=10_000 + seed), window)
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size)
-    steps_per_epoch = max(len(epoch_crops(train_data, window, background_ratio, seed)) // batch_size, 1)
+    plan = lambda epoch: epoch_crops(train_data, window, background_ratio, seed=seed * 1000 + epoch)  # noqa: E731
+    first = plan(0)  # the schedule's length follows the first epoch's crops, wherever a resumed run starts
+    steps_per_epoch = max(len(first) // batch_size, 1)
     total = epochs * steps_per_epoch
     warmup = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -223,7 +213,7 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     history, spent, start = [], 0.0, 0
     state = _resume_state(resume_file, settings)
     if state is not None:
-        model.net.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, spent, start = state["history"], state["wall_s"], len(state["history"])
@@ -231,7 +221,7 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     bar = tqdm(total=total, initial=start * steps_per_epoch, desc=f"pretrain R{depth}", unit="step",
                disable=not progress, dynamic_ncols=True)
     for epoch in range(start, epochs):
-        crops = epoch_crops(train_data, window, background_ratio, seed=seed * 1000 + epoch)
+        crops = first if epoch == 0 else plan(epoch)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         loader = torch.utils.data.DataLoader(CropDataset(train_data, crops, window), batch_size=batch_size,
                                              sampler=torch.utils.data.RandomSampler(crops, generator=gen),
@@ -251,11 +241,11 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('val_accuracy', float('nan')):.3f}")
         if epoch + 1 < epochs:
-            snapshot = {"settings": settings, "model": model.net.state_dict(), "optimizer": opt.state_dict(),
+            snapshot = {"settings": settings, "model": net.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "history": history, "wall_s": time.time() - t0}
             atomic_write(resume_file, lambda f: torch.save(snapshot, f))
     bar.close()
-    backbone = {k: v.cpu() for k, v in model.net.state_dict().items() if not k.startswith("fc.")}
+    backbone = {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
     atomic_write(out, lambda f: torch.save(backbone, f))
     info = {"weights": str(out), "depth": depth, "classes": [c["name"] for c in train_data.categories] + ["background"],
             "train": str(train_file), "val": str(val_file) if val_file else None, "epochs": epochs,

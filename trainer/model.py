@@ -25,6 +25,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class PixelNormalise(nn.Module):
+    """uint8 (or float 0-255) pixels to ImageNet-normalised floats: the one definition a backbone's weights are
+    made with (`lad pretrain`) and used with (the detector)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (images.float() - self.mean) / self.std
+
+
 @dataclass
 class HeadOutputs:
     """Raw network outputs for a batch: cls logits [B,A,C], box deltas [B,A,4], IoU logits [B,A]."""
@@ -147,8 +160,7 @@ class PAADetector(nn.Module):
             part.requires_grad_(False)
         self.head = PAAHead(cfg.fpn_channels, cfg.num_classes, len(cfg.fpn_levels), cfg.head_convs,
                             cfg.head_channels)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.normalise = PixelNormalise()
 
     def train(self, mode: bool = True) -> "PAADetector":
         super().train(mode)
@@ -162,8 +174,7 @@ class PAADetector(nn.Module):
         return self
 
     def features(self, images: Tensor) -> list[Tensor]:
-        x = (images.float() - self.mean) / self.std
-        feats: OrderedDict = self.backbone(x)
+        feats: OrderedDict = self.backbone(self.normalise(images))
         feats = list(feats.values())[: len(self.cfg.fpn_levels)]  # P6/P7 come in pairs; drop an unasked P7
         return feats
 
