@@ -4,6 +4,8 @@
     python bench/replicate.py --quick             # a few minutes: tiny data and schedule (CI-sized smoke run)
     python bench/replicate.py --seeds 0 1 2 --epochs 4 --out bench/results/replicate
     python bench/replicate.py --regime pretrained --out bench/results/replicate_pretrained   # the paper's regime
+    python bench/replicate.py --regime pretrained --recipe official --only table2 \
+        --out bench/results/replicate_pretrained_official --reuse bench/results/replicate_pretrained
 
 Resumable: a finished run (progress.json says succeeded) is skipped, an interrupted one resumes from its
 last.pt. Per seed it trains, every student with the same data and schedule (--epochs):
@@ -140,6 +142,19 @@ def same_runs(out: Path, a: argparse.Namespace) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(mine, indent=1))
+
+
+def reuse(out: Path, source: Path, a: argparse.Namespace) -> None:
+    """Link --reuse's backbones, data and shared teacher into --out, so that only the students' recipe differs
+    between the two sets of runs. Refused (one line) where --reuse was made with other settings."""
+    theirs = json.loads((source / "settings.json").read_text()) if (source / "settings.json").exists() else None
+    differ = [k for k in SETTINGS if k != "recipe" and (theirs or {}).get(k) != getattr(a, k)]
+    if theirs is None or differ:
+        sys.exit(f"error: --reuse {source}: " + (f"its settings differ ({', '.join(differ)})" if theirs else
+                                                 "no settings.json there; run the bench into it first"))
+    for name in ("weights", "pretrain_data", "data", f"teacher_r{LARGE}"):
+        if not (out / name).exists() and (source / name).exists():
+            (out / name).symlink_to((source / name).resolve(), target_is_directory=True)
 
 
 def run_spec(spec: Spec, out: Path, data: Path, schedule: list[str]) -> dict:
@@ -313,6 +328,9 @@ def main() -> int:
     ap.add_argument("--pretrain-epochs-large", type=int, default=12,
                     help=f"the same for R{LARGE}, which learns more slowly (after 6 epochs: 56 %% accuracy against "
                     f"R{SMALL}'s 80 %%), so that its teacher is the stronger network, as in the paper")
+    ap.add_argument("--reuse", default=None, metavar="DIR",
+                    help="pretrained regime: take the backbones, data and shared teacher from DIR, runs made with "
+                    "the other --recipe, so that only the students' recipe differs")
     ap.add_argument("--quick", action="store_true", help="tiny data and schedule, one seed: a smoke run")
     ap.add_argument("--summarise-only", action="store_true",
                     help="train nothing: rebuild the table and plot from the runs already in --out")
@@ -325,6 +343,8 @@ def main() -> int:
     out = Path(a.out)
     if not a.summarise_only:
         same_runs(out, a)
+        if a.reuse:
+            reuse(out, Path(a.reuse), a)
     data = out / "data"
     if not (data / "val.json").exists():
         from pipeline.digits import make_digits

@@ -150,3 +150,21 @@ def test_runs_made_with_other_settings_are_not_mixed_into_the_table(replicate, t
     with pytest.raises(SystemExit) as stop:
         replicate.main()
     assert "other settings" in str(stop.value) and "epochs 4 there, 6 now" in str(stop.value)
+
+
+def test_reuse_links_the_other_recipes_backbones_data_and_teacher_and_refuses_other_settings(replicate, tmp_path):
+    source, out = tmp_path / "lad", tmp_path / "official"
+    for name in ("weights", "pretrain_data", "data", "teacher_r34"):
+        (source / name).mkdir(parents=True)
+    out.mkdir()
+    args = replicate.argparse.Namespace(regime="pretrained", recipe="official", epochs=6, teacher_epochs=18,
+                                        warmup=40, num_train=480, num_val=150, pretrain_images=1000,
+                                        pretrain_epochs=6, pretrain_epochs_large=12)
+    (source / "settings.json").write_text(json.dumps({**vars(args), "recipe": "lad", "epochs": 4}))
+    with pytest.raises(SystemExit) as stop:
+        replicate.reuse(out, source, args)
+    assert "its settings differ (epochs)" in str(stop.value) and not list(out.iterdir())
+    (source / "settings.json").write_text(json.dumps({**vars(args), "recipe": "lad"}))
+    replicate.reuse(out, source, args)
+    assert sorted(p.name for p in out.iterdir()) == ["data", "pretrain_data", "teacher_r34", "weights"]
+    assert (out / "teacher_r34").resolve() == (source / "teacher_r34").resolve()
