@@ -16,7 +16,8 @@ from pipeline.pretrain import Crop, CropDataset, background_crops, epoch_crops, 
 from schemas.config import ModelConfig
 from services.cli import main
 from tests.tiny import make_data
-from trainer.model import build_model
+from trainer.checkpoint import CheckpointError
+from trainer.model import RESNETS, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,3 +173,17 @@ def test_a_resume_file_of_other_settings_is_refused_in_one_line(tmp_path, capsys
     assert main(["pretrain", "--train", str(data / "train.json"), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "w.pth.resume: unreadable" in err and not out.exists()
+
+
+@pytest.mark.parametrize("depth", [34, 50])
+def test_weights_of_another_depth_are_refused_in_one_line(tmp_path, depth):
+    """R34's keys are a superset of R18's with the same shapes, R50's differ in shape: neither may load."""
+    weights = tmp_path / f"r{depth}.pth"
+    torch.save(RESNETS[depth](weights=None).state_dict(), weights)
+    with pytest.raises(CheckpointError) as refused:
+        build_model(ModelConfig(depth=18, pretrained=str(weights)))
+    message = str(refused.value)
+    assert "\n" not in message and f"model.pretrained {weights}: not ResNet-18 weights" in message
+    assert ("unexpected layer" if depth == 34 else "is [") in message
+    torch.save(RESNETS[18](weights=None, norm_layer=torch.nn.BatchNorm2d).state_dict(), weights)  # with fc.
+    assert build_model(ModelConfig(depth=18, norm="frozen_bn", pretrained=str(weights)))  # its BN counters aside

@@ -121,12 +121,21 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
         except Exception as e:  # missing, truncated or not a torch file: torch raises several types
             raise CheckpointError(f"model.pretrained {cfg.pretrained}: unreadable ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = body.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing:
+        state = state.get("state_dict", state) if isinstance(state, dict) else None
+        if state is None:
+            raise CheckpointError(f"model.pretrained {cfg.pretrained}: not a state dict")
+        ignored = lambda k: k.startswith("fc.") or k.endswith("num_batches_tracked")  # noqa: E731 (frozen BN has none)
+        mine = {k: v.shape for k, v in body.state_dict().items() if not ignored(k)}
+        theirs = {k: getattr(v, "shape", None) for k, v in state.items() if not ignored(k)}
+        # strict, but for the classifier: another depth's file (R34 keys are a superset of R18's) is refused
+        wrong = [f"{k} is {list(theirs[k] or [])}, not {list(mine[k])}" for k in mine
+                 if k in theirs and theirs[k] != mine[k]] + \
+                [f"missing {k}" for k in mine if k not in theirs] + \
+                [f"unexpected {k}" for k in theirs if k not in mine]
+        if wrong:
             raise CheckpointError(f"model.pretrained {cfg.pretrained}: not ResNet-{cfg.depth} weights "
-                                  f"(missing {len(missing)} keys, e.g. {missing[:3]})")
+                                  f"({len(wrong)} differences, e.g. {'; '.join(wrong[:2])})")
+        body.load_state_dict({k: v for k, v in state.items() if not ignored(k)}, strict=False)
     c_levels = [lv for lv in cfg.fpn_levels if lv <= 5]
     channels = [body.inplanes // 8 * 2 ** (lv - 2) for lv in c_levels]  # C2..C5 widths for either block type
     return_layers = {f"layer{lv - 1}": str(i) for i, lv in enumerate(c_levels)}
