@@ -174,6 +174,10 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("window", window, 16)):
         if value < least:
             raise DatasetError(f"{name} must be at least {least}, got {value}", field=name)
+    for name, value in (("lr", lr), ("background_ratio", background_ratio), ("weight_decay", weight_decay)):
+        if not value >= (0 if name != "lr" else 1e-12):
+            raise DatasetError(f"{name} must be {'positive' if name == 'lr' else 'at least 0'}, got {value}",
+                               field=name)
     try:
         device = pick_device(device)
     except (ValueError, RuntimeError):
@@ -182,8 +186,8 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     train_data = load_coco(train_file)
     val_data = load_coco(val_file) if val_file else None
     names = [c["name"] for c in train_data.categories]
-    if val_data is not None and [c["name"] for c in val_data.categories] != names:
-        raise DatasetError(f"its category names differ from {train_file}'s ({names})", file=val_file,
+    if val_data is not None and [c["name"] for c in val_data.categories] != names:  # labels are indices
+        raise DatasetError(f"its category names or their order differ from {train_file}'s ({names})", file=val_file,
                            field="categories", fix="measure accuracy on a split of the same dataset")
     if train_data.report.boxes == 0:
         raise DatasetError("no object boxes to cut crops from", file=train_file, field="annotations")
@@ -199,14 +203,15 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
         val_set = CropDataset(val_data, epoch_crops(val_data, window, background_ratio, seed=10_000 + seed), window)
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size)
     plan = lambda epoch: epoch_crops(train_data, window, background_ratio, seed=seed * 1000 + epoch)  # noqa: E731
-    first = plan(0)  # the schedule's length follows the first epoch's crops, wherever a resumed run starts
-    steps_per_epoch = max(len(first) // batch_size, 1)
-    total = epochs * steps_per_epoch
+    # an epoch's crop count varies with its background windows: count every epoch's steps (geometry only, cheap)
+    steps = [max(len(plan(epoch)) // batch_size, 1) for epoch in range(epochs)]
+    total = sum(steps)
     warmup = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else  # an epoch's crop count varies: clamp to the end
+        opt, lambda s: (s + 1) / warmup if s < warmup else
         0.5 * (1 + math.cos(math.pi * min(s - warmup, total - warmup) / max(total - warmup, 1))))
-    settings = {"train": str(train_file), "classes": names, "depth": depth, "epochs": epochs,
+    where = lambda f: f if not f or "://" in f else os.path.abspath(f)  # noqa: E731 (one file, however named)
+    settings = {"train": where(train_file), "val": where(val_file), "classes": names, "depth": depth, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "window": window,
                 "background_ratio": background_ratio, "seed": seed}
     resume_file = f"{out}.resume"
@@ -218,12 +223,13 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
         sched.load_state_dict(state["scheduler"])
         history, spent, start = state["history"], state["wall_s"], len(state["history"])
     t0 = time.time() - spent
-    bar = tqdm(total=total, initial=start * steps_per_epoch, desc=f"pretrain R{depth}", unit="step",
+    bar = tqdm(total=total, initial=sum(steps[:start]), desc=f"pretrain R{depth}", unit="step",
                disable=not progress, dynamic_ncols=True)
+    train_set = CropDataset(train_data, [], window)  # one dataset, so that its decoded images outlive an epoch
     for epoch in range(start, epochs):
-        crops = first if epoch == 0 else plan(epoch)
+        crops = train_set.crops = plan(epoch)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(CropDataset(train_data, crops, window), batch_size=batch_size,
+        loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size,
                                              sampler=torch.utils.data.RandomSampler(crops, generator=gen),
                                              drop_last=len(crops) >= batch_size, num_workers=num_workers)
         losses = []
@@ -240,7 +246,7 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
             row["val_accuracy"] = accuracy(model, val_loader, device)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('val_accuracy', float('nan')):.3f}")
-        if epoch + 1 < epochs:
+        if epoch + 1 < epochs:  # after the last, FILE itself is written; a crash before it repeats that epoch
             snapshot = {"settings": settings, "model": net.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "history": history, "wall_s": time.time() - t0}
             atomic_write(resume_file, lambda f: torch.save(snapshot, f))

@@ -128,7 +128,8 @@ def test_a_val_file_of_other_categories_is_one_line_and_writes_nothing(tmp_path,
     assert not out.exists() and not list(tmp_path.glob("*.pth*"))
 
 
-@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--window", "8"), ("--batch-size", "0")])
+@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--window", "8"), ("--batch-size", "0"), ("--lr", "0"),
+                                        ("--background-ratio", "-0.5")])
 def test_bad_settings_are_one_line(tmp_path, capsys, flag, value):
     data = make_data(tmp_path / "data", num_train=24, num_val=8)
     assert main(["pretrain", "--train", str(data / "train.json"), "--out", str(tmp_path / "w.pth"), flag, value,
