@@ -1,10 +1,10 @@
 """The paper's Tables 2 and 3 (and CoLAD) at small scale, on the built-in dataset, over several seeds.
 
-    python bench/replicate.py                     # the full table (about an hour of a 2-core CPU per seed set)
-    python bench/replicate.py --quick             # a few minutes: tiny data and schedule (CI-sized smoke run)
+    python bench/replicate.py                     # the full table from scratch (1 h 40 min of a 2-core CPU)
+    python bench/replicate.py --quick             # a few minutes: tiny data and schedule, into replicate_quick
     python bench/replicate.py --seeds 0 1 2 --epochs 4 --out bench/results/replicate
     python bench/replicate.py --regime pretrained --out bench/results/replicate_pretrained   # the paper's regime
-    python bench/replicate.py --regime pretrained --recipe official --only table2 \
+    python bench/replicate.py --regime pretrained --recipe official --only table2 --epochs 6 --seeds 0 1 2 \
         --out bench/results/replicate_pretrained_official --reuse bench/results/replicate_pretrained
 
 Resumable: a finished run (progress.json says succeeded) is skipped, an interrupted one resumes from its
@@ -152,8 +152,14 @@ def reuse(out: Path, source: Path, a: argparse.Namespace) -> None:
     if theirs is None or differ:
         sys.exit(f"error: --reuse {source}: " + (f"its settings differ ({', '.join(differ)})" if theirs else
                                                  "no settings.json there; run the bench into it first"))
-    for name in ("weights", "pretrain_data", "data", f"teacher_r{LARGE}"):
-        if not (out / name).exists() and (source / name).exists():
+    shared = ("weights", "pretrain_data", "data", f"teacher_r{LARGE}")
+    absent = [name for name in shared if not (source / name).exists()]
+    if absent:
+        sys.exit(f"error: --reuse {source}: {', '.join(absent)} not there (run files stay on the machine that "
+                 "made them); run the bench into it first")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in shared:
+        if not (out / name).exists():
             (out / name).symlink_to((source / name).resolve(), target_is_directory=True)
 
 
@@ -230,7 +236,8 @@ def verdict(low: float, high: float, claim: str) -> tuple[str, str]:
         return diff, {"above 0": "holds", "below 0": "reversed", "includes 0": "not shown (within the noise)"}[diff]
     if claim == ">=":
         return diff, {"above 0": "holds (a gain)", "below 0": "fails", "includes 0": "holds (no resolved loss)"}[diff]
-    return diff, {"above 0": "fails (it lifts it)", "below 0": "holds (a loss)", "includes 0": "holds (no resolved gain)"}[diff]
+    return diff, {"above 0": "fails (it lifts it)", "below 0": "holds (a loss)",
+                  "includes 0": "holds (no resolved gain)"}[diff]
 
 
 def paired(summary: dict, confidence: float = 0.95) -> list[dict]:
@@ -307,15 +314,18 @@ def plot_curves(summary: dict, path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None, help="default bench/results/replicate, or replicate_pretrained")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    ap.add_argument("--out", default=None, help="default bench/results/replicate, replicate_pretrained with "
+                    "--regime pretrained, replicate_quick with --quick (relative to the current directory)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one set of runs per seed")
     ap.add_argument("--epochs", type=int, default=4, help="every student's schedule")
     ap.add_argument("--teacher-epochs", type=int, default=None,
                     help="the Table 2 teacher's schedule (default 3x --epochs: a teacher trained longer)")
     ap.add_argument("--warmup", type=int, default=40, help="linear warm-up steps of every run")
-    ap.add_argument("--num-train", type=int, default=480)
-    ap.add_argument("--num-val", type=int, default=150)
+    ap.add_argument("--num-train", type=int, default=480, help="training images of the detectors' digits")
+    ap.add_argument("--num-val", type=int, default=150, help="validation images, the AP's")
     ap.add_argument("--alternate", type=int, default=20, help="N of the alternate:N CoLAD policy")
     ap.add_argument("--only", default=None, help="comma-separated groups to run: table2,table3,colad")
     ap.add_argument("--regime", choices=["scratch", "pretrained"], default="scratch",
@@ -339,12 +349,15 @@ def main() -> int:
         a.seeds, a.epochs, a.num_train, a.num_val, a.warmup = a.seeds[:1], 1, 48, 16, 2
         a.pretrain_images, a.pretrain_epochs, a.pretrain_epochs_large = 48, 1, 1
     a.teacher_epochs = a.teacher_epochs or 3 * a.epochs
-    a.out = a.out or ("bench/results/replicate" + ("_pretrained" if a.regime == "pretrained" else ""))
+    a.out = a.out or ("bench/results/replicate" + ("_quick" if a.quick else "_pretrained" if a.regime == "pretrained"
+                                                   else ""))
     out = Path(a.out)
+    if a.summarise_only and not any((p / "eval.json").exists() for p in out.glob("*/")):
+        sys.exit(f"error: no runs in {out} to summarise (run directories stay on the machine that trained them)")
     if not a.summarise_only:
-        same_runs(out, a)
-        if a.reuse:
+        if a.reuse:  # before --out records its settings, so that a refusal leaves nothing behind
             reuse(out, Path(a.reuse), a)
+        same_runs(out, a)
     data = out / "data"
     if not (data / "val.json").exists():
         from pipeline.digits import make_digits

@@ -168,3 +168,24 @@ def test_reuse_links_the_other_recipes_backbones_data_and_teacher_and_refuses_ot
     replicate.reuse(out, source, args)
     assert sorted(p.name for p in out.iterdir()) == ["data", "pretrain_data", "teacher_r34", "weights"]
     assert (out / "teacher_r34").resolve() == (source / "teacher_r34").resolve()
+
+
+def test_reuse_of_a_folder_without_its_runs_is_refused_before_anything_is_written(replicate, tmp_path, monkeypatch):
+    source, out = tmp_path / "lad", tmp_path / "official"
+    source.mkdir()
+    (source / "settings.json").write_text(json.dumps({"regime": "pretrained", "recipe": "lad", "epochs": 6,
+                                                      "teacher_epochs": 18, "warmup": 40, "num_train": 480,
+                                                      "num_val": 150, "pretrain_images": 1000,
+                                                      "pretrain_epochs": 6, "pretrain_epochs_large": 12}))
+    monkeypatch.setattr(sys, "argv", ["bench/replicate.py", "--regime", "pretrained", "--recipe", "official",
+                                      "--epochs", "6", "--out", str(out), "--reuse", str(source)])
+    with pytest.raises(SystemExit) as stop:
+        replicate.main()
+    assert "weights, pretrain_data, data, teacher_r34 not there" in str(stop.value) and not out.exists()
+
+
+def test_summarise_only_without_runs_is_one_line(replicate, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench/replicate.py", "--summarise-only", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as stop:
+        replicate.main()
+    assert "no runs in" in str(stop.value)
