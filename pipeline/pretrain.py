@@ -174,10 +174,11 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     for name, value, least in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("window", window, 16)):
         if value < least:
             raise DatasetError(f"{name} must be at least {least}, got {value}", field=name)
-    for name, value in (("lr", lr), ("background_ratio", background_ratio), ("weight_decay", weight_decay)):
-        if not value >= (0 if name != "lr" else 1e-12):
-            raise DatasetError(f"{name} must be {'positive' if name == 'lr' else 'at least 0'}, got {value}",
-                               field=name)
+    if not lr > 0:
+        raise DatasetError(f"lr must be positive, got {lr}", field="lr")
+    for name, value in (("background_ratio", background_ratio), ("weight_decay", weight_decay)):
+        if not value >= 0:
+            raise DatasetError(f"{name} must be at least 0, got {value}", field=name)
     try:
         device = pick_device(device)
     except (ValueError, RuntimeError):
