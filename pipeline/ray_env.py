@@ -55,14 +55,17 @@ def init_local(num_cpus: Optional[float] = None, object_store_memory: Optional[i
     The dashboard stays on (Ray Train V2 reads actor states through it, the state API) on a free port, and
     every process of this Ray is told that address (`RAY_API_SERVER_ADDRESS`): otherwise, with another Ray on
     the same machine, Train's placement-group cleaner cannot tell which cluster is its own and logs errors.
-    Train's print patch is off in its workers (see below).
+    Train's print patch and its preemption watcher are off in its workers (see below).
     """
     port = _free_port()
     env = {"PYTHONPATH": os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p),
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
            # Ray Train sends every print() of a worker to its logger, past redirect_stdout: pycocotools' tables
            # would reach the console from each evaluation. Our own lines go to stderr directly.
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           # Train's preemption watcher (one more actor process per worker group) polls for nodes being drained;
+           # a private Ray on one machine has none to drain.
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=object_store_memory,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": env}, **kwargs)
