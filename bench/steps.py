@@ -11,6 +11,7 @@ networks are untrained (assignment cost does not depend on training). Writes JSO
                                          # R101 teacher, P3-P7 x 256, 4 head convs, 80 classes, 2 threads
     python bench/steps.py --preset coco --channels-last   # each mode in NCHW and NHWC memory, side by side
     python bench/steps.py --preset coco --input-size 800 --device cuda
+    python bench/steps.py --preset coco --modes paa --channels-last --profile   # where a step's time goes, by op
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/steps.json")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="shapes of a named comparison; flags given too win")
     ap.add_argument("--threads", type=int, help="intra-op threads on a CPU (default: torch's)")
+    ap.add_argument("--profile", action="store_true", help="then profile the timed steps of the last variant "
+                    "once more (torch.profiler) and write its operator table beside --out (.profile.txt)")
     a = ap.parse_args()
     if a.preset:
         given = {arg.lstrip("-").split("=")[0].replace("-", "_") for arg in sys.argv[1:] if arg.startswith("--")}
@@ -118,6 +121,8 @@ def main() -> int:
             if i >= 2:
                 times[mode].append({"step_ms": (time.perf_counter() - t0) * 1000,
                                     **{k: res.metrics.get(k, 0.0) for k in SECTIONS}})
+    if a.profile:
+        profile_steps(list(engines.items())[-1], batches[2:], device, Path(a.out).with_suffix(".profile.txt"))
     results = {}
     for mode, ts in times.items():
         results[mode] = {k: statistics.median(t[k] for t in ts) for k in ["step_ms"] + SECTIONS}
@@ -139,6 +144,19 @@ def main() -> int:
     Path(a.out).write_text(json.dumps({"env": env, "results": results}, indent=1))
     print(f"wrote {a.out}")
     return 0
+
+
+def profile_steps(named_engine, batches, device, path: Path) -> None:
+    """The operators' self time over `batches` of one engine's steps, as torch.profiler tabulates it."""
+    from torch.profiler import ProfilerActivity, profile
+    name, engine = named_engine
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for images, boxes, labels in batches:
+            engine.step(images, boxes, labels)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+    path.write_text(f"{name}, {len(batches)} steps\n{table}")
+    print(f"{name}, {len(batches)} steps, by operator:\n{table}\nwrote {path}")
 
 
 if __name__ == "__main__":
