@@ -130,11 +130,3 @@ def resize(image: np.ndarray, boxes: np.ndarray, input_size: InputSize,
     out, params = resize_image(image, input_size, flip)
     out_boxes = boxes_to_resized(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), params)
     return out, out_boxes.astype(np.float32, copy=False), params.scale
-
-
-def pad_to(image: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
-    """Zero-pad uint8 [h, w, 3] at the bottom/right to the canvas (H, W)."""
-    out = np.zeros((canvas[0], canvas[1], image.shape[2]), dtype=np.uint8)
-    out[: image.shape[0], : image.shape[1]] = image
-    return out
-

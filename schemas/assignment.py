@@ -11,8 +11,8 @@ The schema metadata carries `lad.schema_version` and `lad.anchor_hash`; because 
 metadata, both also travel as (tiny) columns and `decode_*` refuses a batch whose version or hash differ.
 
 Beside the per-image columns, the pipeline adds batch columns (`epoch`, `batch_index`, and the canvas
-`pad_height` / `pad_width`): declared here with their types (`BATCH_COLUMNS`), written by `tag_batch`, read by
-`batch_tag` / `batch_canvas`.
+`pad_height` / `pad_width`): declared here with their types (`BATCH_COLUMNS`), written by `tag_batch`; the
+trainer's worker reads them (`batch_canvas` for the canvas).
 
 Soft labels (KD/SoLAD) travel as a model plus corrections (`trainer.soft_codec` builds and reads them): per FPN
 level and class a baseline logit, per anchor an int8 logit offset, and every probability the model misses by
@@ -120,7 +120,7 @@ _PACKED = {"soft_offset": ((np.int8,), True), "soft_index": ((np.int32,), True),
 # Batch columns: the pipeline tags every row with the planned training batch it belongs to and the canvas its
 # images are padded to. They describe the batch rather than the image, so they are not fields of
 # `AssignmentRow`: `encode_batch` does not write them (`tag_batch` does) and `decode_*` checks their types when
-# present (`batch_tag`, `batch_canvas` read them).
+# present.
 EPOCH_COLUMN = "epoch"
 BATCH_COLUMN = "batch_index"
 CANVAS_COLUMNS = ("pad_height", "pad_width")  # the padded batch shape: images are sent unpadded
@@ -284,11 +284,6 @@ def tag_batch(table: Union[pa.Table, pa.RecordBatch], epoch: int, batch_index: i
     for name, value in zip((EPOCH_COLUMN, BATCH_COLUMN) + CANVAS_COLUMNS, (epoch, batch_index) + tuple(canvas)):
         table = table.append_column(pa.field(name, pa.int32()), pa.array(np.full(n, value, np.int32)))
     return table
-
-
-def batch_tag(table: Union[pa.Table, pa.RecordBatch]) -> tuple[int, int]:
-    """(epoch, batch_index) of the first row."""
-    return int(table.column(EPOCH_COLUMN)[0].as_py()), int(table.column(BATCH_COLUMN)[0].as_py())
 
 
 def batch_canvas(table: Union[pa.Table, pa.RecordBatch]) -> tuple[int, int]:

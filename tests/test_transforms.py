@@ -11,7 +11,14 @@ from PIL import Image
 from pipeline.coco import load_coco
 from pipeline.dataset import DetectionDataset
 from pipeline.errors import DatasetError
-from pipeline.transforms import aug_params, aug_params_for, boxes_to_original, canvas_shape, pad_to, resize
+from pipeline.transforms import aug_params, aug_params_for, boxes_to_original, canvas_shape, resize
+
+
+def pad_to(image: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
+    """Zero-pad uint8 [h, w, 3] at the bottom/right to the canvas (H, W), as a batch pads its images."""
+    out = np.zeros((canvas[0], canvas[1], image.shape[2]), dtype=np.uint8)
+    out[: image.shape[0], : image.shape[1]] = image
+    return out
 
 
 def letterbox(image, boxes, input_size, flip):
