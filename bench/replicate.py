@@ -6,6 +6,8 @@
     python bench/replicate.py --regime pretrained --out bench/results/replicate_pretrained   # the paper's regime
     python bench/replicate.py --regime pretrained --recipe official --only table2 --epochs 6 --seeds 0 1 2 \
         --out bench/results/replicate_pretrained_official --reuse bench/results/replicate_pretrained
+    python bench/replicate.py --regime pretrained --recipe official --set train.warmup_max_fraction=null \
+        --only table2 --epochs 6 --out bench/results/replicate_pretrained_official_w40   # one field changed
 
 Resumable: a finished run (progress.json says succeeded) is skipped, an interrupted one resumes from its
 last.pt. Per seed it trains, every student with the same data and schedule (--epochs):
@@ -125,7 +127,8 @@ def pretrained_backbones(out: Path, a: argparse.Namespace) -> dict[int, list[str
 
 # what decides a finished run's result: runs in one --out must share them, or the table would mix regimes
 SETTINGS = ("regime", "recipe", "epochs", "teacher_epochs", "warmup", "num_train", "num_val", "pretrain_images",
-            "pretrain_epochs", "pretrain_epochs_large")
+            "pretrain_epochs", "pretrain_epochs_large", "set")
+STUDENT_SETTINGS = ("recipe", "set")   # what --reuse may change: the students' recipe, not what they learn from
 
 
 def same_runs(out: Path, a: argparse.Namespace) -> None:
@@ -134,7 +137,7 @@ def same_runs(out: Path, a: argparse.Namespace) -> None:
     path = out / "settings.json"
     if path.exists():
         theirs = json.loads(path.read_text())
-        theirs = {"regime": "scratch", "recipe": "lad", **theirs}
+        theirs = {"regime": "scratch", "recipe": "lad", "set": [], **theirs}
         differ = [f"{k} {theirs.get(k)} there, {mine[k]} now" for k in SETTINGS if theirs.get(k) != mine[k]
                   and not (k.startswith("pretrain_") and a.regime == "scratch")]
         if differ:
@@ -148,7 +151,7 @@ def reuse(out: Path, source: Path, a: argparse.Namespace) -> None:
     """Link --reuse's backbones, data and shared teacher into --out, so that only the students' recipe differs
     between the two sets of runs. Refused (one line) where --reuse was made with other settings."""
     theirs = json.loads((source / "settings.json").read_text()) if (source / "settings.json").exists() else None
-    differ = [k for k in SETTINGS if k != "recipe" and (theirs or {}).get(k) != getattr(a, k)]
+    differ = [k for k in SETTINGS if k not in STUDENT_SETTINGS and (theirs or {}).get(k) != getattr(a, k)]
     if theirs is None or differ:
         sys.exit(f"error: --reuse {source}: " + (f"its settings differ ({', '.join(differ)})" if theirs else
                                                  "no settings.json there; run the bench into it first"))
@@ -332,6 +335,9 @@ def main() -> int:
                     help="scratch: every backbone from random init; pretrained: from `lad pretrain` weights, "
                     "one shared Table 2 teacher, CoLAD's auto policy (the paper's setting)")
     ap.add_argument("--recipe", choices=["lad", "official"], default="lad", help="train.recipe of every run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override of every run trained here (repeatable), after the recipe, e.g. "
+                    "train.warmup_max_fraction=null; recorded in --out's settings")
     ap.add_argument("--pretrain-images", type=int, default=1000, help="pretrained regime: images of the crop set")
     ap.add_argument("--pretrain-epochs", type=int, default=6, help=f"pretrained regime: `lad pretrain --epochs` "
                     f"of R{SMALL}")
@@ -345,6 +351,12 @@ def main() -> int:
     ap.add_argument("--summarise-only", action="store_true",
                     help="train nothing: rebuild the table and plot from the runs already in --out")
     a = ap.parse_args()
+    if a.set:  # a bad override is one line before anything is written or trained
+        from schemas.config import ConfigError
+        try:
+            load_config(REPO / "configs" / "paa_digits.yaml", a.set)
+        except ConfigError as e:
+            sys.exit(f"error: --set: {e}")
     if a.quick:
         a.seeds, a.epochs, a.num_train, a.num_val, a.warmup = a.seeds[:1], 1, 48, 16, 2
         a.pretrain_images, a.pretrain_epochs, a.pretrain_epochs_large = 48, 1, 1
@@ -363,7 +375,7 @@ def main() -> int:
         from pipeline.digits import make_digits
         make_digits(data, num_train=a.num_train, num_val=a.num_val, seed=1234, progress=False)
     schedule = [f"train.epochs={a.epochs}", "train.eval_every=1", "train.log_every=5",
-                f"train.warmup_steps={a.warmup}", f"train.recipe={a.recipe}"]
+                f"train.warmup_steps={a.warmup}", f"train.recipe={a.recipe}", *a.set]
     shared, backbones, policies = None, None, None
     if a.regime == "pretrained":
         backbones = ({d: [] for d in (SMALL, LARGE)} if a.summarise_only else pretrained_backbones(out, a))
