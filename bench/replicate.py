@@ -7,7 +7,9 @@
     python bench/replicate.py --regime pretrained --recipe official --only table2 --epochs 6 --seeds 0 1 2 \
         --out bench/results/replicate_pretrained_official --reuse bench/results/replicate_pretrained
     python bench/replicate.py --regime pretrained --recipe official --set train.warmup_max_fraction=null \
-        --only table2 --epochs 6 --out bench/results/replicate_pretrained_official_w40   # one field changed
+        --only table2 --epochs 6 --seeds 0 1 2 3 4 --out bench/results/replicate_pretrained_official_w40
+        # the official recipe with its warm-up cap lifted, the teacher included (add --reuse DIR to keep DIR's
+        # teacher instead)
 
 Resumable: a finished run (progress.json says succeeded) is skipped, an interrupted one resumes from its
 last.pt. Per seed it trains, every student with the same data and schedule (--epochs):
@@ -346,7 +348,7 @@ def main() -> int:
                     f"R{SMALL}'s 80 %%), so that its teacher is the stronger network, as in the paper")
     ap.add_argument("--reuse", default=None, metavar="DIR",
                     help="pretrained regime: take the backbones, data and shared teacher from DIR, runs made with "
-                    "the other --recipe, so that only the students' recipe differs")
+                    "another --recipe or --set, so that only the students' recipe differs")
     ap.add_argument("--quick", action="store_true", help="tiny data and schedule, one seed: a smoke run")
     ap.add_argument("--summarise-only", action="store_true",
                     help="train nothing: rebuild the table and plot from the runs already in --out")
