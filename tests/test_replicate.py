@@ -198,8 +198,9 @@ def test_a_bad_set_is_one_line_and_another_set_is_not_mixed_into_the_table(repli
         replicate.main()
     assert "--set" in str(stop.value) and "train.nope" in str(stop.value) and not out.exists()
     (out / "data").mkdir(parents=True)
-    (out / "settings.json").write_text(json.dumps({"regime": "scratch", "recipe": "lad", "epochs": 4, "teacher_epochs": None,
-                                                   "warmup": 40, "num_train": 480, "num_val": 150}))
+    (out / "settings.json").write_text(json.dumps({"regime": "scratch", "recipe": "lad", "epochs": 4,
+                                                   "teacher_epochs": None, "warmup": 40, "num_train": 480,
+                                                   "num_val": 150}))
     monkeypatch.setattr(sys, "argv", ["bench/replicate.py", "--out", str(out), "--epochs", "4",
                                       "--set", "train.warmup_max_fraction=null"])
     with pytest.raises(SystemExit) as stop:

@@ -9,22 +9,16 @@ import torch
 from PIL import Image
 
 from pipeline.coco import load_coco
-from pipeline.dataset import DetectionDataset
+from pipeline.dataset import DetectionDataset, pad_images
 from pipeline.errors import DatasetError
 from pipeline.transforms import aug_params, aug_params_for, boxes_to_original, canvas_shape, resize
 
 
-def pad_to(image: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
-    """Zero-pad uint8 [h, w, 3] at the bottom/right to the canvas (H, W), as a batch pads its images."""
-    out = np.zeros((canvas[0], canvas[1], image.shape[2]), dtype=np.uint8)
-    out[: image.shape[0], : image.shape[1]] = image
-    return out
-
-
 def letterbox(image, boxes, input_size, flip):
-    """`resize`, padded to this one image's canvas, as a batch of one is."""
+    """`resize`, padded by the pipeline's own `pad_images` as a batch of one is (uint8 [H, W, 3] back)."""
     out, boxes, scale = resize(image, boxes, input_size, flip)
-    return pad_to(out, canvas_shape([out.shape[:2]], input_size)), boxes, scale
+    padded = pad_images([torch.from_numpy(out).permute(2, 0, 1)], input_size)[0]
+    return padded.permute(1, 2, 0).numpy(), boxes, scale
 
 
 def _painted(height, width, box):
