@@ -170,12 +170,94 @@ def run(args) -> dict:
                  "encode_ms_per_image": enc_ms, "decode_ms_per_image": dec_ms,
                  "loss": compare(students, got, dense, anchors, kw)}
         result["tolerances"].append(entry)
+    if args.rules:
+        result["rules"] = rule_study(dense.cls_prob, level_counts, students, anchors, kw)
     approx, cls_bytes = schema3(dense.cls_prob)
     old = SoftTargets(approx, dense.batch_idx, dense.anchor_idx, dense.deltas, dense.iou_prob, dense.weight)
     old_b = cls_bytes + 28 * result["kd_entries_per_image"]
     result["schema3_floor_0.01"] = {"bytes_per_image": old_b, "pct_of_image_file": 100 * old_b / result["image_file_bytes"],
                                     "loss": compare(students, old, dense, anchors, kw)}
     return result
+
+
+RULES = [("abs > 0.01 (the codec's rule)", "abs", 0.01, None, "prob8"), ("abs > 0.02", "abs", 0.02, None, "prob8"),
+         ("logit > 0.5", "logit", 0.5, None, "logit8"), ("logit > 1.0", "logit", 1.0, None, "logit8"),
+         ("chi2 > 0.001", "chi2", 0.001, None, "prob8"), ("chi2 > 0.01", "chi2", 0.01, None, "prob8"),
+         ("chi2 > 0.03", "chi2", 0.03, None, "prob8"), ("abs > 0.01 or logit > 0.5", "abs", 0.01, 0.5, "logit8"),
+         ("abs > 0.02 or logit > 0.5", "abs", 0.02, 0.5, "logit8"), ("logit > 0.3", "logit", 0.3, None, "logit8")]
+LOGIT_STEP = 1 / 8   # the "logit8" values: int8 logits in 1/8 steps
+
+
+def rule_study(probs: Tensor, level_counts, students: dict, anchors, kw) -> dict:
+    """Other rules for which entries the codec sends, on the same model (`fit_model`), and where the default
+    rule's kd_cls error comes from, per bin of the teacher's probability. Bytes are the packed class columns
+    (model + sent entries, as `pack_array` packs them), without the box entries. kd_cls is compared as the sum of
+    `bernoulli_kd`: its weight and normaliser are the same for every rule, so the relative error is kd_cls's."""
+    from schemas.assignment import PROB_STEP, pack_array
+    from trainer.losses import bernoulli_kd
+    from trainer.soft_codec import fit_model, model_probs, quantise_prob
+
+    def per_entry(out, cls_prob: Tensor) -> Tensor:   # [B, A, C]: kd_cls before its sum and constant factors
+        return bernoulli_kd(out.cls_logits.detach(), cls_prob, kw["gamma"])
+
+    n = probs.shape[0]
+    base, offset = fit_model(probs, level_counts)
+    model = model_probs(base, offset, level_counts)
+    model_bytes = sum(len(pack_array(base[i].reshape(-1).numpy(), False)) + len(pack_array(offset[i].numpy()))
+                      for i in range(n)) / n
+    logit = lambda x: torch.logit(x.clamp(1e-6, 1 - 1e-6))   # noqa: E731
+    q_logit = torch.round(logit(probs) / LOGIT_STEP).clamp(-127, 127)
+    errors = {"abs": (probs - model).abs(), "logit": (logit(probs) - logit(model)).abs(),
+              "chi2": (probs - model).square() / (model * (1 - model)).clamp(min=1e-6)}
+    refs = {name: per_entry(out, probs) for name, (out, _, _) in students.items()}
+    rules = []
+    for label, kind, limit, logit_limit, values in RULES:
+        send = errors[kind] > limit
+        if logit_limit is not None:
+            send |= errors["logit"] > logit_limit
+        sent = torch.sigmoid(q_logit * LOGIT_STEP) if values == "logit8" else quantise_prob(probs).float() * PROB_STEP
+        approx = torch.where(send, sent, model)
+        sent_bytes = 0
+        for i in range(n):
+            idx = send[i].flatten().nonzero().squeeze(1)
+            flat = probs[i].flatten()[idx]
+            v = q_logit[i].flatten()[idx].to(torch.int8) if values == "logit8" else quantise_prob(flat)
+            sent_bytes += len(pack_array(idx.numpy().astype(np.int32))) + len(pack_array(v.numpy(), False))
+        rules.append({"rule": label, "values": values, "sent_per_image": float(send.sum()) / n,
+                      "class_bytes_per_image": model_bytes + sent_bytes / n,
+                      "kd_cls_rel_error": {k: float(per_entry(out, approx).sum() / refs[k].sum()) - 1
+                                           for k, (out, _, _) in students.items()}})
+    # the default rule's error by bin of the teacher's probability
+    send = errors["abs"] > 0.01
+    approx = torch.where(send, quantise_prob(probs).float() * PROB_STEP, model)
+    bins = []
+    for lo, hi in [(0, .003), (.003, .01), (.01, .03), (.03, .1), (.1, .3), (.3, 1.01)]:
+        m = (probs >= lo) & (probs < hi)
+        row = {"bin": [lo, hi], "entries_pct": 100 * float(m.float().mean()),
+               "sent_pct": 100 * float(send[m].float().mean()) if m.any() else 0.0}
+        for k, (out, _, _) in students.items():
+            ref, got = refs[k], per_entry(out, approx)
+            row[k] = {"loss_share_pct": 100 * float(ref[m].sum() / ref.sum()),
+                      "error_pct": 100 * float((got - ref)[m].sum() / ref.sum())}
+        bins.append(row)
+    return {"model_bytes_per_image": model_bytes, "rules": rules, "bins": bins}
+
+
+def print_rules(study: dict, jpeg: float) -> None:
+    print()
+    print(f"other rules (same model, {study['model_bytes_per_image'] / 1024:.1f} KB of it per image; class "
+          "columns only, without the box entries):")
+    for r in study["rules"]:
+        errs = "  ".join(f"{k.split()[0]} {v:+7.2%}" for k, v in r["kd_cls_rel_error"].items())
+        kb = r["class_bytes_per_image"] / 1024
+        print(f"  {r['rule']:<30} sent {r['sent_per_image']:>8.0f}  {kb:7.1f} KB "
+              f"({100 * kb * 1024 / jpeg:5.1f}% JPEG)  kd_cls {errs}")
+    print("the default rule's kd_cls error by bin of the teacher's probability:")
+    for b in study["bins"]:
+        cells = "  ".join(f"{k.split()[0]}: loss {v['loss_share_pct']:5.1f}%, error {v['error_pct']:+6.2f}%"
+                          for k, v in b.items() if isinstance(v, dict))
+        print(f"  t in [{b['bin'][0]}, {b['bin'][1]}): {b['entries_pct']:5.1f}% of entries, "
+              f"{b['sent_pct']:5.1f}% sent;  {cells}")
 
 
 def print_table(res: dict) -> None:
@@ -211,10 +293,14 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--tolerances", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rules", action="store_true", help="also: other rules for which entries to send, and the "
+                   "default rule's kd_cls error by bin of the teacher's probability")
     p.add_argument("--out", default="bench/results/soft_labels.json")
     args = p.parse_args(argv)
     res = run(args)
     print_table(res)
+    if "rules" in res:
+        print_rules(res["rules"], res["image_jpeg_q90_bytes"])
     doc = {"args": vars(args), "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), **res}
     write_results(args.out, doc)
