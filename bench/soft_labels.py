@@ -172,6 +172,8 @@ def run(args) -> dict:
         result["tolerances"].append(entry)
     if args.rules:
         result["rules"] = rule_study(dense.cls_prob, level_counts, students, anchors, kw)
+    if args.dense:
+        result["dense_coder"] = dense_study(dense.cls_prob, tout.level_sizes, students, kw)
     approx, cls_bytes = schema3(dense.cls_prob)
     old = SoftTargets(approx, dense.batch_idx, dense.anchor_idx, dense.deltas, dense.iou_prob, dense.weight)
     old_b = cls_bytes + 28 * result["kd_entries_per_image"]
@@ -243,6 +245,54 @@ def rule_study(probs: Tensor, level_counts, students: dict, anchors, kw) -> dict
     return {"model_bytes_per_image": model_bytes, "rules": rules, "bins": bins}
 
 
+DENSE_STEPS = (1 / 2, 1 / 4, 1 / 8)
+
+
+def dense_study(probs: Tensor, level_sizes, students: dict, kw) -> dict:
+    """Another form than the codec's: every logit, quantised in `DENSE_STEPS`, each level's [C, H, W] grid coded
+    as it is ("none") or as its residual from the planar prediction left + above - above-left ("planar"; lossless
+    on the quantised values: the maps are smooth, neighbouring anchors' logits correlate at about 0.9), then zstd.
+    No model and no index: the error is the quantisation's alone, the same on every entry. kd_cls compared as in
+    `rule_study`; bytes are the class columns only."""
+    import pyarrow as pa
+    from trainer.losses import bernoulli_kd
+    n = probs.shape[0]
+    counts = [h * w for h, w in level_sizes]
+    logits = torch.logit(probs.float(), eps=1e-6)
+    refs = {k: bernoulli_kd(out.cls_logits.detach(), probs, kw["gamma"]).sum() for k, (out, _, _) in students.items()}
+    rows = []
+    for step in DENSE_STEPS:
+        q = torch.round(logits / step)
+        approx = torch.sigmoid(q * step)
+        errors = {k: float(bernoulli_kd(out.cls_logits.detach(), approx, kw["gamma"]).sum() / refs[k]) - 1
+                  for k, (out, _, _) in students.items()}
+        for predictor in ("none", "planar"):
+            size = 0
+            for i in range(n):
+                for (h, w), part in zip(level_sizes, q[i].split(counts)):
+                    grid = part.reshape(h, w, -1).permute(2, 0, 1).to(torch.int32)
+                    res = grid.clone()
+                    if predictor == "planar":
+                        res[:, 1:, 1:] -= grid[:, 1:, :-1] + grid[:, :-1, 1:] - grid[:, :-1, :-1]
+                        res[:, 0, 1:] -= grid[:, 0, :-1]
+                        res[:, 1:, 0] -= grid[:, :-1, 0]
+                    small = bool(res.abs().max() < 128)
+                    raw = res.to(torch.int8 if small else torch.int16).numpy().tobytes()
+                    size += len(pa.compress(raw, codec="zstd", asbytes=True))
+            rows.append({"logit_step": step, "predictor": predictor, "class_bytes_per_image": size / n,
+                         "kd_cls_rel_error": errors})
+    return {"rows": rows}
+
+
+def print_dense(study: dict, jpeg: float) -> None:
+    print("\nevery logit, quantised and coded densely (class columns only):")
+    for r in study["rows"]:
+        errs = "  ".join(f"{k.split()[0]} {v:+7.2%}" for k, v in r["kd_cls_rel_error"].items())
+        kb = r["class_bytes_per_image"] / 1024
+        print(f"  step 1/{round(1 / r['logit_step'])}, {r['predictor']:<7} {kb:7.1f} KB "
+              f"({100 * kb * 1024 / jpeg:5.1f}% JPEG)  kd_cls {errs}")
+
+
 def print_rules(study: dict, jpeg: float) -> None:
     print()
     print(f"other rules (same model, {study['model_bytes_per_image'] / 1024:.1f} KB of it per image; class "
@@ -295,12 +345,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rules", action="store_true", help="also: other rules for which entries to send, and the "
                    "default rule's kd_cls error by bin of the teacher's probability")
+    p.add_argument("--dense", action="store_true", help="also: every logit quantised and coded densely, with and "
+                   "without a planar prediction from its neighbours")
     p.add_argument("--out", default="bench/results/soft_labels.json")
     args = p.parse_args(argv)
     res = run(args)
     print_table(res)
     if "rules" in res:
         print_rules(res["rules"], res["image_jpeg_q90_bytes"])
+    if "dense_coder" in res:
+        print_dense(res["dense_coder"], res["image_jpeg_q90_bytes"])
     doc = {"args": vars(args), "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), **res}
     write_results(args.out, doc)

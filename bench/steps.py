@@ -9,9 +9,9 @@ networks are untrained (assignment cost does not depend on training). Writes JSO
     python bench/steps.py --amp          # every mode in float32 and with mixed precision (train.amp), side by side
     python bench/steps.py --preset coco  # issue 20's comparison with MMDetection: 512x512, batch 2, R50 student,
                                          # R101 teacher, P3-P7 x 256, 4 head convs, 80 classes, 2 threads
-    python bench/steps.py --preset coco --channels-last   # each mode in NCHW and NHWC memory, side by side
+    python bench/steps.py --preset coco --nchw   # each mode in NHWC (the default) and NCHW memory, side by side
     python bench/steps.py --preset coco --input-size 800 --device cuda
-    python bench/steps.py --preset coco --modes paa --channels-last --profile   # where a step's time goes, by op
+    python bench/steps.py --preset coco --modes paa --profile   # where a step's time goes, by op
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def main() -> int:
     ap.add_argument("--gmm", default="torch", choices=["torch", "sklearn"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--amp", action="store_true", help="also time each mode with train.amp (bf16 on CPU, fp16 on CUDA)")
-    ap.add_argument("--channels-last", action="store_true", help="also time each mode with train.channels_last")
+    ap.add_argument("--nchw", "--channels-last", dest="nchw", action="store_true",
+                    help="also time each mode in NCHW (train.channels_last=false) beside the default NHWC")
     ap.add_argument("--out", default="bench/results/steps.json")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="shapes of a named comparison; flags given too win")
     ap.add_argument("--threads", type=int, help="intra-op threads on a CPU (default: torch's)")
@@ -106,9 +107,9 @@ def main() -> int:
         if mode == "colad":
             extra = {"colearn": {"model_b": {**model, "depth": a.teacher_depth}}}
         for amp in ((False, True) if a.amp else (False,)):
-            for nhwc in ((False, True) if a.channels_last else (False,)):
+            for nhwc in ((False, True) if a.nchw else (True,)):
                 cfg = {**base, "mode": mode, **extra, "train": {**base["train"], "amp": amp, "channels_last": nhwc}}
-                name = mode + ("/amp" if amp else "") + ("/nhwc" if nhwc else "")
+                name = mode + ("/amp" if amp else "") + ("" if nhwc else "/nchw")
                 engines[name] = Engine(config_from_dict(cfg), device, total_steps=1000, sync_timing=True)
     # Interleaved (one step of each mode in turn) so that load changes on a shared machine hit every mode alike.
     times: dict[str, list] = {m: [] for m in engines}
@@ -135,9 +136,9 @@ def main() -> int:
     if a.amp:
         print("mixed precision / float32 step: " + ", ".join(
             f"{m} {results[m + '/amp']['step_ms'] / r['step_ms']:.2f}x" for m, r in results.items() if "/" not in m))
-    if a.channels_last:
-        print("channels_last / NCHW step: " + ", ".join(
-            f"{m} {results[m + '/nhwc']['step_ms'] / r['step_ms']:.2f}x" for m, r in results.items() if "/" not in m))
+    if a.nchw:
+        print("NHWC / NCHW step: " + ", ".join(
+            f"{m} {r['step_ms'] / results[m + '/nchw']['step_ms']:.2f}x" for m, r in results.items() if "/" not in m))
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "args": vars(a), "command": " ".join(sys.argv)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -169,9 +169,9 @@ def test_a_store_records_the_teachers_memory_layout(tiny, tmp_path):
     from pipeline.assignment_store import manifest_for
 
     root, data, teacher, _ = tiny
-    nchw = tiny_config(data, tmp_path, mode="lad", teacher=teacher)
-    nhwc = tiny_config(data, tmp_path, mode="lad", teacher=teacher, train={"channels_last": True})
-    assert manifest_for(nchw, "h", "s")["teacher_precision"] == "fp32"   # stores made before still match
+    nchw = tiny_config(data, tmp_path, mode="lad", teacher=teacher, train={"channels_last": False})
+    nhwc = tiny_config(data, tmp_path, mode="lad", teacher=teacher)   # the default since the NHWC switch
+    assert manifest_for(nchw, "h", "s")["teacher_precision"] == "fp32"   # stores made before match this
     assert manifest_for(nhwc, "h", "s")["teacher_precision"] == "fp32-nhwc"
 
 

@@ -144,8 +144,8 @@ def test_channels_last_trains_the_same_network_in_nhwc_memory(tmp_path, mode):
     if mode == "lad":
         paa = Engine(_cfg("paa", model_seed=9))
         extra["teacher"] = {"checkpoint": _teacher_from(tmp_path, "t", paa.cfg, paa.model)}
-    nchw = Engine(_cfg(mode, **extra))
-    nhwc = Engine(_cfg(mode, train={"warmup_steps": 0, "lr": 0.01, "channels_last": True}, **extra))
+    nchw = Engine(_cfg(mode, train={"warmup_steps": 0, "lr": 0.01, "channels_last": False}, **extra))
+    nhwc = Engine(_cfg(mode, **extra))   # the default
     convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     if mode == "lad":
