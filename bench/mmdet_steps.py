@@ -23,7 +23,6 @@ raises if called: a step that needed one would fail, not run differently. Set-up
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -38,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from steps import PRESETS, random_batch  # noqa: E402
+
+from bench.report import write_results  # noqa: E402
 
 from schemas.config import config_from_dict  # noqa: E402
 from trainer.checkpoint import save_checkpoint  # noqa: E402
@@ -185,9 +186,7 @@ def main() -> int:
     env = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "mmdet": mmdet.__version__, "mmengine": mmengine.__version__,
            "args": vars(a), "command": " ".join(sys.argv), "preset": p}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"env": env, "results": results, "ratios": ratios}, indent=1))
-    print(f"wrote {a.out}")
+    write_results(a.out, {"env": env, "results": results, "ratios": ratios})
     return 0
 
 
