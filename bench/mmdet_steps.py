@@ -1,12 +1,15 @@
 """Issue 20's comparison made again on this machine: MMDetection 3.3's PAA and LAD steps beside ours, interleaved.
 
 The same random batches (bench/steps.py's `random_batch`: 512x512, batch 2, 3-12 GT boxes of 80 classes) go to
-both sides, one step of each variant in turn, so that load changes on a shared machine hit every variant alike.
-MMDetection's side is its own configs (`paa/paa_r50_fpn_1x_coco.py`, `lad/lad_r50-paa-r101_fpn_2xb8_coco_1x.py`:
-R50 student with frozen_stages 1 and norm_eval, R101 teacher, P3-P7 x 256, 4 GN head convs) with random
-weights; a step is its `train_step` (data preprocessor, losses, backward, SGD). Ours is `Engine.step` with
-bench/steps.py's `--preset coco`, in NHWC memory (the default `train.channels_last`) and in NCHW. fp32 on the
-CPU, 2 threads.
+both sides, one step of each variant per round, each round starting one variant further along, so that load
+changes on a shared machine hit every variant alike. MMDetection's side is its own configs
+(`paa/paa_r50_fpn_1x_coco.py`, `lad/lad_r50-paa-r101_fpn_2xb8_coco_1x.py`: R50 student with frozen_stages 1 and
+norm_eval, R101 teacher, P3-P7 x 256, 4 GN head convs) with random weights (its `init_weights`, the teacher's
+too); a step is its `train_step` (data preprocessor, losses, backward, SGD), with a plain fp32 `OptimWrapper`
+where the LAD config has an AMP one. It runs as configured (NCHW) and with its weights moved to NHWC, which its
+configs cannot ask for. Ours is `Engine.step` with bench/steps.py's `--preset coco`, in NHWC memory (the default
+`train.channels_last`) and in NCHW; it clips gradients at 35 (`train.grad_clip`) and MMDetection's configs do not.
+fp32 on the CPU, 2 threads.
 
 MMDetection wants mmcv 2.1, whose compiled ops have no wheel for this torch. Its CPU training path for these two
 detectors calls none of them (focal loss takes its Python form off CUDA; NMS is for inference), so this bench
@@ -76,6 +79,9 @@ def mmdet_model(config: str, classes: int):
     cfg.model.bbox_head.num_classes = classes
     model = MODELS.build(cfg.model)
     model.init_weights()
+    if cfg.model.type == "LAD":   # its teacher is no registered submodule, so the call above does not reach it
+        for part in (model.teacher_model.backbone, model.teacher_model.neck, model.teacher_model.bbox_head):
+            part.init_weights()
     model.train()
     return model
 
@@ -120,11 +126,17 @@ def main() -> int:
 
     p = PRESETS["coco"]
     torch.manual_seed(0)
-    variants, teacher_laps = {}, {"mmdet/lad": [], "ours/lad": [], "ours/lad/nchw": []}
-    for name, config in [("mmdet/paa", "paa/paa_r50_fpn_1x_coco.py"),
-                         ("mmdet/lad", "lad/lad_r50-paa-r101_fpn_2xb8_coco_1x.py")]:
+    variants: dict = {}
+    teacher_laps: dict[str, list[float]] = {v: [] for v in ("mmdet/lad", "mmdet/lad/nhwc", "ours/lad", "ours/lad/nchw")}
+    for name, config in [("mmdet/paa", "paa/paa_r50_fpn_1x_coco.py"), ("mmdet/paa/nhwc", "paa/paa_r50_fpn_1x_coco.py"),
+                         ("mmdet/lad", "lad/lad_r50-paa-r101_fpn_2xb8_coco_1x.py"),
+                         ("mmdet/lad/nhwc", "lad/lad_r50-paa-r101_fpn_2xb8_coco_1x.py")]:
         model = mmdet_model(config, p["classes"])
-        if name == "mmdet/lad":   # its teacher: backbone + neck, then the head (mmdet/models/detectors/lad.py)
+        if name.endswith("/nhwc"):   # not an MMDetection option: its weights in NHWC, which convolutions propagate
+            torch.nn.Module.to(model, memory_format=torch.channels_last)   # LAD overrides .to(device)
+            if name.startswith("mmdet/lad"):
+                model.teacher_model.to(memory_format=torch.channels_last)
+        if name.startswith("mmdet/lad"):   # its teacher: backbone + neck, then the head (mmdet/models/detectors/lad.py)
             model.extract_teacher_feat = timed(model.extract_teacher_feat, teacher_laps[name])
             head = model.teacher_model.bbox_head
             head.forward = timed(head.forward, teacher_laps[name])
@@ -157,32 +169,51 @@ def main() -> int:
 
     gt = tuple(int(x) for x in p["gt"].split(","))
     batches = [random_batch(p["batch"], p["input_size"], gt, s, "cpu", p["classes"]) for s in range(a.steps + 2)]
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    # One step of each variant per round, starting one further along each round; a round in which any step
+    # fails (MMDetection's PAA hands collapsed candidate losses to scikit-learn's GMM, which can refuse them)
+    # is left out for every variant, so that all medians cover the same batches.
+    names = list(variants)
+    rounds: list[dict[str, float]] = []
     failed: dict[str, int] = {v: 0 for v in variants}
     for i, batch in enumerate(batches):
-        for name, step in variants.items():
+        took, teacher = {}, {}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            laps = teacher_laps.get(name)
+            start = len(laps) if laps is not None else 0
             t0 = time.perf_counter()
             try:
-                step(batch)
-            except ValueError as e:   # sklearn's GMM in MMDetection's PAA on collapsed candidate losses
+                variants[name](batch)
+            except ValueError as e:
                 if "mixture model" not in str(e):
                     raise
                 failed[name] += 1
                 continue
-            if i >= 2:
-                times[name].append((time.perf_counter() - t0) * 1000)
+            took[name] = (time.perf_counter() - t0) * 1000
+            if laps is not None:
+                teacher[name] = sum(laps[start:])
+        if i >= 2 and len(took) == len(names):
+            rounds.append({**took, **{f"{k}:teacher": v for k, v in teacher.items()}})
         print(f"round {i + 1}/{len(batches)}", file=sys.stderr, flush=True)
-    results = {v: {"step_ms": statistics.median(t), "all_ms": t, "failed_steps": failed[v]} for v, t in times.items()}
-    for v, laps in teacher_laps.items():
-        per_step = [sum(laps[k:k + 2]) for k in range(0, len(laps), 2)] if v.startswith("mmdet") else laps
-        results[v]["teacher_ms"] = statistics.median(per_step[2:])
+    if not rounds:
+        sys.exit("no round without a failed step; run more --steps")
+    results = {v: {"step_ms": statistics.median(r[v] for r in rounds), "all_ms": [r[v] for r in rounds],
+                   "failed_steps": failed[v]} for v in names}
+    for v in teacher_laps:
+        results[v]["teacher_ms"] = statistics.median(r[f"{v}:teacher"] for r in rounds)
     for v, r in results.items():
         teacher = f"   teacher forward {r['teacher_ms']:7.1f} ms" if "teacher_ms" in r else ""
         failures = f"   ({r['failed_steps']} steps failed in sklearn's GMM)" if r["failed_steps"] else ""
         print(f"{v:15s} step {r['step_ms']:8.1f} ms{teacher}{failures}")
-    ratios = {f"{mode}{tag}": results[f"ours/{mode}{tag}"]["step_ms"] / results[f"mmdet/{mode}"]["step_ms"]
-              for mode in ("paa", "lad") for tag in ("", "/nchw")}
-    print("ours / MMDetection: " + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()))
+    ratios = {}
+    for mode in ("paa", "lad"):   # ours in NHWC (the default) and NCHW, against MMDetection in each layout
+        ours = {"nhwc": results[f"ours/{mode}"]["step_ms"], "nchw": results[f"ours/{mode}/nchw"]["step_ms"]}
+        theirs = {"nhwc": results[f"mmdet/{mode}/nhwc"]["step_ms"], "nchw": results[f"mmdet/{mode}"]["step_ms"]}
+        for o in ours:
+            for t in theirs:
+                ratios[f"{mode}: ours {o} / mmdet {t}"] = ours[o] / theirs[t]
+    print(f"{len(rounds)} rounds timed")
+    for k, r in ratios.items():
+        print(f"{k:32s} {r:.2f}x")
     env = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "mmdet": mmdet.__version__, "mmengine": mmengine.__version__,
            "args": vars(a), "command": " ".join(sys.argv), "preset": p}

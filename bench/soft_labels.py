@@ -173,7 +173,7 @@ def run(args) -> dict:
     if args.rules:
         result["rules"] = rule_study(dense.cls_prob, level_counts, students, anchors, kw)
     if args.dense:
-        result["dense_coder"] = dense_study(dense.cls_prob, tout.level_sizes, students, kw)
+        result["dense_coder"] = dense_study(dense, tout.level_sizes, students, anchors, kw)
     approx, cls_bytes = schema3(dense.cls_prob)
     old = SoftTargets(approx, dense.batch_idx, dense.anchor_idx, dense.deltas, dense.iou_prob, dense.weight)
     old_b = cls_bytes + 28 * result["kd_entries_per_image"]
@@ -248,24 +248,24 @@ def rule_study(probs: Tensor, level_counts, students: dict, anchors, kw) -> dict
 DENSE_STEPS = (1 / 2, 1 / 4, 1 / 8)
 
 
-def dense_study(probs: Tensor, level_sizes, students: dict, kw) -> dict:
+def dense_study(dense: SoftTargets, level_sizes, students: dict, anchors, kw) -> dict:
     """Another form than the codec's: every logit, quantised in `DENSE_STEPS`, each level's [C, H, W] grid coded
     as it is ("none") or as its residual from the planar prediction left + above - above-left ("planar"; lossless
     on the quantised values: the maps are smooth, neighbouring anchors' logits correlate at about 0.9), then zstd.
-    No model and no index: the error is the quantisation's alone, the same on every entry. kd_cls compared as in
-    `rule_study`; bytes are the class columns only."""
+    No model and no index: the error is the quantisation's alone, at most half a step in logit on every entry.
+    The KD terms and kd_cls's gradient are compared as for the codec's rows (`compare`, box entries as they are);
+    bytes are the class columns only."""
     import pyarrow as pa
-    from trainer.losses import bernoulli_kd
+    probs = dense.cls_prob
     n = probs.shape[0]
     counts = [h * w for h, w in level_sizes]
     logits = torch.logit(probs.float(), eps=1e-6)
-    refs = {k: bernoulli_kd(out.cls_logits.detach(), probs, kw["gamma"]).sum() for k, (out, _, _) in students.items()}
     rows = []
     for step in DENSE_STEPS:
         q = torch.round(logits / step)
-        approx = torch.sigmoid(q * step)
-        errors = {k: float(bernoulli_kd(out.cls_logits.detach(), approx, kw["gamma"]).sum() / refs[k]) - 1
-                  for k, (out, _, _) in students.items()}
+        approx = SoftTargets(torch.sigmoid(q * step), dense.batch_idx, dense.anchor_idx, dense.deltas,
+                             dense.iou_prob, dense.weight)
+        errors = compare(students, approx, dense, anchors, kw)
         for predictor in ("none", "planar"):
             size = 0
             for i in range(n):
@@ -280,14 +280,15 @@ def dense_study(probs: Tensor, level_sizes, students: dict, kw) -> dict:
                     raw = res.to(torch.int8 if small else torch.int16).numpy().tobytes()
                     size += len(pa.compress(raw, codec="zstd", asbytes=True))
             rows.append({"logit_step": step, "predictor": predictor, "class_bytes_per_image": size / n,
-                         "kd_cls_rel_error": errors})
+                         "loss": errors})
     return {"rows": rows}
 
 
 def print_dense(study: dict, jpeg: float) -> None:
     print("\nevery logit, quantised and coded densely (class columns only):")
     for r in study["rows"]:
-        errs = "  ".join(f"{k.split()[0]} {v:+7.2%}" for k, v in r["kd_cls_rel_error"].items())
+        errs = "  ".join(f"{k.split()[0]} {v['kd_cls_rel_error']:+7.2%} (grad {v['kd_cls_grad_rel_error']:5.1%})"
+                         for k, v in r["loss"].items())
         kb = r["class_bytes_per_image"] / 1024
         print(f"  step 1/{round(1 / r['logit_step'])}, {r['predictor']:<7} {kb:7.1f} KB "
               f"({100 * kb * 1024 / jpeg:5.1f}% JPEG)  kd_cls {errs}")

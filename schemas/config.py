@@ -194,10 +194,10 @@ class TrainConfig(_Strict):
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads")
     amp: bool = Field(False, description="mixed precision: forwards under autocast (see amp_dtype); candidate "
                       "losses, the GMM and loss reductions stay float32")
-    channels_last: bool = Field(True, description="networks and images in NHWC memory, where oneDNN's and cuDNN's "
-                                "convolutions are faster (0.86-0.88x the float32 PAA step on a 2-core CPU, at "
-                                "digits and at COCO shapes); false: PyTorch's NCHW, the same arithmetic in another "
-                                "order")
+    channels_last: bool = Field(True, description="networks and images in NHWC memory, where oneDNN's convolutions "
+                                "are faster (0.84-0.86x the float32 PAA step at digits scale and 0.87-0.91x at COCO "
+                                "shapes, on a 2-core CPU; not measured on a GPU); false: PyTorch's NCHW, the same "
+                                "arithmetic in another order")
     amp_dtype: Literal["auto", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CPU, fp16 with a loss scaler on CUDA; bf16 on a GPU that supports it")
 

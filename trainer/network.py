@@ -56,7 +56,7 @@ def build_network(cfg: RunConfig, which: str = "a") -> PAADetector:
 
 
 def memory_format(cfg: RunConfig) -> torch.memory_format:
-    """NHWC (`train.channels_last`: oneDNN's and cuDNN's faster convolutions) or PyTorch's default NCHW."""
+    """NHWC (`train.channels_last`, the default: oneDNN's faster convolutions on a CPU) or PyTorch's NCHW."""
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
