@@ -29,7 +29,6 @@ import argparse
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -39,14 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from steps import PRESETS, random_batch  # noqa: E402
+from steps import PRESETS, random_batch, shared_config  # noqa: E402
 
 from bench.report import write_results  # noqa: E402
 
 from schemas.config import config_from_dict  # noqa: E402
-from trainer.checkpoint import save_checkpoint  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
-from trainer.model import build_model  # noqa: E402
 
 
 def _ops_stand_in() -> None:
@@ -144,19 +141,10 @@ def main() -> int:
         wrapper = OptimWrapper(torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4))
         variants[name] = (lambda m, w: lambda batch: m.train_step(mmdet_data(*batch), w))(model, wrapper)
 
-    levels = [int(x) for x in p["levels"].split(",")]
-    model = dict(fpn_levels=levels, fpn_channels=p["channels"], head_channels=p["channels"],
-                 head_convs=p["head_convs"], num_classes=p["classes"])
-    base = {"data": {"input_size": p["input_size"]},
-            "model": {**model, "depth": p["student_depth"], "frozen_stages": p["frozen_stages"],
-                      "norm_eval": p["norm_eval"]}, "train": {"warmup_steps": 0}}
-    teacher_cfg = config_from_dict({**base, "model": {**model, "depth": p["teacher_depth"]}})
-    teacher_path = Path(tempfile.mkdtemp()) / "teacher.pt"
-    save_checkpoint(teacher_path, {"config": teacher_cfg.to_dict(),
-                                   "models": {"a": build_model(teacher_cfg.model).state_dict()}})
+    base, _, teacher_path = shared_config(types.SimpleNamespace(**p, gmm="torch"))
     for mode in ("paa", "lad"):
         for nhwc in (True, False):
-            extra = {"teacher": {"checkpoint": str(teacher_path)}} if mode == "lad" else {}
+            extra = {"teacher": {"checkpoint": teacher_path}} if mode == "lad" else {}
             cfg = {**base, "mode": mode, **extra, "train": {**base["train"], "channels_last": nhwc}}
             engine = Engine(config_from_dict(cfg), torch.device("cpu"), total_steps=1000, sync_timing=True)
             name = f"ours/{mode}" + ("" if nhwc else "/nchw")

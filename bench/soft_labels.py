@@ -254,8 +254,8 @@ def dense_study(dense: SoftTargets, level_sizes, students: dict, anchors, kw) ->
     on the quantised values: the maps are smooth, neighbouring anchors' logits correlate at about 0.9), then zstd.
     No model and no index: the error is the quantisation's alone, at most half a step in logit on every entry.
     The KD terms and kd_cls's gradient are compared as for the codec's rows (`compare`, box entries as they are);
-    bytes are the class columns only."""
-    import pyarrow as pa
+    bytes are the class columns only, one `pack_array` blob per level, as the stream packs its arrays."""
+    from schemas.assignment import pack_array
     probs = dense.cls_prob
     n = probs.shape[0]
     counts = [h * w for h, w in level_sizes]
@@ -277,8 +277,7 @@ def dense_study(dense: SoftTargets, level_sizes, students: dict, anchors, kw) ->
                         res[:, 0, 1:] -= grid[:, 0, :-1]
                         res[:, 1:, 0] -= grid[:, :-1, 0]
                     small = bool(res.abs().max() < 128)
-                    raw = res.to(torch.int8 if small else torch.int16).numpy().tobytes()
-                    size += len(pa.compress(raw, codec="zstd", asbytes=True))
+                    size += len(pack_array(res.to(torch.int8 if small else torch.int16).numpy(), False))
             rows.append({"logit_step": step, "predictor": predictor, "class_bytes_per_image": size / n,
                          "loss": errors})
     return {"rows": rows}

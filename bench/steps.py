@@ -16,7 +16,6 @@ networks are untrained (assignment cost does not depend on training). Writes JSO
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import write_results  # noqa: E402
 from schemas.config import config_from_dict  # noqa: E402
 from trainer.checkpoint import save_checkpoint  # noqa: E402
 from trainer.engine import Engine, pick_device  # noqa: E402
@@ -88,17 +88,7 @@ def main() -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)
-    levels = [int(x) for x in a.levels.split(",")]
-    model = dict(fpn_levels=levels, fpn_channels=a.channels, head_channels=a.channels, head_convs=a.head_convs,
-                 num_classes=a.classes)
-    base = {"data": {"input_size": a.input_size},
-            "model": {**model, "depth": a.student_depth, "frozen_stages": a.frozen_stages, "norm_eval": a.norm_eval},
-            "assign": {"gmm": a.gmm}, "train": {"warmup_steps": 0}}
-    tmp = tempfile.mkdtemp()
-    teacher_cfg = config_from_dict({**base, "model": {**model, "depth": a.teacher_depth}})
-    teacher_path = Path(tmp) / "teacher.pt"
-    save_checkpoint(teacher_path, {"config": teacher_cfg.to_dict(),
-                                   "models": {"a": build_model(teacher_cfg.model).state_dict()}})
+    base, model, teacher_path = shared_config(a)
     gt_range = tuple(int(x) for x in a.gt.split(","))
     batches = [random_batch(a.batch, a.input_size, gt_range, s, device, a.classes) for s in range(a.steps + 2)]
     engines = {}
@@ -141,10 +131,25 @@ def main() -> int:
             f"{m} {r['step_ms'] / results[m + '/nchw']['step_ms']:.2f}x" for m, r in results.items() if "/" not in m))
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "args": vars(a), "command": " ".join(sys.argv)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"env": env, "results": results}, indent=1))
-    print(f"wrote {a.out}")
+    write_results(a.out, {"env": env, "results": results})
     return 0
+
+
+def shared_config(a) -> tuple[dict, dict, str]:
+    """What every variant shares, from the shape arguments `a` (the parser's, or a preset's): the config base,
+    the networks' FPN and head settings (CoLAD's second network takes them too), and an untrained teacher
+    checkpoint of `a.teacher_depth` in a temporary folder."""
+    levels = [int(x) for x in a.levels.split(",")]
+    model = dict(fpn_levels=levels, fpn_channels=a.channels, head_channels=a.channels, head_convs=a.head_convs,
+                 num_classes=a.classes)
+    base = {"data": {"input_size": a.input_size},
+            "model": {**model, "depth": a.student_depth, "frozen_stages": a.frozen_stages, "norm_eval": a.norm_eval},
+            "assign": {"gmm": a.gmm}, "train": {"warmup_steps": 0}}
+    teacher_cfg = config_from_dict({**base, "model": {**model, "depth": a.teacher_depth}})
+    teacher_path = Path(tempfile.mkdtemp()) / "teacher.pt"
+    save_checkpoint(teacher_path, {"config": teacher_cfg.to_dict(),
+                                   "models": {"a": build_model(teacher_cfg.model).state_dict()}})
+    return base, model, str(teacher_path)
 
 
 def profile_steps(named_engine, batches, device, path: Path) -> None:
