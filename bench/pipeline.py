@@ -7,7 +7,7 @@
                  once per pool size: per step, what the trainer sees (step + time blocked on the stream + decode)
 
 plus the stream codec: assignment payload vs image bytes per image, encode + decode ms per image (hard, and soft
-labels for kd at the configured tolerance with the KD-loss difference against dense). Data: the built-in digits
+labels for kd at the configured picture quality with the KD-loss difference against dense). Data: the built-in digits
 dataset (made under --data if missing); networks untrained (assignment cost does not depend on training).
 Prints a table and writes JSON (--out).
 
@@ -132,10 +132,10 @@ class InProcess:
 
 
 def codec(args, root, teacher, coco, plan) -> dict:
-    """Bytes and ms per image of the stream, hard (lad) and soft (kd at the configured tolerance)."""
+    """Bytes and ms per image of the stream, hard (lad) and soft (kd at the configured picture quality)."""
     out = {}
     for mode in ("lad", "kd"):
-        cfg = bench_config(args, root, mode, teacher, pipeline={"soft_label_tolerance": args.soft_tolerance})
+        cfg = bench_config(args, root, mode, teacher, pipeline={"soft_label_quality": args.soft_quality} if args.soft_quality else {})
         spec = StreamSpec.of(cfg)
         assigner = TeacherAssigner(cfg.to_dict(), records_table(coco.records))
         assigned = assigner(plan_table(0, [plan[0]]))
@@ -171,7 +171,7 @@ def codec(args, root, teacher, coco, plan) -> dict:
             entry["dense_fp32_soft_bytes_per_image"] = num_anchors * spec.num_classes * 4
             entry["kd_cls_dense"], entry["kd_cls_streamed"] = float(ld["kd_cls"]), float(ls["kd_cls"])
             entry["kd_cls_rel_diff"] = float((ls["kd_cls"] - ld["kd_cls"]) / ld["kd_cls"])
-            entry["soft_tolerance"] = args.soft_tolerance
+            entry["soft_quality"] = cfg.pipeline.soft_label_quality
         out[mode] = entry
     return out
 
@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--gpus-per-assigner", type=float, default=0.0)
     p.add_argument("--prefetch", type=int, default=2, help="pipeline.prefetch_batches")
-    p.add_argument("--soft-tolerance", type=float, default=0.01, help="pipeline.soft_label_tolerance")
+    p.add_argument("--soft-quality", type=int, default=None, help="pipeline.soft_label_quality (default: the "
+                   "config's)")
     p.add_argument("--teacher-checkpoint", default=None, help="a trained teacher (e.g. `lad demo`'s "
                    "runs/demo/teacher_r34/checkpoints/best.pt, with --data runs/demo/data) instead of an untrained one: "
                    "soft-label sizes and the KD-loss error depend on what the teacher predicts")

@@ -1,10 +1,12 @@
 """What KD's soft labels cost in the stream, and how far the student's KD loss moves, with real teachers.
 
-For a teacher checkpoint (or an untrained one) on a batch of a dataset, per `pipeline.soft_label_tolerance`:
+For a teacher checkpoint (or an untrained one) on a batch of a dataset, per `pipeline.soft_label_quality`:
 bytes per image of the soft columns (encoded, then decoded, through the Arrow schema) against the image's
 encoded file, and the KD loss terms and the kd_cls gradient on the student's class logits against the dense
 teacher, for an untrained student and (--student) a trained one. Beside them, the schema-3 form it replaced
-(entries >= 0.01 at 8 bytes each, a per-class fill elsewhere, 28-byte box entries), computed here.
+(entries >= 0.01 at 8 bytes each, a per-class fill elsewhere, 28-byte box entries), computed here. The forms
+between (schemas 4-5: a logit model plus corrections) and the studies that led to the picture are in
+docs/results.md with the commit that ran them.
 
     # COCO's layout: FPN P3-P7 networks, (1333, 800) keep-ratio inputs, landscape images of 1067x800 (what a
     # 640x480 photo becomes), digits at the size the networks were trained on
@@ -53,7 +55,7 @@ from trainer.losses import SoftTargets, soft_label_kd  # noqa: E402
 from trainer.soft_codec import decode_soft, encode_soft  # noqa: E402
 from trainer.worker import StreamSpec  # noqa: E402
 
-SOFT_COLS = ("soft_base", "soft_offset", "soft_index", "soft_prob")
+SOFT_COLS = ("soft_image",)
 KD_COLS = ("kd_anchor", "kd_delta", "kd_iou_prob")
 COCO_MEAN_JPEG = 163_000   # train2017: 19.3 GB of JPEGs in 118,287 files
 
@@ -149,165 +151,33 @@ def run(args) -> dict:
               "fpn_levels": model["fpn_levels"], "images": n, "image_file_bytes": float(np.mean(files)),
               "image_jpeg_q90_bytes": float(np.mean(jpegs)), "dense_fp32_bytes": num_anchors * num_classes * 4,
               "kd_entries_per_image": dense.batch_idx.numel() / n,
-              "dense": {k: v[1] for k, v in students.items()}, "tolerances": []}
-    for tol in args.tolerances:
+              "dense": {k: v[1] for k, v in students.items()}, "qualities": []}
+    for quality in args.qualities:
         t0 = time.perf_counter()
-        encoded = encode_soft(dense, level_counts, tol)
+        encoded = encode_soft(dense, tout.level_sizes, quality)
         enc_ms = (time.perf_counter() - t0) * 1e3 / n
         rows = [AssignmentRow(**{**r.__dict__, **e}) for r, e in zip(rows_base, encoded)]
         table = encode_batch(rows, spec.anchor_hash, num_anchors, num_classes, True)
         cb = column_bytes(table)
         t0 = time.perf_counter()
-        got = decode_soft(decode_batch(table, spec.anchor_hash), anchors, level_counts, num_classes)
+        got = decode_soft(decode_batch(table, spec.anchor_hash), anchors, tout.level_sizes, num_classes)
         dec_ms = (time.perf_counter() - t0) * 1e3 / n
         soft_b, kd_b = sum(cb[k] for k in SOFT_COLS) / n, sum(cb[k] for k in KD_COLS) / n
-        entry = {"tolerance": tol, "sent_entries_per_image": float(np.mean([len(r.soft_index) for r in rows])),
-                 "max_abs_error": float((got.cls_prob - dense.cls_prob).abs().max()),
+        err = (got.cls_prob - dense.cls_prob).abs()
+        entry = {"quality": quality, "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
                  "soft_bytes_per_image": soft_b, "kd_bytes_per_image": kd_b,
                  "pct_of_image_file": 100 * (soft_b + kd_b) / result["image_file_bytes"],
                  "pct_of_image_jpeg": 100 * (soft_b + kd_b) / result["image_jpeg_q90_bytes"],
                  "pct_of_coco_mean_jpeg": 100 * (soft_b + kd_b) / COCO_MEAN_JPEG,
                  "encode_ms_per_image": enc_ms, "decode_ms_per_image": dec_ms,
                  "loss": compare(students, got, dense, anchors, kw)}
-        result["tolerances"].append(entry)
-    if args.rules:
-        result["rules"] = rule_study(dense.cls_prob, level_counts, students, anchors, kw)
-    if args.dense:
-        result["dense_coder"] = dense_study(dense, tout.level_sizes, students, anchors, kw)
+        result["qualities"].append(entry)
     approx, cls_bytes = schema3(dense.cls_prob)
     old = SoftTargets(approx, dense.batch_idx, dense.anchor_idx, dense.deltas, dense.iou_prob, dense.weight)
     old_b = cls_bytes + 28 * result["kd_entries_per_image"]
     result["schema3_floor_0.01"] = {"bytes_per_image": old_b, "pct_of_image_file": 100 * old_b / result["image_file_bytes"],
                                     "loss": compare(students, old, dense, anchors, kw)}
     return result
-
-
-RULES = [("abs > 0.01 (the codec's rule)", "abs", 0.01, None, "prob8"), ("abs > 0.02", "abs", 0.02, None, "prob8"),
-         ("logit > 0.5", "logit", 0.5, None, "logit8"), ("logit > 1.0", "logit", 1.0, None, "logit8"),
-         ("chi2 > 0.001", "chi2", 0.001, None, "prob8"), ("chi2 > 0.01", "chi2", 0.01, None, "prob8"),
-         ("chi2 > 0.03", "chi2", 0.03, None, "prob8"), ("abs > 0.01 or logit > 0.5", "abs", 0.01, 0.5, "logit8"),
-         ("abs > 0.02 or logit > 0.5", "abs", 0.02, 0.5, "logit8"), ("logit > 0.3", "logit", 0.3, None, "logit8")]
-LOGIT_STEP = 1 / 8   # the "logit8" values: int8 logits in 1/8 steps
-
-
-def rule_study(probs: Tensor, level_counts, students: dict, anchors, kw) -> dict:
-    """Other rules for which entries the codec sends, on the same model (`fit_model`), and where the default
-    rule's kd_cls error comes from, per bin of the teacher's probability. Bytes are the packed class columns
-    (model + sent entries, as `pack_array` packs them), without the box entries. kd_cls is compared as the sum of
-    `bernoulli_kd`: its weight and normaliser are the same for every rule, so the relative error is kd_cls's."""
-    from schemas.assignment import PROB_STEP, pack_array
-    from trainer.losses import bernoulli_kd
-    from trainer.soft_codec import fit_model, model_probs, quantise_prob
-
-    def per_entry(out, cls_prob: Tensor) -> Tensor:   # [B, A, C]: kd_cls before its sum and constant factors
-        return bernoulli_kd(out.cls_logits.detach(), cls_prob, kw["gamma"])
-
-    n = probs.shape[0]
-    base, offset = fit_model(probs, level_counts)
-    model = model_probs(base, offset, level_counts)
-    model_bytes = sum(len(pack_array(base[i].reshape(-1).numpy(), False)) + len(pack_array(offset[i].numpy()))
-                      for i in range(n)) / n
-    logit = lambda x: torch.logit(x.clamp(1e-6, 1 - 1e-6))   # noqa: E731
-    q_logit = torch.round(logit(probs) / LOGIT_STEP).clamp(-127, 127)
-    errors = {"abs": (probs - model).abs(), "logit": (logit(probs) - logit(model)).abs(),
-              "chi2": (probs - model).square() / (model * (1 - model)).clamp(min=1e-6)}
-    refs = {name: per_entry(out, probs) for name, (out, _, _) in students.items()}
-    rules = []
-    for label, kind, limit, logit_limit, values in RULES:
-        send = errors[kind] > limit
-        if logit_limit is not None:
-            send |= errors["logit"] > logit_limit
-        sent = torch.sigmoid(q_logit * LOGIT_STEP) if values == "logit8" else quantise_prob(probs).float() * PROB_STEP
-        approx = torch.where(send, sent, model)
-        sent_bytes = 0
-        for i in range(n):
-            idx = send[i].flatten().nonzero().squeeze(1)
-            flat = probs[i].flatten()[idx]
-            v = q_logit[i].flatten()[idx].to(torch.int8) if values == "logit8" else quantise_prob(flat)
-            sent_bytes += len(pack_array(idx.numpy().astype(np.int32))) + len(pack_array(v.numpy(), False))
-        rules.append({"rule": label, "values": values, "sent_per_image": float(send.sum()) / n,
-                      "class_bytes_per_image": model_bytes + sent_bytes / n,
-                      "kd_cls_rel_error": {k: float(per_entry(out, approx).sum() / refs[k].sum()) - 1
-                                           for k, (out, _, _) in students.items()}})
-    # the default rule's error by bin of the teacher's probability
-    send = errors["abs"] > 0.01
-    approx = torch.where(send, quantise_prob(probs).float() * PROB_STEP, model)
-    bins = []
-    for lo, hi in [(0, .003), (.003, .01), (.01, .03), (.03, .1), (.1, .3), (.3, 1.01)]:
-        m = (probs >= lo) & (probs < hi)
-        row = {"bin": [lo, hi], "entries_pct": 100 * float(m.float().mean()),
-               "sent_pct": 100 * float(send[m].float().mean()) if m.any() else 0.0}
-        for k, (out, _, _) in students.items():
-            ref, got = refs[k], per_entry(out, approx)
-            row[k] = {"loss_share_pct": 100 * float(ref[m].sum() / ref.sum()),
-                      "error_pct": 100 * float((got - ref)[m].sum() / ref.sum())}
-        bins.append(row)
-    return {"model_bytes_per_image": model_bytes, "rules": rules, "bins": bins}
-
-
-DENSE_STEPS = (1 / 2, 1 / 4, 1 / 8)
-
-
-def dense_study(dense: SoftTargets, level_sizes, students: dict, anchors, kw) -> dict:
-    """Another form than the codec's: every logit, quantised in `DENSE_STEPS`, each level's [C, H, W] grid coded
-    as it is ("none") or as its residual from the planar prediction left + above - above-left ("planar"; lossless
-    on the quantised values: the maps are smooth, neighbouring anchors' logits correlate at about 0.9), then zstd.
-    No model and no index: the error is the quantisation's alone, at most half a step in logit on every entry.
-    The KD terms and kd_cls's gradient are compared as for the codec's rows (`compare`, box entries as they are);
-    bytes are the class columns only, one `pack_array` blob per level, as the stream packs its arrays."""
-    from schemas.assignment import pack_array
-    probs = dense.cls_prob
-    n = probs.shape[0]
-    counts = [h * w for h, w in level_sizes]
-    logits = torch.logit(probs.float(), eps=1e-6)
-    rows = []
-    for step in DENSE_STEPS:
-        q = torch.round(logits / step)
-        approx = SoftTargets(torch.sigmoid(q * step), dense.batch_idx, dense.anchor_idx, dense.deltas,
-                             dense.iou_prob, dense.weight)
-        errors = compare(students, approx, dense, anchors, kw)
-        for predictor in ("none", "planar"):
-            size = 0
-            for i in range(n):
-                for (h, w), part in zip(level_sizes, q[i].split(counts)):
-                    grid = part.reshape(h, w, -1).permute(2, 0, 1).to(torch.int32)
-                    res = grid.clone()
-                    if predictor == "planar":
-                        res[:, 1:, 1:] -= grid[:, 1:, :-1] + grid[:, :-1, 1:] - grid[:, :-1, :-1]
-                        res[:, 0, 1:] -= grid[:, 0, :-1]
-                        res[:, 1:, 0] -= grid[:, :-1, 0]
-                    small = bool(res.abs().max() < 128)
-                    size += len(pack_array(res.to(torch.int8 if small else torch.int16).numpy(), False))
-            rows.append({"logit_step": step, "predictor": predictor, "class_bytes_per_image": size / n,
-                         "loss": errors})
-    return {"rows": rows}
-
-
-def print_dense(study: dict, jpeg: float) -> None:
-    print("\nevery logit, quantised and coded densely (class columns only):")
-    for r in study["rows"]:
-        errs = "  ".join(f"{k.split()[0]} {v['kd_cls_rel_error']:+7.2%} (grad {v['kd_cls_grad_rel_error']:5.1%})"
-                         for k, v in r["loss"].items())
-        kb = r["class_bytes_per_image"] / 1024
-        print(f"  step 1/{round(1 / r['logit_step'])}, {r['predictor']:<7} {kb:7.1f} KB "
-              f"({100 * kb * 1024 / jpeg:5.1f}% JPEG)  kd_cls {errs}")
-
-
-def print_rules(study: dict, jpeg: float) -> None:
-    print()
-    print(f"other rules (same model, {study['model_bytes_per_image'] / 1024:.1f} KB of it per image; class "
-          "columns only, without the box entries):")
-    for r in study["rules"]:
-        errs = "  ".join(f"{k.split()[0]} {v:+7.2%}" for k, v in r["kd_cls_rel_error"].items())
-        kb = r["class_bytes_per_image"] / 1024
-        print(f"  {r['rule']:<30} sent {r['sent_per_image']:>8.0f}  {kb:7.1f} KB "
-              f"({100 * kb * 1024 / jpeg:5.1f}% JPEG)  kd_cls {errs}")
-    print("the default rule's kd_cls error by bin of the teacher's probability:")
-    for b in study["bins"]:
-        cells = "  ".join(f"{k.split()[0]}: loss {v['loss_share_pct']:5.1f}%, error {v['error_pct']:+6.2f}%"
-                          for k, v in b.items() if isinstance(v, dict))
-        print(f"  t in [{b['bin'][0]}, {b['bin'][1]}): {b['entries_pct']:5.1f}% of entries, "
-              f"{b['sent_pct']:5.1f}% sent;  {cells}")
 
 
 def print_table(res: dict) -> None:
@@ -323,9 +193,9 @@ def print_table(res: dict) -> None:
                         f"{loss[n]['kd_total_rel_error']:>+10.2%}" for n in names)
         print(f"{label:<22}{kb:>9.1f}{pct:>7.1f}%{jpeg:>7.1f}%{coco:>7.1f}%{err:>9}{cells}")
 
-    for t in res["tolerances"]:
+    for t in res["qualities"]:
         b = t["soft_bytes_per_image"] + t["kd_bytes_per_image"]
-        row(f"tolerance {t['tolerance']:g}", b / 1024, t["pct_of_image_file"], t["pct_of_image_jpeg"],
+        row(f"quality {t['quality']}", b / 1024, t["pct_of_image_file"], t["pct_of_image_jpeg"],
             t["pct_of_coco_mean_jpeg"], f"{t['max_abs_error']:.4f}", t["loss"])
     old = res["schema3_floor_0.01"]
     b = old["bytes_per_image"]
@@ -341,20 +211,13 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", required=True, help="teacher checkpoint, or 'untrained'")
     p.add_argument("--student", default=None, help="a trained student checkpoint (its model settings are used)")
     p.add_argument("--images", type=int, default=8)
-    p.add_argument("--tolerances", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03])
+    p.add_argument("--qualities", type=int, nargs="+", default=[100, 90, 75, 60],
+                   help="pipeline.soft_label_quality values to measure")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rules", action="store_true", help="also: other rules for which entries to send, and the "
-                   "default rule's kd_cls error by bin of the teacher's probability")
-    p.add_argument("--dense", action="store_true", help="also: every logit quantised and coded densely, with and "
-                   "without a planar prediction from its neighbours")
     p.add_argument("--out", default="bench/results/soft_labels.json")
     args = p.parse_args(argv)
     res = run(args)
     print_table(res)
-    if "rules" in res:
-        print_rules(res["rules"], res["image_jpeg_q90_bytes"])
-    if "dense_coder" in res:
-        print_dense(res["dense_coder"], res["image_jpeg_q90_bytes"])
     doc = {"args": vars(args), "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), **res}
     write_results(args.out, doc)

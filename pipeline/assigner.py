@@ -298,7 +298,7 @@ class TeacherAssigner:
         labels = [torch.from_numpy(im.record.labels).to(self.device) for im in sub]
         result = teacher_assign(cfg, self.teacher, batch, boxes, labels, self.anchors)
         hard = labels_to_sparse(result.labels) if result.labels is not None else None
-        soft = (encode_soft(result.soft, spec.level_counts(canvas), cfg.pipeline.soft_label_tolerance)
+        soft = (encode_soft(result.soft, spec.level_sizes(canvas), cfg.pipeline.soft_label_quality)
                 if result.soft is not None else None)
         out = {}
         for j, i in enumerate(todo):

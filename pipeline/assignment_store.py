@@ -36,8 +36,8 @@ from schemas.config import RunConfig
 from schemas.storage import Location
 
 FORMAT = "lad-assignment-store"
-# The stream schema version that last changed what a store holds (the hard labels and the view key). Schema 5
-# changed soft labels only, which a store never holds, so stores written under 4 stay valid.
+# The stream schema version that last changed what a store holds (the hard labels and the view key). Schemas 5
+# and 6 changed soft labels only, which a store never holds, so stores written under 4 stay valid.
 LABELS_SCHEMA_VERSION = 4
 READERS = 8  # parts fetched at once (one request each on object storage)
 SCHEMA = pa.schema([("image_id", pa.int64()), ("flip", pa.bool_()), ("pad_height", pa.int32()),

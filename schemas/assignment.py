@@ -14,13 +14,11 @@ Beside the per-image columns, the pipeline adds batch columns (`epoch`, `batch_i
 `pad_height` / `pad_width`): declared here with their types (`BATCH_COLUMNS`), written by `tag_batch`; the
 trainer's worker reads them (`batch_canvas` for the canvas).
 
-Soft labels (KD/SoLAD) travel as a model plus corrections (`trainer.soft_codec` builds and reads them): per FPN
-level and class a baseline logit, per anchor an int8 logit offset, and every probability the model misses by
-more than the run's tolerance, as an 8-bit probability (fp16 below a tolerance of 1/255). They travel
-zstd-compressed (`pack_array` / `unpack_array`) in binary columns: ascending indices and the offsets of
-neighbouring anchors as their deltas (an int8 offset per anchor is 18 KB per COCO-sized image raw, about 8 KB
-packed), the 8-bit probabilities as they are. The KD box entries carry no weight: the student recomputes each
-one's overlap with its GT boxes from the teacher's deltas it receives.
+Soft labels (KD/SoLAD) travel as one picture per image (`trainer.soft_codec` draws and reads it): the teacher's
+class probabilities, per class and FPN level, as a grey AVIF mosaic (`soft_image`, plain bytes: this module needs
+no image library). The KD box entries travel zstd-compressed (`pack_array` / `unpack_array`) in binary columns:
+ascending anchor indices as their deltas, the 8-bit IoU probabilities as they are. They carry no weight: the
+student recomputes each one's overlap with its GT boxes from the teacher's deltas it receives.
 
 This module imports numpy and pyarrow only (no torch), as `schemas` must.
 """
@@ -35,9 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 5  # 2: batch columns epoch, batch_index, soft_fill; 3: image_file, canvas pad_height/pad_width;
+SCHEMA_VERSION = 6  # 2: batch columns epoch, batch_index, soft_fill; 3: image_file, canvas pad_height/pad_width;
                     # 4: compact soft labels (soft_base/offset/index/prob, kd_delta), no soft_fill;
-                    # 5: soft_prob and kd_iou_prob 8-bit (packed), no kd_weight
+                    # 5: soft_prob and kd_iou_prob 8-bit (packed), no kd_weight;
+                    # 6: class probabilities as one picture (soft_image) instead of soft_base/offset/index/prob
 # Bump when the anchor generator's conventions change (same config, different anchors).
 ANCHOR_LAYOUT = "xyxy, one anchor per location, side 8*stride*octave/8, levels finest first, row-major"
 
@@ -97,11 +96,8 @@ _HARD_FIELDS = [
     ("anchor_hash", pa.string()),
 ]
 _SOFT_FIELDS = [
-    ("soft_base", pa.list_(pa.float16())),   # L*C: per FPN level and class, the teacher's baseline logit
-    ("soft_offset", pa.binary()),            # A int8: per anchor, a logit offset in SOFT_OFFSET_STEP (packed)
-    ("soft_index", pa.binary()),             # S int32, ascending: anchor * C + class of the entries sent exactly
-    ("soft_prob", pa.binary()),              # S uint8 in PROB_STEP, or float16 (packed): the teacher's
-                                             # probability there
+    ("soft_image", pa.binary()),             # the teacher's A x C class probabilities as one grey AVIF picture
+                                             # (a mosaic of per-class, per-level maps: trainer.soft_codec)
     ("kd_anchor", pa.binary()),              # K int32, ascending (packed): anchors whose teacher box has IoU >
                                              # min_iou with some GT
     ("kd_delta", pa.list_(pa.float16())),    # K*4 flat, the teacher's box deltas there (decoded on the anchors)
@@ -109,13 +105,10 @@ _SOFT_FIELDS = [
                                              # probability
 ]
 SOFT_COLUMNS = tuple(name for name, _ in _SOFT_FIELDS)
-SOFT_OFFSET_STEP = 1 / 16   # soft_offset's unit, in logits: int8 covers +-8
-PROB_STEP = 1 / 255         # soft_prob's and kd_iou_prob's unit: uint8 covers [0, 1], rounding error <= 1/510
+PROB_STEP = 1 / 255         # kd_iou_prob's unit: uint8 covers [0, 1], rounding error <= 1/510
 # binary columns of `pack_array` blobs: name -> (the dtypes allowed, sent as deltas). Probabilities are uint8 in
-# PROB_STEP, or float16 where the run's tolerance is below PROB_STEP (0 included).
-_PACKED = {"soft_offset": ((np.int8,), True), "soft_index": ((np.int32,), True),
-           "soft_prob": ((np.uint8, np.float16), False), "kd_anchor": ((np.int32,), True),
-           "kd_iou_prob": ((np.uint8, np.float16), False)}
+# PROB_STEP, or float16.
+_PACKED = {"kd_anchor": ((np.int32,), True), "kd_iou_prob": ((np.uint8, np.float16), False)}
 
 # Batch columns: the pipeline tags every row with the planned training batch it belongs to and the canvas its
 # images are padded to. They describe the batch rather than the image, so they are not fields of
@@ -165,25 +158,22 @@ class AssignmentRow:
     flip: bool = False
     teacher_version: int = 0
     assign_ms: float = 0.0
-    soft_base: Optional[np.ndarray] = None     # [L * C] float16
-    soft_offset: Optional[np.ndarray] = None   # [A] int8
-    soft_index: Optional[np.ndarray] = None    # [S] int32, ascending
-    soft_prob: Optional[np.ndarray] = None     # [S] uint8 in PROB_STEP, or float16
+    soft_image: Optional[Any] = None           # AVIF bytes (or a zero-copy pa.Buffer when decoded)
     kd_anchor: Optional[np.ndarray] = None     # [K] int32
     kd_delta: Optional[np.ndarray] = None      # [K, 4] float16
     kd_iou_prob: Optional[np.ndarray] = None   # [K] uint8 in PROB_STEP, or float16
 
     @property
     def has_soft(self) -> bool:
-        return self.soft_base is not None
+        return self.soft_image is not None
 
 
 _LIST_COLUMNS = {  # name -> (numpy dtype, values per element)
     "gt_boxes": (np.float32, 4), "gt_labels": (np.int32, 1),
     "pos_anchor": (np.int32, 1), "pos_gt": (np.int32, 1), "ignore_anchor": (np.int32, 1),
-    "soft_base": (np.float16, 1), "kd_delta": (np.float16, 4),
+    "kd_delta": (np.float16, 4),
 }
-_SOFT_SAME_LENGTH = [("soft_index", "soft_prob"), ("kd_anchor", "kd_delta", "kd_iou_prob")]
+_SOFT_SAME_LENGTH = [("kd_anchor", "kd_delta", "kd_iou_prob")]
 _SAME_LENGTH = [("gt_boxes", "gt_labels"), ("pos_anchor", "pos_gt")] + _SOFT_SAME_LENGTH
 
 
@@ -196,7 +186,7 @@ def list_array(arrays: list[np.ndarray], dtype, width: int, name: str) -> tuple[
     total = int(sizes.sum())
     if total > _I32_MAX:
         raise ValueError(f"{name}: {total} values in one batch exceed Arrow list offsets (int32); "
-                         "use smaller batches or a higher soft-label floor")
+                         "use smaller batches")
     values = np.concatenate(flat) if flat else np.empty(0, dtype)
     offsets = np.zeros(len(flat) + 1, np.int32)
     offsets[1:] = np.cumsum(sizes)
@@ -253,6 +243,7 @@ def encode_batch(rows: list[AssignmentRow], anchor_hash: str, num_anchors: int, 
             continue
         cols[name], counts[name] = list_array([getattr(r, name) for r in rows], dtype, width, name)
     if soft:
+        cols["soft_image"] = pa.array([bytes(r.soft_image) for r in rows], pa.binary())
         for name, (dtypes, deltas) in _PACKED.items():
             values = [_packed_values(getattr(r, name), dtypes, f"image {r.image_id}: {name}") for r in rows]
             counts[name] = np.array([v.size for v in values], np.int64)
@@ -396,7 +387,7 @@ def _check(schema: pa.Schema, columns: dict[str, Any], expected_hash: str) -> bo
             f"assignment stream anchor hash {got} differs from {expected_hash} expected by this trainer: the "
             "stream was built for other anchors, input size or number of classes (strides, octave_base_scale, "
             "input_size, num_classes), so its anchor indices would point at the wrong anchors")
-    soft = "soft_base" in columns
+    soft = "soft_image" in columns
     problems = []
     for name, typ in _HARD_FIELDS + (_SOFT_FIELDS if soft else []):
         if name not in columns:
@@ -482,6 +473,7 @@ def _decode_record_batch(rb: pa.RecordBatch, soft: bool) -> list[AssignmentRow]:
         fields[name] = _views(col[name], dtype, width)
     if soft:
         ids = fields["image_id"]
+        fields["soft_image"] = _file_views(col["soft_image"])
         for name, (dtypes, deltas) in _PACKED.items():
             fields[name] = [unpack_array(b, dtypes, deltas, f"image {ids[i]}: {name}")
                             for i, b in enumerate(_file_views(col[name]))]
@@ -502,19 +494,8 @@ def check_bounds(rows: list[AssignmentRow], num_anchors: Optional[int], num_clas
                 raise ValueError(f"image {r.image_id}: {name} out of range [0, {num_anchors})")
         if r.pos_gt.size and (r.pos_gt.min() < 0 or r.pos_gt.max() >= len(r.gt_labels)):
             raise ValueError(f"image {r.image_id}: pos_gt out of range [0, {len(r.gt_labels)})")
-        if not r.has_soft:
-            continue
-        entries = None if num_anchors is None or num_classes is None else num_anchors * num_classes
-        idx = r.soft_index
-        if idx.size and (idx.min() < 0 or (entries is not None and idx.max() >= entries)
-                         or np.any(np.diff(idx) <= 0)):
-            raise ValueError(f"image {r.image_id}: soft_index not ascending in [0, anchors x classes = {entries})")
-        if num_anchors is not None and r.soft_offset.size != num_anchors:
-            raise ValueError(f"image {r.image_id}: soft_offset has {r.soft_offset.size} values for {num_anchors} "
-                             "anchors")
-        if num_classes is not None and r.soft_base.size % num_classes:
-            raise ValueError(f"image {r.image_id}: soft_base has {r.soft_base.size} values, not levels x "
-                             f"{num_classes} classes")
+        if r.has_soft and len(r.soft_image) == 0:
+            raise ValueError(f"image {r.image_id}: soft_image is empty (a KD stream sends a picture for every image)")
 
 
 def decode_batch(batch: Union[pa.RecordBatch, pa.Table], expected_hash: str) -> list[AssignmentRow]:
@@ -539,7 +520,7 @@ def decode_table_rows(table: Union[pa.Table, pa.RecordBatch, dict], expected_has
     if isinstance(table, dict):
         if "anchor_hash" not in table:
             raise SchemaMismatch("not an assignment stream: the batch has no anchor_hash column")
-        soft = "soft_base" in table
+        soft = "soft_image" in table
         schema = assignment_schema(expected_hash, soft=soft).remove_metadata()
         missing = [f.name for f in schema if f.name not in table]
         if missing:

@@ -13,8 +13,8 @@ from schemas.assignment import (
 
 A, C = 1344, 10
 HASH = anchor_hash([4, 8, 16], 8.0, 128, C)
-ARRAYS = ["gt_boxes", "gt_labels", "pos_anchor", "pos_gt", "ignore_anchor", "soft_base", "soft_offset", "soft_index",
-          "soft_prob", "kd_anchor", "kd_delta", "kd_iou_prob", "image"]
+ARRAYS = ["gt_boxes", "gt_labels", "pos_anchor", "pos_gt", "ignore_anchor", "kd_anchor", "kd_delta", "kd_iou_prob",
+          "image"]
 SCALARS = ["image_id", "height", "width", "scale", "flip", "teacher_version", "assign_ms"]
 
 
@@ -34,10 +34,7 @@ def make_row(rng, soft, g=None, p=None, s=None, k=None, with_image=True, image_i
         scale=float(np.float32(rng.random())), flip=bool(rng.integers(0, 2)),
         teacher_version=int(rng.integers(0, 1 << 40)), assign_ms=float(np.float32(rng.random() * 10)))
     if soft:
-        row.soft_base = rng.normal(-5, 2, 3 * C).astype(np.float16)
-        row.soft_offset = rng.integers(-128, 128, A).astype(np.int8)
-        row.soft_index = np.sort(rng.choice(A * C, s, replace=False)).astype(np.int32)
-        row.soft_prob = rng.integers(0, 256, s).astype(np.uint8)
+        row.soft_image = rng.integers(0, 256, s + 1, dtype=np.uint8).tobytes()   # opaque to the schema
         row.kd_anchor = rng.choice(A, k, replace=False).astype(np.int32)
         row.kd_delta = rng.normal(0, 1, (k, 4)).astype(np.float16)
         row.kd_iou_prob = rng.integers(0, 256, k).astype(np.uint8)
@@ -56,6 +53,9 @@ def assert_rows_equal(got, want):
                 continue
             assert x.dtype == y.dtype and x.shape == y.shape, (name, x.dtype, y.dtype, x.shape, y.shape)
             np.testing.assert_array_equal(x, y, err_msg=name)
+        assert (a.soft_image is None) == (b.soft_image is None)
+        if b.soft_image is not None:
+            assert bytes(a.soft_image) == bytes(b.soft_image)
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -133,8 +133,8 @@ def test_metadata_stripped_still_validated_by_column():
     dict_table = table.set_column(i, "anchor_hash", table.column("anchor_hash").dictionary_encode())
     j = table.schema.get_field_index("kd_delta")
     dict_table = dict_table.set_column(j, "kd_delta", table.column("kd_delta").cast(pa.large_list(pa.float16())))
-    j = table.schema.get_field_index("soft_offset")
-    dict_table = dict_table.set_column(j, "soft_offset", table.column("soft_offset").cast(pa.large_binary()))
+    j = table.schema.get_field_index("soft_image")
+    dict_table = dict_table.set_column(j, "soft_image", table.column("soft_image").cast(pa.large_binary()))
     assert_rows_equal(decode_table_rows(dict_table, HASH), rows)
     # A table mixing rows of two streams is refused even without metadata.
     foreign = encode_batch(rows[:1], anchor_hash([4, 8], 8.0, 128, C), A, C, True)
@@ -159,7 +159,7 @@ def test_decode_is_zero_copy():
     rng = np.random.default_rng(7)
     batch = encode_batch([make_row(rng, True, g=3, p=5, s=20, k=4, image_id=i) for i in range(3)], HASH, A, C, True)
     rows = decode_batch(batch, HASH)
-    for name in ["gt_boxes", "pos_anchor", "pos_gt", "soft_base", "kd_delta"]:
+    for name in ["gt_boxes", "pos_anchor", "pos_gt", "kd_delta"]:
         values = _buffer_view(batch.column(name).values, 1)
         for r in rows:
             v = getattr(r, name)
@@ -206,12 +206,12 @@ def test_packed_integers_round_trip_and_refuse_cut_blobs():
     assert len(pack_array(smooth)) < smooth.size / 2   # neighbours close: the deltas compress
     assert len(pack_array(smooth)) < len(pack_array(smooth, deltas=False))
     blob = pack_array(ascending)
-    with pytest.raises(ValueError, match="soft_index: packed blob does not decompress"):
-        unpack_array(blob[: len(blob) // 2], (np.int32,), name="soft_index")
+    with pytest.raises(ValueError, match="kd_anchor: packed blob does not decompress"):
+        unpack_array(blob[: len(blob) // 2], (np.int32,), name="kd_anchor")
     with pytest.raises(ValueError, match="no header"):
         unpack_array(b"\x01", (np.int8,))
-    with pytest.raises(ValueError, match="soft_prob: packed values are of type 'i'"):
-        unpack_array(blob, (np.uint8, np.float16), False, "soft_prob")
+    with pytest.raises(ValueError, match="kd_iou_prob: packed values are of type 'i'"):
+        unpack_array(blob, (np.uint8, np.float16), False, "kd_iou_prob")
 
 
 def test_encode_rejects_inconsistent_rows():
@@ -226,18 +226,17 @@ def test_encode_rejects_inconsistent_rows():
     bad.pos_anchor = np.array([A], np.int32)
     with pytest.raises(ValueError, match="pos_anchor out of range"):
         decode_batch(encode_batch([bad], HASH, A, C, False), HASH)
-    row = make_row(rng, True, s=4)
-    row.soft_prob = row.soft_prob.astype(np.float32)           # neither 8-bit steps nor fp16: refused, not cast
-    with pytest.raises(ValueError, match="soft_prob: values of type float32"):
+    row = make_row(rng, True, k=4)
+    row.kd_iou_prob = row.kd_iou_prob.astype(np.float32)       # neither 8-bit steps nor fp16: refused, not cast
+    with pytest.raises(ValueError, match="kd_iou_prob: values of type float32"):
         encode_batch([row], HASH, A, C, True)
-    row = make_row(rng, True, s=4)
-    row.soft_prob = row.soft_prob[:3]
-    with pytest.raises(ValueError, match="soft_index has 4 elements but soft_prob has 3"):
+    row = make_row(rng, True, k=4)
+    row.kd_iou_prob = row.kd_iou_prob[:3]
+    with pytest.raises(ValueError, match="kd_anchor has 4 elements but kd_iou_prob has 3"):
         encode_batch([row], HASH, A, C, True)
-    for field, value, message in [("soft_index", np.array([5, 5], np.int32), "soft_index not ascending"),
-                                  ("soft_index", np.array([0, A * C], np.int32), "soft_index not ascending"),
-                                  ("soft_offset", np.zeros(A - 1, np.int8), "soft_offset has 1343 values")]:
-        row = make_row(rng, True, s=2)
+    for field, value, message in [("kd_anchor", np.array([0, A], np.int32), "kd_anchor out of range"),
+                                  ("soft_image", b"", "image 0: soft_image is empty")]:
+        row = make_row(rng, True, k=2)
         setattr(row, field, value)
         with pytest.raises(ValueError, match=message):
             decode_batch(encode_batch([row], HASH, A, C, True), HASH)
@@ -251,8 +250,8 @@ def test_anchor_hash_and_schema_metadata():
     assert len(variants) == 5
     schema = assignment_schema(HASH, soft=True, num_anchors=A, num_classes=C)
     assert schema.metadata[b"lad.schema_version"] == str(SCHEMA_VERSION).encode()
-    assert schema.metadata[b"lad.num_anchors"] == b"1344" and "soft_prob" in schema.names
-    assert "soft_prob" not in assignment_schema(HASH, soft=False).names
+    assert schema.metadata[b"lad.num_anchors"] == b"1344" and "soft_image" in schema.names
+    assert "soft_image" not in assignment_schema(HASH, soft=False).names
 
 
 def test_payload_bytes_excludes_image():

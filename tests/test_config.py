@@ -58,9 +58,13 @@ def test_fp16_on_a_cpu_device_is_refused_by_the_config():
     assert load_config("configs/paa_digits.yaml", ["train.amp=true"]).train.amp
 
 
-def test_the_schema_3_soft_label_floor_reads_as_the_tolerance():
-    """Configs and checkpoints written before the compact soft labels set `pipeline.soft_label_floor`; it bounded
-    the same error, so it is read as the tolerance (and old teacher checkpoints keep loading)."""
-    old = config_from_dict({"pipeline": {"soft_label_floor": 0.02}}, "old.yaml")
-    assert old.pipeline.soft_label_tolerance == 0.02 and "soft_label_floor" not in old.to_dict()["pipeline"]
-    assert config_from_dict({}, "new.yaml").pipeline.soft_label_tolerance == 0.01
+def test_older_soft_label_settings_still_load():
+    """Configs and checkpoints written before the soft labels travelled as a picture set `pipeline.soft_label_floor`
+    (schema 3) or `soft_label_tolerance` (4-5). They keep loading: 0 (every entry exact) as the lossless quality,
+    anything else as the default."""
+    for key in ("soft_label_floor", "soft_label_tolerance"):
+        old = config_from_dict({"pipeline": {key: 0.02}}, "old.yaml")
+        assert old.pipeline.soft_label_quality == 85 and key not in old.to_dict()["pipeline"]
+        assert config_from_dict({"pipeline": {key: 0.0}}, "old.yaml").pipeline.soft_label_quality == 100
+    with pytest.raises(ConfigError, match="soft_label_quality"):
+        config_from_dict({"pipeline": {"soft_label_quality": 101}}, "new.yaml")

@@ -14,6 +14,7 @@ from tests.tiny import make_data, make_teacher, tiny_config
 from schemas.assignment import PROB_STEP, SchemaMismatch, decode_batch
 from trainer.engine import Engine
 from trainer.losses import soft_label_kd
+from trainer.soft_codec import MAX_STEP_ERROR
 from trainer.worker import decode_stream_batch, labels_to_sparse, sparse_to_labels, split_batches
 
 
@@ -151,14 +152,13 @@ def test_the_stream_carries_each_image_once_as_its_encoded_file(tiny):
     assert streamed.image_bytes <= 1.01 * sum(len(f) for f in files) + 64
 
 
-@pytest.mark.parametrize("mode,tolerance", [("kd", 0.01), ("solad", 0.01), ("kd", 0.0)])
-def test_streamed_soft_labels_are_within_the_tolerance(tiny, mode, tolerance):
-    """Every class probability the student receives is within the run's tolerance of the teacher's (8-bit
-    rounding where an entry is sent as it is; tolerance 0 sends them all), and the KD box targets are the
-    teacher's up to fp16 deltas and an 8-bit IoU probability; the student measures their weight itself."""
+@pytest.mark.parametrize("mode,quality", [("kd", 85), ("solad", 85), ("kd", 100)])
+def test_streamed_soft_labels_are_the_teachers(tiny, mode, quality):
+    """The class probabilities the student receives are the teacher's as the picture gives them back (within the
+    8-bit step when lossless, close on average otherwise), and the KD box targets are the teacher's up to fp16
+    deltas and an 8-bit IoU probability; the student measures their weight itself."""
     root, data, teacher = tiny
-    cfg = tiny_config(data, root / "runs", mode=mode, teacher=teacher,
-                      pipeline={"soft_label_tolerance": tolerance})
+    cfg = tiny_config(data, root / "runs", mode=mode, teacher=teacher, pipeline={"soft_label_quality": quality})
     local, streamed, out = streamed_and_local(cfg)
     engine = Engine(cfg, "cpu", 10)
     with torch.no_grad():
@@ -169,30 +169,24 @@ def test_streamed_soft_labels_are_within_the_tolerance(tiny, mode, tolerance):
     s = streamed.soft
     assert torch.equal(s.batch_idx, ref.batch_idx) and torch.equal(s.anchor_idx, ref.anchor_idx)
     assert torch.equal(s.deltas, ref.deltas.half().float())
-    iou_step = PROB_STEP / 2 if tolerance else ref.iou_prob * 2 ** -11 + 2 ** -24   # 8-bit, or fp16 at 0
-    assert ((s.iou_prob - ref.iou_prob).abs() <= iou_step + 1e-6).all()
+    assert ((s.iou_prob - ref.iou_prob).abs() <= PROB_STEP / 2 + 1e-6).all()
     assert ((s.weight - ref.weight).abs() < 5e-3).all()
-    fp16 = ref.cls_prob * 2 ** -11 + 2 ** -24
-    assert ((s.cls_prob - ref.cls_prob).abs() <= torch.clamp(fp16, min=tolerance) + 1e-6).all()
-    sent = sum(r.soft_index.size for r in decode_batch(out, StreamSpec.of(cfg).anchor_hash))
-    entries = ref.cls_prob.numel()
-    assert sent == entries if tolerance == 0 else sent < 0.5 * entries, (sent, entries)
+    err = (s.cls_prob - ref.cls_prob).abs()
+    assert float(err.max()) <= MAX_STEP_ERROR + 1e-6 if quality == 100 else float(err.mean()) < 2e-3
     d = cfg.distill
     kw = dict(cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight, gamma=d.gamma)
     dense = soft_label_kd(student.cls_logits, student.box_deltas, student.iou_logits, ref, anchors, **kw)
     streamed_kd = soft_label_kd(student.cls_logits, student.box_deltas, student.iou_logits, s, anchors, **kw)
-    close = dict(rtol=1e-3 if tolerance == 0 else 1e-2, atol=1e-6)
     assert torch.allclose(streamed_kd["kd_box"], dense["kd_box"], rtol=1e-3, atol=1e-6)   # fp16 deltas
-    assert torch.allclose(streamed_kd["kd_iou"], dense["kd_iou"], **close)   # 8-bit probabilities (fp16 at 0)
-    if tolerance == 0:
-        assert torch.allclose(streamed_kd["kd_cls"], dense["kd_cls"], **close)
-    # At a tolerance, an untrained teacher and student (both at the 0.01 prior, kd_cls ~1e-3) differ by less than
-    # the tolerance everywhere, which is the whole loss: tests/test_soft_codec.py and docs/results.md measure
-    # kd_cls against dense where the loss means something.
+    assert torch.allclose(streamed_kd["kd_iou"], dense["kd_iou"], rtol=1e-2, atol=1e-6)   # 8-bit probabilities
+    # An untrained teacher and student both sit at the 0.01 prior, where kd_cls (~1e-3) is all rounding:
+    # tests/test_soft_codec.py and docs/results.md measure kd_cls against dense where the loss means something.
     if mode == "solad":
         ref_labels = Engine(cfg, "cpu", 10).step(local["images"], local["boxes"], local["labels"]).labels
         assert torch.equal(streamed.labels.gt_index, ref_labels.gt_index)
-    assert out.column("soft_prob").type == pa.binary()
+    assert out.column("soft_image").type == pa.binary()
+    images = decode_batch(out, StreamSpec.of(cfg).anchor_hash)
+    assert all(bytes(r.soft_image)[4:12] == b"ftypavif" for r in images)   # an AVIF picture per image
 
 
 def test_sparse_labels_round_trip():

@@ -1,88 +1,129 @@
 """How the teacher's soft labels cross the stream in a few percent of an image's bytes (KD, SoLAD).
 
 A teacher gives A x C class probabilities per image: 1.8 million at COCO size (80 classes, ~22k anchors), 7 MB as
-fp32. Most of them are background, and in logit space background is nearly additive: a level-and-class term
-(how likely the class is anywhere on that level) plus an anchor term (how object-like that place looks). So each
-image sends
+fp32. Seen per class and pyramid level they are pictures: smooth maps (neighbouring anchors' logits correlate at
+about 0.9 on P3) with peaks where the objects are. So they travel as one picture per image,
 
-    soft_base    [L, C] fp16   per level and class, the mean logit over the level's anchors
-    soft_offset  [A] int8      per anchor, the mean over classes of what is left, in steps of 1/16 logit
-    soft_index   [S] int32     every entry whose probability this model misses by more than `tolerance` ...
-    soft_prob    [S] uint8     ... sent in steps of 1/255
+    soft_image   AVIF, 8-bit grey: for each class, every level's [H, W] map of asin(sqrt(p)), tiled into a mosaic
 
-and the student rebuilds sigmoid(base[level(a), c] + offset[a]) with those entries overwritten. Every probability
-the student sees is therefore within `tolerance` of the teacher's (the 8-bit step's 1/510 is inside any tolerance
-of at least 1/255; below that, the sent entries go as fp16): the same kind of guarantee as a floor, at one byte
-per anchor instead of eight per kept entry. `tolerance=0` sends every entry as fp16.
-Measured against the dense loss in docs/results.md ("Soft labels"); why this form in docs/decisions.md.
+coded by AV1's intra coder (through Pillow) at `pipeline.soft_label_quality`. Two choices make it fit:
+- asin(sqrt(p)) is the Bernoulli's variance-stabilising transform: a step in it costs about the same KL divergence
+  anywhere in [0, 1], which is what the KD loss measures. Logits spend the 8 bits and the coder's error on the
+  background, where the loss hardly feels them; probabilities on the peaks only.
+- A lossy image coder places its error where the map is busy and spends almost nothing on flat background, which a
+  dense quantiser or a sparse list cannot.
+Quality 100 is lossless AV1, which leaves the 8-bit step alone: every probability within `MAX_STEP_ERROR` of the
+teacher's. Measured against the dense loss in docs/results.md ("Soft labels as a picture"); why this form, this
+transform and these encoder settings in docs/decisions.md (same title).
 
 The KD box terms need the teacher's box only where it overlaps a GT (`SoftTargets`): those travel as anchor
-index, fp16 deltas (decoded on the anchors in the loss) and IoU-branch probability (8-bit, or fp16 below a
-tolerance of 1/255). The overlap that weighs each entry is not sent: the student decodes the teacher's box from
-those deltas and measures it against its own GT boxes, as the teacher did.
+index, fp16 deltas (decoded on the anchors in the loss) and 8-bit IoU-branch probability. The overlap that weighs
+each entry is not sent: the student decodes the teacher's box from those deltas and measures it against its own
+GT boxes, as the teacher did.
 """
 from __future__ import annotations
 
+import io
+import math
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from schemas.assignment import PROB_STEP, SOFT_OFFSET_STEP, AssignmentRow
+from schemas.assignment import PROB_STEP, AssignmentRow
 from trainer.box_coder import decode
 from trainer.losses import SoftTargets, largest_gt_iou
 
-_LOGIT_EPS = 1e-6   # probabilities are clamped to [eps, 1 - eps] before the logit: +-13.8
+LEVEL_STEP = (math.pi / 2) / 255      # one grey level, in asin(sqrt(p)): 8 bits cover [0, pi/2]
+MAX_STEP_ERROR = LEVEL_STEP / 2       # |dp / d asin(sqrt(p))| = sin(2 phi) <= 1: at most 0.0031 in probability
+# libaom's speed preset: 8 encodes a COCO-sized teacher's picture 3 times faster than the default 6, for 6 % more
+# bytes at the same quality (docs/decisions.md, "Soft labels as a picture")
+ENCODER_SPEED = 8
+# libaom's per-block quantiser adaptation (deltaq) spends bits where eyes look; nobody looks at these pictures.
+# Without it the KD loss error is smaller at the same bytes (docs/decisions.md)
+AOM_OPTIONS = {"deltaq-mode": "0"}
 
 
-def _per_anchor(base: Tensor, level_counts: Sequence[int]) -> Tensor:
-    """[..., L, C] -> [..., A, C]: each level's row repeated over its anchors."""
-    counts = torch.as_tensor(list(level_counts), device=base.device)
-    return base.repeat_interleave(counts, dim=-2, output_size=int(sum(level_counts)))
+@lru_cache(maxsize=8)   # a few canvases recur (batches by orientation); 15 MB each at COCO size and 80 classes
+def mosaic_layout(level_sizes: tuple[tuple[int, int], ...], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each (anchor, class) entry sits in the mosaic. A class's block is its finest level's map, with the
+    coarser levels side by side beneath it; blocks fill a grid of about square shape, row by row (`_columns`).
+    Gaps are filled by repeating the nearest edge, so the coder sees no artificial edges.
+
+    Returns (`source` [H, W]: the flat entry, anchor * C + class, each mosaic pixel shows; `target` [A * C]: the
+    flat mosaic pixel each entry is read back from)."""
+    starts = np.cumsum([0] + [h * w for h, w in level_sizes])
+
+    def grid(level: int, cls: int) -> np.ndarray:
+        h, w = level_sizes[level]
+        return (starts[level] + np.arange(h * w)).reshape(h, w) * num_classes + cls
+
+    def pad(a: np.ndarray, height: int, width: int, fill: bool) -> np.ndarray:
+        widths = ((0, height - a.shape[0]), (0, width - a.shape[1]))
+        return np.pad(a, widths, mode="edge") if fill else np.pad(a, widths, constant_values=-1)
+
+    (h0, w0), rest = level_sizes[0], level_sizes[1:]
+    band_h = max((h for h, _ in rest), default=0)
+    block_w = max(w0, sum(w for _, w in rest))
+    cols = _columns(num_classes, (h0 + band_h) / block_w)
+
+    def block(cls: int, fill: bool) -> np.ndarray:
+        top = pad(grid(0, cls), h0, block_w, fill)
+        if not rest:
+            return top
+        band = np.concatenate([pad(grid(lv, cls), band_h, w, fill) for lv, (_, w) in enumerate(rest, 1)], 1)
+        return np.concatenate([top, pad(band, band_h, block_w, fill)], 0)
+
+    def mosaic(fill: bool) -> np.ndarray:
+        rows = [np.concatenate([block(c, fill) for c in range(r, min(r + cols, num_classes))], 1)
+                for r in range(0, num_classes, cols)]
+        return np.concatenate([pad(row, row.shape[0], cols * block_w, fill) for row in rows], 0)
+
+    source, placed = mosaic(True), mosaic(False).reshape(-1)
+    target = np.empty(int(starts[-1]) * num_classes, np.int32)
+    target[placed[placed >= 0]] = np.flatnonzero(placed >= 0)
+    return source.astype(np.int32), target
 
 
-def model_probs(base: Tensor, offset: Tensor, level_counts: Sequence[int]) -> Tensor:
-    """The model's probabilities [..., A, C] from fp16 `base` [..., L, C] and int8 `offset` [..., A]."""
-    logits = _per_anchor(base.float(), level_counts) + offset.float().unsqueeze(-1) * SOFT_OFFSET_STEP
-    return torch.sigmoid(logits)
+def _columns(num_classes: int, block_aspect: float) -> int:
+    """Blocks per mosaic row: a divisor of the class count (no empty slots) within 2x of a square mosaic, or
+    else the nearest square grid, with its last row's gap filled."""
+    square = math.sqrt(num_classes * block_aspect)
+    cols = min((d for d in range(1, num_classes + 1) if num_classes % d == 0), key=lambda d: abs(math.log(d / square)))
+    return cols if abs(math.log(cols / square)) <= math.log(2) else max(1, min(num_classes, round(square)))
 
 
-def fit_model(cls_prob: Tensor, level_counts: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Least squares of the additive logit model on every entry (closed form for a complete two-way table):
-    base = each level's mean logit per class, offset = each anchor's mean residual, quantised. Returns (base
-    [B, L, C] fp16, offset [B, A] int8)."""
-    logits = torch.logit(cls_prob.float(), eps=_LOGIT_EPS)
-    base = torch.stack([part.mean(dim=1) for part in logits.split(list(level_counts), dim=1)], dim=1).half()
-    residual = (logits - _per_anchor(base.float(), level_counts)).mean(dim=2)
-    offset = torch.round(residual / SOFT_OFFSET_STEP).clamp(-128, 127).to(torch.int8)
-    return base, offset
+def grey_levels(prob: Tensor) -> Tensor:
+    """Probabilities -> uint8 steps of asin(sqrt(p))."""
+    return torch.round(torch.asin(prob.float().clamp(0, 1).sqrt()) / LEVEL_STEP).to(torch.uint8)
 
 
-def encode_soft(soft: SoftTargets, level_counts: Sequence[int], tolerance: float) -> list[dict[str, np.ndarray]]:
+def from_grey_levels(levels: Tensor) -> Tensor:
+    """`grey_levels`' inverse, to float32 probabilities."""
+    return torch.sin(levels.float() * LEVEL_STEP).square()
+
+
+def encode_soft(soft: SoftTargets, level_sizes: Sequence[tuple[int, int]], quality: int) -> list[dict]:
     """`SoftTargets` of a batch -> per image, the stream's soft columns (`schemas.assignment.AssignmentRow`)."""
-    probs = soft.cls_prob.detach().float()
-    base, offset = fit_model(probs, level_counts)
-    if tolerance > 0:
-        send = (probs - model_probs(base, offset, level_counts)).abs() > tolerance
-    else:
-        send = torch.ones_like(probs, dtype=torch.bool)
-    flat_send, flat_probs = send.flatten(1), probs.flatten(1)
+    levels = tuple((int(h), int(w)) for h, w in level_sizes)
+    n, num_anchors, num_classes = soft.cls_prob.shape
+    source, _ = mosaic_layout(levels, num_classes)
+    grey = grey_levels(soft.cls_prob.detach()).reshape(n, -1).cpu().numpy()
     b_idx = soft.batch_idx.cpu().numpy()
-    bounds = np.searchsorted(b_idx, np.arange(probs.shape[0] + 1))  # batch_idx is sorted (nonzero of [B, A])
+    bounds = np.searchsorted(b_idx, np.arange(n + 1))   # batch_idx is sorted (nonzero of [B, A])
     a_idx = soft.anchor_idx.cpu().numpy().astype(np.int32)
     deltas = soft.deltas.detach().half().cpu().numpy()
-    as_sent = quantise_prob if tolerance >= PROB_STEP else (lambda p: p.half())
-    iou = as_sent(soft.iou_prob.detach()).cpu().numpy()
-    base_np, offset_np = base.cpu().numpy(), offset.cpu().numpy()
+    iou = quantise_prob(soft.iou_prob.detach()).cpu().numpy()
     out = []
-    for i in range(probs.shape[0]):
-        index = flat_send[i].nonzero().squeeze(1)
+    for i in range(n):
+        sink = io.BytesIO()
+        Image.fromarray(grey[i][source], "L").save(sink, format="AVIF", quality=int(quality), speed=ENCODER_SPEED, codec="aom",
+                                                   advanced=AOM_OPTIONS)
         s, e = bounds[i], bounds[i + 1]
-        out.append(dict(soft_base=base_np[i].reshape(-1), soft_offset=offset_np[i],
-                        soft_index=index.cpu().numpy().astype(np.int32),
-                        soft_prob=as_sent(flat_probs[i, index]).cpu().numpy(),
-                        kd_anchor=a_idx[s:e], kd_delta=deltas[s:e], kd_iou_prob=iou[s:e]))
+        out.append(dict(soft_image=sink.getvalue(), kd_anchor=a_idx[s:e], kd_delta=deltas[s:e], kd_iou_prob=iou[s:e]))
     return out
 
 
@@ -101,23 +142,31 @@ def _tensor(a: np.ndarray, device) -> Tensor:
     return torch.from_numpy(np.asarray(a)).to(device)
 
 
-def decode_soft(rows: list[AssignmentRow], anchors: Tensor, level_counts: Sequence[int], num_classes: int,
-                device: torch.device | str = "cpu") -> SoftTargets:
-    """Decoded stream rows -> `SoftTargets` on the device: the model's probabilities with the sent entries
-    written over them, and each box entry weighed by its teacher box's IoU with the row's GT boxes (`anchors`:
-    the batch's [A, 4] on `device`)."""
-    num_anchors, num_levels = int(sum(level_counts)), len(level_counts)
-    probs = []
-    for r in rows:
-        if r.soft_base.size != num_levels * num_classes:
-            raise ValueError(f"image {r.image_id}: soft_base has {r.soft_base.size} values for {num_levels} levels "
-                             f"x {num_classes} classes")
-        base = _tensor(r.soft_base, device).reshape(num_levels, num_classes)
-        p = model_probs(base, _tensor(r.soft_offset, device), level_counts)
-        if r.soft_index.size:
-            p.view(-1)[_tensor(r.soft_index, device).long()] = _prob(r.soft_prob, device)
-        probs.append(p)
-    cls_prob = torch.stack(probs) if probs else torch.zeros((0, num_anchors, num_classes), device=device)
+def _grey_mosaic(row: AssignmentRow, shape: tuple[int, int]) -> np.ndarray:
+    """A row's soft_image as uint8 [H, W], or a ValueError naming the image and what is wrong."""
+    try:
+        with Image.open(io.BytesIO(memoryview(row.soft_image))) as im:
+            im.load()
+            mode, size, grey = im.mode, im.size, np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"image {row.image_id}: soft_image is not a readable AVIF image ({e})") from None
+    if mode != "L" or grey.shape != shape:
+        raise ValueError(f"image {row.image_id}: soft_image is a {size[0]}x{size[1]} {mode} image, expected a "
+                         f"{shape[1]}x{shape[0]} grey mosaic for this batch's anchors and classes")
+    return grey
+
+
+def decode_soft(rows: list[AssignmentRow], anchors: Tensor, level_sizes: Sequence[tuple[int, int]],
+                num_classes: int, device: torch.device | str = "cpu") -> SoftTargets:
+    """Decoded stream rows -> `SoftTargets` on the device: the teacher's class probabilities as the picture
+    gives them back, and each box entry weighed by its teacher box's IoU with the row's GT boxes (`anchors`: the
+    batch's [A, 4] on `device`)."""
+    levels = tuple((int(h), int(w)) for h, w in level_sizes)
+    num_anchors = sum(h * w for h, w in levels)
+    source, target = mosaic_layout(levels, num_classes)
+    grey = np.stack([_grey_mosaic(r, source.shape).reshape(-1)[target] for r in rows]) if rows else \
+        np.zeros((0, num_anchors * num_classes), np.uint8)
+    cls_prob = from_grey_levels(_tensor(grey, device)).reshape(len(rows), num_anchors, num_classes)
     k = [int(r.kd_anchor.size) for r in rows]
     batch_idx = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(k, device=device))
 

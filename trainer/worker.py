@@ -99,9 +99,13 @@ class StreamSpec:
         strides = list(self.strides)
         return make_anchors(feature_sizes_for(tuple(canvas), strides), strides, self.octave_base_scale, device)[0]
 
+    def level_sizes(self, canvas: Sequence[int]) -> list[tuple[int, int]]:
+        """Each pyramid level's (H, W) for a batch padded to `canvas` (H, W)."""
+        return feature_sizes_for(tuple(canvas), list(self.strides))
+
     def level_counts(self, canvas: Sequence[int]) -> list[int]:
         """Anchors per pyramid level of a batch padded to `canvas` (H, W)."""
-        return [h * w for h, w in feature_sizes_for(tuple(canvas), list(self.strides))]
+        return [h * w for h, w in self.level_sizes(canvas)]
 
     def num_anchors(self, canvas: Sequence[int]) -> int:
         """Anchors of a batch padded to `canvas` (H, W)."""
@@ -186,8 +190,8 @@ def decode_stream_batch(table: pa.Table, spec: StreamSpec, device: torch.device,
     labels = sparse_to_labels([r.pos_anchor for r in rows], [r.pos_gt for r in rows],
                               [r.ignore_anchor for r in rows], gt_labels, num_anchors, num_classes,
                               device) if hard else None
-    soft_targets = (decode_soft(rows, spec.anchors(canvas, device), spec.level_counts(canvas), num_classes, device)
-                    if soft else None)
+    soft_targets = (decode_soft(rows, spec.anchors(canvas, device), spec.level_sizes(canvas), num_classes,
+                                device) if soft else None)
     image_bytes = int(table.column("image").nbytes) + int(table.column("image_file").nbytes)
     return StreamBatch(epoch=epochs.pop(), batch_index=batches.pop(), image_ids=[int(r.image_id) for r in rows],
                        images=images, gt_boxes=gt_boxes, gt_labels=gt_labels, labels=labels, soft=soft_targets,
