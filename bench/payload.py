@@ -6,9 +6,9 @@ qualities against dense fp32.
 
 Teacher probabilities are synthetic: background logits ~ N(--bg-logit-mean, --bg-logit-std) independently per
 entry (a trained focal-loss teacher leaves most anchor/class pairs around 1e-3; independent noise is the worst
-case for any codec of these maps, which in real teachers are smooth), and around every GT a cluster of candidate anchors whose GT-class logit
-~ N(0, 2). The soft-label sizes depend on that assumption (bench/soft_labels.py measures real teachers); the
-hard payload and the timings do not.
+case for any codec of these maps, which are smooth in real teachers), and around every GT a cluster of candidate
+anchors whose GT-class logit ~ N(0, 2). The soft-label sizes and picture times depend on that assumption
+(bench/soft_labels.py measures real teachers); the hard payload and its timings do not.
 
     python bench/payload.py [--out bench/results/payload.json]
 """
@@ -38,7 +38,7 @@ from trainer.anchors import feature_sizes_for, make_anchors  # noqa: E402
 from trainer.losses import SoftTargets  # noqa: E402
 from trainer.soft_codec import decode_soft, encode_soft  # noqa: E402
 
-QUALITIES = [100, 90, 75]
+QUALITIES = [100, 90, 85, 75]
 SOFT_COLS = ("soft_image",)
 KD_COLS = ("kd_anchor", "kd_delta", "kd_iou_prob")
 

@@ -135,7 +135,8 @@ def codec(args, root, teacher, coco, plan) -> dict:
     """Bytes and ms per image of the stream, hard (lad) and soft (kd at the configured picture quality)."""
     out = {}
     for mode in ("lad", "kd"):
-        cfg = bench_config(args, root, mode, teacher, pipeline={"soft_label_quality": args.soft_quality} if args.soft_quality else {})
+        quality = {"soft_label_quality": args.soft_quality} if args.soft_quality else {}
+        cfg = bench_config(args, root, mode, teacher, pipeline=quality)
         spec = StreamSpec.of(cfg)
         assigner = TeacherAssigner(cfg.to_dict(), records_table(coco.records))
         assigned = assigner(plan_table(0, [plan[0]]))
@@ -154,6 +155,8 @@ def codec(args, root, teacher, coco, plan) -> dict:
             dec.append((time.perf_counter() - t0) * 1e3 / n)
         entry = {"payload_bytes_per_image": sb.payload_bytes / n, "image_bytes_per_image": sb.image_bytes / n,
                  "payload_pct_of_image": round(100 * sb.payload_bytes / sb.image_bytes, 3),
+                 # encode: the Arrow batch from decoded rows (the pictures are drawn in the assigner, before);
+                 # decode: the whole student side, the pictures included
                  "encode_ms_per_image": median(enc), "decode_ms_per_image": median(dec),
                  "encode_decode_ms_per_image": round(median(enc) + median(dec), 4)}
         if mode == "kd":

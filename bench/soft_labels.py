@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", required=True, help="teacher checkpoint, or 'untrained'")
     p.add_argument("--student", default=None, help="a trained student checkpoint (its model settings are used)")
     p.add_argument("--images", type=int, default=8)
-    p.add_argument("--qualities", type=int, nargs="+", default=[100, 90, 75, 60],
+    p.add_argument("--qualities", type=int, nargs="+", default=[100, 90, 85, 80, 75],
                    help="pipeline.soft_label_quality values to measure")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/soft_labels.json")

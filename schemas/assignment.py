@@ -101,8 +101,8 @@ _SOFT_FIELDS = [
     ("kd_anchor", pa.binary()),              # K int32, ascending (packed): anchors whose teacher box has IoU >
                                              # min_iou with some GT
     ("kd_delta", pa.list_(pa.float16())),    # K*4 flat, the teacher's box deltas there (decoded on the anchors)
-    ("kd_iou_prob", pa.binary()),            # K uint8 in PROB_STEP, or float16 (packed): its IoU-branch
-                                             # probability
+    ("kd_iou_prob", pa.binary()),            # K uint8 in PROB_STEP (packed; float16 is read too): its
+                                             # IoU-branch probability
 ]
 SOFT_COLUMNS = tuple(name for name, _ in _SOFT_FIELDS)
 PROB_STEP = 1 / 255         # kd_iou_prob's unit: uint8 covers [0, 1], rounding error <= 1/510
@@ -287,8 +287,8 @@ def batch_canvas(table: Union[pa.Table, pa.RecordBatch]) -> tuple[int, int]:
 def pack_array(values: np.ndarray, deltas: bool = True) -> bytes:
     """A 1-d array -> its length (uint32, little-endian), its dtype (one byte, numpy's type character) and,
     zstd-compressed, its deltas (`deltas`, integers only) or the values themselves. Deltas wrap around in the
-    dtype, so any sequence round-trips; they are small where neighbours are close (per-anchor offsets) or
-    ascending (flat indices), which is what makes them compress."""
+    dtype, so any sequence round-trips; they are small where the values ascend (anchor indices), which is what
+    makes them compress."""
     v = np.ascontiguousarray(values).reshape(-1)
     head = np.array([v.size], "<u4").tobytes() + v.dtype.char.encode()
     if not v.size:
@@ -474,6 +474,9 @@ def _decode_record_batch(rb: pa.RecordBatch, soft: bool) -> list[AssignmentRow]:
     if soft:
         ids = fields["image_id"]
         fields["soft_image"] = _file_views(col["soft_image"])
+        for i, picture in enumerate(fields["soft_image"]):
+            if picture is None:
+                raise ValueError(f"image {ids[i]}: soft_image is null (a KD stream sends a picture for every image)")
         for name, (dtypes, deltas) in _PACKED.items():
             fields[name] = [unpack_array(b, dtypes, deltas, f"image {ids[i]}: {name}")
                             for i, b in enumerate(_file_views(col[name]))]
@@ -494,6 +497,9 @@ def check_bounds(rows: list[AssignmentRow], num_anchors: Optional[int], num_clas
                 raise ValueError(f"image {r.image_id}: {name} out of range [0, {num_anchors})")
         if r.pos_gt.size and (r.pos_gt.min() < 0 or r.pos_gt.max() >= len(r.gt_labels)):
             raise ValueError(f"image {r.image_id}: pos_gt out of range [0, {len(r.gt_labels)})")
+        labels = r.gt_labels
+        if labels.size and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
+            raise ValueError(f"image {r.image_id}: gt_labels out of range [0, {num_classes})")
         if r.has_soft and len(r.soft_image) == 0:
             raise ValueError(f"image {r.image_id}: soft_image is empty (a KD stream sends a picture for every image)")
 

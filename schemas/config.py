@@ -239,9 +239,10 @@ class PipelineConfig(_Strict):
         "hands over the first")
     soft_label_quality: int = Field(
         85, ge=1, le=100, description="kd/solad through the stream: the AVIF quality of the picture the teacher's "
-        "class probabilities travel as (trainer.soft_codec). 85 sends about a tenth of a COCO-sized JPEG with the "
-        "KD loss within 0.4 % of dense (docs/results.md); 100 is lossless, every probability within 0.0031 of the "
-        "teacher's, at about 4 times the bytes. In-process runs use the dense probabilities and ignore it")
+        "class probabilities travel as (trainer.soft_codec). 85 sends under a tenth of a COCO-sized JPEG with the "
+        "KD loss within 0.4 % of dense (10 classes; docs/results.md); 100 is lossless, every probability within "
+        "0.0031 of the teacher's, at about 4 times the bytes. In-process runs use the dense probabilities and "
+        "ignore it")
     max_failures: int = Field(2, ge=0, description="lost Train workers the run recovers from, each time resuming "
                               "from checkpoints/last.pt (engine ray)")
 

@@ -168,6 +168,9 @@ def test_decode_is_zero_copy():
     image_data = _buffer_view(batch.column("image"), 2)
     for r in rows:
         assert np.shares_memory(r.image, image_data) and not r.image.flags.writeable
+    pictures = batch.column("soft_image").buffers()[2]
+    for r in rows:   # the soft-label pictures are slices of the column's data buffer, handed to the decoder as such
+        assert pictures.address <= r.soft_image.address < pictures.address + pictures.size
 
 
 def test_ipc_stream_round_trip_stays_zero_copy():
@@ -235,11 +238,17 @@ def test_encode_rejects_inconsistent_rows():
     with pytest.raises(ValueError, match="kd_anchor has 4 elements but kd_iou_prob has 3"):
         encode_batch([row], HASH, A, C, True)
     for field, value, message in [("kd_anchor", np.array([0, A], np.int32), "kd_anchor out of range"),
+                                  ("gt_labels", np.array([0, C], np.int32), r"gt_labels out of range \[0, 10\)"),
                                   ("soft_image", b"", "image 0: soft_image is empty")]:
-        row = make_row(rng, True, k=2)
+        row = make_row(rng, True, g=2, k=2)
         setattr(row, field, value)
         with pytest.raises(ValueError, match=message):
             decode_batch(encode_batch([row], HASH, A, C, True), HASH)
+    table = pa.Table.from_batches([encode_batch([make_row(rng, True, image_id=4)], HASH, A, C, True)])
+    j = table.schema.get_field_index("soft_image")
+    table = table.set_column(j, table.schema.field(j), pa.array([None], pa.binary()))
+    with pytest.raises(ValueError, match="image 4: soft_image is null"):
+        decode_batch(table, HASH)
 
 
 def test_anchor_hash_and_schema_metadata():

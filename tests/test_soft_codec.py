@@ -1,9 +1,12 @@
 """The soft labels as a picture (trainer.soft_codec) through the Arrow schema: lossless at quality 100 up to the
 8-bit step, the KD loss within 1 % of dense at the default quality for a teacher that is sure of itself, the bytes
 a small part of dense, and pictures that do not fit the batch refused by name."""
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from schemas.assignment import PROB_STEP, AssignmentRow, anchor_hash, decode_batch, encode_batch
 from trainer.anchors import feature_sizes_for, make_anchors
@@ -71,6 +74,12 @@ def test_the_mosaic_holds_every_entry_once(sizes, classes):
         assert 0.5 < source.shape[0] / source.shape[1] < 2                  # about square
     if classes == 7:
         assert source.shape == (3 * 150, 3 * 136)                          # 3 x 3 blocks, two of them gap
+    # class 0's block: its finest map on top, the next level beneath it on the left, class 1's block to the right
+    (h0, w0), (h1, w1) = sizes[0], (sizes[1] if len(sizes) > 1 else (0, 0))
+    assert np.array_equal(source[:h0, :w0], np.arange(h0 * w0).reshape(h0, w0) * classes)
+    assert np.array_equal(source[h0:h0 + h1, :w1], (h0 * w0 + np.arange(h1 * w1)).reshape(h1, w1) * classes)
+    if classes > 1 and source.shape[1] >= 2 * max(w0, sum(w for _, w in sizes[1:])):
+        assert source[0, max(w0, sum(w for _, w in sizes[1:]))] == 1
 
 
 def test_quality_100_is_lossless_up_to_the_8_bit_step():
@@ -93,7 +102,7 @@ def kd_losses(targets: SoftTargets) -> dict:
     return soft_label_kd(student_cls, deltas, iou, targets, ANCHORS, **kw)
 
 
-def test_kd_loss_within_one_percent_at_a_few_percent_of_dense():
+def test_kd_loss_within_one_percent_under_a_tenth_of_dense():
     targets = confident_teacher(1)
     dense = kd_losses(targets)
     got, soft_bytes = through_the_stream(targets, 85, 1)
@@ -115,5 +124,23 @@ def test_pictures_that_do_not_fit_the_batch_are_refused():
     with pytest.raises(ValueError, match=rf"image 7: soft_image is a {shape[1]}x{shape[0]} L image, expected a "):
         decode_soft([row], ANCHORS, SIZES, 5)   # (other levels or canvases are refused before, by the anchor hash)
     row.soft_image = encoded["soft_image"][: len(encoded["soft_image"]) // 2]
-    with pytest.raises(ValueError, match="image 7: soft_image is not a readable AVIF image"):
+    with pytest.raises(ValueError, match="image 7: soft_image is not a readable AVIF picture"):
         decode_soft([row], ANCHORS, SIZES, C)
+    png = io.BytesIO()   # the right size, but not what the stream sends
+    Image.fromarray(np.zeros(shape, np.uint8), "L").save(png, format="PNG")
+    row.soft_image = png.getvalue()
+    with pytest.raises(ValueError, match="image 7: soft_image is not a readable AVIF picture"):
+        decode_soft([row], ANCHORS, SIZES, C)
+
+
+def test_an_empty_batch_round_trips():
+    empty = SoftTargets(torch.zeros(0, A, C), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0))
+    assert encode_soft(empty, SIZES, 85) == []
+    got = decode_soft([], ANCHORS, SIZES, C)
+    assert got.cls_prob.shape == (0, A, C) and got.batch_idx.numel() == 0
+
+
+def test_soft_labels_for_other_levels_are_refused_when_encoding():
+    with pytest.raises(ValueError, match=f"soft labels for {A} anchors, but the levels"):
+        encode_soft(confident_teacher(5), SIZES[:2], 85)

@@ -82,10 +82,12 @@ def mosaic_layout(level_sizes: tuple[tuple[int, int], ...], num_classes: int) ->
                 for r in range(0, num_classes, cols)]
         return np.concatenate([pad(row, row.shape[0], cols * block_w, fill) for row in rows], 0)
 
-    source, placed = mosaic(True), mosaic(False).reshape(-1)
+    source, placed = mosaic(True).astype(np.int32), mosaic(False).reshape(-1)
     target = np.empty(int(starts[-1]) * num_classes, np.int32)
     target[placed[placed >= 0]] = np.flatnonzero(placed >= 0)
-    return source.astype(np.int32), target
+    source.setflags(write=False)   # cached and shared by every caller
+    target.setflags(write=False)
+    return source, target
 
 
 def _columns(num_classes: int, block_aspect: float) -> int:
@@ -110,18 +112,22 @@ def encode_soft(soft: SoftTargets, level_sizes: Sequence[tuple[int, int]], quali
     """`SoftTargets` of a batch -> per image, the stream's soft columns (`schemas.assignment.AssignmentRow`)."""
     levels = tuple((int(h), int(w)) for h, w in level_sizes)
     n, num_anchors, num_classes = soft.cls_prob.shape
+    if sum(h * w for h, w in levels) != num_anchors:
+        raise ValueError(f"soft labels for {num_anchors} anchors, but the levels {list(levels)} hold "
+                         f"{sum(h * w for h, w in levels)}")
     source, _ = mosaic_layout(levels, num_classes)
-    grey = grey_levels(soft.cls_prob.detach()).reshape(n, -1).cpu().numpy()
+    grey = grey_levels(soft.cls_prob.detach()).reshape(n, num_anchors * num_classes).cpu().numpy()
     b_idx = soft.batch_idx.cpu().numpy()
     bounds = np.searchsorted(b_idx, np.arange(n + 1))   # batch_idx is sorted (nonzero of [B, A])
     a_idx = soft.anchor_idx.cpu().numpy().astype(np.int32)
     deltas = soft.deltas.detach().half().cpu().numpy()
     iou = quantise_prob(soft.iou_prob.detach()).cpu().numpy()
+    options = dict(quality=int(quality), speed=ENCODER_SPEED, codec="aom", advanced=AOM_OPTIONS,
+                   max_threads=torch.get_num_threads())   # the actor's CPU share, not the whole machine
     out = []
     for i in range(n):
         sink = io.BytesIO()
-        Image.fromarray(grey[i][source], "L").save(sink, format="AVIF", quality=int(quality), speed=ENCODER_SPEED, codec="aom",
-                                                   advanced=AOM_OPTIONS)
+        Image.fromarray(grey[i][source], "L").save(sink, format="AVIF", **options)
         s, e = bounds[i], bounds[i + 1]
         out.append(dict(soft_image=sink.getvalue(), kd_anchor=a_idx[s:e], kd_delta=deltas[s:e], kd_iou_prob=iou[s:e]))
     return out
@@ -133,7 +139,7 @@ def quantise_prob(p: Tensor) -> Tensor:
 
 
 def _prob(q: np.ndarray, device) -> Tensor:
-    """Sent probabilities -> float32: uint8 in PROB_STEP, or float16 as they are."""
+    """Sent probabilities -> float32: uint8 in PROB_STEP (what `encode_soft` sends), or float16 as they are."""
     p = _tensor(q, device).float()
     return p * PROB_STEP if q.dtype == np.uint8 else p
 
@@ -143,17 +149,17 @@ def _tensor(a: np.ndarray, device) -> Tensor:
 
 
 def _grey_mosaic(row: AssignmentRow, shape: tuple[int, int]) -> np.ndarray:
-    """A row's soft_image as uint8 [H, W], or a ValueError naming the image and what is wrong."""
+    """A row's soft_image as uint8 [H, W], or a ValueError naming the image and what is wrong (the size is checked
+    from the header, before anything is decoded)."""
     try:
-        with Image.open(io.BytesIO(memoryview(row.soft_image))) as im:
+        with Image.open(io.BytesIO(memoryview(row.soft_image)), formats=("AVIF",)) as im:
+            if im.mode != "L" or im.size != (shape[1], shape[0]):
+                raise ValueError(f"image {row.image_id}: soft_image is a {im.size[0]}x{im.size[1]} {im.mode} image, "
+                                 f"expected a {shape[1]}x{shape[0]} grey mosaic for this batch's anchors and classes")
             im.load()
-            mode, size, grey = im.mode, im.size, np.asarray(im)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"image {row.image_id}: soft_image is not a readable AVIF image ({e})") from None
-    if mode != "L" or grey.shape != shape:
-        raise ValueError(f"image {row.image_id}: soft_image is a {size[0]}x{size[1]} {mode} image, expected a "
-                         f"{shape[1]}x{shape[0]} grey mosaic for this batch's anchors and classes")
-    return grey
+            return np.asarray(im)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {row.image_id}: soft_image is not a readable AVIF picture ({e})") from None
 
 
 def decode_soft(rows: list[AssignmentRow], anchors: Tensor, level_sizes: Sequence[tuple[int, int]],
@@ -168,7 +174,8 @@ def decode_soft(rows: list[AssignmentRow], anchors: Tensor, level_sizes: Sequenc
         np.zeros((0, num_anchors * num_classes), np.uint8)
     cls_prob = from_grey_levels(_tensor(grey, device)).reshape(len(rows), num_anchors, num_classes)
     k = [int(r.kd_anchor.size) for r in rows]
-    batch_idx = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(k, device=device))
+    batch_idx = torch.repeat_interleave(torch.arange(len(rows), device=device),
+                                        torch.tensor(k, dtype=torch.long, device=device))
 
     def cat(name: str, width: Optional[int] = None) -> Tensor:
         parts = [_tensor(getattr(r, name), device) for r in rows]
