@@ -7,16 +7,21 @@
                  once per pool size: per step, what the trainer sees (step + time blocked on the stream + decode)
 
 plus the stream codec: assignment payload vs image bytes per image, encode + decode ms per image (hard, and soft
-labels for kd at the configured picture quality with the KD-loss difference against dense). Data: the built-in digits
-dataset (made under --data if missing); networks untrained (assignment cost does not depend on training).
+labels for kd at the configured picture quality with the KD-loss difference against dense). Data: the built-in
+digits dataset (made under --data if missing); networks untrained (assignment cost does not depend on training),
+or a trained teacher (--teacher-checkpoint).
 Prints a table and writes JSON (--out).
 
     python bench/pipeline.py                                    # digits 128 px, batch 8, pools 1 and 2
     python bench/pipeline.py --input-size 256 --batch-size 16 --pool-sizes 1,2,4 --teacher-depth 50 --device cuda
+    # the codec in COCO's layout, with a trained P3-P7 teacher (bench/soft_labels.py's docstring makes one)
+    python bench/pipeline.py --data data/coco_digits --input-size 1333,800 --levels 3,4,5,6,7 --batch-size 2 \
+        --teacher-checkpoint runs/teacher_p37/checkpoints/best.pt --skip-service --steps 1 --warmup 1
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -34,10 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import write_results  # noqa: E402
 from pipeline.assigner import StreamSpec, TeacherAssigner, load_row_pixels  # noqa: E402
 from pipeline.plan_source import plan_table, records_table  # noqa: E402
-from pipeline.loop import plan_batches  # noqa: E402
+from pipeline.loop import epoch_order, group_by_orientation, plan_batches  # noqa: E402
 from pipeline.coco import load_coco  # noqa: E402
 from pipeline.dataset import DetectionDataset  # noqa: E402
-from pipeline.loop import epoch_order  # noqa: E402
 from tests.tiny import make_data, make_teacher, tiny_config  # noqa: E402
 from schemas.assignment import batch_canvas, decode_table_rows  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
@@ -52,6 +56,12 @@ def median(xs):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def input_size(text: str):
+    """--input-size: N, or LONG,SHORT."""
+    sizes = [int(v) for v in text.split(",")]
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def bench_config(args, root: Path, mode: str, teacher=None, **sections):
@@ -69,6 +79,8 @@ def load_batches(cfg, n: int):
     coco = load_coco(cfg.data.train)
     ds = DetectionDataset(coco, cfg.data.input_size, train=True, seed=cfg.seed, flip_prob=cfg.data.flip_prob)
     order = [int(i) for i in epoch_order(len(coco.records), cfg.seed, 0)]
+    if not isinstance(cfg.data.input_size, int):   # keep-ratio batches, as the pipeline plans them
+        order = group_by_orientation(order, [r.width >= r.height for r in coco.records], cfg.train.batch_size)
     plan = plan_batches(order, cfg.train.batch_size, 1)[:n]
     return coco, plan, [ds.collate([ds[i] for i in b]) for b in plan]
 
@@ -131,6 +143,17 @@ class InProcess:
         return time_steps(self._bare, range(len(self.batches)), self.args.warmup, self.device)
 
 
+def jpeg_q90_bytes(files) -> float:
+    """The mean size of encoded images re-encoded as JPEG (quality 90), the format COCO's photos come in."""
+    from PIL import Image
+    sizes = []
+    for f in files:
+        sink = io.BytesIO()
+        Image.open(io.BytesIO(bytes(f))).convert("RGB").save(sink, format="JPEG", quality=90)
+        sizes.append(sink.tell())
+    return statistics.mean(sizes)
+
+
 def codec(args, root, teacher, coco, plan) -> dict:
     """Bytes and ms per image of the stream, hard (lad) and soft (kd at the configured picture quality)."""
     out = {}
@@ -160,6 +183,8 @@ def codec(args, root, teacher, coco, plan) -> dict:
                  "encode_ms_per_image": median(enc), "decode_ms_per_image": median(dec),
                  "encode_decode_ms_per_image": round(median(enc) + median(dec), 4)}
         if mode == "kd":
+            entry["image_jpeg_q90_bytes_per_image"] = jpeg_q90_bytes(r.image_file for r in rows)
+            entry["payload_pct_of_jpeg"] = round(100 * sb.payload_bytes / n / entry["image_jpeg_q90_bytes_per_image"], 3)
             engine = Engine(cfg, "cpu", 10)
             with torch.no_grad():
                 images = sb.images
@@ -234,7 +259,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="digits dataset dir (made if missing; default: a temp dir)")
     p.add_argument("--num-train", type=int, default=160, help="images when the dataset is made")
-    p.add_argument("--input-size", type=int, default=128)
+    p.add_argument("--input-size", type=input_size, default=128, help="data.input_size: N (a square canvas) or "
+                   "LONG,SHORT (keep ratio, as COCO's 1333,800)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--levels", default="2,3,4", help="FPN levels (default 2,3,4: strides 4/8/16, as the digits "
                                                      "configs)")
@@ -270,7 +296,8 @@ def main(argv=None) -> int:
 
 
 def run(args, root: Path) -> int:
-    args.data = str(make_data(args.data or root / "data", image_size=args.input_size, num_train=args.num_train,
+    square = args.input_size if isinstance(args.input_size, int) else args.input_size[1]
+    args.data = str(make_data(args.data or root / "data", image_size=square, num_train=args.num_train,
                               num_val=8))
     device = torch.device(args.device)
     teacher = args.teacher_checkpoint or make_teacher(bench_config(args, root, "paa"), root / "teacher.pt",
@@ -324,7 +351,8 @@ def run(args, root: Path) -> int:
     for mode, c in codec_res.items():
         print(f"codec {mode}: payload {c['payload_bytes_per_image']:.0f} B/image = {c['payload_pct_of_image']:.2f}% "
               f"of the image ({c['image_bytes_per_image']:.0f} B); encode+decode {c['encode_decode_ms_per_image']:.3f}"
-              f" ms/image" + (f"; kd_cls {c['kd_cls_rel_diff']:+.2%} vs dense" if mode == "kd" else ""))
+              f" ms/image" + (f"; {c['payload_pct_of_jpeg']:.1f}% of the image as JPEG q90; kd_cls "
+                              f"{c['kd_cls_rel_diff']:+.2%} vs dense" if mode == "kd" else ""))
     result = {
         "args": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
         or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),

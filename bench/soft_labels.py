@@ -120,7 +120,8 @@ def run(args) -> dict:
     coco = load_coco(cfg.data.train)
     ds = DetectionDataset(coco, cfg.data.input_size, train=False, seed=0, flip_prob=0.0)
     landscape = [r.width >= r.height for r in coco.records]
-    chosen = [i for i, wide in enumerate(landscape) if wide == landscape[0]][:args.images]
+    wanted = not args.portrait if args.portrait or landscape[0] else landscape[0]
+    chosen = [i for i, wide in enumerate(landscape) if wide == wanted][:args.images]
     batch = ds.collate([ds[i] for i in chosen])
     n = batch["images"].shape[0]
     files = [os.path.getsize(coco.records[i].path) for i in chosen]
@@ -211,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", required=True, help="teacher checkpoint, or 'untrained'")
     p.add_argument("--student", default=None, help="a trained student checkpoint (its model settings are used)")
     p.add_argument("--images", type=int, default=8)
+    p.add_argument("--portrait", action="store_true", help="a batch of portrait images (default: of the first "
+                   "image's orientation)")
     p.add_argument("--qualities", type=int, nargs="+", default=[100, 90, 85, 80, 75],
                    help="pipeline.soft_label_quality values to measure")
     p.add_argument("--threads", type=int, default=2)
