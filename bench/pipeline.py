@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import write_results  # noqa: E402
+from bench.soft_labels import jpeg_bytes  # noqa: E402
 from pipeline.assigner import StreamSpec, TeacherAssigner, load_row_pixels  # noqa: E402
 from pipeline.plan_source import plan_table, records_table  # noqa: E402
 from pipeline.loop import epoch_order, group_by_orientation, plan_batches  # noqa: E402
@@ -143,17 +144,6 @@ class InProcess:
         return time_steps(self._bare, range(len(self.batches)), self.args.warmup, self.device)
 
 
-def jpeg_q90_bytes(files) -> float:
-    """The mean size of encoded images re-encoded as JPEG (quality 90), the format COCO's photos come in."""
-    from PIL import Image
-    sizes = []
-    for f in files:
-        sink = io.BytesIO()
-        Image.open(io.BytesIO(bytes(f))).convert("RGB").save(sink, format="JPEG", quality=90)
-        sizes.append(sink.tell())
-    return statistics.mean(sizes)
-
-
 def codec(args, root, teacher, coco, plan) -> dict:
     """Bytes and ms per image of the stream, hard (lad) and soft (kd at the configured picture quality)."""
     out = {}
@@ -183,7 +173,8 @@ def codec(args, root, teacher, coco, plan) -> dict:
                  "encode_ms_per_image": median(enc), "decode_ms_per_image": median(dec),
                  "encode_decode_ms_per_image": round(median(enc) + median(dec), 4)}
         if mode == "kd":
-            entry["image_jpeg_q90_bytes_per_image"] = jpeg_q90_bytes(r.image_file for r in rows)
+            entry["image_jpeg_q90_bytes_per_image"] = statistics.mean(jpeg_bytes(io.BytesIO(bytes(r.image_file)))
+                                                                      for r in rows)
             entry["payload_pct_of_jpeg"] = round(100 * sb.payload_bytes / n / entry["image_jpeg_q90_bytes_per_image"], 3)
             engine = Engine(cfg, "cpu", 10)
             with torch.no_grad():

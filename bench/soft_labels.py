@@ -60,8 +60,8 @@ KD_COLS = ("kd_anchor", "kd_delta", "kd_iou_prob")
 COCO_MEAN_JPEG = 163_000   # train2017: 19.3 GB of JPEGs in 118,287 files
 
 
-def jpeg_bytes(path: str, quality: int = 90) -> int:
-    """The size of an image re-encoded as a JPEG, the format COCO's photos come in."""
+def jpeg_bytes(path, quality: int = 90) -> int:
+    """The size of an image (a path or an open file) re-encoded as a JPEG, the format COCO's photos come in."""
     from PIL import Image
     sink = io.BytesIO()
     Image.open(path).convert("RGB").save(sink, format="JPEG", quality=quality)
@@ -120,7 +120,7 @@ def run(args) -> dict:
     coco = load_coco(cfg.data.train)
     ds = DetectionDataset(coco, cfg.data.input_size, train=False, seed=0, flip_prob=0.0)
     landscape = [r.width >= r.height for r in coco.records]
-    wanted = not args.portrait if args.portrait or landscape[0] else landscape[0]
+    wanted = False if args.portrait else landscape[0]
     chosen = [i for i, wide in enumerate(landscape) if wide == wanted][:args.images]
     batch = ds.collate([ds[i] for i in chosen])
     n = batch["images"].shape[0]

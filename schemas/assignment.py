@@ -475,8 +475,9 @@ def _decode_record_batch(rb: pa.RecordBatch, soft: bool) -> list[AssignmentRow]:
         ids = fields["image_id"]
         fields["soft_image"] = _file_views(col["soft_image"])
         for i, picture in enumerate(fields["soft_image"]):
-            if picture is None:
-                raise ValueError(f"image {ids[i]}: soft_image is null (a KD stream sends a picture for every image)")
+            if picture is None or picture.size == 0:
+                raise ValueError(f"image {ids[i]}: soft_image is {'null' if picture is None else 'empty'} (a KD "
+                                 "stream sends a picture for every image)")
         for name, (dtypes, deltas) in _PACKED.items():
             fields[name] = [unpack_array(b, dtypes, deltas, f"image {ids[i]}: {name}")
                             for i, b in enumerate(_file_views(col[name]))]
@@ -500,8 +501,6 @@ def check_bounds(rows: list[AssignmentRow], num_anchors: Optional[int], num_clas
         labels = r.gt_labels
         if labels.size and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
             raise ValueError(f"image {r.image_id}: gt_labels out of range [0, {num_classes})")
-        if r.has_soft and len(r.soft_image) == 0:
-            raise ValueError(f"image {r.image_id}: soft_image is empty (a KD stream sends a picture for every image)")
 
 
 def decode_batch(batch: Union[pa.RecordBatch, pa.Table], expected_hash: str) -> list[AssignmentRow]:

@@ -112,9 +112,9 @@ def encode_soft(soft: SoftTargets, level_sizes: Sequence[tuple[int, int]], quali
     """`SoftTargets` of a batch -> per image, the stream's soft columns (`schemas.assignment.AssignmentRow`)."""
     levels = tuple((int(h), int(w)) for h, w in level_sizes)
     n, num_anchors, num_classes = soft.cls_prob.shape
-    if sum(h * w for h, w in levels) != num_anchors:
-        raise ValueError(f"soft labels for {num_anchors} anchors, but the levels {list(levels)} hold "
-                         f"{sum(h * w for h, w in levels)}")
+    held = sum(h * w for h, w in levels)
+    if held != num_anchors:
+        raise ValueError(f"soft labels for {num_anchors} anchors, but the levels {list(levels)} hold {held}")
     source, _ = mosaic_layout(levels, num_classes)
     grey = grey_levels(soft.cls_prob.detach()).reshape(n, num_anchors * num_classes).cpu().numpy()
     b_idx = soft.batch_idx.cpu().numpy()
