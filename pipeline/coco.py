@@ -20,7 +20,7 @@ import math
 import os
 import posixpath
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -62,10 +62,8 @@ class LoadReport:
     renumbered_annotation_ids: bool = False
 
     def summary(self) -> str:
-        lines = [
-            f"{self.file}: {self.images} images ({self.negatives} without objects), "
-            f"{self.annotations} annotations -> {self.boxes} training boxes"
-        ]
+        lines = [f"{self.file}: {self.images} images ({self.negatives} without objects), "
+                 f"{self.annotations} annotations -> {self.boxes} training boxes"]
         repairs = [
             (self.clipped, "clipped to the image"),
             (self.dropped_outside, "dropped: entirely outside the image"),
@@ -87,16 +85,10 @@ class CocoDataset:
     categories: list[dict]  # in contiguous order: categories[i] has label i
     cat_ids: list[int]  # contiguous label -> COCO category id
     report: LoadReport
-    ann_file: str = ""
-    image_root: str = ""
-    label_of: dict[int, int] = field(default_factory=dict)  # COCO category id -> contiguous label
 
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
-
-    def __len__(self) -> int:
-        return len(self.records)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -113,38 +105,28 @@ def _read_json(path: str) -> dict:
         raise DatasetError(f"cannot read the file ({e.strerror or e})", file=path,
                            fix="check its permissions, or the store's endpoint and credentials") from None
     except UnicodeDecodeError as e:
-        raise DatasetError(
-            f"not UTF-8 text (byte {e.start})", file=path, fix="save the annotation file as UTF-8 JSON"
-        ) from None
+        raise DatasetError(f"not UTF-8 text (byte {e.start})", file=path,
+                           fix="save the annotation file as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}",
-            file=path,
-            fix="repair the JSON syntax there (a truncated download or a trailing comma are common causes)",
-        ) from None
+        raise DatasetError(f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}", file=path,
+                           fix="repair the JSON syntax there (a truncated download or a trailing comma are common "
+                           "causes)") from None
     if not isinstance(data, dict):
-        raise DatasetError(
-            f"top level is a JSON {type(data).__name__}, expected an object with {', '.join(REQUIRED_KEYS)}",
-            file=path,
-            fix="pass a COCO instances file (e.g. instances_train2017.json)",
-        )
+        raise DatasetError(f"top level is a JSON {type(data).__name__}, expected an object with "
+                           f"{', '.join(REQUIRED_KEYS)}", file=path,
+                           fix="pass a COCO instances file (e.g. instances_train2017.json)")
     return data
 
 
 def _check_top_level(data: dict, path: str) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise DatasetError(
-            f"missing top-level key(s) {missing}; a COCO instances file needs {list(REQUIRED_KEYS)}",
-            file=path,
-            field=missing[0],
-            fix="add the key (an empty list is allowed for 'annotations')",
-        )
+        raise DatasetError(f"missing top-level key(s) {missing}; a COCO instances file needs {list(REQUIRED_KEYS)}",
+                           file=path, field=missing[0], fix="add the key (an empty list is allowed for 'annotations')")
     for key in REQUIRED_KEYS:
         if not isinstance(data[key], list):
-            raise DatasetError(
-                f"must be a list, got {type(data[key]).__name__}", file=path, field=key, fix=f"make '{key}' a list"
-            )
+            raise DatasetError(f"must be a list, got {type(data[key]).__name__}", file=path, field=key,
+                               fix=f"make '{key}' a list")
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -170,19 +152,16 @@ def _category_problems(categories: list, path: str) -> Iterator[DatasetError]:
     seen = set()
     for pos, cat in enumerate(categories):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            yield DatasetError(
-                f"categories[{pos}] has no integer 'id'", file=path, field="id", fix="give every category an integer id"
-            )
+            yield DatasetError(f"categories[{pos}] has no integer 'id'", file=path, field="id",
+                               fix="give every category an integer id")
             continue
         if cat["id"] in seen:
-            yield DatasetError(
-                "duplicate category id", file=path, category_id=cat["id"], field="id", fix="make category ids unique"
-            )
+            yield DatasetError("duplicate category id", file=path, category_id=cat["id"], field="id",
+                               fix="make category ids unique")
         seen.add(cat["id"])
         if not isinstance(cat.get("name"), str):
-            yield DatasetError(
-                "missing or non-string 'name'", file=path, category_id=cat["id"], field="name", fix="name the category"
-            )
+            yield DatasetError("missing or non-string 'name'", file=path, category_id=cat["id"], field="name",
+                               fix="name the category")
     if not categories:
         yield DatasetError("no categories", file=path, field="categories", fix="list at least one category")
 
@@ -195,36 +174,21 @@ def _image_problems(images: list, path: str) -> Iterator[DatasetError]:
             continue
         image_id = image.get("id")
         if not _is_int(image_id) or image_id < 0:
-            yield DatasetError(
-                f"images[{pos}] has no non-negative integer 'id' (got {image_id!r})",
-                file=path,
-                field="id",
-                fix="give every image a unique non-negative integer id",
-            )
+            yield DatasetError(f"images[{pos}] has no non-negative integer 'id' (got {image_id!r})", file=path,
+                               field="id", fix="give every image a unique non-negative integer id")
             continue
         if image_id in seen:
-            yield DatasetError(
-                "duplicate image id", file=path, image_id=image_id, field="id", fix="make image ids unique"
-            )
+            yield DatasetError("duplicate image id", file=path, image_id=image_id, field="id",
+                               fix="make image ids unique")
         seen.add(image_id)
         name = image.get("file_name")
         if not isinstance(name, str) or not name:
-            yield DatasetError(
-                f"missing or empty 'file_name' (got {name!r})",
-                file=path,
-                image_id=image_id,
-                field="file_name",
-                fix="set file_name to the image path relative to image_root",
-            )
+            yield DatasetError(f"missing or empty 'file_name' (got {name!r})", file=path, image_id=image_id,
+                               field="file_name", fix="set file_name to the image path relative to image_root")
         for key in ("width", "height"):
             if _positive_size(image.get(key)) is None:
-                yield DatasetError(
-                    f"missing or not a positive integer (got {image.get(key)!r})",
-                    file=path,
-                    image_id=image_id,
-                    field=key,
-                    fix=f"set '{key}' to the image's size in pixels",
-                )
+                yield DatasetError(f"missing or not a positive integer (got {image.get(key)!r})", file=path,
+                                   image_id=image_id, field=key, fix=f"set '{key}' to the image's size in pixels")
 
 
 def _bbox_problem(bbox: Any) -> tuple[str, str] | None:
@@ -241,9 +205,8 @@ def _bbox_problem(bbox: Any) -> tuple[str, str] | None:
     return None
 
 
-def _annotation_problems(
-    annotations: list, image_ids: set[int], cat_ids: set[int], path: str
-) -> Iterator[DatasetError]:
+def _annotation_problems(annotations: list, image_ids: set[int], cat_ids: set[int],
+                         path: str) -> Iterator[DatasetError]:
     seen = set()
     for pos, ann in enumerate(annotations):
         if not isinstance(ann, dict):
@@ -251,67 +214,41 @@ def _annotation_problems(
             continue
         ann_id = ann.get("id")
         if not _is_int(ann_id):
-            yield DatasetError(
-                f"annotations[{pos}] has no integer 'id' (got {ann_id!r})",
-                file=path,
-                field="id",
-                fix="give every annotation a unique integer id",
-            )
+            yield DatasetError(f"annotations[{pos}] has no integer 'id' (got {ann_id!r})", file=path, field="id",
+                               fix="give every annotation a unique integer id")
             continue
         if ann_id in seen:
-            yield DatasetError(
-                "duplicate annotation id", file=path, annotation_id=ann_id, field="id", fix="make annotation ids unique"
-            )
+            yield DatasetError("duplicate annotation id", file=path, annotation_id=ann_id, field="id",
+                               fix="make annotation ids unique")
         seen.add(ann_id)
         image_id = ann.get("image_id")
         if not _is_int(image_id) or image_id not in image_ids:
-            yield DatasetError(
-                f"refers to image id {image_id!r}, which is not in 'images'",
-                file=path,
-                annotation_id=ann_id,
-                field="image_id",
-                fix="add that image to 'images' or remove the annotation",
-            )
+            yield DatasetError(f"refers to image id {image_id!r}, which is not in 'images'", file=path,
+                               annotation_id=ann_id, field="image_id",
+                               fix="add that image to 'images' or remove the annotation")
         cat_id = ann.get("category_id")
         if not _is_int(cat_id) or cat_id not in cat_ids:
-            yield DatasetError(
-                f"refers to category id {cat_id!r}, which is not in 'categories'",
-                file=path,
-                annotation_id=ann_id,
-                image_id=image_id if _is_int(image_id) else None,
-                field="category_id",
-                fix="add the category or fix the annotation's category_id",
-            )
+            yield DatasetError(f"refers to category id {cat_id!r}, which is not in 'categories'", file=path,
+                               annotation_id=ann_id, image_id=image_id if _is_int(image_id) else None,
+                               field="category_id", fix="add the category or fix the annotation's category_id")
         problem = _bbox_problem(ann.get("bbox"))
         if problem:
-            yield DatasetError(
-                problem[1],
-                file=path,
-                annotation_id=ann_id,
-                image_id=image_id if _is_int(image_id) else None,
-                field=problem[0],
-                fix="fix the box or remove the annotation",
-            )
+            yield DatasetError(problem[1], file=path, annotation_id=ann_id,
+                               image_id=image_id if _is_int(image_id) else None, field=problem[0],
+                               fix="fix the box or remove the annotation")
         if ann.get("iscrowd", 0) not in (0, 1):  # True/False compare equal to 1/0
-            yield DatasetError(
-                f"must be 0 or 1, got {ann.get('iscrowd')!r}",
-                file=path,
-                annotation_id=ann_id,
-                field="iscrowd",
-                fix="set iscrowd to 0 (an object) or 1 (a crowd region)",
-            )
+            yield DatasetError(f"must be 0 or 1, got {ann.get('iscrowd')!r}", file=path, annotation_id=ann_id,
+                               field="iscrowd", fix="set iscrowd to 0 (an object) or 1 (a crowd region)")
 
 
 def _raise_first(problems: Iterator[DatasetError]) -> None:
     problems = list(problems)
-    if not problems:
-        return
-    first = problems[0]
     if len(problems) == 1:
-        raise first
-    details = first.details()
-    reason = details.pop("reason") + f" ({len(problems) - 1} more problem(s) like it in the file)"
-    raise DatasetError(reason, **details)
+        raise problems[0]
+    if problems:
+        details = problems[0].details()
+        reason = details.pop("reason") + f" ({len(problems) - 1} more problem(s) like it in the file)"
+        raise DatasetError(reason, **details)
 
 
 def _check_image_files(images: list[dict], image_root: str, path: str) -> None:
@@ -331,13 +268,10 @@ def _check_image_files(images: list[dict], image_root: str, path: str) -> None:
         return
     listed = ", ".join(f"{im['file_name']} (image id {im['id']})" for im in missing[:MAX_LISTED_MISSING])
     more = f" and {len(missing) - MAX_LISTED_MISSING} more" if len(missing) > MAX_LISTED_MISSING else ""
-    raise DatasetError(
-        f"{len(missing)} of {len(images)} image files not found under image_root '{image_root}': {listed}{more}",
-        file=path,
-        field="file_name",
-        fix="pass image_root= (it defaults to the annotation file's folder; file_name is resolved against it), "
-        "or load with check_images=False to skip this check",
-    )
+    raise DatasetError(f"{len(missing)} of {len(images)} image files not found under image_root '{image_root}': "
+                       f"{listed}{more}", file=path, field="file_name",
+                       fix="pass image_root= (it defaults to the annotation file's folder; file_name is resolved "
+                       "against it), or load with check_images=False to skip this check")
 
 
 # ---------------------------------------------------------------------------------------------- cleaning
@@ -417,13 +351,8 @@ def _make_records(images: list[dict], per_image: dict, label_of: dict[int, int],
 def _make_coco(data: dict, images: list[dict], annotations: list[dict], categories: list[dict]) -> COCO:
     """A pycocotools COCO over the cleaned data, built in memory (no second parse) with its prints silenced."""
     coco = COCO()
-    coco.dataset = {
-        "info": data.get("info", {}),
-        "licenses": data.get("licenses", []),
-        "images": images,
-        "annotations": annotations,
-        "categories": categories,
-    }
+    coco.dataset = {"info": data.get("info", {}), "licenses": data.get("licenses", []), "images": images,
+                    "annotations": annotations, "categories": categories}
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -448,18 +377,16 @@ def load_coco(ann_file: str, image_root: str | None = None, *, check_images: boo
     else:
         root = os.path.dirname(os.path.abspath(path))
     data = _read_json(path)
-    if images_only and isinstance(data, dict) and "annotations" not in data:
+    if images_only and "annotations" not in data:
         data = {**data, "annotations": []}
     _check_top_level(data, path)
     _raise_first(_category_problems(data["categories"], path))
     _raise_first(_image_problems(data["images"], path))
-    cat_set = {c["id"] for c in data["categories"]}
-    image_set = {im["id"] for im in data["images"]}
-    _raise_first(_annotation_problems(data["annotations"], image_set, cat_set, path))
+    _raise_first(_annotation_problems(data["annotations"], {im["id"] for im in data["images"]},
+                                      {c["id"] for c in data["categories"]}, path))
 
-    images = [
-        {**im, "width": _positive_size(im["width"]), "height": _positive_size(im["height"])} for im in data["images"]
-    ]
+    images = [{**im, "width": _positive_size(im["width"]), "height": _positive_size(im["height"])}
+              for im in data["images"]]
     if check_images:
         _check_image_files(images, root, path)
     categories = sorted((dict(c) for c in data["categories"]), key=lambda c: c["id"])
@@ -472,14 +399,6 @@ def load_coco(ann_file: str, image_root: str | None = None, *, check_images: boo
     report.boxes = sum(len(r.labels) for r in records)
     report.negatives = sum(1 for r in records if len(r.labels) == 0)
 
-    return CocoDataset(
-        coco=_make_coco(data, images, annotations, categories),
-        records=records,
-        categories=categories,
-        cat_ids=[c["id"] for c in categories],
-        report=report,
-        ann_file=path,
-        image_root=root,
-        label_of=label_of,
-    )
+    return CocoDataset(coco=_make_coco(data, images, annotations, categories), records=records,
+                       categories=categories, cat_ids=[c["id"] for c in categories], report=report)
 

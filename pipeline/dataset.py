@@ -28,9 +28,8 @@ def read_image_file(record: ImageRecord) -> bytes:
     try:
         return Location(record.path).read_bytes()  # a local file, or an object fetched by this read task
     except FileNotFoundError:
-        raise DatasetError(
-            "image file not found", file=record.path, image_id=record.image_id, fix="restore the file or fix image_root"
-        ) from None
+        raise DatasetError("image file not found", file=record.path, image_id=record.image_id,
+                           fix="restore the file or fix image_root") from None
     except OSError as e:
         raise DatasetError(f"cannot read the image ({e.strerror or e})", file=record.path, image_id=record.image_id,
                            fix="check the file's permissions and the storage it is on") from None
@@ -43,13 +42,9 @@ def _undecodable(e: Exception, image_id: int, path: Optional[str]) -> DatasetErr
 
 def _check_size(record: ImageRecord, width: int, height: int) -> None:
     if (width, height) != (record.width, record.height):
-        raise DatasetError(
-            f"image is {width}x{height} but the annotation file says {record.width}x{record.height}",
-            file=record.path,
-            image_id=record.image_id,
-            field="width/height",
-            fix="fix the image entry's width/height (an EXIF-rotated photo is a common cause)",
-        )
+        raise DatasetError(f"image is {width}x{height} but the annotation file says {record.width}x{record.height}",
+                           file=record.path, image_id=record.image_id, field="width/height",
+                           fix="fix the image entry's width/height (an EXIF-rotated photo is a common cause)")
 
 
 def check_image_header(record: ImageRecord, data: bytes) -> None:
@@ -83,9 +78,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     labels int64 [G], image_id, scale, flip. `train=True` flips with probability `flip_prob`, decided by (image id,
     epoch, seed). Batch them with `self.collate`, which pads to the batch's canvas."""
 
-    def __init__(
-        self, data: CocoDataset, input_size: InputSize, *, train: bool, flip_prob: float = 0.5, seed: int = 0
-    ) -> None:
+    def __init__(self, data: CocoDataset, input_size: InputSize, *, train: bool, flip_prob: float = 0.5,
+                 seed: int = 0) -> None:
         self.records = data.records
         self.input_size = input_size
         self.train = bool(train)
@@ -99,28 +93,21 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def flip_of(self, index: int) -> bool:
-        """Whether sample `index` is flipped this epoch (the same answer __getitem__ uses)."""
-        if not self.train:
-            return False
-        return aug_params_for(self.records[index].image_id, self.epoch, self.seed, self.flip_prob)
-
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        flip = self.flip_of(index)
+        flip = self.train and aug_params_for(record.image_id, self.epoch, self.seed, self.flip_prob)
         image, boxes, scale = resize(load_image(record), record.boxes, self.input_size, flip)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "boxes": torch.from_numpy(boxes),
-            "labels": torch.from_numpy(record.labels.copy()),
-            "image_id": int(record.image_id),
-            "scale": float(scale),
-            "flip": flip,
-        }
-
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(record.labels.copy()),
+                "image_id": int(record.image_id), "scale": float(scale), "flip": flip}
 
     def collate(self, samples: list[dict]) -> dict:
-        return collate(samples, self.input_size)
+        """Pad images to the batch's canvas; keep per-image boxes/labels as lists (their lengths differ)."""
+        return {"images": pad_images([s["image"] for s in samples], self.input_size),
+                "boxes": [s["boxes"] for s in samples], "labels": [s["labels"] for s in samples],
+                "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+                "scales": torch.tensor([s["scale"] for s in samples], dtype=torch.float64),
+                "flips": torch.tensor([s["flip"] for s in samples], dtype=torch.bool)}
 
 
 def pad_images(images: list[torch.Tensor], input_size: InputSize) -> torch.Tensor:
@@ -130,15 +117,3 @@ def pad_images(images: list[torch.Tensor], input_size: InputSize) -> torch.Tenso
     for i, im in enumerate(images):
         out[i, :, : im.shape[1], : im.shape[2]] = im
     return out
-
-
-def collate(samples: list[dict], input_size: InputSize) -> dict:
-    """Pad images to the batch's canvas; keep per-image boxes/labels as lists (their lengths differ)."""
-    return {
-        "images": pad_images([s["image"] for s in samples], input_size),
-        "boxes": [s["boxes"] for s in samples],
-        "labels": [s["labels"] for s in samples],
-        "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
-        "scales": torch.tensor([s["scale"] for s in samples], dtype=torch.float64),
-        "flips": torch.tensor([s["flip"] for s in samples], dtype=torch.bool),
-    }

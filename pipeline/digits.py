@@ -66,13 +66,17 @@ def split_scans(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def _upscale(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(plane).resize((width, height), Image.BILINEAR), dtype=np.float32)
+
+
 def render_digit(scan: np.ndarray, width: int, height: int) -> np.ndarray:
     """Upscale an 8x8 scan to (height, width) with bilinear interpolation and crop it to its ink.
 
     The crop is what makes the annotation exact: every pixel at or above INK_THRESHOLD lies inside the
     returned array, and the array's first/last rows and columns each hold at least one such pixel.
     """
-    big = np.asarray(Image.fromarray(scan).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    big = _upscale(scan, width, height)
     ink = big >= INK_THRESHOLD
     rows = np.flatnonzero(ink.any(axis=1))
     cols = np.flatnonzero(ink.any(axis=0))
@@ -104,10 +108,6 @@ def make_background(rng: np.random.Generator, width: int, height: int) -> np.nda
     return np.clip(base + texture + grain, 0, 1)
 
 
-def _upscale(plane: np.ndarray, width: int, height: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(plane).resize((width, height), Image.BILINEAR), dtype=np.float32)
-
-
 def contrasting_tint(rng: np.random.Generator, region: np.ndarray) -> np.ndarray:
     """A random color dark on light backgrounds and light on dark ones, so every digit stays visible."""
     luminance = float(region.reshape(-1, 3).mean(axis=0) @ np.array([0.299, 0.587, 0.114]))
@@ -134,9 +134,8 @@ def _digit_shape(rng: np.random.Generator, shape: tuple[int, int], digit_size: t
     return width, height
 
 
-def _place(
-    rng: np.random.Generator, alpha: np.ndarray, shape: tuple[int, int], placed: list[PastedDigit]
-) -> tuple[int, int] | None:
+def _place(rng: np.random.Generator, alpha: np.ndarray, shape: tuple[int, int],
+           placed: list[PastedDigit]) -> tuple[int, int] | None:
     """A random top-left corner where the digit fits and overlaps earlier ones by at most MAX_OVERLAP."""
     h, w = alpha.shape
     for _ in range(PLACEMENT_TRIES):
@@ -147,15 +146,8 @@ def _place(
     return None
 
 
-def compose_image(
-    rng: np.random.Generator,
-    scans: np.ndarray,
-    labels: np.ndarray,
-    *,
-    image_size: int | tuple[int, int],
-    num_digits: int,
-    digit_size: tuple[int, int],
-) -> tuple[np.ndarray, list[PastedDigit]]:
+def compose_image(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, *, image_size: int | tuple[int, int],
+                  num_digits: int, digit_size: tuple[int, int]) -> tuple[np.ndarray, list[PastedDigit]]:
     """One image (uint8 [H, W, 3]; `image_size` is S for a square or (W, H)) with up to `num_digits` digits drawn
     from `scans`, and what was pasted.
 
@@ -179,8 +171,7 @@ def compose_image(
         a = (alpha * opacity)[..., None]
         canvas[y : y + h, x : x + w] = region * (1 - a) + tint * a
         placed.append(PastedDigit(label=int(labels[k]), bbox=(x, y, w, h), alpha=alpha))
-    image = np.round(canvas * 255).astype(np.uint8)
-    return image, placed
+    return np.round(canvas * 255).astype(np.uint8), placed
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -194,20 +185,9 @@ def _negative_indices(seed: int, split: str, num_images: int, negative_fraction:
     return set(rng.choice(num_images, size=count, replace=False).tolist()) if count else set()
 
 
-def _write_split(
-    out_dir: str,
-    split: str,
-    num_images: int,
-    scans: np.ndarray,
-    labels: np.ndarray,
-    *,
-    shapes: list[tuple[int, int]],
-    digits_per_image: tuple[int, int],
-    digit_size: tuple[int, int],
-    negative_fraction: float,
-    seed: int,
-    bar: tqdm,
-) -> dict:
+def _write_split(out_dir: str, split: str, num_images: int, scans: np.ndarray, labels: np.ndarray, *,
+                 shapes: list[tuple[int, int]], digits_per_image: tuple[int, int], digit_size: tuple[int, int],
+                 negative_fraction: float, seed: int, bar: tqdm) -> dict:
     """Render and save one split's images; return its COCO dict."""
     image_dir = os.path.join(out_dir, "images", split)
     os.makedirs(image_dir, exist_ok=True)
@@ -217,27 +197,17 @@ def _write_split(
         rng = image_rng(seed, split, index)
         n = 0 if index in negatives else int(rng.integers(digits_per_image[0], digits_per_image[1] + 1))
         width, height = shapes[index % len(shapes)]
-        image, pasted = compose_image(
-            rng, scans, labels, image_size=(width, height), num_digits=n, digit_size=digit_size
-        )
+        image, pasted = compose_image(rng, scans, labels, image_size=(width, height), num_digits=n,
+                                      digit_size=digit_size)
         image_id = index + 1
         name = f"{image_id:06d}.png"
         Image.fromarray(image).save(os.path.join(image_dir, name), format="PNG")
-        images.append(
-            {"id": image_id, "file_name": f"images/{split}/{name}", "width": width, "height": height}
-        )
+        images.append({"id": image_id, "file_name": f"images/{split}/{name}", "width": width, "height": height})
         for digit in pasted:
             x, y, w, h = digit.bbox
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,  # ids start at 1: pycocotools treats id 0 as "unmatched"
-                    "image_id": image_id,
-                    "category_id": digit.label + 1,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append({"id": len(annotations) + 1,  # ids start at 1: pycocotools treats id 0 as "unmatched"
+                                "image_id": image_id, "category_id": digit.label + 1, "bbox": [x, y, w, h],
+                                "area": w * h, "iscrowd": 0})
         bar.update(1)
     _remove_stale_images(image_dir, keep={f"{i + 1:06d}.png" for i in range(num_images)})
     return {
@@ -281,19 +251,10 @@ def _check_args(shapes, num_train, num_val, digits_per_image, digit_size, negati
         raise ValueError(f"negative_fraction must be in [0, 1], got {negative_fraction}")
 
 
-def make_digits(
-    out_dir: str,
-    *,
-    image_size: int = 128,
-    shapes: list[tuple[int, int]] | None = None,
-    num_train: int = 1200,
-    num_val: int = 200,
-    digits_per_image: tuple[int, int] = (2, 5),
-    digit_size: tuple[int, int] = (14, 44),
-    negative_fraction: float = 0.03,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
+def make_digits(out_dir: str, *, image_size: int = 128, shapes: list[tuple[int, int]] | None = None,
+                num_train: int = 1200, num_val: int = 200, digits_per_image: tuple[int, int] = (2, 5),
+                digit_size: tuple[int, int] = (14, 44), negative_fraction: float = 0.03, seed: int = 0,
+                progress: bool = True) -> dict:
     """Write the digits detection dataset under `out_dir`; return {"paths": ..., "counts": ...}.
 
     Images are `image_size` squares, or, with `shapes` (a list of (width, height)), image i has shape
@@ -311,19 +272,9 @@ def make_digits(
     counts = {}
     with tqdm(total=num_train + num_val, desc="digits", unit="img", disable=not progress) as bar:
         for split, (num_images, idx) in sources.items():
-            data = _write_split(
-                out_dir,
-                split,
-                num_images,
-                scans[idx],
-                labels[idx],
-                shapes=shapes,
-                digits_per_image=digits_per_image,
-                digit_size=digit_size,
-                negative_fraction=negative_fraction,
-                seed=seed,
-                bar=bar,
-            )
+            data = _write_split(out_dir, split, num_images, scans[idx], labels[idx], shapes=shapes,
+                                digits_per_image=digits_per_image, digit_size=digit_size,
+                                negative_fraction=negative_fraction, seed=seed, bar=bar)
             paths[split] = os.path.join(out_dir, f"{split}.json")
             _write_json(paths[split], data)
             counts[split] = {

@@ -7,6 +7,7 @@ KeyError from deep inside pycocotools or a DataLoader worker.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -18,64 +19,30 @@ class DatasetError(ValueError):
     torch's DataLoader re-raises worker exceptions that way, and the message then already names the file.
     """
 
-    def __init__(
-        self,
-        reason: str,
-        *,
-        file: Any = None,
-        image_id: Any = None,
-        annotation_id: Any = None,
-        category_id: Any = None,
-        field: str | None = None,
-        fix: str | None = None,
-    ) -> None:
-        self.reason = reason
-        self.file = None if file is None else str(file)
-        self.image_id = image_id
-        self.annotation_id = annotation_id
-        self.category_id = category_id
-        self.field = field
-        self.fix = fix
+    def __init__(self, reason: str, *, file: Any = None, image_id: Any = None, annotation_id: Any = None,
+                 category_id: Any = None, field: str | None = None, fix: str | None = None) -> None:
+        self.reason, self.file, self.fix = reason, None if file is None else str(file), fix
+        self.image_id, self.annotation_id, self.category_id, self.field = image_id, annotation_id, category_id, field
         super().__init__(self._format())
 
     def _format(self) -> str:
-        where = []
-        if self.image_id is not None:
-            where.append(f"image id {self.image_id}")
-        if self.annotation_id is not None:
-            where.append(f"annotation id {self.annotation_id}")
-        if self.category_id is not None:
-            where.append(f"category id {self.category_id}")
-        if self.field is not None:
-            where.append(f"field '{self.field}'")
-        text = self.reason if not where else f"{', '.join(where)}: {self.reason}"
+        parts = {"image id": self.image_id, "annotation id": self.annotation_id, "category id": self.category_id,
+                 "field": None if self.field is None else f"'{self.field}'"}
+        where = ", ".join(f"{name} {value}" for name, value in parts.items() if value is not None)
+        text = f"{where}: {self.reason}" if where else self.reason
         if self.file is not None:
             text = f"{self.file}: {text}"
-        if self.fix:
-            text = f"{text}. Fix: {self.fix}"
-        return text
+        return f"{text}. Fix: {self.fix}" if self.fix else text
 
     def details(self) -> dict[str, Any]:
         """The structured parts, e.g. for a REST error body (message plus field at fault)."""
-        return {
-            "reason": self.reason,
-            "file": self.file,
-            "image_id": self.image_id,
-            "annotation_id": self.annotation_id,
-            "category_id": self.category_id,
-            "field": self.field,
-            "fix": self.fix,
-        }
+        return {"reason": self.reason, "file": self.file, "image_id": self.image_id,
+                "annotation_id": self.annotation_id, "category_id": self.category_id, "field": self.field,
+                "fix": self.fix}
 
     def __reduce__(self):
         # Keep the structured fields across pickling (Ray tasks, DataLoader workers).
-        details = self.details()
-        reason = details.pop("reason")
-        return (_rebuild, (type(self), reason, details))
-
-
-def _rebuild(cls, reason: str, details: dict[str, Any]) -> DatasetError:
-    return cls(reason, **details)
+        return functools.partial(type(self), **self.details()), ()
 
 
 class RunLost(RuntimeError):

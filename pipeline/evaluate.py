@@ -20,38 +20,25 @@ STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 def _results_coco(coco_gt: COCO, detections: list[dict]) -> COCO:
     """A COCO object of detections, as `loadRes` would build for boxes, but also for an empty list."""
-    known = set(coco_gt.getImgIds())
     annotations = []
     for i, det in enumerate(detections, start=1):
         x, y, w, h = (float(v) for v in det["bbox"])
         image_id = int(det["image_id"])
-        if image_id not in known:
+        if image_id not in coco_gt.imgs:
             raise ValueError(f"detection {i - 1} is for image id {image_id}, which the ground truth does not have")
-        annotations.append(
-            {
-                "id": i,  # from 1: COCOeval treats id 0 as "unmatched"
-                "image_id": image_id,
-                "category_id": int(det["category_id"]),
-                "bbox": [x, y, w, h],
-                "area": w * h,
-                "score": float(det["score"]),
-                "iscrowd": 0,
-            }
-        )
+        annotations.append({"id": i,  # from 1: COCOeval treats id 0 as "unmatched"
+                            "image_id": image_id, "category_id": int(det["category_id"]), "bbox": [x, y, w, h],
+                            "area": w * h, "score": float(det["score"]), "iscrowd": 0})
     res = COCO()
-    res.dataset = {
-        "images": list(coco_gt.dataset["images"]),
-        "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
-        "annotations": annotations,
-    }
+    res.dataset = {"images": list(coco_gt.dataset["images"]),
+                   "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])), "annotations": annotations}
     with contextlib.redirect_stdout(io.StringIO()):
         res.createIndex()
     return res
 
 
-def coco_evaluate(
-    coco_gt: COCO, detections: list[dict], image_ids: list[int] | None = None
-) -> tuple[dict[str, float], str]:
+def coco_evaluate(coco_gt: COCO, detections: list[dict],
+                  image_ids: list[int] | None = None) -> tuple[dict[str, float], str]:
     """COCO bbox stats by name, and the standard 12-line summary table as text.
 
     `detections`: dicts with image_id, category_id (COCO ids), bbox [x, y, w, h] in original image pixels,

@@ -24,7 +24,7 @@ def with_checkpoint_categories(dataset, held, what: str, data: str):
         raise CheckpointError(str(e)) from None
     if order is None:
         return dataset
-    id_of = {name: cat_id for name, cat_id in zip(names(dataset.categories), dataset.cat_ids)}
+    id_of = dict(zip(names(dataset.categories), dataset.cat_ids))
     return dataclasses.replace(dataset, cat_ids=[id_of[name] for name in names(held)])
 
 
@@ -46,7 +46,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = 
     if len(dataset.categories) != cfg.model.num_classes:
         raise CheckpointError(f"{checkpoint}: trained for {cfg.model.num_classes} classes but {data} has "
                               f"{len(dataset.categories)} categories")
-    dataset = with_checkpoint_categories(dataset, ckpt.get("categories"), f"{checkpoint}", data)
+    dataset = with_checkpoint_categories(dataset, ckpt.get("categories"), str(checkpoint), data)
     dev = pick_device(device)
     anchors_fn = AnchorCache(cfg, dev)
 
@@ -65,5 +65,5 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = 
         results[n] = score(dataset, found)[0] if scored else {}
     out_path = Location(out) if out else Location(checkpoint).with_suffix(".eval.json")
     out_path.write_text(json.dumps({"checkpoint": str(checkpoint), "data": str(data),
-                                            "step": int(ckpt.get("step", 0)), "results": results}, indent=1))
+                                    "step": int(ckpt.get("step", 0)), "results": results}, indent=1))
     return results

@@ -157,8 +157,8 @@ def _resume_state(path: str, settings: dict) -> Optional[dict]:
                               "afresh") from None
     if not isinstance(state, dict) or not {"settings", "model", "optimizer", "scheduler", "history"} <= state.keys():
         raise CheckpointError(f"{path}: not a pretraining's resume file; delete it to start the pretraining afresh")
-    if state.get("settings") != settings:
-        changed = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+    if state["settings"] != settings:
+        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
         raise CheckpointError(f"{path}: left by a pretraining with other settings ({', '.join(changed)}); run it "
                               "again with those, or delete the file to start afresh")
     return state
@@ -254,7 +254,7 @@ def pretrain(train_file: str, val_file: Optional[str], out: str, *, depth: int =
     bar.close()
     backbone = {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
     atomic_write(out, lambda f: torch.save(backbone, f))
-    info = {"weights": str(out), "depth": depth, "classes": [c["name"] for c in train_data.categories] + ["background"],
+    info = {"weights": str(out), "depth": depth, "classes": names + ["background"],
             "train": str(train_file), "val": str(val_file) if val_file else None, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "window": window,
             "background_ratio": background_ratio, "seed": seed, "resumed_at_epoch": start, "history": history,

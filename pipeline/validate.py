@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline.coco import CocoDataset
 from pipeline.dataset import DetectionDataset
-from pipeline.evaluate import coco_evaluate
+from pipeline.evaluate import STAT_NAMES, coco_evaluate
 from pipeline.transforms import boxes_to_original
 from schemas.config import InferenceConfig
 from trainer.inference import detect
@@ -60,10 +60,8 @@ _FIELDS = 7  # image_id, category_id, x, y, w, h, score
 
 def detections_array(dets: list[dict]) -> np.ndarray:
     """COCO detections -> float64 [N, 7] (exact for ids below 2^53): compact to gather across workers."""
-    out = np.empty((len(dets), _FIELDS), np.float64)
-    for i, d in enumerate(dets):
-        out[i] = (d["image_id"], d["category_id"], *d["bbox"], d["score"])
-    return out
+    return np.array([(d["image_id"], d["category_id"], *d["bbox"], d["score"]) for d in dets],
+                    np.float64).reshape(-1, _FIELDS)
 
 
 def detections_list(arr: np.ndarray) -> list[dict]:
@@ -76,21 +74,14 @@ def score(dataset: CocoDataset, detections: np.ndarray) -> tuple[dict[str, float
     return coco_evaluate(dataset.coco, detections_list(detections), image_ids=[r.image_id for r in dataset.records])
 
 
-_TABLE_ROWS = [
-    ("Average Precision", "AP", "0.50:0.95", "all", 100), ("Average Precision", "AP", "0.50", "all", 100),
-    ("Average Precision", "AP", "0.75", "all", 100), ("Average Precision", "AP", "0.50:0.95", "small", 100),
-    ("Average Precision", "AP", "0.50:0.95", "medium", 100), ("Average Precision", "AP", "0.50:0.95", "large", 100),
-    ("Average Recall", "AR", "0.50:0.95", "all", 1), ("Average Recall", "AR", "0.50:0.95", "all", 10),
-    ("Average Recall", "AR", "0.50:0.95", "all", 100), ("Average Recall", "AR", "0.50:0.95", "small", 100),
-    ("Average Recall", "AR", "0.50:0.95", "medium", 100), ("Average Recall", "AR", "0.50:0.95", "large", 100),
-]
+_TABLE_ROWS = [("AP", "0.50:0.95", "all", 100), ("AP", "0.50", "all", 100), ("AP", "0.75", "all", 100),
+               ("AP", "0.50:0.95", "small", 100), ("AP", "0.50:0.95", "medium", 100), ("AP", "0.50:0.95", "large", 100),
+               ("AR", "0.50:0.95", "all", 1), ("AR", "0.50:0.95", "all", 10), ("AR", "0.50:0.95", "all", 100),
+               ("AR", "0.50:0.95", "small", 100), ("AR", "0.50:0.95", "medium", 100), ("AR", "0.50:0.95", "large", 100)]
+_TITLES = {"AP": "Average Precision", "AR": "Average Recall"}
 
 
 def format_table(stats: dict[str, float]) -> str:
     """The 12-line table pycocotools prints, rebuilt from the stats (e.g. those stored in eval.json)."""
-    from pipeline.evaluate import STAT_NAMES
-    lines = []
-    for (title, short, iou, area, dets), name in zip(_TABLE_ROWS, STAT_NAMES):
-        lines.append(f" {title:<18} ({short}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={dets:>3d} ] = "
-                     f"{stats[name]:0.3f}")
-    return "\n".join(lines)
+    return "\n".join(f" {_TITLES[short]:<18} ({short}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={dets:>3d} ] = "
+                     f"{stats[name]:0.3f}" for (short, iou, area, dets), name in zip(_TABLE_ROWS, STAT_NAMES))
