@@ -14,25 +14,18 @@ def feature_sizes_for(input_size: int | tuple[int, int], strides: list[int]) -> 
     """The (H, W) of each pyramid level that a ResNet + FPN (+ P6/P7) yields for an input of this size.
 
     Every stride-2 layer of that network (the 7x7 stem conv, the max-pool, the stride-2 3x3 and 1x1 convs and
-    the P6/P7 convs) maps n to floor((n + 1) / 2) = ceil(n / 2); nested ceilings of halves equal ceil(n / s).
+    the P6/P7 convs) maps n to floor((n + 1) / 2) = ceil(n / 2); nested ceilings of halves equal ceil(n / s), for
+    the powers of two that strides are (`ModelConfig.strides`: 2 ** level).
     """
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
-
-    def reduce(n: int, stride: int) -> int:
-        if stride <= 0 or stride & (stride - 1):
-            raise ValueError(f"strides must be powers of two, got {stride}")
-        return -(-n // stride)
-
-    return [(reduce(height, s), reduce(width, s)) for s in strides]
+    return [(-(-height // s), -(-width // s)) for s in strides]
 
 
 def make_anchors(feature_sizes: list[tuple[int, int]], strides: list[int], octave_base_scale: float = 8.0,
                  device=None, dtype=torch.float32) -> tuple[Tensor, list[int]]:
     """All anchors `[A, 4]` (xyxy pixels) of the pyramid, and how many belong to each level."""
-    if len(feature_sizes) != len(strides):
-        raise ValueError("one feature size per stride")
     per_level, counts = [], []
-    for (height, width), stride in zip(feature_sizes, strides):
+    for (height, width), stride in zip(feature_sizes, strides, strict=True):  # one feature size per stride
         half = octave_base_scale * stride / 2
         ys = torch.arange(height, device=device, dtype=dtype) * stride
         xs = torch.arange(width, device=device, dtype=dtype) * stride

@@ -80,20 +80,14 @@ def preassign_batch(anchors: Tensor, gt_boxes: list[Tensor], iou_thr: float = 0.
 
 @torch.no_grad()
 def candidate_losses(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt_boxes: Tensor,
-                     gt_labels: Tensor, cand_gt: Tensor) -> Tensor:
+                     gt_labels: Tensor, cand_gt: Tensor, idx: Tensor | None = None) -> Tensor:
     """PAA's candidate loss `[A]`: focal loss vs the GT's one-hot class + 1.3 (1 - GIoU) of the decoded box.
 
-    Computed on candidate anchors only (0 elsewhere) and without gradient: it ranks anchors, it is not trained.
+    Computed on candidate anchors only (0 elsewhere; `idx` lists them where already known) and without gradient:
+    it ranks anchors, it is not trained.
     """
-    return _losses_at(anchors, cls_logits, box_deltas, gt_boxes, gt_labels, cand_gt,
-                      torch.nonzero(cand_gt >= 0).squeeze(1))
-
-
-def _losses_at(anchors: Tensor, cls_logits: Tensor, box_deltas: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
-               cand_gt: Tensor, idx: Tensor) -> Tensor:
-    """`candidate_losses` of one image whose candidate anchors `idx` are known. Each image is scored on its own
-    rows: vectorised kernels round a vector's tail differently from its body, so scoring a batch's candidates in
-    one pass would make an image's losses (and so its labels) depend on its batch companions."""
+    if idx is None:
+        idx = torch.nonzero(cand_gt >= 0).squeeze(1)
     losses = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
     if idx.numel() == 0:
         return losses
@@ -111,23 +105,13 @@ def candidate_losses_batch(anchors: Tensor, cls_logits: Tensor, box_deltas: Tens
                            gt_labels: list[Tensor], cand_gt: list[Tensor]) -> list[Tensor]:
     """`candidate_losses` of every image of a batch's outputs (cls_logits [B, A, C], box_deltas [B, A, 4]). The
     candidates of the whole batch are found at once and counted per image in one transfer (two host reads per
-    batch, not one per image); each image is then scored on its own rows, exactly as alone."""
+    batch, not one per image); each image is then scored on its own rows, exactly as alone: vectorised kernels
+    round a vector's tail differently from its body, so scoring a batch's candidates in one pass would make an
+    image's losses (and so its labels) depend on its batch companions."""
     image, anchor = torch.nonzero(torch.stack(cand_gt) >= 0, as_tuple=True)
     counts = torch.bincount(image, minlength=len(cand_gt)).tolist()
-    with torch.no_grad():
-        return [_losses_at(anchors, cls_logits[i], box_deltas[i], gt_boxes[i], gt_labels[i], cand_gt[i], idx)
-                for i, idx in enumerate(anchor.split(counts))]
-
-
-def _first_gt(gt_boxes: list[Tensor], device) -> Tensor:
-    """Index of each image's first GT in the batch's GTs laid end to end (sizes known on the host: no read)."""
-    return on_device([0] + [len(g) for g in gt_boxes[:-1]], device).cumsum(0)
-
-
-def _level_of(anchor_idx: Tensor, num_anchors_per_level: list[int]) -> Tensor:
-    """Pyramid level of each anchor index."""
-    ends = torch.tensor(np.cumsum(num_anchors_per_level), device=anchor_idx.device)
-    return torch.searchsorted(ends, anchor_idx, right=True)
+    return [candidate_losses(anchors, cls_logits[i], box_deltas[i], gt_boxes[i], gt_labels[i], cand_gt[i], idx)
+            for i, idx in enumerate(anchor.split(counts))]
 
 
 def _rank_in_runs(sorted_keys: Tensor) -> Tensor:
@@ -302,17 +286,16 @@ def select_labels(pos_losses: list[Tensor], cand_gt: list[Tensor], num_anchors_p
     """PAA's selection over the batch in one call (`paa_select_batch`), as the labels a student trains on: the
     class of each positive's GT (`num_classes` elsewhere), its GT index (-1 elsewhere) and the ignored anchors."""
     masks = paa_select_batch(pos_losses, cand_gt, num_anchors_per_level, topk=topk, gmm=gmm, keep_single=keep_single)
-    pos = torch.stack([m[0] for m in masks])
+    pos, ignore = (torch.stack(m) for m in zip(*masks))
     cand = torch.stack(cand_gt).long()
-    gt_index = torch.where(pos, cand, -1)
     labels = torch.full_like(cand, num_classes)
     if sum(len(g) for g in gt_labels):   # the class of each positive's GT, for the whole batch at once
-        gt = _first_gt(gt_labels, cand.device)[:, None] + cand.clamp(min=0)
+        first_gt = on_device([0] + [len(g) for g in gt_labels[:-1]], cand.device).cumsum(0)  # sizes: no host read
+        gt = first_gt[:, None] + cand.clamp(min=0)
         all_labels = torch.cat(gt_labels).long()
         labels = torch.where(pos, all_labels.index_select(0, gt.view(-1).clamp(max=len(all_labels) - 1)).view_as(gt),
                              labels)
-    labels, gt_index = labels.to(cand_gt[0].dtype), gt_index.to(cand_gt[0].dtype)
-    return BatchLabels(labels, gt_index, torch.stack([m[1] for m in masks]))
+    return BatchLabels(labels.to(cand_gt[0].dtype), torch.where(pos, cand, -1).to(cand_gt[0].dtype), ignore)
 
 
 @dataclass
@@ -373,7 +356,8 @@ def colad_merge_with_pairs(losses_a: Tensor, losses_b: Tensor, cand_gt: Tensor, 
     if num_gt is None:
         num_gt = int(cand_gt.max()) + 1 if cand_gt.numel() else 0
     idx = torch.nonzero(cand_gt >= 0).squeeze(1)
-    group = cand_gt[idx] * num_levels + _level_of(idx, num_anchors_per_level)
+    level = torch.searchsorted(torch.tensor(np.cumsum(num_anchors_per_level), device=device), idx, right=True)
+    group = cand_gt[idx] * num_levels + level
     count = torch.zeros(num_gt * num_levels, device=device).index_add_(0, group, torch.ones(group.shape, device=device))
 
     def spread(losses: Tensor) -> tuple[Tensor, Tensor]:
@@ -383,10 +367,8 @@ def colad_merge_with_pairs(losses_a: Tensor, losses_b: Tensor, cand_gt: Tensor, 
         std = (torch.zeros_like(count).index_add_(0, group, sq_dev) / (count - 1).clamp_min(1)).sqrt()
         return mean, std / mean
 
-    mean_a, cv_a = spread(losses_a)
-    mean_b, cv_b = spread(losses_b)
+    (mean_a, cv_a), (mean_b, cv_b) = spread(losses_a), spread(losses_b)
     use_b = torch.where(count >= 2, cv_b >= cv_a, mean_b < mean_a) & (count > 0)
     merged = losses_a.clone()
     merged[idx] = torch.where(use_b[group], losses_b[idx], losses_a[idx])
-    shape = (num_gt, num_levels)
-    return merged, use_b.view(shape), (count > 0).view(shape)
+    return merged, use_b.view(num_gt, num_levels), (count > 0).view(num_gt, num_levels)

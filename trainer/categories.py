@@ -14,9 +14,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from schemas.config import RunConfig
-from schemas.rundir import RunDir
-
 CLS_KEYS = ("head.cls_logits.weight", "head.cls_logits.bias")  # the one layer whose rows are the classes
 
 
@@ -54,14 +51,4 @@ def permute_classes(state: dict, order: Optional[list[int]]) -> dict:
     """A network state dict whose class rows follow `order` (see `permutation`); the state itself when None."""
     if order is None:
         return state
-    out = dict(state)
-    index = torch.as_tensor(order)
-    for key in CLS_KEYS:
-        out[key] = state[key].index_select(0, index)
-    return out
-
-
-def of_run(cfg: RunConfig) -> Optional[list[dict]]:
-    """The run's categories (its directory's categories.json, written by the driver before any worker starts), or
-    None outside a prepared run (then nothing is matched)."""
-    return RunDir(cfg.run_dir).categories()
+    return state | {key: state[key].index_select(0, torch.as_tensor(order)) for key in CLS_KEYS}

@@ -91,38 +91,34 @@ def compatibility_problems(teacher: RunConfig, teacher_model: ModelConfig, stude
     return problems
 
 
-def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path, what: str) -> None:
-    """`load_state_dict(strict=True)`, with a message that lists the missing and unexpected keys."""
+def _built(model_cfg: ModelConfig, state: dict, path: str | Path, which: str) -> torch.nn.Module:
+    """The network `model_cfg` describes, holding `state` (`load_state_dict(strict=True)`, with a message that
+    lists the missing and unexpected keys). The weights replace everything: the backbone's `pretrained` file is
+    neither needed nor read, so a checkpoint trained from one works on any machine."""
+    from trainer.model import build_model
+
+    model = build_model(model_cfg.model_copy(update={"pretrained": None}))
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if shape:
-            parts.append(f"{len(shape)} shape mismatches (e.g. {shape[:2]})")
-        raise CheckpointError(f"{path}: {what} weights do not fit the configured network: " + "; ".join(parts))
+    parts = [f"{len(keys)} {kind} (e.g. {keys[:shown]})" for keys, kind, shown in
+             ((missing, "missing keys", 3), (unexpected, "unexpected keys", 3), (shape, "shape mismatches", 2)) if keys]
+    if parts:
+        raise CheckpointError(f"{path}: network {which.upper()} weights do not fit the configured network: "
+                              + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+    return model
 
 
 def checkpoint_network(ckpt: dict, path: str | Path, which: str = "a"):
-    """Network `which` of a loaded checkpoint, built from its own config and holding its weights. The backbone's
-    `pretrained` file is neither needed nor read (the weights replace it): a checkpoint trained from one works
-    on any machine. For `lad eval`, `lad predict` and `lad export`."""
-    from trainer.model import build_model
-
+    """Network `which` of a loaded checkpoint, built from its own config and holding its weights (its backbone's
+    `pretrained` file is not read). For `lad eval`, `lad predict` and `lad export`."""
     cfg = RunConfig.model_validate(ckpt["config"])
     if which not in ckpt["models"]:
         raise CheckpointError(f"{path}: holds networks {sorted(ckpt['models'])}; there is no network {which!r}")
-    model_cfg = cfg.model if which == "a" else cfg.model_b
-    model = build_model(model_cfg.model_copy(update={"pretrained": None}))
-    load_model_weights(model, ckpt["models"][which], path, f"network {which.upper()}")
-    return model
+    return _built(cfg.model if which == "a" else cfg.model_b, ckpt["models"][which], path, which)
 
 
 def load_network(path: str | Path, student: RunConfig, which: str = "a", device: str | torch.device = "cpu",
@@ -137,7 +133,6 @@ def load_network(path: str | Path, student: RunConfig, which: str = "a", device:
 def _network_from(ckpt: dict, path: str | Path, student: RunConfig, which: str, device,
                   categories: Optional[list] = None, warn: bool = True):
     from trainer.categories import CategoryMismatch, permutation, permute_classes
-    from trainer.model import build_model
 
     tcfg = RunConfig.model_validate(ckpt["config"])
     tmodel = tcfg.model_b if which == "b" else tcfg.model
@@ -153,10 +148,7 @@ def _network_from(ckpt: dict, path: str | Path, student: RunConfig, which: str, 
                                                        f"{path} (network {which.upper()})", warn))
         except CategoryMismatch as e:
             raise CheckpointError(str(e)) from None
-    # the checkpoint's weights replace everything: its backbone's `pretrained` file is neither needed nor read
-    model = build_model(tmodel.model_copy(update={"pretrained": None}))
-    load_model_weights(model, state, path, f"network {which.upper()}")
-    return model.to(device), tmodel, int(ckpt.get("step", 0))
+    return _built(tmodel, state, path, which).to(device), tmodel, int(ckpt.get("step", 0))
 
 
 ARCHITECTURE = ("depth", "num_classes", "fpn_levels", "fpn_channels", "head_convs", "head_channels",

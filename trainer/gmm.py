@@ -11,7 +11,7 @@ the argmax of `score_samples` are decided by exactly that rounding, so it is rep
 x^2 rounded to float32, raw moments `E[x^2] - mean^2 + reg_covar`, nk padded by 10 float64 eps, weights
 `nk / sum(nk)`. Per row, as scikit-learn: an E-step then an M-step per iteration; stop after the iteration whose
 mean log-likelihood (from that iteration's E-step) moved by less than `tol`, keeping that M-step; at most
-`max_iter` iterations. `predict` = argmax of the weighted log-probabilities (ties to component 0),
+`MAX_ITER` iterations. `predict` = argmax of the weighted log-probabilities (ties to component 0),
 `score_samples` = their logsumexp.
 
 The one deliberate difference: where that arithmetic makes a variance <= 0 (a component collapsed on one loss,
@@ -101,11 +101,7 @@ def _run_em_steps(compile_em: bool, *args):
     return _em_steps(*args)
 
 
-def _default_compile() -> bool:
-    return os.environ.get("LAD_GMM_COMPILE", "0").lower() not in ("0", "", "false", "no")
-
-
-def fit_predict_1d(losses: Tensor, valid: Tensor, *, check_every: int | None = None, max_iter: int = MAX_ITER,
+def fit_predict_1d(losses: Tensor, valid: Tensor, *, check_every: int | None = None,
                    compile_em: bool | None = None) -> tuple[Tensor, Tensor]:
     """Fit one 2-component GMM per row of `losses` `[G, K]` (entries where `valid`), as scikit-learn would.
 
@@ -121,15 +117,14 @@ def fit_predict_1d(losses: Tensor, valid: Tensor, *, check_every: int | None = N
     fails; the first call then compiles for tens of seconds.
     """
     if losses.device.type == "mps":
-        component, score = fit_predict_1d(losses.cpu(), valid.cpu(), check_every=check_every, max_iter=max_iter,
-                                          compile_em=compile_em)
+        component, score = fit_predict_1d(losses.cpu(), valid.cpu(), check_every=check_every, compile_em=compile_em)
         return component.to(losses.device), score.to(losses.device, torch.float32)
     with torch.inference_mode():  # no autograd bookkeeping: about a tenth less per operation
-        component, score = _fit_predict(losses, valid, check_every, max_iter, compile_em)
+        component, score = _fit_predict(losses, valid, check_every, compile_em)
     return component.clone(), score.clone()  # ordinary tensors again, for callers that modify them
 
 
-def _fit_predict(losses: Tensor, valid: Tensor, check_every: int | None, max_iter: int,
+def _fit_predict(losses: Tensor, valid: Tensor, check_every: int | None,
                  compile_em: bool | None) -> tuple[Tensor, Tensor]:
     num_rows, width = losses.shape
     device, dtype = losses.device, torch.float64
@@ -155,7 +150,8 @@ def _fit_predict(losses: Tensor, valid: Tensor, check_every: int | None, max_ite
     coef = (torch.addcmul(torch.log(0.5 * ones), init_mean, init_mean, value=-0.5), init_mean, ones)
     moments = torch.zeros(3, 2, num_rows, 1, dtype=dtype, device=device)  # rows not fitted stay at 0 (finite)
 
-    compile_em = _default_compile() if compile_em is None else compile_em
+    if compile_em is None:
+        compile_em = os.environ.get("LAD_GMM_COMPILE", "0").lower() not in ("0", "", "false", "no")
     # On the CPU an iteration costs in proportion to the working set, so check often and shrink it early; on an
     # accelerator, or compiled, an iteration costs a fixed launch overhead and a check is a synchronisation.
     shrink_early = device.type == "cpu" and not compile_em
@@ -168,9 +164,9 @@ def _fit_predict(losses: Tensor, valid: Tensor, check_every: int | None, max_ite
     prev_bound = torch.full((rows.numel(), 1), -math.inf, dtype=dtype, device=device)
     active = torch.ones(rows.numel(), 1, dtype=torch.bool, device=device)
     done = 0  # all rows start together, so a row still active has run exactly `done` iterations
-    while done < max_iter and rows.numel():
+    while done < MAX_ITER and rows.numel():
         # a large working set is checked after every iteration: an iteration there costs more than a check
-        steps = min(1 if shrink_early and rows.numel() >= LARGE_WORKING_SET else check_every, max_iter - done)
+        steps = min(1 if shrink_early and rows.numel() >= LARGE_WORKING_SET else check_every, MAX_ITER - done)
         views = (work[1], work[3], work[0:3, None], work[4])
         coef_work, moments_work, prev_bound, active = _run_em_steps(compile_em, *views, coef_work, moments_work,
                                                                     prev_bound, active, constants, steps)

@@ -16,8 +16,6 @@ def score_voting(det_boxes: Tensor, det_labels: Tensor, cand_boxes: Tensor, cand
                  cand_labels: Tensor) -> Tensor:
     """PAA's score voting: each kept box becomes the average of same-class candidates that overlap it, weighted by
     score x exp(-(1 - IoU)^2 / sigma). Scores stay those of the kept boxes."""
-    if det_boxes.numel() == 0:
-        return det_boxes
     ious = box_iou(det_boxes, cand_boxes)
     same = det_labels[:, None] == cand_labels[None, :]
     w = torch.exp(-(1 - ious) ** 2 / VOTING_SIGMA) * cand_scores[None, :] * (same & (ious > 0.01))
@@ -37,8 +35,7 @@ def postprocess_image(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor
         s = scores[start:start + n].flatten()
         cand = (s > cfg.score_thr).nonzero().squeeze(1)
         if cand.numel() > cfg.pre_nms_topk:
-            top = s[cand].topk(cfg.pre_nms_topk).indices
-            cand = cand[top]
+            cand = cand[s[cand].topk(cfg.pre_nms_topk).indices]
         anchor_idx = start + cand // num_classes
         keep_boxes.append(decode(anchors[anchor_idx], box_deltas[anchor_idx]))
         keep_scores.append(s[cand])

@@ -61,18 +61,6 @@ def aligned_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
     return inter / (area_a + area_b - inter).clamp(min=eps)
 
 
-def _pos_targets(anchors: Tensor, box_deltas: Tensor, labels: BatchLabels, gt_boxes: list[Tensor]):
-    """Decoded predicted boxes of the positives and their GT boxes, batch-flattened."""
-    b_idx, a_idx = labels.pos.nonzero(as_tuple=True)
-    if b_idx.numel() == 0:
-        return b_idx, a_idx, None, None
-    offsets = on_device([0] + [len(g) for g in gt_boxes], anchors.device).cumsum(0)[:-1]
-    all_gt = torch.cat(gt_boxes)
-    target = all_gt[offsets[b_idx] + labels.gt_index[b_idx, a_idx]]
-    pred = decode(anchors[a_idx], box_deltas[b_idx, a_idx])
-    return b_idx, a_idx, pred, target
-
-
 def focal_loss_sum(cls_logits: Tensor, labels: Tensor, ignore: Tensor, alpha: float = 0.25,
                    gamma: float = 2.0) -> Tensor:
     """torchvision's `sigmoid_focal_loss` summed over [B, A, C] logits whose targets are one class per anchor
@@ -91,20 +79,22 @@ def focal_loss_sum(cls_logits: Tensor, labels: Tensor, ignore: Tensor, alpha: fl
     return total + torch.where((labels < num_classes) & ~ignore, swap, 0.0).sum()
 
 
-def detection_loss(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor, anchors: Tensor,
-                   labels: BatchLabels, gt_boxes: list[Tensor], *, cls_weight: float = 1.0,
-                   box_weight: float = 1.3, iou_weight: float = 0.5, box_iou_weighted: bool = True,
-                   num_pos: Tensor | None = None) -> dict[str, Tensor]:
-    """PAA's loss. `num_pos` may be given (e.g. averaged over DDP workers); by default this batch's positives."""
+def detection_loss(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor, anchors: Tensor, labels: BatchLabels,
+                   gt_boxes: list[Tensor], *, cls_weight: float = 1.0, box_weight: float = 1.3,
+                   iou_weight: float = 0.5, box_iou_weighted: bool = True) -> dict[str, Tensor]:
+    """PAA's loss, normalised by this batch's positives."""
     pos = labels.pos
-    if num_pos is None:
-        num_pos = pos.sum().clamp(min=1).to(cls_logits.dtype)
+    num_pos = pos.sum().clamp(min=1).to(cls_logits.dtype)
     loss_cls = focal_loss_sum(cls_logits, labels.labels, labels.ignore) / num_pos
 
-    b_idx, a_idx, pred, target = _pos_targets(anchors, box_deltas, labels, gt_boxes)
-    if pred is None:
+    b_idx, a_idx = pos.nonzero(as_tuple=True)
+    if b_idx.numel() == 0:
         zero = box_deltas.sum() * 0 + iou_logits.sum() * 0
         return {"loss_cls": cls_weight * loss_cls, "loss_box": zero, "loss_iou": zero}
+    # the positives' decoded boxes and their GT boxes, batch-flattened
+    first_gt = on_device([0] + [len(g) for g in gt_boxes], anchors.device).cumsum(0)[:-1]
+    target = torch.cat(gt_boxes)[first_gt[b_idx] + labels.gt_index[b_idx, a_idx]]
+    pred = decode(anchors[a_idx], box_deltas[b_idx, a_idx])
     iou_target = aligned_iou(pred.detach(), target)
     loss_iou = F.binary_cross_entropy_with_logits(iou_logits[b_idx, a_idx], iou_target, reduction="sum") / num_pos
     giou = giou_loss(pred, target)
@@ -140,14 +130,6 @@ def largest_gt_iou(boxes: Tensor, gt: Tensor) -> Tensor:
     return box_iou(boxes, gt).amax(1) if len(gt) and len(boxes) else boxes.new_zeros(len(boxes))
 
 
-def teacher_box_iou(teacher_boxes: Tensor, gt_boxes: list[Tensor]) -> Tensor:
-    """[B,A]: the largest IoU of each teacher box with a GT of its image (0 for images without GT)."""
-    out = teacher_boxes.new_zeros(teacher_boxes.shape[:2])
-    for i, gt in enumerate(gt_boxes):
-        out[i] = largest_gt_iou(teacher_boxes[i], gt)
-    return out
-
-
 @dataclass
 class SoftTargets:
     """What the student learns from the teacher in KD/SoLAD: class probabilities on every anchor [B,A,C], and on
@@ -165,7 +147,9 @@ class SoftTargets:
 def soft_targets(teacher_cls: Tensor, teacher_deltas: Tensor, teacher_iou: Tensor, anchors: Tensor,
                  gt_boxes: list[Tensor], min_iou: float) -> SoftTargets:
     teacher_boxes = decode(anchors.expand_as(teacher_deltas), teacher_deltas)
-    overlap = teacher_box_iou(teacher_boxes, gt_boxes)
+    overlap = teacher_boxes.new_zeros(teacher_boxes.shape[:2])  # [B, A]: 0 in images without GT
+    for i, gt in enumerate(gt_boxes):
+        overlap[i] = largest_gt_iou(teacher_boxes[i], gt)
     b_idx, a_idx = (overlap > min_iou).nonzero(as_tuple=True)
     return SoftTargets(torch.sigmoid(teacher_cls), b_idx, a_idx, teacher_deltas[b_idx, a_idx],
                        torch.sigmoid(teacher_iou[b_idx, a_idx]), overlap[b_idx, a_idx])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +58,9 @@ class HeadOutputs:
 class Scale(nn.Module):
     """A learnable scalar per level, so one shared box branch can serve every stride."""
 
-    def __init__(self, init: float = 1.0):
+    def __init__(self):
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(float(init)))
+        self.scale = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale
@@ -139,18 +138,14 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
     c_levels = [lv for lv in cfg.fpn_levels if lv <= 5]
     channels = [body.inplanes // 8 * 2 ** (lv - 2) for lv in c_levels]  # C2..C5 widths for either block type
     return_layers = {f"layer{lv - 1}": str(i) for i, lv in enumerate(c_levels)}
-    extra = None
-    if cfg.fpn_levels[-1] > 5:
-        extra = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels)
+    extra = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels) if cfg.fpn_levels[-1] > 5 else None
     return BackboneWithFPN(body, return_layers, channels, cfg.fpn_channels, extra_blocks=extra)
 
 
 def frozen_stages(body: nn.Module, stages: int) -> list[nn.Module]:
     """The ResNet parts `model.frozen_stages` freezes, as MMDetection's ResNet: -1 none, 0 the stem (conv1, bn1),
     N the stem and layer1..layerN."""
-    if stages < 0:
-        return []
-    return [body.conv1, body.bn1] + [getattr(body, f"layer{i}") for i in range(1, stages + 1)]
+    return [] if stages < 0 else [body.conv1, body.bn1] + [getattr(body, f"layer{i}") for i in range(1, stages + 1)]
 
 
 class PAADetector(nn.Module):
@@ -183,9 +178,8 @@ class PAADetector(nn.Module):
         return self
 
     def features(self, images: Tensor) -> list[Tensor]:
-        feats: OrderedDict = self.backbone(self.normalise(images))
-        feats = list(feats.values())[: len(self.cfg.fpn_levels)]  # P6/P7 come in pairs; drop an unasked P7
-        return feats
+        feats = self.backbone(self.normalise(images)).values()
+        return list(feats)[: len(self.cfg.fpn_levels)]  # P6/P7 come in pairs; drop an unasked P7
 
     def forward(self, images: Tensor) -> HeadOutputs:
         return self.head(self.features(images))

@@ -15,7 +15,6 @@ weights and take the same steps, bit for bit.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Iterable, Optional
 
 import torch
@@ -23,8 +22,8 @@ from torch import Tensor
 
 from schemas.config import ConfigError, RunConfig
 from schemas.modes import mode_spec
+from schemas.rundir import RunDir
 from trainer.anchors import make_anchors
-from trainer.categories import of_run
 from trainer.checkpoint import load_colearn_side, load_network
 from trainer.losses import BatchLabels, detection_loss
 from trainer.model import HeadOutputs, PAADetector, build_model
@@ -49,7 +48,7 @@ def build_network(cfg: RunConfig, which: str = "a") -> PAADetector:
     torch.manual_seed(seed_of(cfg, which))
     path = cfg.colearn.checkpoint_a if which == "a" else cfg.colearn.checkpoint_b
     if mode_spec(cfg.mode).co_learning and path:
-        network = load_colearn_side(path, cfg, which, of_run(cfg), warn=False)
+        network = load_colearn_side(path, cfg, which, RunDir(cfg.run_dir).categories(), warn=False)
     else:
         network = build_model(cfg.model if which == "a" else cfg.model_b)
     return network.to(memory_format=memory_format(cfg))
@@ -172,10 +171,6 @@ class Precision:
         with torch.autocast(self.device_type, dtype=self.dtype):
             out = network(images)
         return out.float()
-
-    def autocast(self):
-        """For forwards that return something else (inference)."""
-        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else nullcontext()
 
     def step(self, optimizer, total: Tensor, clip: float, params_fn=None) -> None:
         """Backward (scaled in fp16), clip the unscaled gradients (`clip` > 0), optimizer step."""

@@ -140,12 +140,8 @@ def quantise_prob(p: Tensor) -> Tensor:
 
 def _prob(q: np.ndarray, device) -> Tensor:
     """Sent probabilities -> float32: uint8 in PROB_STEP (what `encode_soft` sends), or float16 as they are."""
-    p = _tensor(q, device).float()
+    p = torch.as_tensor(q, device=device).float()
     return p * PROB_STEP if q.dtype == np.uint8 else p
-
-
-def _tensor(a: np.ndarray, device) -> Tensor:
-    return torch.from_numpy(np.asarray(a)).to(device)
 
 
 def _grey_mosaic(row: AssignmentRow, shape: tuple[int, int]) -> np.ndarray:
@@ -172,13 +168,13 @@ def decode_soft(rows: list[AssignmentRow], anchors: Tensor, level_sizes: Sequenc
     source, target = mosaic_layout(levels, num_classes)
     grey = np.stack([_grey_mosaic(r, source.shape).reshape(-1)[target] for r in rows]) if rows else \
         np.zeros((0, num_anchors * num_classes), np.uint8)
-    cls_prob = from_grey_levels(_tensor(grey, device)).reshape(len(rows), num_anchors, num_classes)
+    cls_prob = from_grey_levels(torch.as_tensor(grey, device=device)).reshape(len(rows), num_anchors, num_classes)
     k = [int(r.kd_anchor.size) for r in rows]
     batch_idx = torch.repeat_interleave(torch.arange(len(rows), device=device),
                                         torch.tensor(k, dtype=torch.long, device=device))
 
     def cat(name: str, width: Optional[int] = None) -> Tensor:
-        parts = [_tensor(getattr(r, name), device) for r in rows]
+        parts = [torch.as_tensor(getattr(r, name), device=device) for r in rows]
         out = torch.cat(parts) if parts else torch.zeros(0, device=device)
         return out.reshape(-1, width) if width else out
 
@@ -189,7 +185,7 @@ def decode_soft(rows: list[AssignmentRow], anchors: Tensor, level_sizes: Sequenc
 
 
 def _overlaps(rows: list[AssignmentRow], teacher_boxes: Tensor, counts: list[int], device) -> Tensor:
-    """Each box entry's largest IoU with a GT of its image (what `losses.teacher_box_iou` gave the teacher)."""
-    out = [largest_gt_iou(boxes, _tensor(r.gt_boxes, device).reshape(-1, 4).float())
+    """Each box entry's largest IoU with a GT of its image (what `losses.soft_targets` gave the teacher)."""
+    out = [largest_gt_iou(boxes, torch.as_tensor(r.gt_boxes, device=device).reshape(-1, 4).float())
            for r, boxes in zip(rows, teacher_boxes.split(counts))]
     return torch.cat(out) if out else teacher_boxes.new_zeros(0)

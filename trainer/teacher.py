@@ -7,7 +7,6 @@ implementation kept in step. `assign_hard` is also how a PAA student assigns its
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -16,8 +15,8 @@ from torch import Tensor
 
 from schemas.config import RunConfig
 from schemas.modes import mode_spec, modes_where
+from schemas.rundir import RunDir
 from trainer.assign import paa_assign_batch
-from trainer.categories import of_run
 from trainer.checkpoint import load_network
 from trainer.losses import BatchLabels, SoftTargets, soft_targets
 from trainer.model import HeadOutputs, PAADetector
@@ -26,8 +25,9 @@ from trainer.network import Precision, memory_format
 
 def load_teacher(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[PAADetector, int]:
     """The run's frozen teacher (`teacher.checkpoint`, network A) in eval mode without gradients, and its step
-    (the `teacher_version` stamped on what it assigns)."""
-    teacher, _, version = load_network(cfg.teacher.checkpoint, cfg, "a", device, of_run(cfg), warn=False)
+    (the `teacher_version` stamped on what it assigns); its classes matched to the run's categories by name."""
+    categories = RunDir(cfg.run_dir).categories()  # written by the driver before any worker starts
+    teacher, _, version = load_network(cfg.teacher.checkpoint, cfg, "a", device, categories, warn=False)
     teacher.eval().requires_grad_(False).to(memory_format=memory_format(cfg))
     return teacher, version
 
@@ -52,29 +52,18 @@ def assign_soft(cfg: RunConfig, teacher_out: HeadOutputs, anchors: Tensor, gt_bo
 class TeacherResult:
     labels: Optional[BatchLabels]   # modes with teacher_hard (lad, solad)
     soft: Optional[SoftTargets]     # modes with soft (kd, solad)
-    num_anchors: int
-    teacher_ms: float
-    assign_ms: float
 
 
 def teacher_assign(cfg: RunConfig, teacher: torch.nn.Module, images: Tensor, gt_boxes: list[Tensor],
-                   gt_labels: list[Tensor], anchors_fn: Callable, *, sync: bool = False) -> TeacherResult:
+                   gt_labels: list[Tensor], anchors_fn: Callable) -> TeacherResult:
     """Teacher forward on the batch, then what the mode needs from it: exactly Engine.step's teacher branch."""
     spec = mode_spec(cfg.mode)
     if not spec.needs_teacher:
         raise ValueError(f"mode {cfg.mode!r} has no teacher; the assigner serves "
                          f"{', '.join(modes_where('needs_teacher'))}")
-    cuda_sync = sync and images.device.type == "cuda"
-    t0 = time.perf_counter()
     with torch.no_grad():
         tout = Precision(cfg, images.device).forward(teacher, images)
     anchors, nl = anchors_fn(tout.level_sizes)
-    if cuda_sync:
-        torch.cuda.synchronize()
-    t1 = time.perf_counter()
     soft = assign_soft(cfg, tout, anchors, gt_boxes) if spec.soft else None
     labels = assign_hard(cfg, tout, anchors, nl, gt_boxes, gt_labels) if spec.teacher_hard else None
-    if cuda_sync:
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return TeacherResult(labels, soft, int(anchors.shape[0]), (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+    return TeacherResult(labels, soft)
