@@ -11,10 +11,8 @@ request and final result.
 Found by name: `ray.get_actor(coordinator_name(cfg), namespace=NAMESPACE)`; created with `get_if_exists`, so a
 driver that restarts (or a tool attached to the cluster) finds the live one instead of a second one.
 
-How trainers ask it for the policy each step without waiting (`PolicyWatch`): rank 0 keeps one long-poll call
-`wait_control(version)` in flight; the actor answers it only when the version changes (or after a timeout). A step
-then only checks whether that call's future is done (see bench/colearn.py for the measured cost), and a change
-reaches the trainer at its first step after the file poll (50 ms) saw it.
+Trainers read the policy each step without waiting (`PolicyWatch`, measured in bench/colearn.py): a change
+reaches them at their first step after the file poll (50 ms) saw it.
 
 Split co-learning (`exchange`, `finish`, `sync`): the two worker groups meet here every step, keyed by (step,
 rank) with the image ids checked, and the coordinator merges their sparse candidate losses under the policy it
@@ -25,6 +23,7 @@ merged from the two halves), because it is the one process that sees both networ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -53,7 +52,7 @@ class RoleBook:
     used by the actor; tested without Ray)."""
 
     def __init__(self, policy: str, roles_path: Optional[Location], start_step: int = 0, source: str = "config"):
-        self._check(policy)
+        RolePolicy.parse(policy)
         self.policy = policy                  # the policy requested last (in force from the next step)
         self.version = 0
         self.stop = False
@@ -66,10 +65,6 @@ class RoleBook:
                                      "requested_at": None, "applied_at": time.time()}]
         self.steps: list[dict] = []           # per step: step, epoch, policy, counts
 
-    @staticmethod
-    def _check(policy: str) -> None:
-        RolePolicy.parse(policy)
-
     @property
     def applied_policy(self) -> str:
         return self.history[-1]["policy"]
@@ -78,7 +73,7 @@ class RoleBook:
         return {"version": self.version, "policy": self.policy, "stop": self.stop}
 
     def request(self, policy: str, source: str, requested_at: Optional[float] = None) -> bool:
-        self._check(policy)
+        RolePolicy.parse(policy)
         if policy == self.policy:
             return False
         self.policy, self.requested_at = policy, requested_at or time.time()
@@ -107,12 +102,11 @@ class RoleBook:
             return False
         if st is None or st[1] == self._roles_mtime:
             return False
-        mtime = st[1]
         try:
             data = json.loads(self.roles_path.read_bytes())
         except (OSError, ValueError):
             return False  # torn by a non-atomic writer: the next poll reads it whole
-        self._roles_mtime = mtime
+        self._roles_mtime = st[1]
         policy = data.get("policy") if isinstance(data, dict) else None
         try:
             return self.request(policy, "rest", data.get("requested_at"))
@@ -225,11 +219,8 @@ class ColearnCoordinator:
         """Long poll: answers when the control version differs from `version`, or after `timeout_s`."""
         self._loop_ready()
         if self.book.version == version:
-            event = self._event
-            try:
-                await asyncio.wait_for(event.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout_s)
         return self.book.control()
 
     async def set_policy(self, policy: str, source: str = "api") -> dict:
@@ -345,9 +336,9 @@ class ColearnCoordinator:
             ms = (time.perf_counter() - t0) * 1e3
             self.merge_ms += ms
             self.merges += 1
-            self._counts[step_index] = {"counts": add_counts(self._counts.get(step_index, {}).get("counts"),
-                                                             res["counts"]),
-                                        "num_pos": self._counts.get(step_index, {}).get("num_pos", 0) + res["num_pos"]}
+            seen = self._counts.get(step_index, {"counts": None, "num_pos": 0})
+            self._counts[step_index] = {"counts": add_counts(seen["counts"], res["counts"]),
+                                        "num_pos": seen["num_pos"] + res["num_pos"]}
             res.update(stop=stop, merge_ms=ms)
             return res
 
@@ -393,16 +384,12 @@ class ColearnCoordinator:
                                                         None))
         step, epoch = step_index + 1, int(ma["epoch"]) if "epoch" in ma else None
         record: dict[str, Any] = {"step": step, "epoch": epoch}
-        record.update({k: v for k, v in ma.items() if k not in _TIMING + ("total_steps",)})
-        record.update({k: v for k, v in mb.items() if k not in _TIMING + ("total_steps",)})
+        record.update({k: v for m in (ma, mb) for k, v in m.items() if k not in _TIMING + ("total_steps",)})
         record["loss"] = float(np.float32(ma["loss_a"]) + np.float32(mb["loss_b"]))
         record["num_pos"] = merged["num_pos"] if merged else 0
         record.update(count_metrics(merged["counts"] if merged else None))
         record["policy"] = policy
-        for k in _TIMING:
-            for name, m in (("a", ma), ("b", mb)):
-                if k in m:
-                    record[f"{k}_{name}"] = m[k]
+        record.update({f"{k}_{name}": m[k] for k in _TIMING for name, m in (("a", ma), ("b", mb)) if k in m})
         record["step_ms"] = round(max(ma["step_ms"], mb["step_ms"]), 2)
         record["data_wait_ms"] = round(max(ma["data_wait_ms"], mb["data_wait_ms"]), 2)
         record["images_per_s"] = round(ma["images"] / max(record["step_ms"] + record["data_wait_ms"], 1e-6) * 1e3, 2)

@@ -6,7 +6,7 @@ criterion `trainer.assign.colad_merge` under `auto`, one network under `pin-a`/`
 networks then train on the labels of that selection (`colad_assign`). The policy type is
 `schemas.policy.RolePolicy` (re-exported here). Who taught is counted per (GT, level) pair, by FPN level and by
 object size, as plain ints that add up over images, workers and steps (`ColadChoice.role_counts`, `add_counts`)
-before ratios are taken (`ratio`, `ratios_by_level`, `ratios_by_size`, `ratio_total`: NaN for 0/0).
+before ratios are taken (`count_metrics`: NaN for 0/0).
 
 `Engine._colad_step` (trainer/engine.py) does a step in one process: forward A and B -> candidate losses of each
 -> `colad_assign` -> both train on the common labels, one backward, one clip over both networks. Split
@@ -36,7 +36,7 @@ from schemas.policy import RolePolicy
 from trainer.assign import candidate_losses_batch, colad_merge_with_pairs, preassign_batch, select_labels
 from trainer.losses import BatchLabels
 from trainer.model import HeadOutputs
-from trainer.network import NETWORKS, AnchorCache, Precision, build_network, detection_loss_for, make_optimizer
+from trainer.network import AnchorCache, Precision, build_network, detection_loss_for, make_optimizer
 from trainer.worker import labels_to_sparse
 
 
@@ -63,16 +63,13 @@ class ColadChoice:
         of several images, workers or steps add up before the ratios are taken."""
         out = zero_counts(self.defined[0].shape[1] if self.defined else 0)
         for b, d, g in zip(self.b_was_teacher, self.defined, gt_boxes):
-            taught = b & d
-            out["taught_level"] = [x + int(y) for x, y in zip(out["taught_level"], taught.sum(0).tolist())]
-            out["defined_level"] = [x + int(y) for x, y in zip(out["defined_level"], d.sum(0).tolist())]
             g = g[: d.shape[0]].float()
             area = (g[:, 2] - g[:, 0]).clamp_min(0) * (g[:, 3] - g[:, 1]).clamp_min(0)
             size = torch.bucketize(area, SIZE_BOUNDS.to(area.device), right=True)
-            for s in range(3):
-                mask = size == s
-                out["taught_size"][s] += int(taught[mask].sum())
-                out["defined_size"][s] += int(d[mask].sum())
+            for name, m in (("taught", b & d), ("defined", d)):
+                by_size = [int(m[size == s].sum()) for s in range(len(SIZES))]
+                out[f"{name}_level"] = [x + y for x, y in zip(out[f"{name}_level"], m.sum(0).tolist())]
+                out[f"{name}_size"] = [x + y for x, y in zip(out[f"{name}_size"], by_size)]
         return out
 
 
@@ -80,18 +77,6 @@ def zero_counts(levels: int) -> dict[str, list[int]]:
     """The role counts of a batch with no object (`ColadChoice.role_counts`'s layout): what an idle rank adds."""
     return {"taught_level": [0] * levels, "defined_level": [0] * levels, "taught_size": [0] * len(SIZES),
             "defined_size": [0] * len(SIZES)}
-
-
-def ratios_by_size(counts: dict[str, list[int]]) -> dict[str, float]:
-    return {name: ratio(t, d) for name, t, d in zip(SIZES, counts["taught_size"], counts["defined_size"])}
-
-
-def ratios_by_level(counts: dict[str, list[int]]) -> list[float]:
-    return [ratio(t, d) for t, d in zip(counts["taught_level"], counts["defined_level"])]
-
-
-def ratio_total(counts: dict[str, list[int]]) -> float:
-    return ratio(sum(counts["taught_level"]), sum(counts["defined_level"]))
 
 
 def colad_choose(losses_a: list[Tensor], losses_b: list[Tensor], cand_gt: list[Tensor],
@@ -131,9 +116,6 @@ def candidate_stats(side: str, losses: list[Tensor], cand_gt: list[Tensor]) -> d
 
 # ------------------------------------------------------------------------------------------ split: one side
 
-SIDES = NETWORKS
-
-
 @dataclass
 class Scored:
     """One side's forward and candidate losses on a batch (what it keeps while the coordinator merges)."""
@@ -148,17 +130,14 @@ class SideEngine:
     """One network of a CoLAD pair with its own optimizer: the half of `Engine` a split worker holds."""
 
     def __init__(self, cfg: RunConfig, side: str, device: torch.device | str = "cpu", total_steps: int = 1):
-        if side not in SIDES:
-            raise ValueError(f"side must be 'a' or 'b', got {side!r}")
         self.cfg, self.side = cfg, side
         self.device = torch.device(device)
-        self.total_steps = max(1, total_steps)
-        self.model = build_network(cfg, side).to(self.device)
+        self.model = build_network(cfg, side).to(self.device)  # refuses a side other than 'a' or 'b'
         self.forward = self.model  # DDP wrapper goes here (`wrap`)
-        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), cfg, self.total_steps)
+        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), cfg, total_steps)
         self.precision = Precision(cfg, self.device)
         self.step_count = 0
-        self._anchors = AnchorCache(cfg, self.device)
+        self.anchors = AnchorCache(cfg, self.device)
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # as `Engine`'s
 
     def wrap(self, wrapper) -> None:
@@ -166,9 +145,6 @@ class SideEngine:
 
     def losses_finite(self) -> bool:
         return bool(self._finite)
-
-    def anchors(self, level_sizes) -> tuple[Tensor, list[int]]:
-        return self._anchors(level_sizes)
 
     # -- the two halves of the step ------------------------------------------------------------------------------
     def score(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> Scored:
@@ -190,7 +166,7 @@ class SideEngine:
         if not self.cfg.train.grad_clip:
             return None
         self.precision.scaler.unscale_(self.optimizer)  # fp16: the norms of the true gradients are exchanged
-        return grad_norms(self._params_with_grad())
+        return grad_norms(params_with_grad(self.optimizer))
 
     def apply(self, norms_a: Optional[Tensor], norms_b: Optional[Tensor]) -> None:
         """Clip by the norm over both networks' gradients (A's then B's, as `clip_grad_norm_` over the one
@@ -199,14 +175,11 @@ class SideEngine:
             norms = [n for n in (norms_a, norms_b) if n is not None and n.numel()]
             total = torch.linalg.vector_norm(torch.cat(norms).to(self.device), 2.0) if norms else \
                 torch.tensor(0.0, device=self.device)
-            torch.nn.utils.clip_grads_with_norm_(self._params_with_grad(), self.cfg.train.grad_clip, total)
+            torch.nn.utils.clip_grads_with_norm_(params_with_grad(self.optimizer), self.cfg.train.grad_clip, total)
         self.precision.scaler.step(self.optimizer)  # fp16: each side skips its step on its own overflow
         self.precision.scaler.update()
         self.scheduler.step()
         self.step_count += 1
-
-    def _params_with_grad(self) -> list[Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     # -- state ---------------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -219,6 +192,10 @@ class SideEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+
+
+def params_with_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
 
 def grad_norms(params: list[Tensor]) -> Tensor:
@@ -296,7 +273,7 @@ def merge_sparse(cfg: RunConfig, payload_a: dict, payload_b: dict, policy: RoleP
     batch_labels, choice = colad_assign(cfg, la, lb, cand, nl, labels, policy, step_index)
     counts = choice.role_counts(boxes)
     return {"assignment": labels_to_sparse(batch_labels), "counts": counts, "policy": policy.name,
-            "num_pos": int(batch_labels.pos.sum()), "teacher_ratio": ratio_total(counts)}
+            "num_pos": int(batch_labels.pos.sum()), "teacher_ratio": count_metrics(counts)["teacher_ratio"]}
 
 
 def add_counts(total: Optional[dict], counts: dict) -> dict:
@@ -309,8 +286,11 @@ def count_metrics(counts: Optional[dict]) -> dict:
     """teacher_ratio, by level and by size of summed role counts (the metrics.jsonl fields)."""
     if not counts:
         return {}
-    return {"teacher_ratio": ratio_total(counts), "teacher_ratio_by_level": ratios_by_level(counts),
-            "teacher_ratio_by_size": ratios_by_size(counts)}
+    taught, defined = counts["taught_level"], counts["defined_level"]
+    return {"teacher_ratio": ratio(sum(taught), sum(defined)),
+            "teacher_ratio_by_level": [ratio(t, d) for t, d in zip(taught, defined)],
+            "teacher_ratio_by_size": {s: ratio(t, d) for s, t, d in zip(SIZES, counts["taught_size"],
+                                                                        counts["defined_size"])}}
 
 
 # ------------------------------------------------------------------------------------------ split: checkpoints

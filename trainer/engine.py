@@ -20,11 +20,10 @@ from torch import Tensor
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from trainer.assign import candidate_losses_batch, preassign_batch
-from trainer.colad import ColadChoice, RolePolicy, candidate_stats, colad_assign, count_metrics
+from trainer.colad import RolePolicy, candidate_stats, colad_assign, count_metrics, params_with_grad
 from trainer.losses import BatchLabels, SoftTargets, soft_label_kd
 from trainer.model import HeadOutputs, PAADetector
 from trainer.network import AnchorCache, Precision, build_network, detection_loss_for, make_optimizer
-from trainer.network import lr_factor  # noqa: F401  (part of this module's API)
 from trainer.teacher import assign_hard, assign_soft
 from trainer.teacher import load_teacher as _load_teacher  # `load_teacher` is also an argument of Engine
 
@@ -75,7 +74,6 @@ def on_host(metrics: dict, step: int, check: bool = True) -> dict:
 class StepResult:
     metrics: dict  # losses as 0-d tensors on the device, timings and lr as floats (`on_host` converts)
     labels: BatchLabels | None = None
-    choice: ColadChoice | None = None
     extra: dict = field(default_factory=dict)
 
     def host(self, step: int = 0) -> dict:
@@ -90,32 +88,23 @@ class Engine:
         """`load_teacher=False`: a student that only runs `step_on_labels` (the assigner service holds the
         teacher), so the teacher's weights never take the student's memory."""
         self.cfg = cfg
-        self.mode = cfg.mode
         self.spec = mode_spec(cfg.mode)
         self.device = torch.device(device)
-        self.total_steps = max(1, total_steps)
         self.sync_timing = sync_timing
         self.model = build_network(cfg, "a").to(self.device)
-        self.model_b: PAADetector | None = None
-        if self.spec.co_learning:
-            self.model_b = build_network(cfg, "b").to(self.device)
+        self.model_b: PAADetector | None = build_network(cfg, "b").to(self.device) if self.spec.co_learning else None
         self.forward_a, self.forward_b = self.model, self.model_b  # DDP wrappers go here (see `wrap`)
-        self.teacher: PAADetector | None = None
-        self.teacher_version = 0
-        if self.spec.needs_teacher and load_teacher:
-            self.teacher, self.teacher_version = _load_teacher(cfg, self.device)
+        load = self.spec.needs_teacher and load_teacher
+        self.teacher: PAADetector | None = _load_teacher(cfg, self.device)[0] if load else None
         params = list(self.model.parameters()) + (list(self.model_b.parameters()) if self.model_b else [])
-        self.optimizer, self.scheduler = make_optimizer(params, cfg, self.total_steps)
+        self.optimizer, self.scheduler = make_optimizer(params, cfg, total_steps)
         self.precision = Precision(cfg, self.device)
         self.policy = RolePolicy.parse(cfg.colearn.policy)
         self.step_count = 0
-        self._anchors = AnchorCache(cfg, self.device)
+        self.anchors = AnchorCache(cfg, self.device)  # level sizes -> (anchors, anchors per level)
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far (kept on the device)
 
     # -- helpers -------------------------------------------------------------------------------------------------
-    def anchors(self, level_sizes: list[tuple[int, int]]) -> tuple[Tensor, list[int]]:
-        return self._anchors(level_sizes)
-
     def wrap(self, wrapper) -> None:
         """Forward through `wrapper(network)` (e.g. DistributedDataParallel); weights stay in `model`/`model_b`."""
         self.forward_a = wrapper(self.model)
@@ -127,12 +116,6 @@ class Engine:
 
     def soft_targets(self, tout: HeadOutputs, anchors: Tensor, gt_boxes) -> SoftTargets:
         return assign_soft(self.cfg, tout, anchors, gt_boxes)
-
-    def _kd_loss(self, out: HeadOutputs, targets: SoftTargets, anchors: Tensor) -> dict[str, Tensor]:
-        d = self.cfg.distill
-        return soft_label_kd(out.cls_logits, out.box_deltas, out.iou_logits, targets, anchors,
-                             cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight, gamma=d.gamma,
-                             focal_smoothing=d.focal_smoothing)
 
     # -- the step ------------------------------------------------------------------------------------------------
     def step(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> StepResult:
@@ -174,10 +157,12 @@ class Engine:
         if labels is not None:
             losses.update(detection_loss_for(self.cfg, out, anchors, labels, gt_boxes))
         if self.spec.soft:
-            losses.update(self._kd_loss(out, soft, anchors))
+            d = self.cfg.distill
+            losses.update(soft_label_kd(out.cls_logits, out.box_deltas, out.iou_logits, soft, anchors,
+                                        cls_weight=d.cls_weight, iou_weight=d.iou_weight, box_weight=d.box_weight,
+                                        gamma=d.gamma, focal_smoothing=d.focal_smoothing))
         total = sum(losses.values())
         self._backward(total)
-        self._finite &= torch.isfinite(total.detach())
         timer.lap("backward_ms")
         metrics = {k: v.detach() for k, v in losses.items()}
         metrics["loss"] = total.detach()
@@ -199,23 +184,22 @@ class Engine:
         la = detection_loss_for(self.cfg, out_a, anchors, labels, gt_boxes)
         lb = detection_loss_for(self.cfg, out_b, anchors, labels, gt_boxes)
         total_a, total_b = sum(la.values()), sum(lb.values())
-        self._backward(total_a + total_b)
-        self._finite &= torch.isfinite((total_a + total_b).detach())
+        total = total_a + total_b
+        self._backward(total)
         timer.lap("backward_ms")
-        metrics = {f"{k}_a": float(v.detach()) for k, v in la.items()} | {f"{k}_b": float(v.detach()) for k, v in lb.items()}
+        metrics = {f"{k}_{side}": float(v.detach()) for side, ls in (("a", la), ("b", lb)) for k, v in ls.items()}
         counts = choice.role_counts(gt_boxes)
-        metrics.update(loss=float((total_a + total_b).detach()), loss_a=float(total_a.detach()), loss_b=float(total_b.detach()),
+        metrics.update(loss=float(total.detach()), loss_a=float(total_a.detach()), loss_b=float(total_b.detach()),
                        num_pos=int(labels.pos.sum()), policy=self.policy.name, **count_metrics(counts))
-        metrics.update(candidate_stats("a", losses_a, cand))
-        metrics.update(candidate_stats("b", losses_b, cand))
-        return StepResult(self._stamp(metrics, timer), labels=labels, choice=choice, extra={"counts": counts})
+        metrics.update(**candidate_stats("a", losses_a, cand), **candidate_stats("b", losses_b, cand))
+        return StepResult(self._stamp(metrics, timer), labels=labels, extra={"counts": counts})
 
     def _backward(self, total: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.step(self.optimizer, total, self.cfg.train.grad_clip, lambda: [
-            p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
+        self.precision.step(self.optimizer, total, self.cfg.train.grad_clip, lambda: params_with_grad(self.optimizer))
         self.scheduler.step()
         self.step_count += 1
+        self._finite &= torch.isfinite(total.detach())
 
     def _stamp(self, metrics: dict, timer: Timer) -> dict:
         metrics.update({k: round(v, 3) for k, v in timer.ms.items()})
@@ -229,10 +213,7 @@ class Engine:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def networks(self) -> dict[str, PAADetector]:
-        nets = {"a": self.model}
-        if self.model_b is not None:
-            nets["b"] = self.model_b
-        return nets
+        return {k: m for k, m in (("a", self.model), ("b", self.model_b)) if m is not None}
 
     def state(self) -> dict:
         state = {"models": {k: m.state_dict() for k, m in self.networks().items()},
