@@ -34,6 +34,8 @@ from schemas.config import RunConfig
 from trainer.worker import StreamSpec  # noqa: F401  (the stream's spec, re-exported for the pipeline)
 
 ADMIT_POLL_S = 0.02
+_EMPTY = np.zeros(0, np.int32)
+_EMPTY_HARD = dict(pos_anchor=_EMPTY, pos_gt=_EMPTY, ignore_anchor=_EMPTY)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -57,12 +59,10 @@ def _records(records) -> pa.Table:
 def planned_items(plan: pa.Table, records) -> list[dict]:
     """Source rows -> one dict per planned batch with everything its images need (ids, paths, sizes, GT)."""
     table = _records(records)
-    items = []
-    for row in plan.to_pylist():
-        picked = table.take(pa.array(row["index"], pa.int32())).to_pydict()
-        items.append({EPOCH_COLUMN: row[EPOCH_COLUMN], BATCH_COLUMN: row[BATCH_COLUMN], **picked,
-                      **({"flip": row["flip"]} if "flip" in row else {})})  # a view asked for (`lad assign`)
-    return items
+    return [{EPOCH_COLUMN: row[EPOCH_COLUMN], BATCH_COLUMN: row[BATCH_COLUMN],
+             **table.take(pa.array(row["index"], pa.int32())).to_pydict(),
+             **({"flip": row["flip"]} if "flip" in row else {})}  # a view asked for (`lad assign`)
+            for row in plan.to_pylist()]
 
 
 # ----------------------------------------------------------------------------------------------- the batch
@@ -73,17 +73,23 @@ class PlannedImage:
     def __init__(self, item: dict, i: int, spec: StreamSpec, seed: int, flip_prob: float):
         from pipeline.coco import ImageRecord
         from pipeline.dataset import check_image_header, read_image_file
-        from pipeline.transforms import aug_params, aug_params_for, boxes_to_resized
+        from pipeline.transforms import aug_params_for
 
         boxes = np.asarray(item["boxes"][i], np.float32).reshape(-1, 4)
         self.record = ImageRecord(item["image_id"][i], item["path"][i], item["width"][i], item["height"][i], boxes,
                                   np.asarray(item["labels"][i], np.int64))
-        self.flip = (bool(item["flip"][i]) if "flip" in item
-                     else aug_params_for(self.record.image_id, item[EPOCH_COLUMN], seed, flip_prob))
-        self.params = aug_params(self.record.width, self.record.height, spec.input_size, self.flip)
+        self._place(bool(item["flip"][i]) if "flip" in item
+                    else aug_params_for(self.record.image_id, item[EPOCH_COLUMN], seed, flip_prob), spec.input_size)
         self.file = read_image_file(self.record)
         check_image_header(self.record, self.file)
-        self.gt_boxes = boxes_to_resized(boxes, self.params).astype(np.float32)
+
+    def _place(self, flip: bool, input_size) -> None:
+        """Flip or not, and where the GT lands then."""
+        from pipeline.transforms import aug_params, boxes_to_resized
+
+        self.flip = flip
+        self.params = aug_params(self.record.width, self.record.height, input_size, flip)
+        self.gt_boxes = boxes_to_resized(self.record.boxes, self.params).astype(np.float32)
 
     def view(self, canvas: tuple[int, int]) -> tuple:
         """Its key in the assignment store: (image id, flip, canvas height, canvas width)."""
@@ -91,28 +97,28 @@ class PlannedImage:
 
     def mirrored(self, input_size) -> "PlannedImage":
         """The same image with the other flip (the same file and size: only the GT moves)."""
-        from pipeline.transforms import aug_params, boxes_to_resized
-
         twin = copy.copy(self)
-        twin.flip = not self.flip
-        twin.params = aug_params(self.record.width, self.record.height, input_size, twin.flip)
-        twin.gt_boxes = boxes_to_resized(self.record.boxes, twin.params).astype(np.float32)
+        twin._place(not self.flip, input_size)
         return twin
 
-    def row(self, **labels) -> AssignmentRow:
+    def row(self, labels: Optional[Labels] = None, soft: Optional[dict] = None,
+            assign_ms: float = 0.0) -> AssignmentRow:
+        """Its stream row, with these hard labels (None: none, a mode without a teacher) and soft-label columns."""
+        hard = _EMPTY_HARD if labels is None else dict(
+            pos_anchor=labels.pos_anchor, pos_gt=labels.pos_gt, ignore_anchor=labels.ignore_anchor,
+            teacher_version=labels.teacher_version)
         return AssignmentRow(image_id=self.record.image_id, height=self.params.resized_h, width=self.params.resized_w,
                              gt_boxes=self.gt_boxes, gt_labels=self.record.labels.astype(np.int32),
-                             image_file=self.file, scale=self.params.scale, flip=self.flip, **labels)
+                             image_file=self.file, scale=self.params.scale, flip=self.flip, assign_ms=assign_ms,
+                             **hard, **(soft or {}))
 
 
-def planned_images(item: dict, spec: StreamSpec, seed: int, flip_prob: float) -> list[PlannedImage]:
-    return [PlannedImage(item, i, spec, seed, flip_prob) for i in range(len(item["image_id"]))]
-
-
-def canvas_of(images: list[PlannedImage], spec: StreamSpec) -> tuple[int, int]:
+def planned_batch(item: dict, spec: StreamSpec, seed: int, flip_prob: float) -> tuple[list[PlannedImage], tuple]:
+    """A planned batch's images, and the canvas (H, W) they are padded to."""
     from pipeline.transforms import canvas_shape
 
-    return canvas_shape([(im.params.resized_h, im.params.resized_w) for im in images], spec.input_size)
+    images = [PlannedImage(item, i, spec, seed, flip_prob) for i in range(len(item["image_id"]))]
+    return images, canvas_shape([(im.params.resized_h, im.params.resized_w) for im in images], spec.input_size)
 
 
 def wait_for_room(monitor: Any, item: dict) -> None:
@@ -126,16 +132,11 @@ def wait_for_room(monitor: Any, item: dict) -> None:
         time.sleep(ADMIT_POLL_S)
 
 
-_EMPTY = np.zeros(0, np.int32)
-_EMPTY_HARD = dict(pos_anchor=_EMPTY, pos_gt=_EMPTY, ignore_anchor=_EMPTY)
-
-
 def _stored_row(im: PlannedImage, s: Optional[Labels]) -> AssignmentRow:
     if s is None:  # the driver checked the store covers the run: a view missing now is a store changed under us
         raise RuntimeError(f"image {im.record.image_id} (flip {im.flip}): not in the assignment store, which held "
                            "every view of the run when it started; was it deleted or replaced meanwhile?")
-    return im.row(pos_anchor=s.pos_anchor, pos_gt=s.pos_gt, ignore_anchor=s.ignore_anchor,
-                  teacher_version=s.teacher_version, assign_ms=0.0)
+    return im.row(s)
 
 
 # ----------------------------------------------------------------------------------------------- data only
@@ -150,38 +151,29 @@ def read_batch(plan: pa.Table, *, records, spec: StreamSpec, seed: int, flip_pro
     out = []
     for item in planned_items(plan, records):
         wait_for_room(monitor, item)
-        images = planned_images(item, spec, seed, flip_prob)
-        canvas = canvas_of(images, spec)
-        if labels is None:
-            rows = [im.row(**_EMPTY_HARD) for im in images]   # soft labels need a teacher: never here
-        else:
-            rows = [_stored_row(im, labels.get(im.view(canvas))) for im in images]
+        images, canvas = planned_batch(item, spec, seed, flip_prob)
+        # soft labels need a teacher: never here
+        rows = [im.row() if labels is None else _stored_row(im, labels.index.get(im.view(canvas))) for im in images]
         rb = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, soft=False)
         out.append(tag_batch(rb, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas))
     return pa.concat_tables(out)
 
 
-def decode_pixels(files, input_size, flips, sizes, image_ids, pool=None) -> list[np.ndarray]:
-    """Encoded files -> resized, flipped uint8 [h, w, 3] pixels, checked against the sizes the stream promised.
-    The one decode of the stream, run by the teacher and by the student alike (so both see the same pixels)."""
+def load_row_pixels(rows: list[AssignmentRow], input_size, pool=None) -> list[np.ndarray]:
+    """Stream rows that carry their encoded files -> resized, flipped uint8 [h, w, 3] pixels, checked against the
+    sizes the rows promise. The one decode of the stream, run by the teacher and by the student alike (its
+    `load_pixels`), so both see the same pixels."""
     from pipeline.dataset import decode_bytes
     from pipeline.transforms import resize_image
 
-    def one(i):
-        image, params = resize_image(decode_bytes(files[i], image_ids[i]), input_size, flips[i])
-        if (params.resized_h, params.resized_w) != tuple(sizes[i]):
-            raise ValueError(f"image {image_ids[i]}: its file resizes to {params.resized_h}x{params.resized_w} but "
-                             f"the stream says {sizes[i][0]}x{sizes[i][1]} (another input_size?)")
+    def one(r: AssignmentRow) -> np.ndarray:
+        image, params = resize_image(decode_bytes(r.image_file, r.image_id), input_size, r.flip)
+        if (params.resized_h, params.resized_w) != (r.height, r.width):
+            raise ValueError(f"image {r.image_id}: its file resizes to {params.resized_h}x{params.resized_w} but "
+                             f"the stream says {r.height}x{r.width} (another input_size?)")
         return image
 
-    indices = range(len(files))
-    return list(pool.map(one, indices)) if pool is not None else [one(i) for i in indices]
-
-
-def load_row_pixels(rows: list[AssignmentRow], input_size, pool=None) -> list[np.ndarray]:
-    """The pixels of decoded stream rows that carry their encoded files (the student's `load_pixels`)."""
-    return decode_pixels([r.image_file for r in rows], input_size, [r.flip for r in rows],
-                         [(r.height, r.width) for r in rows], [r.image_id for r in rows], pool)
+    return list(pool.map(one, rows) if pool is not None else map(one, rows))
 
 
 def decode_threads(cpus: float) -> ThreadPoolExecutor:
@@ -235,74 +227,57 @@ class TeacherAssigner:
         the whole batch; the new views go to the store."""
         t0 = time.perf_counter()
         spec = self.spec
-        images = planned_images(item, spec, self.cfg.seed, self.cfg.data.flip_prob)
-        canvas = canvas_of(images, spec)
+        images, canvas = planned_batch(item, spec, self.cfg.seed, self.cfg.data.flip_prob)
         views = [im.view(canvas) for im in images]
         stored = self._stored(views)
-        todo = [i for i, s in enumerate(stored) if s is None]
-        twins = self._twins(images, views, todo, canvas)
-        computed = self._teacher(images + twins, todo + list(range(len(images), len(images) + len(twins))),
-                                 canvas) if todo else {}
+        new = [im for im, s in zip(images, stored) if s is None]
+        new += self._twins(new, views, canvas)
+        computed = self._teacher(new, canvas) if new else []
         ms = (time.perf_counter() - t0) * 1e3
-        rows = []
-        for i, im in enumerate(images + twins):
-            if i in computed:
-                labels, soft = computed[i]
-                if i < len(images):
-                    rows.append(im.row(**labels, teacher_version=self.version, assign_ms=ms, **soft))
-                if self.store is not None:
-                    self.store.put(im.view(canvas),
-                                   Labels(im.params.resized_h, im.params.resized_w, labels["pos_anchor"],
-                                          labels["pos_gt"], labels["ignore_anchor"], self.version))
-            else:
-                rows.append(_stored_row(im, stored[i]))
         if self.store is not None:
+            for im, (labels, _) in zip(new, computed):
+                self.store.put(im.view(canvas), labels)
             self.store.flush()
+        fresh = iter(computed)  # the teacher's labels of the views the store lacked, in the batch's order
+        rows = [_stored_row(im, s) if s is not None else im.row(*next(fresh), ms) for im, s in zip(images, stored)]
         table = encode_batch(rows, spec.anchor_hash, spec.num_anchors(canvas), spec.num_classes, spec.soft)
         return tag_batch(table, item[EPOCH_COLUMN], item[BATCH_COLUMN], canvas)
 
-    def _twins(self, images: list, views: list, todo: list[int], canvas: tuple[int, int]) -> list:
+    def _twins(self, new: list, views: list, canvas: tuple[int, int]) -> list:
         """With a store and a recipe that flips, the other flip of each image the teacher labels now, where the store
         lacks it: labelled in the same forward, so a store filled while training holds both views of every image
         after one epoch (a view's labels do not depend on its batch companions: docs/decisions.md)."""
         if self.store is None or not 0 < self.cfg.data.flip_prob < 1:
             return []
         asked = set(views)
-        twins = [images[i].mirrored(self.spec.input_size) for i in todo]
-        return [t for t in twins if t.view(canvas) not in asked and self.store.get(t.view(canvas)) is None]
+        twins = [im.mirrored(self.spec.input_size) for im in new]
+        return [t for t in twins if t.view(canvas) not in asked and t.view(canvas) not in self.store.index]
 
     def _stored(self, views: list) -> list:
         """The store's labels of each view (None: not there); a miss first reads what other actors wrote since."""
         if self.store is None:
             return [None] * len(views)
-        found = [self.store.get(v) for v in views]
+        found = [self.store.index.get(v) for v in views]
         if None in found and self.store.refresh():
-            found = [self.store.get(v) for v in views]
+            found = [self.store.index.get(v) for v in views]
         return found
 
-    def _teacher(self, images: list, todo: list[int], canvas) -> dict:
-        """{index: (hard labels as sparse columns, soft-label columns)} of images[todo], from one teacher forward."""
+    def _teacher(self, images: list, canvas) -> list[tuple[Labels, dict]]:
+        """Per image, (its hard labels, its soft-label columns), from one teacher forward."""
         import torch
 
         from trainer.teacher import teacher_assign
         from trainer.soft_codec import encode_soft
         from trainer.worker import images_tensor, labels_to_sparse
 
-        cfg, spec = self.cfg, self.spec
-        sub = [images[i] for i in todo]
-        pixels = decode_pixels([im.file for im in sub], spec.input_size, [im.flip for im in sub],
-                               [(im.params.resized_h, im.params.resized_w) for im in sub],
-                               [im.record.image_id for im in sub], self.decoders)
+        cfg, spec, n = self.cfg, self.spec, len(images)
+        pixels = load_row_pixels([im.row() for im in images], spec.input_size, self.decoders)
         batch = images_tensor(pixels, canvas, self.device)
-        boxes = [torch.from_numpy(im.gt_boxes).to(self.device) for im in sub]
-        labels = [torch.from_numpy(im.record.labels).to(self.device) for im in sub]
+        boxes = [torch.from_numpy(im.gt_boxes).to(self.device) for im in images]
+        labels = [torch.from_numpy(im.record.labels).to(self.device) for im in images]
         result = teacher_assign(cfg, self.teacher, batch, boxes, labels, self.anchors)
-        hard = labels_to_sparse(result.labels) if result.labels is not None else None
+        hard = labels_to_sparse(result.labels) if result.labels is not None else [(_EMPTY, _EMPTY, _EMPTY)] * n
         soft = (encode_soft(result.soft, spec.level_sizes(canvas), cfg.pipeline.soft_label_quality)
-                if result.soft is not None else None)
-        out = {}
-        for j, i in enumerate(todo):
-            pos_anchor, pos_gt, ignore = hard[j] if hard is not None else (_EMPTY, _EMPTY, _EMPTY)
-            out[i] = (dict(pos_anchor=pos_anchor, pos_gt=pos_gt, ignore_anchor=ignore),
-                      soft[j] if soft is not None else {})
-        return out
+                if result.soft is not None else [{}] * n)
+        return [(Labels(im.params.resized_h, im.params.resized_w, *h, self.version), s)
+                for im, h, s in zip(images, hard, soft)]

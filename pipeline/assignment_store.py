@@ -8,8 +8,9 @@ teacher the same two questions six times each. The store answers the repeats.
 
     PATH/manifest.json         what the labels are valid for: schema version, the teacher checkpoint's sha256,
                                the anchor hash, the assignment settings and the teacher's precision
-    PATH/parts/*.arrow         Arrow IPC files (one per assigned batch with new views), one row per view: image_id, flip, pad_height, pad_width (the key),
-                               height, width, pos_anchor, pos_gt, ignore_anchor, teacher_version
+    PATH/parts/*.arrow         Arrow IPC files (one per assigned batch with new views), one row per view: image_id,
+                               flip, pad_height, pad_width (the key), height, width, pos_anchor, pos_gt,
+                               ignore_anchor, teacher_version
 
 A store made for other labels is refused before any Ray process starts, in one line naming the difference. Each
 part is written whole (`schemas.storage`: a rename locally, one upload on object storage), so a run killed while
@@ -26,7 +27,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import numpy as np
@@ -62,12 +63,6 @@ class Labels:
     teacher_version: int
 
 
-def file_sha256(where: str) -> str:
-    h = hashlib.sha256()
-    h.update(Location(where).read_bytes())
-    return h.hexdigest()
-
-
 def manifest_for(cfg: RunConfig, anchor_hash: str, teacher_sha256: str) -> dict:
     """What the labels depend on, besides the view."""
     a = cfg.assign
@@ -89,7 +84,7 @@ def open_store(cfg: RunConfig, anchor_hash: str, create: bool = True) -> dict:
     """The driver's check, before any Ray process: refuse a store made for other labels with one line, else
     (`create`) write the manifest of a new store. Returns the manifest the run's actors are given."""
     where = Location(cfg.pipeline.assignment_store)
-    wanted = manifest_for(cfg, anchor_hash, file_sha256(cfg.teacher.checkpoint))
+    wanted = manifest_for(cfg, anchor_hash, hashlib.sha256(Location(cfg.teacher.checkpoint).read_bytes()).hexdigest())
     path = where / "manifest.json"
     try:
         found = json.loads(path.read_bytes())
@@ -116,9 +111,7 @@ class AssignmentStore:
     written yet."""
 
     def __init__(self, where: str, manifest: dict):
-        self.where = Location(where)
-        self.parts = self.where / "parts"
-        self.manifest = manifest
+        self.parts = Location(where) / "parts"  # `manifest` (what `open_store` checked) is not needed to read
         self.index: dict[View, Labels] = {}
         self._read: set[str] = set()
         self._new: list[tuple[View, Labels]] = []
@@ -150,18 +143,12 @@ class AssignmentStore:
             return None
 
     def _add(self, table: pa.Table) -> int:
-        cols = table.to_pydict()
-        for i in range(table.num_rows):
-            view = (int(cols["image_id"][i]), bool(cols["flip"][i]), int(cols["pad_height"][i]),
-                    int(cols["pad_width"][i]))
-            self.index[view] = Labels(int(cols["height"][i]), int(cols["width"][i]),
-                                      np.asarray(cols["pos_anchor"][i], np.int32),
-                                      np.asarray(cols["pos_gt"][i], np.int32),
-                                      np.asarray(cols["ignore_anchor"][i], np.int32), int(cols["teacher_version"][i]))
+        columns = table.select(SCHEMA.names).to_pydict().values()  # by name: SCHEMA's order
+        for image_id, flip, pad_h, pad_w, h, w, pos_anchor, pos_gt, ignore, version in zip(*columns):
+            self.index[(image_id, flip, pad_h, pad_w)] = Labels(h, w, np.asarray(pos_anchor, np.int32),
+                                                                np.asarray(pos_gt, np.int32),
+                                                                np.asarray(ignore, np.int32), version)
         return table.num_rows
-
-    def get(self, view: View) -> Optional[Labels]:
-        return self.index.get(view)
 
     def put(self, view: View, labels: Labels) -> None:
         """Keep a newly computed view; written with the others of its batch by `flush`."""
@@ -189,16 +176,8 @@ class AssignmentStore:
         if not self._new:
             return
         views, labels = zip(*self._new)
-        table = pa.table({
-            "image_id": pa.array([v[0] for v in views], pa.int64()), "flip": pa.array([v[1] for v in views]),
-            "pad_height": pa.array([v[2] for v in views], pa.int32()),
-            "pad_width": pa.array([v[3] for v in views], pa.int32()),
-            "height": pa.array([x.height for x in labels], pa.int32()),
-            "width": pa.array([x.width for x in labels], pa.int32()),
-            "pos_anchor": pa.array([x.pos_anchor for x in labels], pa.list_(pa.int32())),
-            "pos_gt": pa.array([x.pos_gt for x in labels], pa.list_(pa.int32())),
-            "ignore_anchor": pa.array([x.ignore_anchor for x in labels], pa.list_(pa.int32())),
-            "teacher_version": pa.array([x.teacher_version for x in labels], pa.int64())}, schema=SCHEMA)
+        columns = [*zip(*views), *([getattr(x, f.name) for x in labels] for f in fields(Labels))]  # SCHEMA's order
+        table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, SCHEMA)], schema=SCHEMA)
         sink = io.BytesIO()
         with pa.ipc.new_file(sink, SCHEMA) as writer:
             writer.write_table(table)

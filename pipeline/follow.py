@@ -3,9 +3,9 @@
 thread, and shows the same bar as the in-process engine: steps, loss and lr, each evaluation, and a recovery."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
-from typing import Optional
 
 from tqdm import tqdm
 
@@ -13,29 +13,22 @@ from schemas.rundir import REMOTE_FLUSH_S, RunDir
 
 
 class FollowBar:
-    """`with FollowBar(run, total, initial, desc):` a tqdm bar on stderr, refreshed every `every` seconds."""
+    """A tqdm bar on stderr, refreshed every `every` seconds from a thread until `close()`."""
 
     def __init__(self, run: RunDir, total: int, initial: int, desc: str, every: float = 0.5):
         self.run, self.total, self.desc = run, total, desc
         self.every = max(every, REMOTE_FLUSH_S / 2) if run.remote else every  # each look is requests to a store
-        self.bar: Optional[tqdm] = None
-        self.initial = initial
         self._evals = len(run.evals())
         self._done = threading.Event()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
         self._thread = threading.Thread(target=self._follow, name="lad-progress", daemon=True)
-
-    def __enter__(self) -> "FollowBar":
-        self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, dynamic_ncols=True)
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self._done.set()
         self._thread.join()
-        try:
-            self.tick()  # the final state; never in the way of the driver's own clean-up
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):  # the final state; never in the way of the driver's own clean-up
+            self.tick()
         self.bar.close()
 
     def write(self, line: str) -> None:
@@ -44,10 +37,8 @@ class FollowBar:
 
     def _follow(self) -> None:
         while not self._done.wait(self.every):
-            try:
+            with contextlib.suppress(Exception):  # a half-written file, a closed bar at exit: the next tick reads again
                 self.tick()
-            except Exception:  # a half-written file, a closed bar at exit: the next tick reads again
-                pass
 
     def tick(self) -> None:
         progress = self.run.progress() or {}

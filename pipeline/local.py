@@ -6,10 +6,10 @@ stepper, with the co-learning coordinator as its control, is co-learning `inline
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from dataclasses import dataclass
-from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -30,22 +30,6 @@ from trainer.engine import Engine, pick_device
 from trainer.network import check_start
 from pipeline.transforms import idle_canvas
 from trainer.worker import ActiveMean, null_batch
-
-
-class StopRequested:
-    """SIGTERM sets a flag; the loop checkpoints before its next step and leaves with state 'stopped'."""
-
-    def __init__(self):
-        self.flag = False
-
-    def install(self) -> None:
-        try:
-            signal.signal(signal.SIGTERM, self._set)
-        except ValueError:  # not the main thread: whoever runs us handles signals
-            pass
-
-    def _set(self, *_):
-        self.flag = True
 
 
 # ------------------------------------------------------------------------------------------------ run set-up
@@ -81,7 +65,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-@contextmanager
+@contextlib.contextmanager
 def prepare_run(cfg: RunConfig, workers: int = 1) -> Iterator[tuple[RunConfig, Datasets, RunDir, int]]:
     """What every driver does first, before any process starts: absolute paths, validated datasets and starting
     checkpoints, the run directory (its lock taken, config and categories written), the run's step count. The
@@ -119,14 +103,11 @@ def planned_batches(cfg: RunConfig, train: CocoDataset, start: Start, total: int
 
 
 def to_device(batch, device: torch.device):
-    """(images, GT boxes, GT labels) on the device, from a DataLoader batch or a decoded stream batch (already
-    there)."""
+    """(images, GT boxes, GT labels) on the device, from a DataLoader batch or a decoded stream batch (there)."""
     if not isinstance(batch, dict):
         return batch.images, batch.gt_boxes, batch.gt_labels
-    images = batch["images"].to(device, non_blocking=True)
-    boxes = [b.to(device) for b in batch["boxes"]]
-    labels = [lab.to(device) for lab in batch["labels"]]
-    return images, boxes, labels
+    return (batch["images"].to(device, non_blocking=True), [b.to(device) for b in batch["boxes"]],
+            [lab.to(device) for lab in batch["labels"]])
 
 
 def data_parallel(engine, device: torch.device, world: int, modules=("forward_a", "forward_b")) -> ActiveMean:
@@ -156,12 +137,16 @@ def rank_zero_buffers(net: torch.nn.Module, world: int) -> None:
 # ------------------------------------------------------------------------------------------------ the stepper
 
 class RunControl:
-    """In-process control: SIGTERM, and the role policy the control plane writes to control/roles.json."""
+    """In-process control: SIGTERM (the loop checkpoints before its next step and leaves with state 'stopped'),
+    and the role policy the control plane writes to control/roles.json."""
 
     def __init__(self, run: RunDir, colad: bool):
-        self.run, self.colad = run, colad
-        self.stop = StopRequested()
-        self.stop.install()
+        self.run, self.colad, self.stopped = run, colad, False
+        with contextlib.suppress(ValueError):  # not the main thread: whoever runs us handles signals
+            signal.signal(signal.SIGTERM, self._stop)
+
+    def _stop(self, *_) -> None:
+        self.stopped = True
 
     def poll(self) -> tuple[bool, Optional[int]]:
         name = self.run.requested_policy() if self.colad else None
@@ -169,7 +154,7 @@ class RunControl:
             code = RolePolicy.parse(name).code if name else None
         except ValueError:  # a hand-written bad file: the control plane validates its own
             code = None
-        return self.stop.flag, code
+        return self.stopped, code
 
     def applied(self, step_index: int, name: str) -> None:
         self.run.log({"step": step_index, "event": "policy", "policy": name})
@@ -192,9 +177,8 @@ class Evaluating:
 
     def commit(self, epoch, last, best, *, detections, final):
         evals = {name: score(self.val, dets)[0] for name, dets in detections.items()} if detections else None
-        best = write_commit(self.run, self.cfg, self.engine.state(), self.engine.step_count, epoch, last, best,
-                            evals, final)
-        return evals, best
+        return evals, write_commit(self.run, self.cfg, self.engine.state(), self.engine.step_count, epoch, last,
+                                   best, evals, final)
 
 
 class NetworkStepper(Evaluating, Stepper):
@@ -229,12 +213,9 @@ class NetworkStepper(Evaluating, Stepper):
         record = dict(result.metrics)
         if self.colad:  # the role counts of every rank, summed, give the step's teacher ratios
             counts = result.extra["counts"] if batch is not None else zero_counts(len(self.cfg.model.fpn_levels))
-            keys = list(counts)
-            flat = self.collective.reduce([x for k in keys for x in counts[k]] + [int(record["num_pos"])], "SUM")
-            bounds = [0]
-            for k in keys:
-                bounds.append(bounds[-1] + len(counts[k]))
-            counts = {k: flat[a:b] for k, a, b in zip(keys, bounds[:-1], bounds[1:])}
+            flat = self.collective.reduce([x for v in counts.values() for x in v] + [int(record["num_pos"])], "SUM")
+            summed = iter(flat)
+            counts = {k: [next(summed) for _ in v] for k, v in counts.items()}
             record.update(count_metrics(counts), num_pos=flat[-1])
             if self.collective.rank == 0:
                 self.control.record(self.engine.step_count, epoch, self.engine.policy.name, counts)

@@ -55,13 +55,10 @@ def plan_batches(order: list[int], batch_size: int, num_workers: int) -> list[li
     full = len(order) // per_step * per_step
     batches = [order[i:i + batch_size] for i in range(0, full, batch_size)]
     rest = order[full:]
-    if rest:
+    if rest:  # the first len(rest) % k workers take one image more
         k = min(num_workers, len(rest))
-        sizes = [len(rest) // k + (1 if i < len(rest) % k else 0) for i in range(k)]
-        start = 0
-        for s in sizes:
-            batches.append(rest[start:start + s])
-            start += s
+        bounds = [i * (len(rest) // k) + min(i, len(rest) % k) for i in range(k + 1)]
+        batches += [rest[a:b] for a, b in zip(bounds, bounds[1:])]
     return batches
 
 
@@ -87,9 +84,8 @@ def group_by_orientation(order: list[int], wide: Sequence[bool], batch_size: int
 
 def batches_in(num_images: int, steps: int, batch_size: int, world: int) -> int:
     """How many batches `plan_batches` makes of `num_images`, cut after `steps` steps."""
-    per_step = batch_size * world
-    full, rest = divmod(num_images, per_step)
-    if steps < full + (1 if rest else 0):
+    full, rest = divmod(num_images, batch_size * world)
+    if steps < full + bool(rest):
         return steps * world
     return full * world + min(world, rest)
 
@@ -98,8 +94,8 @@ def epoch_budgets(cfg: RunConfig, image_ids: list[int], start_epoch: int, traine
                   remaining_steps: int, world: int) -> list[tuple[int, int, int]]:
     """(epoch, steps, batches) of every epoch left in the run, by arithmetic alone: what a plan costs before any
     epoch's order is drawn (each epoch takes ceil(images / (batch_size * world)) steps, cut at the budget)."""
-    done = set(int(i) for i in trained_ids)
-    first = len(image_ids) - sum(1 for i in image_ids if int(i) in done)
+    done = {int(i) for i in trained_ids}
+    first = sum(int(i) not in done for i in image_ids)
     budgets = []
     for epoch in range(start_epoch, cfg.train.epochs):
         if remaining_steps <= 0:
@@ -117,7 +113,7 @@ def plan_epoch(cfg: RunConfig, image_ids: list[int], epoch: int, trained_ids: li
     ids already trained (`trained_ids`, those of the resumed epoch), grouped by orientation where the inputs keep
     their ratio (`wide[i]`: dataset image i is at least as wide as it is tall), cut into batches, cut at
     `steps`."""
-    done = set(int(i) for i in trained_ids)
+    done = {int(i) for i in trained_ids}
     order = [int(i) for i in epoch_order(len(image_ids), cfg.seed, epoch) if int(image_ids[i]) not in done]
     if cfg.data.group_by_orientation and not isinstance(cfg.data.input_size, int):
         if wide is None:  # every engine must plan the same batches: none may silently skip the grouping
@@ -217,14 +213,6 @@ class Stepper:
     cfg: RunConfig
     engine: Any  # what trains: `trainer.engine.Engine`, or split's `SideEngine`
 
-    @property
-    def step_count(self) -> int:
-        return self.engine.step_count
-
-    def losses_finite(self) -> bool:
-        """Every loss this rank has trained on so far was finite (the engine keeps a flag on its device)."""
-        return self.engine.losses_finite()
-
     def poll(self) -> tuple[bool, Optional[int]]:
         """Rank 0, before each step: (stop requested, the role policy's code or None)."""
         return False, None
@@ -309,32 +297,27 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
     image_ids, labels)`), e.g. a tracer; `tag` names this worker group for them ('' for the only one)."""
     from trainer.engine import on_host
 
-    rank = collective.rank
+    rank, engine = collective.rank, stepper.engine
     t = cfg.train
     epoch, trained, best = start.epoch, list(start.trained_ids) if rank == 0 else [], dict(start.best)
     new_ids: list[int] = []
     last_eval: dict = {e["network"]: e["stats"] for e in stepper.run.evals()} if rank == 0 else {}
-    if stepper.step_count >= total:  # a finished run resumed: nothing left to train
-        return Outcome("succeeded", stepper.step_count, epoch, last_eval)
+    if engine.step_count >= total:  # a finished run resumed: nothing left to train
+        return Outcome("succeeded", engine.step_count, epoch, last_eval)
     pbar = None
     if progress and bar and rank == 0:
         from tqdm import tqdm
-        pbar = tqdm(total=total, initial=stepper.step_count, desc=f"{cfg.mode} {cfg.name}", dynamic_ncols=True)
-
-    def gather_ids() -> None:
-        nonlocal new_ids
-        everyone = collective.gather(new_ids)
-        new_ids = []
-        if rank == 0:
-            trained.extend(i for ids in everyone for i in ids)
+        pbar = tqdm(total=total, initial=engine.step_count, desc=f"{cfg.mode} {cfg.name}", dynamic_ncols=True)
 
     def commit(evaluate: bool, final: Optional[str], epoch_end: bool = False) -> bool:
         """Checkpoint (and evaluate: every rank predicts its shard of the validation images, rank 0 scores them
         all) at the current step; True when it ends a complete epoch (then last.pt starts the next one, so a
         resume never skips this epoch's evaluation)."""
-        nonlocal best, last_eval, trained
-        check_finite(stepper.step_count)  # a checkpoint is never written after a non-finite loss
-        gather_ids()
+        nonlocal best, last_eval, new_ids
+        check_finite()  # a checkpoint is never written after a non-finite loss
+        everyone, new_ids = collective.gather(new_ids), []
+        if rank == 0:
+            trained.extend(i for ids in everyone for i in ids)
         full = epoch_end and len(trained) >= num_images
         detections = None
         if evaluate:
@@ -346,7 +329,7 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
             if ev:
                 last_eval = ev
                 if progress:
-                    say(f"epoch {epoch} step {stepper.step_count}: " + ", ".join(
+                    say(f"epoch {epoch} step {engine.step_count}: " + ", ".join(
                         f"{n.upper()} AP {s['AP']:.3f} AP50 {s['AP50']:.3f}" for n, s in ev.items()), pbar)
         return full
 
@@ -356,27 +339,25 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
         if commit(evaluate=has_val and (finished or due), final="succeeded" if finished else None, epoch_end=True):
             trained = []
 
-    def check_finite(step: int) -> None:
+    def check_finite() -> None:
         """Every rank, together: stop the run if any rank's loss was not finite since the start (each engine keeps
         a flag on its device, so a step never waits for it; this reads it)."""
-        if collective.reduce([int(not stepper.losses_finite())], "MAX")[0]:
-            raise FloatingPointError(f"step {step}: a loss was not finite (at this step or since the last log); "
-                                     "lower train.lr or check the data")
+        if collective.reduce([int(not engine.losses_finite())], "MAX")[0]:
+            raise FloatingPointError(f"step {engine.step_count}: a loss was not finite (at this step or since the "
+                                     "last log); lower train.lr or check the data")
 
     pending: Optional[Batch] = None
-    exhausted, state = False, "succeeded"
+    state = "succeeded"
     try:
         while True:
             t_wait = time.perf_counter()
-            if pending is None and not exhausted:
+            if pending is None:  # (a generator, once done, stays done)
                 pending = next(batches, None)
-                exhausted = pending is None
             t_control = time.perf_counter()
             wait_ms = (t_control - t_wait) * 1e3
             stop, code = stepper.poll() if rank == 0 else (False, None)
             mine = pending.epoch if pending is not None else NO_MORE
-            agreed, stop, code = collective.reduce(
-                [mine, -int(stop), NO_MORE if code is None else code], "MIN")
+            agreed, stop, code = collective.reduce([mine, -int(stop), NO_MORE if code is None else code], "MIN")
             if stop:
                 commit(evaluate=False, final="stopped")
                 state = "stopped"
@@ -392,24 +373,22 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
             batch = pending if pending is not None and pending.epoch == epoch else None
             if batch is not None:
                 pending = None
-            n_active, n_images = collective.reduce([int(batch is not None), len(batch.image_ids) if batch else 0],
-                                                   "SUM")
+            ids = batch.image_ids if batch is not None else []
+            n_active, n_images = collective.reduce([int(batch is not None), len(ids)], "SUM")
             for o in observers:
-                o.before_step(stepper.step_count + 1, rank, tag)
+                o.before_step(engine.step_count + 1, rank, tag)
             t0 = time.perf_counter()
             out = stepper.step(batch, n_active, epoch)
             step_ms = (time.perf_counter() - t0) * 1e3
-            step = stepper.step_count
-            if batch is not None:
-                new_ids.extend(batch.image_ids)
+            step = engine.step_count
+            new_ids.extend(ids)
             for o in observers:
-                o.after_step(step, epoch, rank, tag, batch.image_ids if batch is not None else [], out.labels)
+                o.after_step(step, epoch, rank, tag, ids, out.labels)
             logged = step % t.log_every == 0 or step == 1
             if logged:
-                check_finite(step)
+                check_finite()
             if rank == 0 and out.record is not None and logged:
-                decode_ms = batch.decode_ms if batch is not None else 0.0
-                data_wait_ms = max(wait_ms - decode_ms, 0.0)
+                data_wait_ms = max(wait_ms - (batch.decode_ms if batch is not None else 0.0), 0.0)
                 record = {"step": step, "epoch": epoch, **on_host(out.record, step), "step_ms": round(step_ms, 2),
                           "data_wait_ms": round(data_wait_ms, 2), "control_ms": round(control_ms, 3),
                           "images": n_images, "images_per_s": round(n_images / max(step_ms + wait_ms, 1e-6) * 1e3, 2),
@@ -431,4 +410,4 @@ def train_loop(cfg: RunConfig, stepper: Stepper, batches: Iterator[Batch], start
     finally:
         if pbar is not None:
             pbar.close()
-    return Outcome(state, stepper.step_count, epoch, last_eval)
+    return Outcome(state, engine.step_count, epoch, last_eval)

@@ -24,8 +24,7 @@ from schemas.storage import absolute
 
 
 def records_table(records: list) -> pa.Table:
-    """The training set as Arrow (id, absolute path, size, GT), put in the object store once: the stages look
-    the images of a planned batch up in it, so a plan is only (epoch, batch index, dataset indices)."""
+    """The training set as Arrow (id, absolute path, size, GT): what the stages look a plan's indices up in."""
     boxes, _ = list_array([r.boxes for r in records], np.float32, 4, "boxes")
     labels, _ = list_array([r.labels for r in records], np.int64, 1, "labels")
     return pa.table({
@@ -45,11 +44,9 @@ def plan_table(epoch: int, batches: list[list[int]], first_index: int = 0) -> pa
 
 
 class PlanSource(Datasource):
-    """The rest of the run's plan as a lazy Ray Data source: one read task per epoch, which draws that epoch's
-    order and cuts it into batches (`pipeline.loop.plan_epoch`) only when the stream reaches it. The driver holds
-    the per-epoch step budgets (`epoch_budgets`, arithmetic) and nothing per batch, so its memory and start-up time
-    do not grow with the number of epochs or batches. Each source row is one planned batch (epoch, batch_index,
-    dataset indices); a streaming repartition makes it one block."""
+    """The rest of the run's plan as a lazy Ray Data source (see the module docstring): the driver's memory and
+    start-up time do not grow with the number of epochs or batches. A streaming repartition makes each source row
+    (one planned batch) one block."""
 
     def __init__(self, cfg: RunConfig, image_ids: list[int], start, remaining_steps: int,
                  wide: Optional[Sequence[bool]] = None):
@@ -74,12 +71,10 @@ class PlanSource(Datasource):
     def get_read_tasks(self, parallelism: int, **kwargs) -> list:
         tasks = []
         for epoch, steps, _ in self.budgets:
-            ids, trained = (range(self.num_images), [])
-            if self.resumed and self.resumed[0] == epoch:
-                ids, trained = self.resumed[1:]
+            resumed = self.resumed and self.resumed[0] == epoch
+            ids, trained = self.resumed[1:] if resumed else (range(self.num_images), [])
             read = functools.partial(epoch_rows, self.cfg, epoch, steps, ids, trained, self.wide)
-            tasks.append(ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None,
-                                                      exec_stats=None)))
+            tasks.append(ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None)))
         return tasks
 
 

@@ -11,21 +11,32 @@ Every worker runs the one loop (`pipeline.loop.train_loop`) with its engine's ba
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import time
 from typing import Optional
 
+import ray
+import torch
+import torch.distributed as dist
+
 from pipeline import ray_env
+from pipeline.coco import load_coco
 from pipeline.errors import RunLost
-from pipeline.local import StopRequested, prepare_run
+from pipeline.local import NetworkStepper, absolute_paths, planned_batches, prepare_run
 from pipeline.follow import FollowBar
-from pipeline.loop import Collective, Start, read_start, train_loop
+from pipeline.loop import Collective, Start, epoch_budgets, read_start, train_loop
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from schemas.rundir import RunDir
 from schemas.storage import Location
+from trainer.checkpoint import load_checkpoint
+from trainer.colad import SideEngine, side_state
+from trainer.engine import Engine
+from trainer.network import trainable
+from trainer.worker import StreamSpec
 
 
 # ------------------------------------------------------------------------------------------------ the workers
@@ -35,8 +46,6 @@ def lost_peer(error: BaseException) -> bool:
     DistBackendError), or Ray Train, having seen it go, already tore this rank's process group down beneath the
     loop ("Default process group has not been initialized": seen under load in CI): the group is lost, which the
     driver recovers, not a bug of ours."""
-    import torch.distributed as dist
-
     return isinstance(error, (dist.DistNetworkError, dist.DistBackendError)) or any(
         sign in str(error) for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                                         "Default process group has not been initialized"))
@@ -46,7 +55,6 @@ def worker_loop(config: dict) -> None:
     """One Ray Train worker of group 'stream', 'inline', 'a' or 'b'. Errors of ours reach the hub first (the
     driver must not retry them); a lost process, or a survivor's collective failing because of it, does not, and
     the driver resumes the run."""
-    import ray
     import ray.train
 
     ctx = ray.train.get_context()
@@ -60,21 +68,13 @@ def worker_loop(config: dict) -> None:
         if lost_peer(e) or isinstance(e, CoordinatorAborted):  # the other group was lost (or failed first)
             raise
         msg = f"{'side ' + group if group in ('a', 'b') else group} rank {rank}: {type(e).__name__}: {e}"
-        try:
+        with contextlib.suppress(Exception):  # the hub is gone too: the driver reports the worker's error
             ray.get(hub.abort.remote(msg), timeout=30)
-        except Exception:  # the hub is gone too: the driver reports the worker's error
-            pass
         raise
 
 
 def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
-    import ray
     import ray.train
-    import torch
-
-    from pipeline.coco import load_coco
-    from pipeline.local import NetworkStepper, planned_batches
-    from trainer.engine import Engine
 
     cfg = RunConfig.model_validate(config["cfg"])
     if cfg.train.threads:
@@ -84,10 +84,7 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
     start = Start(**config["start"])
     total, collective = config["total_steps"], Collective(rank, world)
     val = load_coco(cfg.data.val, cfg.data.val_root) if cfg.data.val else None  # each rank predicts a shard
-    checkpoint = None
-    if start.resumed:
-        from trainer.checkpoint import load_checkpoint
-        checkpoint = load_checkpoint(run.last)
+    checkpoint = load_checkpoint(run.last) if start.resumed else None
     if group in ("stream", "inline"):  # batches read, decoded and (but for inline) assigned by Ray Data
         from pipeline.split import CoordinatorControl
         from pipeline.stream import StreamStepper, stream_batches
@@ -103,8 +100,6 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
         batches = stream_batches(ray.train.get_dataset_shard("train"), cfg, device)
     else:  # split: both groups must see the same images in the same order, so each follows the plan itself
         from pipeline.split import SplitStepper
-        from trainer.colad import SideEngine, side_state
-        from trainer.network import trainable
 
         batches = planned_batches(cfg, load_coco(cfg.data.train, cfg.data.image_root), start, total, rank, world)
         engine = SideEngine(cfg, group, device, total)
@@ -162,8 +157,6 @@ def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
     """Both groups at once, each TorchTrainer driven from a zero-CPU task; the first failure closes the other side's
     rendezvous at the coordinator, so it fails at once instead of waiting out the exchange timeout. A lost group is
     not the run's error (the driver resumes both); an error of ours reached the coordinator first."""
-    import ray
-
     task = ray.remote(num_cpus=0, max_retries=0)(fit_group)
     refs = {task.remote(cfg.to_dict(), side, loop_config): side for side in ("a", "b")}
     pending, first_error = list(refs), None
@@ -184,8 +177,6 @@ def _fit_split(cfg: RunConfig, loop_config: dict, coordinator) -> None:
 def new_hub(cfg: RunConfig, start: Start):
     """The run's hub actor: the co-learning coordinator (from the checkpoint's policy, step and best when there
     is one), or the stream's monitor."""
-    import ray
-
     if mode_spec(cfg.mode).co_learning:
         from pipeline.colearn import get_or_create
 
@@ -209,16 +200,13 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
     every step of every worker and every batch assigned (`pipeline.loop.train_loop`), e.g. a test's tracer."""
     # Ray Train gives a worker group 60 s to start; a loaded small machine can need more (propagated to Train).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    store = None
     if cfg.pipeline.assignment_store:  # a store made for other labels is refused before the run directory is made
         from pipeline.assignment_store import open_store
-        from pipeline.local import absolute_paths
-        from trainer.worker import StreamSpec
 
         open_store(absolute_paths(cfg), StreamSpec.of(cfg).anchor_hash, create=False)
     with prepare_run(cfg, workers=cfg.pipeline.num_workers) as (cfg, data, run, steps):
-        if cfg.pipeline.assignment_store:  # the teacher and data are valid: a new store's manifest may be written
-            store = open_store(cfg, StreamSpec.of(cfg).anchor_hash)
+        # the teacher and data are valid: a new store's manifest may be written
+        store = open_store(cfg, StreamSpec.of(cfg).anchor_hash) if cfg.pipeline.assignment_store else None
         return _drive(cfg, data, run, steps, resume=resume, progress=progress, observers=observers, verbose=verbose,
                       store=store)
 
@@ -226,12 +214,12 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
 def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progress: bool, observers: tuple,
            verbose: bool = False, store: Optional[dict] = None) -> dict:
     """`train` once its run is prepared (and its directory held): the hub, the worker group(s), the recoveries."""
-    import ray
     import ray.train
 
     colad = mode_spec(cfg.mode).co_learning
     split = colad and cfg.colearn.mode == "split"
     records = data.train.records
+    ids = [r.image_id for r in records]
     start = read_start(run, resume)
     start.checkpoint = None  # each worker reads last.pt itself
     if start.step >= steps:  # a finished run resumed: nothing left to train
@@ -240,17 +228,16 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
     pool = (cfg.pipeline.assigners,) * 3  # (min, initial, max) teacher actors; a store shrinks it to its misses
     if store is not None:
         from pipeline.assignment_store import epoch_misses, pool_sizes
-        from pipeline.loop import epoch_budgets
 
-        ids = [r.image_id for r in records]
         epochs = [e for e, _, _ in epoch_budgets(cfg, ids, start.epoch, start.trained_ids, steps - start.step,
                                                  cfg.pipeline.num_workers)]
         pool = pool_sizes(cfg.pipeline.assigners, epoch_misses(cfg, store, ids, epochs), len(ids))
-    stop, hub, started, follow = StopRequested(), None, False, None
+    stopped, hub, started, follow = False, None, False, None
     previous_handler, installed = None, False
 
     def on_term(*_):  # the workers poll the hub: they checkpoint and leave with state "stopped"
-        stop.flag = True
+        nonlocal stopped
+        stopped = True
         if hub is not None:
             hub.request_stop.remote()
 
@@ -262,16 +249,15 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
         started = ray_env.connect(cfg, verbose=verbose)
         budget = ray_env.budget(cfg, groups=groups, stream=not split, teacher_pool=pool[2] > 0)
         hub = new_hub(cfg, start)
-        try:  # after ray.init, which installs its own SIGTERM handler in the driver
+        # after ray.init, which installs its own SIGTERM handler; off the main thread, whoever runs us handles them
+        with contextlib.suppress(ValueError):
             previous_handler, installed = signal.signal(signal.SIGTERM, on_term), True
-        except ValueError:  # not the main thread: whoever runs us handles signals
-            pass
         failures, records_ref = 0, None
         run.set_progress("running", start.step, steps, start.epoch)  # "recovering" below until a step is logged
         if progress and not verbose:  # the workers' output stays in Ray's logs; the driver shows the bar
-            follow = FollowBar(run, steps, start.step, f"{cfg.mode} {cfg.name}").__enter__()
+            follow = FollowBar(run, steps, start.step, f"{cfg.mode} {cfg.name}")
         while True:
-            if stop.flag:
+            if stopped:
                 run.set_progress("stopped", start.step, steps, start.epoch)
                 return {}
             loop_config = dict(cfg=cfg.to_dict(), hub=hub, total_steps=steps, num_images=len(records),
@@ -287,8 +273,7 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                     options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
                     if records_ref is None:
                         records_ref = ray.put(records_table(records))
-                    source = PlanSource(cfg, [r.image_id for r in records], start, steps - start.step,
-                                        [r.width >= r.height for r in records])
+                    source = PlanSource(cfg, ids, start, steps - start.step, [r.width >= r.height for r in records])
                     if not colad:
                         ray.get(hub.set_plan.remote(source.offsets))
                     ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, store, pool)
@@ -308,14 +293,13 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                     what = "a training worker"
                 else:  # not a lost process
                     raise
-                if stop.flag:
+                if stopped:
                     raise
-                if failures >= cfg.pipeline.max_failures:
-                    raise RunLost(f"{what} was lost ({type(e).__name__}) after {failures} recoveries "
-                                  f"(pipeline.max_failures); {run.last} is whole: run the same command again to "
-                                  "resume from it") from None
-                failures += 1
                 reason = f"{what} was lost ({type(e).__name__})"
+                if failures >= cfg.pipeline.max_failures:
+                    raise RunLost(f"{reason} after {failures} recoveries (pipeline.max_failures); {run.last} is "
+                                  "whole: run the same command again to resume from it") from None
+                failures += 1
                 warning = (f"warning: {reason}; resuming from {run.last} "
                            f"(recovery {failures} of {cfg.pipeline.max_failures})")
                 follow.write(warning) if follow else print(warning, file=sys.stderr)
@@ -332,8 +316,7 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
         if result.get("state") not in ("succeeded", "stopped"):
             raise RuntimeError(f"training failed: {result.get('error', 'no result from the workers')}")
         if colad:
-            summary = ray.get(hub.summary.remote())
-            run.write_json("colearn.json", summary)
+            run.write_json("colearn.json", ray.get(hub.summary.remote()))
         run.set_progress(result["state"], result["step"], steps, result["epoch"])
         return result.get("eval", {})
     except BaseException as e:
@@ -341,7 +324,7 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
         raise
     finally:
         if follow is not None:
-            follow.__exit__(None, None, None)
+            follow.close()
         if installed:  # None: the previous handler was not Python's (Ray's, from C): back to the default
             signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
         if hub is not None and ray.is_initialized():

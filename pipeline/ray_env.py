@@ -86,11 +86,8 @@ def shutdown(started: bool) -> None:
 
 @dataclass(frozen=True)
 class Budget:
-    """What the run asks of the cluster, checked against what the cluster has."""
-    cluster_cpus: float
-    cluster_gpus: float
+    """What the Train workers hold, and what is left to Ray Data (`configure_data_context`)."""
     train_cpus: float
-    train_gpus: float
     data_cpus: float
     data_gpus: float
 
@@ -120,8 +117,7 @@ def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True
     p = cfg.pipeline
     res = ray.cluster_resources() if resources is None else resources
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    train_cpus = sum(p.num_workers * worker_resources(cfg, g)[0] for g in groups)
-    train_gpus = sum(p.num_workers * worker_resources(cfg, g)[1] for g in groups)
+    train_cpus, train_gpus = (sum(p.num_workers * worker_resources(cfg, g)[k] for g in groups) for k in (0, 1))
     assigners = p.assigners if stream and teacher_pool and mode_spec(cfg.mode).needs_teacher else 0
     pool_cpus, pool_gpus = assigners * p.cpus_per_assigner, assigners * p.gpus_per_assigner
     read_cpus = p.cpus_per_read_task if stream else 0.0
@@ -139,14 +135,13 @@ def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True
                         f"{gpus:g}; set pipeline.gpus_per_worker / gpus_per_assigner{side_b} to 0 (CPU) or fewer")
     if problems:
         raise PipelineResourceError("the pipeline does not fit the Ray cluster: " + "; ".join(problems))
-    return Budget(cpus, gpus, train_cpus, train_gpus, cpus - train_cpus, gpus - train_gpus)
+    return Budget(train_cpus, cpus - train_cpus, gpus - train_gpus)
 
 
 def configure_data_context(cfg: RunConfig, b: Budget):
-    """Ray Data settings of the stream: ordered output, the CPU/GPU budget left by the Train workers, a bounded
-    object-store share, a teacher pool that grows once all its actors are busy (each takes one batch at a time, so
-    Ray's default threshold, 1.75 tasks per actor, is never reached). Returns the ExecutionOptions the Train ingest
-    must use (Train copies them per shard)."""
+    """Ray Data settings of the stream: ordered output, the CPU/GPU budget left by the Train workers, a teacher pool
+    that grows once all its actors are busy (each takes one batch at a time, so Ray's default threshold, 1.75 tasks
+    per actor, is never reached). Returns the ExecutionOptions the Train ingest must use (copied per shard)."""
     import dataclasses
 
     from ray.data import DataContext, ExecutionOptions, ExecutionResources
@@ -214,12 +209,10 @@ class StreamMonitor:
             self.consumed.discard(self.low)
             self.low += 1
 
-    def backlog(self) -> int:
-        """Batches admitted and not yet trained on: the stream's queue depth (in the making, queued, prefetched)."""
-        return len(self.pending)
-
     def backlog_stats(self) -> dict:
-        return {"backlog": self.backlog(), "peak_backlog": self.peak_backlog}
+        """backlog: batches admitted and not yet trained on, the stream's queue depth (in the making, queued,
+        prefetched)."""
+        return {"backlog": len(self.pending), "peak_backlog": self.peak_backlog}
 
     def request_stop(self) -> None:
         self.stop = True

@@ -51,12 +51,9 @@ def main_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = run(cfg, progress=not args.quiet, resume=not args.no_resume, verbose=args.verbose)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, RunLost) as e:  # one line; a lost run (exit 1) resumes when run again
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunLost as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, RunLost) else 2
     print_summary(cfg, result)
     return 0
 

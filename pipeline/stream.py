@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import queue
+import threading
 import time
 from typing import Any, Iterator, Optional
 
@@ -28,10 +30,12 @@ from pipeline.assigner import (StreamSpec, TeacherAssigner, decode_threads, load
 from pipeline.local import Evaluating, data_parallel
 from pipeline.loop import Batch, Collective, Stepped, Stepper
 from pipeline.plan_source import PlanSource, one_block_per_batch
+from pipeline.transforms import idle_canvas
 from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from schemas.rundir import RunDir
+from trainer.worker import decode_stream_batch, null_batch, split_batches
 
 
 def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any = None, observers: tuple = (),
@@ -103,8 +107,6 @@ def data_config(execution_options):
 def stream_batches(shard, cfg: RunConfig, device) -> Iterator[Batch]:
     """This worker's share of the stream, its images decoded (one background thread, a batch or two ahead, so
     the step does not wait for the decode) onto its device."""
-    from trainer.worker import decode_stream_batch, split_batches
-
     spec, mode = StreamSpec.of(cfg), mode_spec(cfg.mode)
     load_pixels = functools.partial(load_row_pixels, input_size=spec.input_size,
                                     pool=decode_threads(cfg.pipeline.cpus_per_worker))
@@ -125,9 +127,6 @@ def stream_batches(shard, cfg: RunConfig, device) -> Iterator[Batch]:
 def in_background(iterator: Iterator, depth: int) -> Iterator:
     """Run `iterator` in a daemon thread, at most `depth` items ahead; its exceptions surface here, in order.
     (PIL's decode and resize and torch's copies release the GIL, so the thread overlaps the step.)"""
-    import queue
-    import threading
-
     items: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
@@ -154,14 +153,9 @@ class StreamStepper(Evaluating, Stepper):
 
     def __init__(self, cfg: RunConfig, run: RunDir, engine, device, val, monitor: Any,
                  collective: Collective = Collective()):
-        from trainer.worker import null_batch
-
         self.cfg, self.run, self.engine, self.device, self.val = cfg, run, engine, device, val
-        self.monitor, self.rank = monitor, collective.rank
-        self.mode = mode_spec(cfg.mode)
+        self.monitor, self.mode = monitor, mode_spec(cfg.mode)
         self.hook = data_parallel(engine, device, collective.world, modules=("forward_a",))
-        from pipeline.transforms import idle_canvas
-
         spec, canvas = StreamSpec.of(cfg), idle_canvas(cfg.data.input_size)
         self.idle = null_batch(canvas, spec.num_anchors(canvas), spec.num_classes, device,
                                hard=self.mode.teacher_hard, soft=self.mode.soft)

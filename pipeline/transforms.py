@@ -38,10 +38,8 @@ class AugParams(NamedTuple):
 
 
 def _long_short(input_size: InputSize) -> tuple[int, int]:
-    if isinstance(input_size, (int, np.integer)):
-        return int(input_size), int(input_size)
-    long, short = (int(v) for v in input_size)
-    return long, short
+    long, short = (input_size, input_size) if isinstance(input_size, (int, np.integer)) else input_size
+    return int(long), int(short)
 
 
 def aug_params(width: int, height: int, input_size: InputSize, flip: bool) -> AugParams:
@@ -60,9 +58,8 @@ def canvas_shape(sizes: Sequence[tuple[int, int]], input_size: InputSize) -> tup
         return int(input_size), int(input_size)
     if not sizes:
         raise ValueError("canvas_shape: a batch needs at least one image")
-    height = max(h for h, _ in sizes)
-    width = max(w for _, w in sizes)
-    return (math.ceil(height / PAD_DIVISOR) * PAD_DIVISOR, math.ceil(width / PAD_DIVISOR) * PAD_DIVISOR)
+    height, width = (math.ceil(max(side) / PAD_DIVISOR) * PAD_DIVISOR for side in zip(*sizes))
+    return height, width
 
 
 def idle_canvas(input_size: InputSize) -> tuple[int, int]:
@@ -84,14 +81,9 @@ def aug_params_for(image_id: int, epoch: int, seed: int, flip_prob: float) -> bo
     return bool(np.random.default_rng([seed, epoch, image_id]).random() < flip_prob)
 
 
-def _copy(boxes):
-    """A copy of numpy or torch boxes (torch tensors have .clone, not .copy)."""
-    return boxes.copy() if hasattr(boxes, "copy") else boxes.clone()
-
-
 def flip_boxes(boxes, width: float):
     """Mirror xyxy boxes in a frame `width` pixels wide: x1' = width - x2, x2' = width - x1."""
-    out = _copy(boxes)
+    out = boxes.copy() if hasattr(boxes, "copy") else boxes.clone()  # numpy or torch (.clone, not .copy)
     out[..., 0] = width - boxes[..., 2]
     out[..., 2] = width - boxes[..., 0]
     return out
@@ -99,7 +91,7 @@ def flip_boxes(boxes, width: float):
 
 def boxes_to_resized(boxes, params: AugParams):
     """Original-image xyxy boxes -> the letterboxed frame (scaled, clipped to the resized image, flipped)."""
-    out = _copy(boxes) * params.scale
+    out = boxes * params.scale
     out[..., 0::2] = out[..., 0::2].clip(0, params.resized_w)
     out[..., 1::2] = out[..., 1::2].clip(0, params.resized_h)
     return flip_boxes(out, params.resized_w) if params.flip else out
@@ -107,8 +99,7 @@ def boxes_to_resized(boxes, params: AugParams):
 
 def boxes_to_original(boxes, scale: float, flip: bool, resized_w: int):
     """Letterboxed-frame xyxy boxes (e.g. predictions) -> original image pixels: unflip, then unscale."""
-    out = flip_boxes(boxes, resized_w) if flip else _copy(boxes)
-    return out / scale
+    return (flip_boxes(boxes, resized_w) if flip else boxes) / scale
 
 
 def resize_image(image: np.ndarray, input_size: InputSize, flip: bool) -> tuple[np.ndarray, AugParams]:

@@ -1,8 +1,7 @@
 """The student worker's side of the assignment stream (pure torch + pyarrow, no Ray): the codec between hard
 labels (`BatchLabels`) and the stream's sparse per-image form (`schemas.assignment`; soft labels have their own,
-`trainer.soft_codec`), decoding a
-streamed training batch into the tensors `Engine.step_on_labels` takes, and the gradient averaging that lets a
-step go on when some data-parallel workers have no batch left.
+`trainer.soft_codec`), decoding a streamed training batch into the tensors `Engine.step_on_labels` takes, and the
+gradient averaging that lets a step go on when some data-parallel workers have no batch left.
 
 Copies: the Arrow buffers are read through zero-copy numpy views (`schemas.assignment.decode_table_rows`);
 images (sent as pixels, or as encoded files that the caller's `load_pixels` decodes) are copied once into the
@@ -20,8 +19,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from schemas.assignment import (BATCH_COLUMN, EPOCH_COLUMN, AssignmentRow, anchor_hash, batch_canvas, check_bounds,
-                                decode_table_rows)
+from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN, anchor_hash, batch_canvas, check_bounds, decode_table_rows
 from schemas.config import PAD_DIVISOR, RunConfig
 from schemas.modes import mode_spec
 from trainer.anchors import feature_sizes_for, make_anchors
@@ -32,15 +30,6 @@ from trainer.soft_codec import decode_soft
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
-def _tensor(array: np.ndarray, device) -> Tensor:
-    """A tensor over a (possibly read-only) numpy view: no copy on the CPU, one copy to another device."""
-    return torch.from_numpy(np.asarray(array)).to(device)
-
-
-def _long(array: np.ndarray, device) -> Tensor:
-    return _tensor(array, device).long()
-
-
 # ------------------------------------------------------------------------------------------- sparse <-> dense
 
 def labels_to_sparse(labels: BatchLabels) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -49,10 +38,8 @@ def labels_to_sparse(labels: BatchLabels) -> list[tuple[np.ndarray, np.ndarray, 
     out = []
     for i in range(pos.shape[0]):
         anchor = pos[i].nonzero().flatten()
-        gt = labels.gt_index[i, anchor]
-        ignore = labels.ignore[i].nonzero().flatten()
-        out.append((anchor.to(torch.int32).cpu().numpy(), gt.to(torch.int32).cpu().numpy(),
-                    ignore.to(torch.int32).cpu().numpy()))
+        parts = (anchor, labels.gt_index[i, anchor], labels.ignore[i].nonzero().flatten())
+        out.append(tuple(t.to(torch.int32).cpu().numpy() for t in parts))
     return out
 
 
@@ -65,12 +52,12 @@ def sparse_to_labels(pos_anchor: list, pos_gt: list, ignore_anchor: list, gt_lab
     gt_index = torch.full((b, num_anchors), -1, dtype=torch.long, device=device)
     ignore = torch.zeros((b, num_anchors), dtype=torch.bool, device=device)
     for i in range(b):
-        anchor = _long(pos_anchor[i], device)
+        anchor = torch.as_tensor(pos_anchor[i], device=device).long()
         if anchor.numel():
-            gt = _long(pos_gt[i], device)
+            gt = torch.as_tensor(pos_gt[i], device=device).long()
             gt_index[i, anchor] = gt
             labels[i, anchor] = gt_labels[i].to(device=device, dtype=torch.long)[gt]
-        ign = _long(ignore_anchor[i], device)
+        ign = torch.as_tensor(ignore_anchor[i], device=device).long()
         if ign.numel():
             ignore[i, ign] = True
     return BatchLabels(labels, gt_index, ignore)
@@ -96,20 +83,15 @@ class StreamSpec:
 
     def anchors(self, canvas: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
         """The [A, 4] anchors of a batch padded to `canvas` (H, W)."""
-        strides = list(self.strides)
-        return make_anchors(feature_sizes_for(tuple(canvas), strides), strides, self.octave_base_scale, device)[0]
+        return make_anchors(self.level_sizes(canvas), list(self.strides), self.octave_base_scale, device)[0]
 
     def level_sizes(self, canvas: Sequence[int]) -> list[tuple[int, int]]:
         """Each pyramid level's (H, W) for a batch padded to `canvas` (H, W)."""
         return feature_sizes_for(tuple(canvas), list(self.strides))
 
-    def level_counts(self, canvas: Sequence[int]) -> list[int]:
-        """Anchors per pyramid level of a batch padded to `canvas` (H, W)."""
-        return [h * w for h, w in self.level_sizes(canvas)]
-
     def num_anchors(self, canvas: Sequence[int]) -> int:
         """Anchors of a batch padded to `canvas` (H, W)."""
-        return sum(self.level_counts(canvas))
+        return sum(h * w for h, w in self.level_sizes(canvas))
 
 
 @dataclass
@@ -154,17 +136,8 @@ def images_tensor(pixels: list[np.ndarray], canvas: Sequence[int], device: torch
         h, w = image.shape[:2]
         if h > height or w > width:
             raise ValueError(f"image {i} of the batch is {h}x{w}, larger than the batch's canvas {height}x{width}")
-        out[i, :, :h, :w] = _tensor(image, device).permute(2, 0, 1)
+        out[i, :, :h, :w] = torch.as_tensor(image, device=device).permute(2, 0, 1)
     return out
-
-
-def row_pixels(rows: list[AssignmentRow], load_pixels: Optional[Callable] = None) -> list[np.ndarray]:
-    """The rows' images as HWC uint8: sent as pixels, or decoded from their files by `load_pixels(rows)`."""
-    if all(r.image is not None for r in rows):
-        return [r.image for r in rows]
-    if load_pixels is None:
-        raise ValueError("the stream carries encoded image files but no decoder was given (load_pixels)")
-    return load_pixels(rows)
 
 
 def decode_stream_batch(table: pa.Table, spec: StreamSpec, device: torch.device, *, hard: bool, soft: bool,
@@ -184,9 +157,15 @@ def decode_stream_batch(table: pa.Table, spec: StreamSpec, device: torch.device,
         raise ValueError(f"a training batch must come from one (epoch, batch_index), got {epochs} x {batches}")
     if soft and not rows[0].has_soft:
         raise ValueError("mode needs soft labels but the stream has none (assigner built for another mode?)")
-    images = images_tensor(row_pixels(rows, load_pixels), canvas, device)
-    gt_boxes = [_tensor(r.gt_boxes, device).reshape(-1, 4) for r in rows]
-    gt_labels = [_tensor(r.gt_labels, device).long() for r in rows]
+    if all(r.image is not None for r in rows):   # sent as pixels
+        pixels = [r.image for r in rows]
+    elif load_pixels is None:
+        raise ValueError("the stream carries encoded image files but no decoder was given (load_pixels)")
+    else:
+        pixels = load_pixels(rows)
+    images = images_tensor(pixels, canvas, device)
+    gt_boxes = [torch.as_tensor(r.gt_boxes, device=device).reshape(-1, 4) for r in rows]
+    gt_labels = [torch.as_tensor(r.gt_labels, device=device).long() for r in rows]
     labels = sparse_to_labels([r.pos_anchor for r in rows], [r.pos_gt for r in rows],
                               [r.ignore_anchor for r in rows], gt_labels, num_anchors, num_classes,
                               device) if hard else None
@@ -216,10 +195,9 @@ def null_batch(canvas: Sequence[int], num_anchors: int, num_classes: int, device
                soft: bool) -> NullBatch:
     images = torch.zeros((1, 3, canvas[0], canvas[1]), dtype=torch.uint8, device=device)
     boxes = [torch.zeros((0, 4), dtype=torch.float32, device=device)]
-    labels = BatchLabels(torch.full((1, num_anchors), num_classes, dtype=torch.long, device=device),
-                         torch.full((1, num_anchors), -1, dtype=torch.long, device=device),
-                         torch.zeros((1, num_anchors), dtype=torch.bool, device=device)) if hard else None
     empty = torch.zeros(0, dtype=torch.long, device=device)
+    none = np.zeros(0, np.int32)  # an image without positives or ignores
+    labels = sparse_to_labels([none], [none], [none], [empty], num_anchors, num_classes, device) if hard else None
     targets = SoftTargets(torch.zeros((1, num_anchors, num_classes), device=device), empty, empty,
                           torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
                           torch.zeros(0, device=device)) if soft else None
@@ -254,9 +232,4 @@ def active_mean_hook(state: ActiveMean, bucket):
     if not state.active:
         buf.zero_()
     num_active = state.num_active
-    fut = dist.all_reduce(buf, async_op=True).get_future()
-
-    def divide(f):
-        return f.value()[0].div_(num_active)
-
-    return fut.then(divide)
+    return dist.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0].div_(num_active))
