@@ -107,6 +107,24 @@ def test_checkpoint_states_convert_both_ways():
     assert split_b.step_count == 2
 
 
+def test_each_split_side_keeps_its_loss_scale_through_a_checkpoint():
+    # fp16's loss scaler exists on CUDA only; a CPU GradScaler holds the same state, which is what is checked here
+    cfg = _cfg()
+    a, b = SideEngine(cfg, "a"), SideEngine(cfg, "b")
+    a.precision.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    b.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2048.0)
+    merged = merge_states(a.state(), b.state())
+    assert merged["scaler"]["scale"] == 1024.0 and merged["scaler_b"]["scale"] == 2048.0
+    for side, scale in (("a", 1024.0), ("b", 2048.0)):
+        resumed = SideEngine(cfg, side)
+        resumed.precision.scaler = torch.amp.GradScaler("cpu")
+        resumed.load_state(side_state(merged, side, len(list(resumed.model.parameters()))))
+        assert resumed.precision.scaler.get_scale() == scale, side
+    # an in-process checkpoint has one scaler: both sides resume from it
+    one = {k: v for k, v in merged.items() if k != "scaler_b"}
+    assert side_state(one, "b", len(list(b.model.parameters())))["scaler"]["scale"] == 1024.0
+
+
 def test_role_counts_by_level_and_size():
     eng = Engine(_cfg(colearn={"policy": "pin-b"}))
     m = eng.step(*_batch()).metrics

@@ -183,8 +183,10 @@ class SideEngine:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def state(self) -> dict:
+        scaler = self.precision.scaler  # fp16: this side's loss scale, so a resumed side skips no extra steps
         return {"models": {self.side: self.model.state_dict()}, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step_count}
+                "scheduler": self.scheduler.state_dict(), "step": self.step_count,
+                **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
 
     def load_state(self, state: dict) -> None:
         """`state`: a side state (`state()`, or `side_state` of a full checkpoint)."""
@@ -192,6 +194,8 @@ class SideEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+        if state.get("scaler") and self.precision.scaler.is_enabled():
+            self.precision.scaler.load_state_dict(state["scaler"])
 
 
 def params_with_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -303,9 +307,10 @@ def merge_states(state_a: dict, state_b: dict) -> dict:
     group = {**oa["param_groups"][0], "params": list(range(na + len(ob["param_groups"][0]["params"])))}
     state = dict(oa["state"])
     state.update({na + int(k): v for k, v in ob["state"].items()})
+    scalers = {k: s["scaler"] for k, s in (("scaler", state_a), ("scaler_b", state_b)) if "scaler" in s}
     return {"models": {"a": state_a["models"]["a"], "b": state_b["models"]["b"]},
             "optimizer": {"state": state, "param_groups": [group]}, "scheduler": state_a["scheduler"],
-            "step": int(state_a["step"])}
+            "step": int(state_a["step"]), **scalers}  # `scaler` is A's, the one an in-process resume takes
 
 
 def side_state(ckpt: dict, side: str, num_params: int) -> dict:
@@ -318,6 +323,7 @@ def side_state(ckpt: dict, side: str, num_params: int) -> dict:
     offset = mine[0] if mine else 0
     keep = set(mine)
     state = {int(k) - offset: v for k, v in opt["state"].items() if int(k) in keep}
+    scaler = ckpt.get("scaler_b") if side == "b" and "scaler_b" in ckpt else ckpt.get("scaler")  # in-process: one
     return {"models": {side: ckpt["models"][side]},
             "optimizer": {"state": state, "param_groups": [{**group, "params": list(range(len(mine)))}]},
-            "scheduler": ckpt["scheduler"], "step": int(ckpt["step"])}
+            "scheduler": ckpt["scheduler"], "step": int(ckpt["step"]), **({"scaler": scaler} if scaler else {})}
