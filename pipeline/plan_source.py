@@ -50,6 +50,7 @@ class PlanSource(Datasource):
 
     def __init__(self, cfg: RunConfig, image_ids: list[int], start, remaining_steps: int,
                  wide: Optional[Sequence[bool]] = None):
+        super().__init__()  # Ray Data's own state (its predicate-pushdown mixin), as every Datasource needs
         self.cfg, self.num_images = cfg, len(image_ids)
         # per image, whether it is landscape (`plan_epoch` groups batches by it): one byte an image
         self.wide = None if wide is None else np.asarray(wide, bool)

@@ -102,6 +102,7 @@ def test_in_process_and_streamed_plans_are_the_same_batches():
     source = PlanSource(cfg, ids, start, remaining, wide)
     streamed = [b for task in source.get_read_tasks(1) for table in task() for b in table.column("index").to_pylist()]
     assert streamed == in_process and len(in_process) == remaining
+    assert source.get_current_predicate() is None  # a whole Ray Datasource: its optimizer may ask
     assert sum(len({wide[i] for i in b}) > 1 for b in in_process[:10]) <= 2   # the resumed epoch is grouped too
     with pytest.raises(ValueError, match="need each image's orientation"):
         list(plan_run(cfg, ids, 0, [], remaining, 1))
