@@ -61,6 +61,11 @@ class LoadReport:
     negatives: int = 0  # images with no training box
     renumbered_annotation_ids: bool = False
 
+    @property
+    def repaired(self) -> bool:
+        return bool(self.clipped or self.dropped_outside or self.dropped_degenerate or self.crowd
+                    or self.renumbered_annotation_ids)
+
     def summary(self) -> str:
         lines = [f"{self.file}: {self.images} images ({self.negatives} without objects), "
                  f"{self.annotations} annotations -> {self.boxes} training boxes"]

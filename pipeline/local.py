@@ -43,6 +43,9 @@ class Datasets:
 def load_datasets(cfg: RunConfig) -> Datasets:
     train = load_coco(cfg.data.train, cfg.data.image_root)
     val = load_coco(cfg.data.val, cfg.data.val_root) if cfg.data.val else None
+    for data in (train, val):  # what loading repaired is said before the run, never silently
+        if data is not None and data.report.repaired:
+            print(f"note: {data.report.summary()}", file=sys.stderr)
     n = len(train.categories)
     if n != cfg.model.num_classes:
         raise ConfigError(f"{cfg.data.train}: has {n} categories but model.num_classes is "
