@@ -43,9 +43,6 @@ class Datasets:
 def load_datasets(cfg: RunConfig) -> Datasets:
     train = load_coco(cfg.data.train, cfg.data.image_root)
     val = load_coco(cfg.data.val, cfg.data.val_root) if cfg.data.val else None
-    for data in (train, val):  # what loading repaired is said before the run, never silently
-        if data is not None and data.report.repaired:
-            print(f"note: {data.report.summary()}", file=sys.stderr)
     n = len(train.categories)
     if n != cfg.model.num_classes:
         raise ConfigError(f"{cfg.data.train}: has {n} categories but model.num_classes is "
@@ -85,6 +82,9 @@ def prepare_run(cfg: RunConfig, workers: int = 1) -> Iterator[tuple[RunConfig, D
     try:
         run.create(cfg)
         run.write_categories(data.train.categories)  # every checkpoint of the run carries them
+        for loaded in (data.train, data.val):  # what loading repaired, never silently; after every check, so an
+            if loaded is not None and loaded.report.repaired:  # error is still the one line
+                print(f"note: {loaded.report.summary()}", file=sys.stderr)
         yield cfg, data, run, total_steps(cfg, len(data.train.records), workers)
     finally:
         run.release()

@@ -189,14 +189,20 @@ def test_clipping_dropping_and_crowd_are_counted(tmp_path):
 
 
 def test_a_run_says_what_loading_repaired_and_nothing_when_nothing_was(tmp_path, capsys):
-    from pipeline.local import load_datasets
+    from pipeline.local import prepare_run
+    from schemas.config import ConfigError
     from tests.tiny import tiny_config
 
     data = _base()
     _write(tmp_path, data, "val.json")
     data["annotations"].append({"id": 13, "image_id": 2, "category_id": 3, "bbox": [30, 20, 20, 20], "iscrowd": 0})
     _write(tmp_path, data, "train.json")
-    load_datasets(tiny_config(tmp_path, tmp_path / "runs", mode="paa", model={"num_classes": 2}))
+    with pytest.raises(ConfigError, match="num_classes"):  # an error is still its one line, with no note before it
+        with prepare_run(tiny_config(tmp_path, tmp_path / "runs", mode="paa", model={"num_classes": 3})):
+            pass
+    assert capsys.readouterr().err == ""
+    with prepare_run(tiny_config(tmp_path, tmp_path / "runs", mode="paa", model={"num_classes": 2})):
+        pass
     err = capsys.readouterr().err
     assert err.startswith("note: ") and "train.json" in err and "1 clipped to the image" in err, err
     assert "val.json" not in err  # nothing was repaired there
