@@ -36,7 +36,8 @@ from schemas.policy import RolePolicy
 from trainer.assign import candidate_losses_batch, colad_merge_with_pairs, preassign_batch, select_labels
 from trainer.losses import BatchLabels
 from trainer.model import HeadOutputs
-from trainer.network import AnchorCache, Precision, build_network, detection_loss_for, make_optimizer
+from trainer.network import (AnchorCache, Precision, build_network, detection_loss_for, make_optimizer,
+                             params_with_grad)
 from trainer.worker import labels_to_sparse
 
 
@@ -183,10 +184,8 @@ class SideEngine:
 
     # -- state ---------------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        scaler = self.precision.scaler  # fp16: this side's loss scale, so a resumed side skips no extra steps
         return {"models": {self.side: self.model.state_dict()}, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step_count,
-                **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                "scheduler": self.scheduler.state_dict(), "step": self.step_count, **self.precision.state()}
 
     def load_state(self, state: dict) -> None:
         """`state`: a side state (`state()`, or `side_state` of a full checkpoint)."""
@@ -194,12 +193,7 @@ class SideEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
-        if state.get("scaler") and self.precision.scaler.is_enabled():
-            self.precision.scaler.load_state_dict(state["scaler"])
-
-
-def params_with_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.precision.load_state(state)  # this side's own fp16 loss scale (`merge_states` keeps both)
 
 
 def grad_norms(params: list[Tensor]) -> Tensor:

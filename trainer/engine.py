@@ -20,7 +20,7 @@ from torch import Tensor
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from trainer.assign import candidate_losses_batch, preassign_batch
-from trainer.colad import RolePolicy, candidate_stats, colad_assign, count_metrics, params_with_grad
+from trainer.colad import RolePolicy, candidate_stats, colad_assign, count_metrics
 from trainer.losses import BatchLabels, SoftTargets, soft_label_kd
 from trainer.model import HeadOutputs, PAADetector
 from trainer.network import AnchorCache, Precision, build_network, detection_loss_for, make_optimizer
@@ -196,7 +196,7 @@ class Engine:
 
     def _backward(self, total: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.step(self.optimizer, total, self.cfg.train.grad_clip, lambda: params_with_grad(self.optimizer))
+        self.precision.step(self.optimizer, total, self.cfg.train.grad_clip)
         self.scheduler.step()
         self.step_count += 1
         self._finite &= torch.isfinite(total.detach())
@@ -216,12 +216,9 @@ class Engine:
         return {k: m for k, m in (("a", self.model), ("b", self.model_b)) if m is not None}
 
     def state(self) -> dict:
-        state = {"models": {k: m.state_dict() for k, m in self.networks().items()},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "step": self.step_count, "policy": self.policy.name}
-        if self.precision.scaler.is_enabled():
-            state["scaler"] = self.precision.scaler.state_dict()
-        return state
+        return {"models": {k: m.state_dict() for k, m in self.networks().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step_count, "policy": self.policy.name, **self.precision.state()}
 
     def load_state(self, ckpt: dict) -> None:
         for k, m in self.networks().items():
@@ -229,7 +226,6 @@ class Engine:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step_count = int(ckpt["step"])
-        if ckpt.get("scaler") and self.precision.scaler.is_enabled():
-            self.precision.scaler.load_state_dict(ckpt["scaler"])
+        self.precision.load_state(ckpt)
         if ckpt.get("policy"):
             self.set_policy(ckpt["policy"])

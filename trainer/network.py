@@ -172,11 +172,25 @@ class Precision:
             out = network(images)
         return out.float()
 
-    def step(self, optimizer, total: Tensor, clip: float, params_fn=None) -> None:
+    def step(self, optimizer, total: Tensor, clip: float) -> None:
         """Backward (scaled in fp16), clip the unscaled gradients (`clip` > 0), optimizer step."""
         self.scaler.scale(total).backward()
         if clip:
             self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params_fn(), clip)
+            torch.nn.utils.clip_grad_norm_(params_with_grad(optimizer), clip)
         self.scaler.step(optimizer)
         self.scaler.update()
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of it: the fp16 loss scale, so a resumed run skips no step the uninterrupted
+        one took ({} without a scaler)."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+
+    def load_state(self, state: dict) -> None:
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def params_with_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The optimizer's parameters that have a gradient this step (those a clip and a norm count)."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
