@@ -235,7 +235,7 @@ def pool_throughput(args, root, teacher, coco, pool: int, batches: int) -> dict:
     cfg = bench_config(args, root, "lad", teacher, pipeline={"assigners": pool, "num_workers": 1,
                                                              "cpus_per_assigner": args.cpus_per_assigner,
                                                              "gpus_per_assigner": args.gpus_per_assigner})
-    ray_env.configure_data_context(cfg, ray_env.budget(cfg))
+    ray_env.configure_data_context(ray_env.budget(cfg))
     source = PlanSource(cfg, [r.image_id for r in coco.records], Start(), batches,
                         [r.width >= r.height for r in coco.records])
     times = []

@@ -142,12 +142,12 @@ def _stored_row(im: PlannedImage, s: Optional[Labels]) -> AssignmentRow:
 # ----------------------------------------------------------------------------------------------- data only
 
 def read_batch(plan: pa.Table, *, records, spec: StreamSpec, seed: int, flip_prob: float,
-               monitor: Any = None, store: Optional[tuple[str, dict]] = None) -> pa.Table:
+               monitor: Any = None, store: Optional[str] = None) -> pa.Table:
     """Planned batches -> their encoded files, augmented GT and geometry (modes without a teacher, and LAD from an
-    assignment store that holds every view of the run: `store` is its (path, manifest), and the labels come with
+    assignment store that holds every view of the run: `store` is its path, and the labels come with
     the images). The file's header is checked against the annotation here; the pixels are decoded by the
     student."""
-    labels = stored_labels(*store) if store is not None else None
+    labels = stored_labels(store) if store is not None else None
     out = []
     for item in planned_items(plan, records):
         wait_for_room(monitor, item)
@@ -188,8 +188,8 @@ class TeacherAssigner:
     """A Ray Data callable class (one instance per actor of the pool): the frozen teacher + PAA assignment.
     `observers` (as the loop's) are told of every batch assigned before it is returned: `assigned(epoch, ids)`."""
 
-    def __init__(self, cfg: dict, records, monitor: Any = None, observers: tuple = (), store: Optional[dict] = None):
-        """`store`: the manifest `pipeline.assignment_store.open_store` checked (None: no store)."""
+    def __init__(self, cfg: dict, records, monitor: Any = None, observers: tuple = (), store: bool = False):
+        """`store`: read and fill the run's assignment store (`pipeline.assignment_store.open_store` checked it)."""
         import torch
 
         from trainer.network import AnchorCache
@@ -210,7 +210,7 @@ class TeacherAssigner:
         self.monitor = monitor
         self.observers = observers
         self.decoders = decode_threads(p.cpus_per_assigner)
-        self.store = AssignmentStore(p.assignment_store, store) if store is not None else None
+        self.store = AssignmentStore(p.assignment_store) if store else None
 
     def __call__(self, plan: pa.Table) -> pa.Table:
         parts = []

@@ -110,8 +110,8 @@ class AssignmentStore:
     """One process's view of the store (an assigner actor's): the views read so far, and the new ones it has not
     written yet."""
 
-    def __init__(self, where: str, manifest: dict):
-        self.parts = Location(where) / "parts"  # `manifest` (what `open_store` checked) is not needed to read
+    def __init__(self, where: str):
+        self.parts = Location(where) / "parts"
         self.index: dict[View, Labels] = {}
         self._read: set[str] = set()
         self._new: list[tuple[View, Labels]] = []
@@ -187,7 +187,7 @@ class AssignmentStore:
         self._new = []
 
 
-def epoch_misses(cfg: RunConfig, manifest: dict, image_ids: list[int], epochs: list[int]) -> Optional[list[int]]:
+def epoch_misses(cfg: RunConfig, image_ids: list[int], epochs: list[int]) -> Optional[list[int]]:
     """Per epoch left to train, how many of its views the store lacks, so the teacher must label them (a view that
     two epochs ask for is labelled once, by the first; with a flip in the recipe, the other flip of a miss is
     labelled with it). None for keep-ratio inputs: a view's canvas is known only when its batch is made."""
@@ -196,7 +196,7 @@ def epoch_misses(cfg: RunConfig, manifest: dict, image_ids: list[int], epochs: l
     from pipeline.transforms import aug_params_for
 
     side, twins = cfg.data.input_size, 0 < cfg.data.flip_prob < 1   # a miss's other flip is labelled with it
-    known, misses = set(AssignmentStore(cfg.pipeline.assignment_store, manifest).index), []
+    known, misses = set(AssignmentStore(cfg.pipeline.assignment_store).index), []
     for e in epochs:
         new = {(int(i), aug_params_for(int(i), e, cfg.seed, cfg.data.flip_prob), side, side) for i in image_ids}
         missing = new - known
@@ -219,9 +219,9 @@ def pool_sizes(assigners: int, misses: Optional[list[int]], images: int) -> tupl
 _OPEN: dict = {}
 
 
-def stored_labels(where: str, manifest: dict) -> AssignmentStore:
+def stored_labels(where: str) -> AssignmentStore:
     """The store as read once per process (a read task's worker serves many batches)."""
     if where not in _OPEN:
         _OPEN.clear()
-        _OPEN[where] = AssignmentStore(where, manifest)
+        _OPEN[where] = AssignmentStore(where)
     return _OPEN[where]

@@ -29,7 +29,7 @@ from trainer.colad import count_metrics, zero_counts
 from trainer.engine import Engine, pick_device
 from trainer.network import check_start
 from pipeline.transforms import idle_canvas
-from trainer.worker import ActiveMean, null_batch
+from trainer.worker import ActiveMean, NullBatch, StreamSpec, null_batch
 
 
 # ------------------------------------------------------------------------------------------------ run set-up
@@ -113,6 +113,12 @@ def to_device(batch, device: torch.device):
             [lab.to(device) for lab in batch["labels"]])
 
 
+def idle_batch(cfg: RunConfig, device: torch.device, *, hard: bool, soft: bool) -> NullBatch:
+    """What a rank without a batch steps on, so every DDP rank takes the same steps (the hook discards its gradient)."""
+    spec, canvas = StreamSpec.of(cfg), idle_canvas(cfg.data.input_size)
+    return null_batch(canvas, spec.num_anchors(canvas), spec.num_classes, device, hard=hard, soft=soft)
+
+
 def data_parallel(engine, device: torch.device, world: int, modules=("forward_a", "forward_b")) -> ActiveMean:
     """Wrap the engine's networks in DDP (world > 1) with the gradient mean over the ranks that had a batch."""
     hook = ActiveMean()
@@ -194,6 +200,7 @@ class NetworkStepper(Evaluating, Stepper):
         self.control, self.collective = control, collective
         self.colad = mode_spec(cfg.mode).co_learning
         self.hook = data_parallel(engine, device, collective.world)
+        self.idle = idle_batch(cfg, device, hard=False, soft=False)
 
     def poll(self):
         return self.control.poll()
@@ -207,11 +214,7 @@ class NetworkStepper(Evaluating, Stepper):
 
     def step(self, batch: Optional[Batch], num_active: int, epoch: int) -> Stepped:
         self.hook.set(batch is not None, num_active)
-        if batch is not None:
-            images, boxes, labels = to_device(batch.data, self.device)
-        else:  # an idle rank: a blank image, its gradient discarded by the hook
-            idle = null_batch(idle_canvas(self.cfg.data.input_size), 1, 1, self.device, hard=False, soft=False)
-            images, boxes, labels = idle.images, idle.gt_boxes, idle.gt_labels
+        images, boxes, labels = to_device(batch.data if batch is not None else self.idle, self.device)
         result = self.engine.step(images, boxes, labels)
         record = dict(result.metrics)
         if self.colad:  # the role counts of every rank, summed, give the step's teacher ratios

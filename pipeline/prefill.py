@@ -38,9 +38,9 @@ def fill_store(cfg: RunConfig, *, progress: bool = True, verbose: bool = False) 
     open_store(cfg, spec.anchor_hash, create=False)   # another teacher's store: refused before anything loads
     train = load_coco(cfg.data.train, cfg.data.image_root)
     check_start(cfg, train.categories)
-    manifest = open_store(cfg, spec.anchor_hash)
+    open_store(cfg, spec.anchor_hash)
     side = cfg.data.input_size
-    store = AssignmentStore(cfg.pipeline.assignment_store, manifest)
+    store = AssignmentStore(cfg.pipeline.assignment_store)
     stored = store.index
     flips = (False, True) if cfg.data.flip_prob > 0 else (False,)
     records = train.records
@@ -54,7 +54,7 @@ def fill_store(cfg: RunConfig, *, progress: bool = True, verbose: bool = False) 
         before = len(store.index)
         started = ray_env.connect(cfg, verbose=verbose)
         try:
-            _assign(cfg, records, todo, manifest, progress)
+            _assign(cfg, records, todo, progress)
         finally:
             ray_env.shutdown(started)
         store.refresh()
@@ -63,7 +63,7 @@ def fill_store(cfg: RunConfig, *, progress: bool = True, verbose: bool = False) 
     return result
 
 
-def _assign(cfg: RunConfig, records, todo: list[tuple[int, bool]], manifest: dict, progress: bool) -> None:
+def _assign(cfg: RunConfig, records, todo: list[tuple[int, bool]], progress: bool) -> None:
     import ray
     from tqdm import tqdm
 
@@ -77,13 +77,13 @@ def _assign(cfg: RunConfig, records, todo: list[tuple[int, bool]], manifest: dic
     plan = [{EPOCH_COLUMN: 0, BATCH_COLUMN: b, "index": [i for i, _ in batch], "flip": [f for _, f in batch]}
             for b, batch in enumerate(batches)]
     budget = ray_env.budget(cfg, groups=(), stream=True)
-    ray_env.configure_data_context(cfg, budget)
+    ray_env.configure_data_context(budget)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan))
     ds = ds.map_batches(
         TeacherAssigner, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=p.assigners, max_tasks_in_flight_per_actor=1),
         num_cpus=p.cpus_per_assigner, num_gpus=p.gpus_per_assigner or None,
-        fn_constructor_kwargs=dict(cfg=cfg.to_dict(), records=ray.put(records_table(records)), store=manifest))
+        fn_constructor_kwargs=dict(cfg=cfg.to_dict(), records=ray.put(records_table(records)), store=True))
     with tqdm(total=len(todo), desc=f"lad assign {cfg.name}", unit="image", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

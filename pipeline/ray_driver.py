@@ -105,7 +105,7 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
         engine = SideEngine(cfg, group, device, total)
         if checkpoint is not None:
             engine.load_state(side_state(checkpoint, group, len(trainable(engine.model))))
-        stepper = SplitStepper(cfg, run, group, engine, device, val, hub, total, collective)
+        stepper = SplitStepper(cfg, run, group, engine, device, val, hub, collective)
     del checkpoint
     out = train_loop(cfg, stepper, batches, start, total=total, num_images=config["num_images"],
                      has_val=cfg.data.val is not None, collective=collective, progress=config["progress"],
@@ -205,14 +205,13 @@ def train(cfg: RunConfig, *, progress: bool = True, resume: bool = True, observe
 
         open_store(absolute_paths(cfg), StreamSpec.of(cfg).anchor_hash, create=False)
     with prepare_run(cfg, workers=cfg.pipeline.num_workers) as (cfg, data, run, steps):
-        # the teacher and data are valid: a new store's manifest may be written
-        store = open_store(cfg, StreamSpec.of(cfg).anchor_hash) if cfg.pipeline.assignment_store else None
-        return _drive(cfg, data, run, steps, resume=resume, progress=progress, observers=observers, verbose=verbose,
-                      store=store)
+        if cfg.pipeline.assignment_store:  # the teacher and data are valid: a new store's manifest may be written
+            open_store(cfg, StreamSpec.of(cfg).anchor_hash)
+        return _drive(cfg, data, run, steps, resume=resume, progress=progress, observers=observers, verbose=verbose)
 
 
 def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progress: bool, observers: tuple,
-           verbose: bool = False, store: Optional[dict] = None) -> dict:
+           verbose: bool = False) -> dict:
     """`train` once its run is prepared (and its directory held): the hub, the worker group(s), the recoveries."""
     import ray.train
 
@@ -226,12 +225,12 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
         run.set_progress("succeeded", start.step, steps, start.epoch)
         return {e["network"]: e["stats"] for e in run.evals()}
     pool = (cfg.pipeline.assigners,) * 3  # (min, initial, max) teacher actors; a store shrinks it to its misses
-    if store is not None:
+    if cfg.pipeline.assignment_store:
         from pipeline.assignment_store import epoch_misses, pool_sizes
 
         epochs = [e for e, _, _ in epoch_budgets(cfg, ids, start.epoch, start.trained_ids, steps - start.step,
                                                  cfg.pipeline.num_workers)]
-        pool = pool_sizes(cfg.pipeline.assigners, epoch_misses(cfg, store, ids, epochs), len(ids))
+        pool = pool_sizes(cfg.pipeline.assigners, epoch_misses(cfg, ids, epochs), len(ids))
     stopped, hub, started, follow = False, None, False, None
     previous_handler, installed = None, False
 
@@ -270,13 +269,13 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                     from pipeline.plan_source import PlanSource, records_table
                     from pipeline.stream import build_dataset, data_config
 
-                    options = ray_env.configure_data_context(cfg, budget)  # before the dataset takes the context
+                    options = ray_env.configure_data_context(budget)  # before the dataset takes the context
                     if records_ref is None:
                         records_ref = ray.put(records_table(records))
                     source = PlanSource(cfg, ids, start, steps - start.step, [r.width >= r.height for r in records])
                     if not colad:
                         ray.get(hub.set_plan.remote(source.offsets))
-                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, store, pool)
+                    ds = build_dataset(cfg, source, records_ref, None if colad else hub, observers, pool)
                     fit_group(cfg.to_dict(), "inline" if colad else "stream", loop_config, datasets={"train": ds},
                               dataset_config=data_config(options))
                 break

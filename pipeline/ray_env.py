@@ -138,7 +138,7 @@ def budget(cfg: RunConfig, groups: tuple[str, ...] = ("a",), stream: bool = True
     return Budget(train_cpus, cpus - train_cpus, gpus - train_gpus)
 
 
-def configure_data_context(cfg: RunConfig, b: Budget):
+def configure_data_context(b: Budget):
     """Ray Data settings of the stream: ordered output, the CPU/GPU budget left by the Train workers, a teacher pool
     that grows once all its actors are busy (each takes one batch at a time, so Ray's default threshold, 1.75 tasks
     per actor, is never reached). Returns the ExecutionOptions the Train ingest must use (copied per shard)."""

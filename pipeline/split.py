@@ -21,14 +21,14 @@ import ray
 import torch
 
 from pipeline.colearn import PolicyWatch
-from pipeline.local import data_parallel, rank_zero_buffers, to_device
+from pipeline.local import Evaluating, data_parallel, idle_batch, to_device
 from pipeline.loop import Batch, Collective, Stepped, Stepper
-from pipeline.validate import predict_array, score
+from pipeline.validate import score
 from schemas.config import RunConfig
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
 from trainer.colad import SideEngine, side_metrics, to_sparse
-from trainer.worker import null_batch, sparse_to_labels
+from trainer.worker import sparse_to_labels
 
 
 class CoordinatorControl:
@@ -50,21 +50,19 @@ class CoordinatorControl:
         self.coordinator.record.remote(step, epoch, policy, counts)
 
 
-class SplitStepper(Stepper):
-    """One network of the pair (side 'a' or 'b'); the coordinator merges, freezes the policy and commits."""
+class SplitStepper(Evaluating, Stepper):
+    """One network of the pair (side 'a' or 'b'); the coordinator merges, freezes the policy and commits. Each side
+    predicts its group's shard of the validation images with its own network (`Evaluating.predict`)."""
 
     def __init__(self, cfg: RunConfig, run: RunDir, side: str, engine: SideEngine, device, val, coordinator,
-                 total: int, collective: Collective = Collective()):
+                 collective: Collective = Collective()):
         from pipeline.assigner import StreamSpec
-        from pipeline.transforms import idle_canvas
 
         self.cfg, self.run, self.side, self.engine, self.device, self.val = cfg, run, side, engine, device, val
-        self.coordinator, self.rank, self.total = coordinator, collective.rank, total
+        self.coordinator, self.rank = coordinator, collective.rank
         self.hook = data_parallel(engine, device, collective.world, modules=("forward",))
         self.spec = StreamSpec.of(cfg)
-        canvas = idle_canvas(cfg.data.input_size)
-        self.idle = null_batch(canvas, self.spec.num_anchors(canvas), self.spec.num_classes, device,
-                               hard=True, soft=False)
+        self.idle = idle_batch(cfg, device, hard=True, soft=False)
         self.stop_next = False
 
     def poll(self):
@@ -73,10 +71,7 @@ class SplitStepper(Stepper):
 
     def step(self, batch: Optional[Batch], num_active: int, epoch: int) -> Stepped:
         self.hook.set(batch is not None, num_active)
-        if batch is not None:
-            images, boxes, labels = to_device(batch.data, self.device)
-        else:
-            images, boxes, labels = self.idle.images, self.idle.gt_boxes, self.idle.gt_labels
+        images, boxes, labels = to_device(batch.data if batch is not None else self.idle, self.device)
         step_index = self.engine.step_count
         t0 = time.perf_counter()
         scored = self.engine.score(images, boxes, labels)
@@ -110,13 +105,7 @@ class SplitStepper(Stepper):
 
     def log(self, record: dict, total: int) -> None:
         """The coordinator writes the step's line once both halves are in."""
-        self.coordinator.log_side.remote(record["step"] - 1, self.side, {**record, "total_steps": self.total})
-
-    def predict(self, shard):
-        """This side's network on its group's shard of the validation images."""
-        rank_zero_buffers(self.engine.model, shard[1])
-        return {self.side: predict_array(self.engine.model, self.engine.anchors, self.val, self.cfg.data.input_size,
-                                         self.cfg.inference, self.device, shard=shard)}
+        self.coordinator.log_side.remote(record["step"] - 1, self.side, {**record, "total_steps": total})
 
     def commit(self, epoch, last, best, *, detections, final):
         """Both sides' rank 0 meet at the coordinator with their states (and evaluations)."""

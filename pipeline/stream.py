@@ -27,24 +27,23 @@ from typing import Any, Iterator, Optional
 
 from pipeline.assigner import (StreamSpec, TeacherAssigner, decode_threads, load_row_pixels, read_batch,
                                wait_for_room)
-from pipeline.local import Evaluating, data_parallel
+from pipeline.local import Evaluating, data_parallel, idle_batch
 from pipeline.loop import Batch, Collective, Stepped, Stepper
 from pipeline.plan_source import PlanSource, one_block_per_batch
-from pipeline.transforms import idle_canvas
 from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from schemas.rundir import RunDir
-from trainer.worker import decode_stream_batch, null_batch, split_batches
+from trainer.worker import decode_stream_batch, split_batches
 
 
 def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any = None, observers: tuple = (),
-                  store: Optional[dict] = None, pool: Optional[tuple[int, int, int]] = None):
+                  pool: Optional[tuple[int, int, int]] = None):
     """The stream: the lazy plan -> one block per planned batch -> encoded files (CPU tasks) or assignments (the
-    actor pool). `records` is the object-store reference of `pipeline.assigner.records_table`; `store` the
-    checked manifest of the run's assignment store (`pipeline.assignment_store`); `pool` the (min, initial, max)
-    teacher actors (`assignment_store.pool_sizes`; default: the configured pool, fixed). A pool of 0: the store
-    holds every view of the run, so read tasks bring the labels with the images and no teacher is loaded."""
+    actor pool). `records` is the object-store reference of `pipeline.assigner.records_table`; `pool` the (min,
+    initial, max) teacher actors (`assignment_store.pool_sizes`; default: the configured pool, fixed). With
+    `pipeline.assignment_store` (checked by the driver's `open_store`) the actors read and fill it; a pool of 0:
+    it holds every view of the run, so read tasks bring the labels with the images and no teacher is loaded."""
     import ray
 
     p = cfg.pipeline
@@ -56,7 +55,7 @@ def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any
         return ds.map_batches(read_batch, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
                               num_cpus=p.cpus_per_read_task,
                               fn_kwargs=dict(records=records, spec=spec, seed=cfg.seed, flip_prob=cfg.data.flip_prob,
-                                             monitor=monitor, store=(p.assignment_store, store) if high == 0 else None))
+                                             monitor=monitor, store=p.assignment_store if high == 0 else None))
     if low == high:  # a fixed pool; its actors wait for room themselves
         compute = ray.data.ActorPoolStrategy(size=high, max_tasks_in_flight_per_actor=1)
     else:  # a pool sized by Ray Data's autoscaler to the teacher's work: the run-ahead wait moves in front of it,
@@ -74,7 +73,7 @@ def build_dataset(cfg: RunConfig, source: PlanSource, records: Any, monitor: Any
         TeacherAssigner, batch_size=1, batch_format="pyarrow", zero_copy_batch=True, compute=compute,
         num_cpus=p.cpus_per_assigner, num_gpus=p.gpus_per_assigner or None,
         fn_constructor_kwargs=dict(cfg=cfg.to_dict(), records=records, monitor=monitor, observers=observers,
-                                   store=store))
+                                   store=bool(p.assignment_store)))
 
 
 def admit_in_order(plan, *, monitor):
@@ -156,9 +155,7 @@ class StreamStepper(Evaluating, Stepper):
         self.cfg, self.run, self.engine, self.device, self.val = cfg, run, engine, device, val
         self.monitor, self.mode = monitor, mode_spec(cfg.mode)
         self.hook = data_parallel(engine, device, collective.world, modules=("forward_a",))
-        spec, canvas = StreamSpec.of(cfg), idle_canvas(cfg.data.input_size)
-        self.idle = null_batch(canvas, spec.num_anchors(canvas), spec.num_classes, device,
-                               hard=self.mode.teacher_hard, soft=self.mode.soft)
+        self.idle = idle_batch(cfg, device, hard=self.mode.teacher_hard, soft=self.mode.soft)
         self.newest_version = 0
         self.store_peak = 0
         self.stop_ref: Optional[Any] = None

@@ -148,13 +148,13 @@ def test_the_teacher_pool_is_sized_to_the_views_the_store_lacks(tiny, tmp_path):
     cfg = tiny_config(data, tmp_path, mode="lad", teacher=teacher, pipeline={"engine": "ray"}, **SECTIONS)
     cfg.pipeline.assignment_store = str(tmp_path / "store")
     side, ids, none = cfg.data.input_size, list(range(1, 9)), np.zeros(0, np.int32)
-    store = AssignmentStore(cfg.pipeline.assignment_store, {})
+    store = AssignmentStore(cfg.pipeline.assignment_store)
     for i in ids[:6]:   # epoch 0's views of six of the eight images
         store.put((i, aug_params_for(i, 0, cfg.seed, cfg.data.flip_prob), side, side),
                   Labels(side, side, none, none, none, 0))
     store.flush()
     flips = [[aug_params_for(i, e, cfg.seed, cfg.data.flip_prob) for i in ids] for e in range(3)]
-    misses = epoch_misses(cfg, {}, ids, [0, 1, 2])
+    misses = epoch_misses(cfg, ids, [0, 1, 2])
     assert misses[0] == 2                     # the two images not stored (their other flips are labelled with them)
     assert misses[1] == sum(f1 != f0 for f0, f1 in zip(*[f[:6] for f in flips[:2]]))  # stored images' other flip
     assert misses[2] == sum(f2 not in (f0, f1) for f0, f1, f2 in zip(*[f[:6] for f in flips]))  # seen once only

@@ -8,7 +8,7 @@ import torch
 
 from schemas.config import config_from_dict
 from trainer.checkpoint import save_checkpoint
-from trainer.engine import Engine
+from trainer.engine import Engine, on_host
 from trainer.colad import RolePolicy
 
 TINY = {"depth": 18, "norm": "gn", "fpn_levels": [3, 4], "fpn_channels": 32, "head_channels": 32, "head_convs": 1}
@@ -48,7 +48,7 @@ def test_lad_with_identical_teacher_is_paa_self_assignment(tmp_path):
     assert r_paa.labels.pos.sum() > 0
     assert _same(r_paa.labels, r_lad.labels)
     # the first step's losses match too: same student init, same labels
-    assert r_paa.host()["loss"] == pytest.approx(r_lad.host()["loss"], rel=1e-6)
+    assert on_host(r_paa.metrics, 0)["loss"] == pytest.approx(on_host(r_lad.metrics, 0)["loss"], rel=1e-6)
 
 
 def test_lad_follows_the_teacher_not_the_student(tmp_path):
@@ -121,7 +121,7 @@ def test_a_mixed_precision_step_is_close_to_the_float32_step(tmp_path, mode):
     ref = Engine(_cfg(mode, **extra))
     amp = Engine(_cfg(mode, train={"warmup_steps": 0, "lr": 0.01, "amp": True}, **extra))
     assert amp.precision.dtype == torch.bfloat16 and ref.precision.dtype is None
-    m_ref, m_amp = ref.step(*_batch()).host(), amp.step(*_batch()).host()
+    m_ref, m_amp = on_host(ref.step(*_batch()).metrics, 0), on_host(amp.step(*_batch()).metrics, 0)
     losses = [k for k, v in m_ref.items() if k.startswith(("loss", "kd_")) and isinstance(v, float)]
     assert losses and all(m_amp[k] == pytest.approx(m_ref[k], rel=0.05) for k in losses), \
         {k: (m_ref[k], m_amp[k]) for k in losses}
@@ -152,7 +152,7 @@ def test_channels_last_trains_the_same_network_in_nhwc_memory(tmp_path, mode):
         assert all(p.is_contiguous(memory_format=torch.channels_last)
                    for p in nhwc.teacher.parameters() if p.dim() == 4)
     for seed in (0, 1):
-        a, b = nchw.step(*_batch(seed)).host(), nhwc.step(*_batch(seed)).host()
+        a, b = on_host(nchw.step(*_batch(seed)).metrics, 0), on_host(nhwc.step(*_batch(seed)).metrics, 0)
         assert a["num_pos"] == b["num_pos"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for p, q in zip(nchw.model.parameters(), nhwc.model.parameters()):
         assert torch.allclose(p, q, atol=1e-5)

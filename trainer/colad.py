@@ -36,8 +36,7 @@ from schemas.policy import RolePolicy
 from trainer.assign import candidate_losses_batch, colad_merge_with_pairs, preassign_batch, select_labels
 from trainer.losses import BatchLabels
 from trainer.model import HeadOutputs
-from trainer.network import (AnchorCache, Precision, build_network, detection_loss_for, make_optimizer,
-                             params_with_grad)
+from trainer.network import Optimised, build_network, detection_loss_for, params_with_grad
 from trainer.worker import labels_to_sparse
 
 
@@ -127,25 +126,21 @@ class Scored:
     losses: list[Tensor]
 
 
-class SideEngine:
-    """One network of a CoLAD pair with its own optimizer: the half of `Engine` a split worker holds."""
+class SideEngine(Optimised):
+    """One network of a CoLAD pair with its own optimizer: the half of `Engine` a split worker holds. Its state is
+    a side state (`state()`, or `side_state` of a full checkpoint), with this side's own fp16 loss scale."""
 
     def __init__(self, cfg: RunConfig, side: str, device: torch.device | str = "cpu", total_steps: int = 1):
         self.cfg, self.side = cfg, side
-        self.device = torch.device(device)
-        self.model = build_network(cfg, side).to(self.device)  # refuses a side other than 'a' or 'b'
+        self.model = build_network(cfg, side).to(device)  # refuses a side other than 'a' or 'b'
         self.forward = self.model  # DDP wrapper goes here (`wrap`)
-        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), cfg, total_steps)
-        self.precision = Precision(cfg, self.device)
-        self.step_count = 0
-        self.anchors = AnchorCache(cfg, self.device)
-        self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # as `Engine`'s
+        self._optimise(self.model.parameters(), device, total_steps)
+
+    def networks(self) -> dict:
+        return {self.side: self.model}
 
     def wrap(self, wrapper) -> None:
         self.forward = wrapper(self.model)
-
-    def losses_finite(self) -> bool:
-        return bool(self._finite)
 
     # -- the two halves of the step ------------------------------------------------------------------------------
     def score(self, images: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> Scored:
@@ -181,19 +176,6 @@ class SideEngine:
         self.precision.scaler.update()
         self.scheduler.step()
         self.step_count += 1
-
-    # -- state ---------------------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"models": {self.side: self.model.state_dict()}, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step_count, **self.precision.state()}
-
-    def load_state(self, state: dict) -> None:
-        """`state`: a side state (`state()`, or `side_state` of a full checkpoint)."""
-        self.model.load_state_dict(state["models"][self.side])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step_count = int(state["step"])
-        self.precision.load_state(state)  # this side's own fp16 loss scale (`merge_states` keeps both)
 
 
 def grad_norms(params: list[Tensor]) -> Tensor:

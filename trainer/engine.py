@@ -23,7 +23,7 @@ from trainer.assign import candidate_losses_batch, preassign_batch
 from trainer.colad import RolePolicy, candidate_stats, colad_assign, count_metrics
 from trainer.losses import BatchLabels, SoftTargets, soft_label_kd
 from trainer.model import HeadOutputs, PAADetector
-from trainer.network import AnchorCache, Precision, build_network, detection_loss_for, make_optimizer
+from trainer.network import Optimised, build_network, detection_loss_for
 from trainer.teacher import assign_hard, assign_soft
 from trainer.teacher import load_teacher as _load_teacher  # `load_teacher` is also an argument of Engine
 
@@ -76,11 +76,8 @@ class StepResult:
     labels: BatchLabels | None = None
     extra: dict = field(default_factory=dict)
 
-    def host(self, step: int = 0) -> dict:
-        return on_host(self.metrics, step)
 
-
-class Engine:
+class Engine(Optimised):
     """Everything one training process holds. `step()` runs one optimisation step of the configured mode."""
 
     def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", total_steps: int = 1,
@@ -89,20 +86,14 @@ class Engine:
         teacher), so the teacher's weights never take the student's memory."""
         self.cfg = cfg
         self.spec = mode_spec(cfg.mode)
-        self.device = torch.device(device)
         self.sync_timing = sync_timing
-        self.model = build_network(cfg, "a").to(self.device)
-        self.model_b: PAADetector | None = build_network(cfg, "b").to(self.device) if self.spec.co_learning else None
+        self.model = build_network(cfg, "a").to(device)
+        self.model_b: PAADetector | None = build_network(cfg, "b").to(device) if self.spec.co_learning else None
         self.forward_a, self.forward_b = self.model, self.model_b  # DDP wrappers go here (see `wrap`)
         load = self.spec.needs_teacher and load_teacher
-        self.teacher: PAADetector | None = _load_teacher(cfg, self.device)[0] if load else None
-        params = list(self.model.parameters()) + (list(self.model_b.parameters()) if self.model_b else [])
-        self.optimizer, self.scheduler = make_optimizer(params, cfg, total_steps)
-        self.precision = Precision(cfg, self.device)
+        self.teacher: PAADetector | None = _load_teacher(cfg, torch.device(device))[0] if load else None
+        self._optimise([p for m in self.networks().values() for p in m.parameters()], device, total_steps)
         self.policy = RolePolicy.parse(cfg.colearn.policy)
-        self.step_count = 0
-        self.anchors = AnchorCache(cfg, self.device)  # level sizes -> (anchors, anchors per level)
-        self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far (kept on the device)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def wrap(self, wrapper) -> None:
@@ -207,25 +198,14 @@ class Engine:
         # CoLAD's role statistics are read every step anyway; the finite check stays the loop's, on every rank
         return on_host(metrics, self.step_count, check=False) if self.spec.co_learning else metrics
 
-    def losses_finite(self) -> bool:
-        """Whether every step's loss so far was finite (one read of a flag the steps keep on the device)."""
-        return bool(self._finite)
-
     # -- state ---------------------------------------------------------------------------------------------------
     def networks(self) -> dict[str, PAADetector]:
         return {k: m for k, m in (("a", self.model), ("b", self.model_b)) if m is not None}
 
     def state(self) -> dict:
-        return {"models": {k: m.state_dict() for k, m in self.networks().items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step_count, "policy": self.policy.name, **self.precision.state()}
+        return super().state(policy=self.policy.name)
 
     def load_state(self, ckpt: dict) -> None:
-        for k, m in self.networks().items():
-            m.load_state_dict(ckpt["models"][k])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step_count = int(ckpt["step"])
-        self.precision.load_state(ckpt)
+        super().load_state(ckpt)
         if ckpt.get("policy"):
             self.set_policy(ckpt["policy"])

@@ -8,6 +8,7 @@ process, one or two networks; `trainer.colad.SideEngine`: one network of a split
     AnchorCache                anchors per pyramid shape, made once
     detection_loss_for         PAA's detection loss under the run's `loss` weights
     Precision                  mixed precision (`train.amp`): autocast forwards, the fp16 loss scaler
+    Optimised                  what an engine keeps beside its networks, and its checkpoint state
 
 Built the same way everywhere, so an in-process colad run and the two halves of a split one start from the same
 weights and take the same steps, bit for bit.
@@ -194,3 +195,39 @@ class Precision:
 def params_with_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """The optimizer's parameters that have a gradient this step (those a clip and a norm count)."""
     return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+class Optimised:
+    """What an engine keeps beside its networks (`networks()`): the optimizer and its schedule, mixed precision, the
+    step count, the anchors, and whether every loss so far was finite (a flag kept on the device, so a step never
+    waits for it). Both engines save and resume through `state`/`load_state`."""
+
+    cfg: RunConfig
+
+    def networks(self) -> dict[str, PAADetector]:
+        raise NotImplementedError
+
+    def _optimise(self, params: Iterable[Tensor], device: torch.device | str, total_steps: int) -> None:
+        self.device = torch.device(device)
+        self.optimizer, self.scheduler = make_optimizer(params, self.cfg, total_steps)
+        self.precision = Precision(self.cfg, self.device)
+        self.step_count = 0
+        self.anchors = AnchorCache(self.cfg, self.device)  # level sizes -> (anchors, anchors per level)
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def losses_finite(self) -> bool:
+        """Whether every step's loss so far was finite (one read of the flag the steps keep on the device)."""
+        return bool(self._finite)
+
+    def state(self, **extra) -> dict:
+        return {"models": {k: m.state_dict() for k, m in self.networks().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step_count, **extra, **self.precision.state()}
+
+    def load_state(self, state: dict) -> None:
+        for k, m in self.networks().items():
+            m.load_state_dict(state["models"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = int(state["step"])
+        self.precision.load_state(state)
