@@ -130,7 +130,7 @@ class RoleBook:
         self.steps = [s for s in self.steps if s["step"] <= step]
         self.history = self.history[:1] + [h for h in self.history[1:] if h["from_step"] <= step + 1]
 
-    def summary(self, every: int = 1) -> dict:
+    def summary(self) -> dict:
         """Policy, history and the teacher ratio over steps (total, per level, per size), plus run totals."""
         from trainer.colad import add_counts, count_metrics
 
@@ -141,11 +141,10 @@ class RoleBook:
 
         totals: Optional[dict] = None
         series = []
-        for i, rec in enumerate(self.steps):
+        for rec in self.steps:
             totals = add_counts(totals, rec["counts"])
-            if i % every == 0 or i == len(self.steps) - 1:
-                series.append({"step": rec["step"], "epoch": rec["epoch"], "policy": rec["policy"],
-                               **ratios(rec["counts"])})
+            series.append({"step": rec["step"], "epoch": rec["epoch"], "policy": rec["policy"],
+                           **ratios(rec["counts"])})
         out = {"policy": self.applied_policy, "requested": self.policy, "version": self.version,
                "stop": self.stop, "history": list(self.history), "steps": series}
         if totals:
@@ -163,7 +162,7 @@ class ColearnCoordinator:
     the merge itself (a few ms per batch) runs on the event loop, one batch at a time."""
 
     def __init__(self, cfg: dict, policy: str, start_step: int = 0, source: str = "config",
-                 best: Optional[dict] = None, poll_s: float = POLL_S):
+                 best: Optional[dict] = None):
         import torch
 
         self.cfg = RunConfig.model_validate(cfg)
@@ -172,7 +171,6 @@ class ColearnCoordinator:
         self.run = RunDir(self.cfg.run_dir)
         self.book = RoleBook(policy, self.run.roles_path, start_step, source)
         self.book.poll_file()  # a request made before the run started applies from its first step
-        self.poll_s = poll_s
         self._event: Optional[asyncio.Event] = None
         self._poller: Optional[asyncio.Task] = None
         self.error: Optional[str] = None     # the run's error: the driver fails with it
@@ -200,7 +198,7 @@ class ColearnCoordinator:
         while True:
             if self.book.poll_file():
                 self._notify()
-            await asyncio.sleep(self.poll_s)
+            await asyncio.sleep(POLL_S)
 
     def _notify(self) -> None:
         if self._event is not None:
@@ -240,8 +238,8 @@ class ColearnCoordinator:
     async def record(self, step: int, epoch: int, policy: str, counts: dict) -> None:
         self.book.record(step, epoch, policy, counts)
 
-    async def summary(self, every: int = 1) -> dict:
-        out = self.book.summary(every)
+    async def summary(self) -> dict:
+        out = self.book.summary()
         if self.merges:
             out["merge_ms_mean"] = self.merge_ms / self.merges
         return out

@@ -22,6 +22,8 @@ from schemas.assignment import BATCH_COLUMN, EPOCH_COLUMN, list_array
 from schemas.config import RunConfig
 from schemas.storage import absolute
 
+ROWS_PER_BLOCK = 1024  # planned batches per block of an epoch's read task
+
 
 def records_table(records: list) -> pa.Table:
     """The training set as Arrow (id, absolute path, size, GT): what the stages look a plan's indices up in."""
@@ -79,13 +81,12 @@ class PlanSource(Datasource):
         return tasks
 
 
-def epoch_rows(cfg: RunConfig, epoch: int, steps: int, image_ids, trained_ids: list, wide=None,
-               rows_per_block: int = 1024):
+def epoch_rows(cfg: RunConfig, epoch: int, steps: int, image_ids, trained_ids: list, wide=None):
     """The source rows of one epoch, in blocks: what its read task yields."""
     batches = [b for step in plan_epoch(cfg, image_ids, epoch, trained_ids, steps, cfg.pipeline.num_workers, wide)
                for b in step]
-    for k in range(0, len(batches), rows_per_block):
-        yield plan_table(epoch, batches[k:k + rows_per_block], first_index=k)
+    for k in range(0, len(batches), ROWS_PER_BLOCK):
+        yield plan_table(epoch, batches[k:k + ROWS_PER_BLOCK], first_index=k)
 
 
 def one_block_per_batch(ds, num_cpus: float):

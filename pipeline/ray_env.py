@@ -21,7 +21,6 @@ import ray
 from schemas.config import ConfigError, RunConfig
 from schemas.modes import mode_spec
 
-log = logging.getLogger(__name__)
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -29,7 +28,7 @@ class PipelineResourceError(ConfigError):
     """The configured pool and workers cannot fit the Ray cluster; the message says what to change."""
 
 
-def connect(cfg: RunConfig, *, num_cpus: Optional[float] = None, verbose: bool = False) -> bool:
+def connect(cfg: RunConfig, *, verbose: bool = False) -> bool:
     """Make sure Ray is initialised for this run. Returns True when this call started it (then call `shutdown`).
 
     Quiet unless `verbose`: the workers' and actors' output (Ray Train's controller, Ray Data, C++ core lines)
@@ -45,7 +44,7 @@ def connect(cfg: RunConfig, *, num_cpus: Optional[float] = None, verbose: bool =
         # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token, as for every Ray client (docs/pipeline.md).
         ray.init(address=address, **common)
     else:
-        init_local(num_cpus=num_cpus, **common)
+        init_local(**common)
     return True
 
 

@@ -258,8 +258,7 @@ def make_launcher(settings: Settings) -> tuple[Launcher, int]:
     return launcher, max_concurrent
 
 
-def create_app(settings: Settings, launcher: Optional[Launcher] = None,
-               registry: Optional[Registry] = None) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     """Build the app. Opening the registry takes its lock, so a second server on the same file fails here."""
     for root in [settings.runs_root, *settings.data_roots]:
         check_location(root, "--runs-root" if root == settings.runs_root else "--data-root")
@@ -267,11 +266,8 @@ def create_app(settings: Settings, launcher: Optional[Launcher] = None,
     for root in settings.data_roots:
         if not Location(root).remote and not os.path.isdir(root):
             log.warning("data root %s does not exist (yet)", root)
-    registry = registry or Registry(settings.registry_path)
-    if launcher is None:
-        launcher, max_concurrent = make_launcher(settings)
-    else:
-        max_concurrent = settings.max_concurrent or default_max_concurrent(launcher.kind)
+    registry = Registry(settings.registry_path)
+    launcher, max_concurrent = make_launcher(settings)
     scheduler = Scheduler(registry, launcher, max_concurrent, stop_grace_s=settings.stop_grace_s)
     paths = PathPolicy(settings.data_roots, settings.runs_root)
 

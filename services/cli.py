@@ -5,13 +5,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from pipeline.errors import DatasetError
 from pipeline.run import USER_ERRORS, add_train_arguments, main_train, report_unexpected
 from schemas.config import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ Two implementations of one small interface:
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shlex
@@ -24,7 +23,6 @@ from typing import Any, Optional, Protocol
 from schemas.rundir import RunDir
 from services.registry import RunRecord
 
-log = logging.getLogger("lad.launcher")
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 # --quiet: no progress bar; the run's state is in progress.json, and a bar would fill the log files

@@ -13,8 +13,6 @@ from typing import Optional
 
 from services.security import SecurityError, check_bind, load_token
 
-log = logging.getLogger("lad.serve")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
