@@ -20,7 +20,7 @@ import math
 import os
 import posixpath
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -94,6 +94,17 @@ class CocoDataset:
     @property
     def num_classes(self) -> int:
         return len(self.cat_ids)
+
+    def in_class_order(self, held: list[dict] | None, what: str) -> CocoDataset:
+        """This file scored in the class order of `held` (a network's categories, `trainer.categories`): class i
+        maps to this file's id of the category named like held[i], so a file that numbers the same categories
+        otherwise is scored right; other names raise `CategoryMismatch` (None: an old checkpoint, file order)."""
+        from trainer.categories import names, permutation
+
+        if permutation(held, self.categories, what) is None:
+            return self
+        id_of = dict(zip(names(self.categories), self.cat_ids))
+        return replace(self, cat_ids=[id_of[name] for name in names(held)])
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -1,31 +1,16 @@
 """`lad eval`: evaluate the network(s) of a checkpoint on a COCO file and write the stats as JSON."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from pipeline.coco import load_coco
 from pipeline.validate import detections_list, predict_array, score
 from schemas.config import RunConfig
 from schemas.storage import Location
+from trainer.categories import CategoryMismatch
 from trainer.checkpoint import CheckpointError, checkpoint_network, load_checkpoint
 from trainer.engine import pick_device
 from trainer.network import AnchorCache
-
-
-def with_checkpoint_categories(dataset, held, what: str, data: str):
-    """The dataset with each class index mapped to this file's id of the category the checkpoint calls by that
-    name (`trainer.categories`): a file that renumbers the same categories is scored right; other names refused."""
-    from trainer.categories import CategoryMismatch, names, permutation
-
-    try:
-        order = permutation(held, dataset.categories, f"{what} (evaluated on {data})")
-    except CategoryMismatch as e:
-        raise CheckpointError(str(e)) from None
-    if order is None:
-        return dataset
-    id_of = dict(zip(names(dataset.categories), dataset.cat_ids))
-    return dataclasses.replace(dataset, cat_ids=[id_of[name] for name in names(held)])
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = None, networks: str = "both",
@@ -46,7 +31,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, image_root: str | None = 
     if len(dataset.categories) != cfg.model.num_classes:
         raise CheckpointError(f"{checkpoint}: trained for {cfg.model.num_classes} classes but {data} has "
                               f"{len(dataset.categories)} categories")
-    dataset = with_checkpoint_categories(dataset, ckpt.get("categories"), str(checkpoint), data)
+    try:  # a file that numbers the checkpoint's categories otherwise is scored by name
+        dataset = dataset.in_class_order(ckpt.get("categories"), f"{checkpoint} (evaluated on {data})")
+    except CategoryMismatch as e:
+        raise CheckpointError(str(e)) from None
     dev = pick_device(device)
     anchors_fn = AnchorCache(cfg, dev)
 

@@ -25,6 +25,7 @@ from schemas.modes import mode_spec
 from schemas.policy import RolePolicy
 from schemas.rundir import RunDir
 from schemas.storage import absolute
+from trainer.categories import CategoryMismatch
 from trainer.colad import count_metrics, zero_counts
 from trainer.engine import Engine, pick_device
 from trainer.network import check_start
@@ -42,12 +43,23 @@ class Datasets:
 
 def load_datasets(cfg: RunConfig) -> Datasets:
     train = load_coco(cfg.data.train, cfg.data.image_root)
-    val = load_coco(cfg.data.val, cfg.data.val_root) if cfg.data.val else None
     n = len(train.categories)
     if n != cfg.model.num_classes:
         raise ConfigError(f"{cfg.data.train}: has {n} categories but model.num_classes is "
                           f"{cfg.model.num_classes}; set --set model.num_classes={n}")
-    return Datasets(train, val)
+    return Datasets(train, load_val(cfg, train.categories))
+
+
+def load_val(cfg: RunConfig, categories: list[dict]) -> CocoDataset | None:
+    """The validation file, scored in the training categories' class order (`categories`), matched by name: a file
+    that numbers them otherwise is scored right, one with other categories refused before training starts."""
+    if not cfg.data.val:
+        return None
+    what = f"data.train {cfg.data.train} (validating on data.val {cfg.data.val})"
+    try:
+        return load_coco(cfg.data.val, cfg.data.val_root).in_class_order(categories, what)
+    except CategoryMismatch as e:
+        raise ConfigError(str(e)) from None
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:

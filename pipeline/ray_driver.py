@@ -25,7 +25,7 @@ import torch.distributed as dist
 from pipeline import ray_env
 from pipeline.coco import load_coco
 from pipeline.errors import RunLost
-from pipeline.local import NetworkStepper, absolute_paths, planned_batches, prepare_run
+from pipeline.local import NetworkStepper, absolute_paths, load_val, planned_batches, prepare_run
 from pipeline.follow import FollowBar
 from pipeline.loop import Collective, Start, epoch_budgets, read_start, train_loop
 from schemas.config import RunConfig
@@ -83,7 +83,7 @@ def _work(config: dict, group: str, hub, rank: int, world: int) -> None:
     run = RunDir(cfg.run_dir)
     start = Start(**config["start"])
     total, collective = config["total_steps"], Collective(rank, world)
-    val = load_coco(cfg.data.val, cfg.data.val_root) if cfg.data.val else None  # each rank predicts a shard
+    val = load_val(cfg, run.categories())  # each rank predicts a shard
     checkpoint = load_checkpoint(run.last) if start.resumed else None
     if group in ("stream", "inline"):  # batches read, decoded and (but for inline) assigned by Ray Data
         from pipeline.split import CoordinatorControl

@@ -8,6 +8,7 @@ import torch
 
 from pipeline.evaluate_checkpoint import evaluate_checkpoint
 from pipeline.local import train as local_train
+from schemas.config import ConfigError
 from tests.tiny import make_data, make_teacher, tiny_config
 from trainer.checkpoint import CheckpointError, load_checkpoint, load_network, save_checkpoint
 from trainer.network import check_start
@@ -63,6 +64,28 @@ def test_evaluation_on_a_renumbered_file_maps_the_categories(trained, tmp_path):
     unmapped = evaluate_checkpoint(str(tmp_path / "old.pt"), str(other), image_root=str(data),
                                    out=str(tmp_path / "c.json"), progress=False)["a"]
     assert unmapped != pytest.approx(same, abs=1e-6)   # what the mapping prevents: the classes scored against the wrong categories
+
+
+def test_training_scores_its_validation_file_by_category_name(trained, tmp_path):
+    """A validation file that numbers the training categories otherwise is scored by name (as `lad eval` scores
+    the same checkpoint on the training file's numbering); one with other names stops the run before it starts."""
+    root, data, cfg = trained
+    run = cfg.model_copy(deep=True)
+    run.data.val = str(renumbered(data / "val.json", tmp_path / "val_renumbered.json"))
+    run.data.val_image_root = str(data)
+    run.output_dir = str(tmp_path / "runs")
+    during = local_train(run, progress=False)["a"]
+    after = evaluate_checkpoint(str(run.run_dir / "checkpoints" / "last.pt"), str(data / "val.json"),
+                                out=str(tmp_path / "e.json"), progress=False)["a"]
+    assert during == pytest.approx(after, abs=1e-9) and during["AR100"] > 0
+    other = json.loads((data / "val.json").read_text())
+    other["categories"][0]["name"] = "zebra"
+    (tmp_path / "val_other.json").write_text(json.dumps(other))
+    run.data.val, run.output_dir = str(tmp_path / "val_other.json"), str(tmp_path / "runs2")
+    with pytest.raises(ConfigError) as refused:
+        local_train(run, progress=False)
+    assert "val_other.json" in str(refused.value) and "zebra" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "runs2").exists()   # refused before the run directory is made
 
 
 def test_a_teacher_with_other_category_names_is_refused(trained, tmp_path):
