@@ -120,3 +120,17 @@ def test_sharded_predictions_score_as_one_process(tmp_path):
     np.testing.assert_allclose(order(merged), order(whole), rtol=1e-5, atol=1e-4)
     assert score(val, merged)[0] == pytest.approx(score(val, whole)[0], abs=1e-6)
     assert engine.model.training   # predicting leaves the network's mode as it was
+
+
+def test_score_voting_keeps_a_box_the_clamp_flattened_finite():
+    """A box decoded wholly outside the image is clamped to zero area; its IoU with itself is 0/0 in torchvision.
+    Voting must leave it as NMS kept it (finite), and vote the other boxes as before."""
+    from trainer.inference import score_voting
+
+    boxes = torch.tensor([[64.0, 10.0, 64.0, 30.0], [0.0, 0.0, 32.0, 32.0], [1.0, 1.0, 33.0, 33.0]])
+    scores, labels = torch.tensor([0.95, 0.9, 0.5]), torch.tensor([0, 1, 1])
+    voted = score_voting(boxes[:2], labels[:2], boxes, scores, labels)
+    assert torch.isfinite(voted).all()
+    assert torch.equal(voted[0], boxes[0])
+    w = torch.exp(-(1 - torch.tensor([1.0, (31 * 31) / (2 * 32 * 32 - 31 * 31)])) ** 2 / 0.025) * scores[1:]
+    assert torch.allclose(voted[1], (w[:, None] * boxes[1:]).sum(0) / w.sum())

@@ -15,11 +15,13 @@ VOTING_SIGMA = 0.025
 def score_voting(det_boxes: Tensor, det_labels: Tensor, cand_boxes: Tensor, cand_scores: Tensor,
                  cand_labels: Tensor) -> Tensor:
     """PAA's score voting: each kept box becomes the average of same-class candidates that overlap it, weighted by
-    score x exp(-(1 - IoU)^2 / sigma). Scores stay those of the kept boxes."""
-    ious = box_iou(det_boxes, cand_boxes)
+    score x exp(-(1 - IoU)^2 / sigma). Scores stay those of the kept boxes. A box flattened to no area by the clamp
+    to the image overlaps nothing (0/0 is 0, as MMDetection's IoU with its eps) and is kept as NMS left it."""
+    ious = box_iou(det_boxes, cand_boxes).nan_to_num(0.0)
     same = det_labels[:, None] == cand_labels[None, :]
     w = torch.exp(-(1 - ious) ** 2 / VOTING_SIGMA) * cand_scores[None, :] * (same & (ious > 0.01))
-    return (w @ cand_boxes) / w.sum(1, keepdim=True).clamp(min=1e-12)
+    total = w.sum(1, keepdim=True)
+    return torch.where(total > 0, (w @ cand_boxes) / total.clamp(min=1e-12), det_boxes)
 
 
 def postprocess_image(cls_logits: Tensor, box_deltas: Tensor, iou_logits: Tensor, anchors: Tensor,
