@@ -151,23 +151,31 @@ class Start:
 
 def read_start(run: RunDir, resume: bool) -> Start:
     """The start of this attempt; a resumed run forgets the metrics and evaluations logged after its checkpoint
-    (they are made again)."""
-    start = Start()
-    if resume and run.last.exists():
-        from trainer.checkpoint import load_checkpoint
+    (they are made again), and one that starts over (`resume` False) the checkpoints of the run before it."""
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
 
+    start = Start()
+    if not resume:
+        run.last.delete()
+        run.best.delete()
+    elif run.last.exists():
         ckpt = load_checkpoint(run.last)
         start = Start(int(ckpt["step"]), int(ckpt["progress"]["epoch"]), list(ckpt["progress"]["trained_ids"]),
                       dict(ckpt["best"]), ckpt.get("policy"), True, ckpt)
+        if start.best["step"] == start.step > 0 and (not run.best.exists()
+                                                     or int(load_checkpoint(run.best)["step"]) != start.step):
+            save_checkpoint(run.best, ckpt)  # the attempt died between last.pt, which says it is the best, and best.pt
     run.rewind(start.step)
     return start
 
 
 def write_commit(run: RunDir, cfg: RunConfig, state: dict, step: int, epoch: int, last: tuple[int, list[int]],
                  best: dict, evals: Optional[dict], final: Optional[str]) -> dict:
-    """Rank 0's record of a commit, whichever engine made it: the evaluations to eval.json, best.pt when network A's
-    AP improved, last.pt (`last`: the epoch and ids a resume starts from), and best.pt at the end if there is none.
-    `state` is the engine's (`Engine.state()`, or both sides' merged). Returns the best so far."""
+    """Rank 0's record of a commit, whichever engine made it: the evaluations to eval.json, last.pt (`last`: the
+    epoch and ids a resume starts from), best.pt when network A's AP improved, and best.pt at the end if there is
+    none. last.pt goes first and records the new best, so an attempt that dies before best.pt leaves what
+    `read_start` mends it from; the end's best.pt goes before last.pt, so a finished run always has one. `state`
+    is the engine's (`Engine.state()`, or both sides' merged). Returns the best so far."""
     from trainer.checkpoint import save_checkpoint
 
     categories = run.categories()
@@ -179,11 +187,13 @@ def write_commit(run: RunDir, cfg: RunConfig, state: dict, step: int, epoch: int
 
     for name, stats in (evals or {}).items():
         run.add_eval({"epoch": epoch, "step": step, "network": name, "stats": stats})
-    if evals and evals["a"]["AP"] > best["AP"]:
+    improved = bool(evals) and evals["a"]["AP"] > best["AP"]
+    if improved:
         best = {"AP": evals["a"]["AP"], "step": step}
+    elif final == "succeeded" and not run.best.exists():
         save_checkpoint(run.best, payload(epoch + 1, []))
     save_checkpoint(run.last, payload(*last))
-    if final == "succeeded" and not run.best.exists():
+    if improved:
         save_checkpoint(run.best, payload(epoch + 1, []))
     return best
 

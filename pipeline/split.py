@@ -98,7 +98,7 @@ class SplitStepper(Evaluating, Stepper):
         if batch is None:
             return Stepped(None)
         record = side_metrics(self.side, losses, scored)
-        record.update(lr=self.engine.optimizer.param_groups[0]["lr"], forward_ms=round((t1 - t0) * 1e3, 3),
+        record.update(lr=self.engine.lr, forward_ms=round((t1 - t0) * 1e3, 3),
                       exchange_ms=round((t2 - t1) * 1e3, 3), backward_ms=round((t3 - t2) * 1e3, 3),
                       finish_ms=round((t4 - t3) * 1e3, 3))
         return Stepped(record, common)

@@ -284,7 +284,12 @@ class RunDir:
         self.eval_path.write_text(json.dumps(evals, indent=1))
 
     def add_eval(self, record: dict) -> None:
-        self._write_evals(self.evals() + [json_ready(record)])
+        """Add an evaluation; one of the same (epoch, step, network) is replaced: an attempt that evaluated and died
+        before its checkpoint leaves an entry of the step it resumes at, and the resumed run evaluates it again."""
+        record = json_ready(record)
+        key = [record.get(k) for k in ("epoch", "step", "network")]
+        kept = [e for e in self.evals() if [e.get(k) for k in ("epoch", "step", "network")] != key]
+        self._write_evals(kept + [record])
         self.events.evaluation(json_ready(record))
         self.flush()
 

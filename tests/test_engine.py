@@ -156,3 +156,16 @@ def test_channels_last_trains_the_same_network_in_nhwc_memory(tmp_path, mode):
         assert a["num_pos"] == b["num_pos"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for p, q in zip(nchw.model.parameters(), nhwc.model.parameters()):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["paa", "colad"])
+def test_each_step_logs_the_learning_rate_it_trained_at(mode):
+    """metrics' `lr` is the step's own (warm-up from `warmup_ratio`), not the next step's that the schedule moved
+    to after it."""
+    from trainer.network import lr_factor
+
+    cfg = _cfg(mode, train={"warmup_steps": 4, "warmup_ratio": 0.001, "lr": 0.1})
+    eng = Engine(cfg, total_steps=10)
+    logged = [on_host(eng.step(*_batch(s)).metrics, s)["lr"] for s in range(3)]
+    assert logged == pytest.approx([0.1 * lr_factor(s, cfg, 10) for s in range(3)])
+    assert logged[0] == pytest.approx(0.0001)

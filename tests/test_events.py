@@ -80,3 +80,18 @@ def test_events_that_cannot_be_written_are_one_warning_and_the_metrics_go_on(tmp
     err = capsys.readouterr().err
     assert err.count("TensorBoard events are off") == 1 and "metrics.jsonl is complete" in err
     assert [m["step"] for m in run.iter_metrics()] == [1, 2]
+
+
+def test_an_evaluation_made_again_after_a_resume_replaces_the_one_before(tmp_path):
+    """An attempt that evaluated at the step of its checkpoint and died before rewriting last.pt leaves that
+    evaluation, which the resumed run (rewound to that step) makes again: eval.json keeps one per epoch."""
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    run.add_eval({"epoch": 0, "step": 2, "network": "a", "stats": {"AP": 0.6}})
+    RunDir(tmp_path / "r").rewind(2)
+    again = RunDir(tmp_path / "r")
+    again.add_eval({"epoch": 0, "step": 2, "network": "a", "stats": {"AP": 0.5}})
+    again.add_eval({"epoch": 0, "step": 2, "network": "b", "stats": {"AP": 0.4}})
+    again.add_eval({"epoch": 1, "step": 4, "network": "a", "stats": {"AP": 0.7}})
+    assert [(e["epoch"], e["network"], e["stats"]["AP"]) for e in again.evals()] == [
+        (0, "a", 0.5), (0, "b", 0.4), (1, "a", 0.7)]

@@ -130,6 +130,44 @@ def test_a_sigkilled_lad_train_resumes_from_its_last_checkpoint_with_every_step_
     assert [e["epoch"] for e in evals] == [1, 3, 5, 7, 9]
 
 
+def test_a_run_that_died_between_its_last_pt_and_its_best_pt_mends_best_pt_when_run_again(tmp_path):
+    """A commit whose evaluation improved writes last.pt (recording that it is the best) and then best.pt; an
+    attempt that died in between leaves best.pt older than the best, or none. Run again, the run makes best.pt from
+    last.pt, whether it has training left or not."""
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", inference={"score_thr": 0.0})
+    config = write_config(cfg, tmp_path / "paa.yaml")
+    assert lad("train", str(config), "--quiet").returncode == 0
+    best, last = cfg.run_dir / "checkpoints" / "best.pt", cfg.run_dir / "checkpoints" / "last.pt"
+    final = load_checkpoint(last)
+    assert final["best"]["step"] == final["step"] == load_checkpoint(best)["step"]
+    other = tiny_config(data, tmp_path / "other", mode="paa", train={"max_steps": 1})
+    assert lad("train", str(write_config(other, tmp_path / "other.yaml")), "--quiet").returncode == 0
+    best.write_bytes((other.run_dir / "checkpoints" / "last.pt").read_bytes())   # the best before, of step 1
+    assert lad("train", str(config), "--quiet").returncode == 0
+    mended = load_checkpoint(best)
+    assert mended["step"] == final["step"]
+    assert all(mended["models"]["a"][k].equal(v) for k, v in final["models"]["a"].items())
+    best.unlink()   # died before writing any best.pt
+    assert lad("train", str(config), "--quiet").returncode == 0
+    assert load_checkpoint(best)["step"] == final["step"]
+
+
+def test_no_resume_starts_over_without_the_checkpoints_of_the_run_before(tmp_path):
+    """`--no-resume` drops the old run's last.pt and best.pt with its metrics: a run without validation data ends
+    with its own best.pt (its final weights), not the old run's."""
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", train={"max_steps": 4})
+    cfg.data.val = None
+    config = write_config(cfg, tmp_path / "paa.yaml")
+    assert lad("train", str(config), "--quiet").returncode == 0
+    best = cfg.run_dir / "checkpoints" / "best.pt"
+    assert load_checkpoint(best)["step"] == 4
+    assert lad("train", str(config), "--quiet", "--no-resume", "--set", "train.max_steps=2").returncode == 0
+    assert load_checkpoint(best)["step"] == 2
+    assert load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")["step"] == 2
+
+
 def test_a_class_count_other_than_the_datasets_is_one_line(tmp_path):
     data = make_data(tmp_path / "data")
     cfg = tiny_config(data, tmp_path / "runs", mode="paa", model={"num_classes": 3})

@@ -174,8 +174,7 @@ class SideEngine(Optimised):
             torch.nn.utils.clip_grads_with_norm_(params_with_grad(self.optimizer), self.cfg.train.grad_clip, total)
         self.precision.scaler.step(self.optimizer)  # fp16: each side skips its step on its own overflow
         self.precision.scaler.update()
-        self.scheduler.step()
-        self.step_count += 1
+        self._scheduled()
 
 
 def grad_norms(params: list[Tensor]) -> Tensor:

@@ -188,13 +188,12 @@ class Engine(Optimised):
     def _backward(self, total: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.step(self.optimizer, total, self.cfg.train.grad_clip)
-        self.scheduler.step()
-        self.step_count += 1
+        self._scheduled()
         self._finite &= torch.isfinite(total.detach())
 
     def _stamp(self, metrics: dict, timer: Timer) -> dict:
         metrics.update({k: round(v, 3) for k, v in timer.ms.items()})
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["lr"] = self.lr
         # CoLAD's role statistics are read every step anyway; the finite check stays the loop's, on every rank
         return on_host(metrics, self.step_count, check=False) if self.spec.co_learning else metrics
 

@@ -212,8 +212,15 @@ class Optimised:
         self.optimizer, self.scheduler = make_optimizer(params, self.cfg, total_steps)
         self.precision = Precision(self.cfg, self.device)
         self.step_count = 0
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the learning rate of the step taken last (its metrics')
         self.anchors = AnchorCache(self.cfg, self.device)  # level sizes -> (anchors, anchors per level)
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def _scheduled(self) -> None:
+        """After the optimizer step: keep its learning rate, advance the schedule to the next step's."""
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step_count += 1
 
     def losses_finite(self) -> bool:
         """Whether every step's loss so far was finite (one read of the flag the steps keep on the device)."""
