@@ -172,3 +172,21 @@ def test_role_book_follows_the_control_planes_file(tmp_path):
     assert summary["policy"] == "pin-b" and summary["requested"] == "alternate:4"
     for name in ("auto", "pin-a", "pin-b", "alternate:7"):
         assert RolePolicy.from_code(RolePolicy.parse(name).code).name == name
+
+
+def test_an_fp16_overflow_on_one_split_side_skips_both_sides_step():
+    """Engine's one scaler skips both networks' step when either overflows; split sides exchange gradient norms
+    for the joint clip, and an overflowed side's norms are not finite: the other side must skip too (and back off
+    its scale), not step on gradients clipped by an infinite norm. CPU GradScalers stand in for CUDA's."""
+    cfg = _cfg(train={"grad_clip": 35.0})
+    a, b = SideEngine(cfg, "a"), SideEngine(cfg, "b")
+    a.precision.scaler = torch.amp.GradScaler("cpu", init_scale=3e38)   # its scaled gradients overflow
+    b.precision.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    images, boxes, labels = _batch(0)
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    na, nb = (side.backward(side.score(images, boxes, labels).out.cls_logits.sigmoid().sum()) for side in (a, b))
+    assert not torch.isfinite(na).all() and torch.isfinite(nb).all()
+    a.apply(na, nb)
+    b.apply(na, nb)
+    assert all(torch.equal(v, before[k]) for k, v in b.model.state_dict().items())   # skipped, and finite
+    assert b.precision.scaler.get_scale() == 512.0 and b.step_count == a.step_count == 1

@@ -166,14 +166,20 @@ class SideEngine(Optimised):
 
     def apply(self, norms_a: Optional[Tensor], norms_b: Optional[Tensor]) -> None:
         """Clip by the norm over both networks' gradients (A's then B's, as `clip_grad_norm_` over the one
-        optimizer of `Engine`), step the optimizer and the LR schedule."""
+        optimizer of `Engine`), step the optimizer and the LR schedule. In fp16 a side skips its step on its own
+        overflow; with clipping, on either side's (a joint norm that is not finite), as `Engine`'s one scaler
+        skips both networks' step, so one side's overflow never reaches the other's weights."""
+        scaler = self.precision.scaler
         if self.cfg.train.grad_clip:
             norms = [n for n in (norms_a, norms_b) if n is not None and n.numel()]
             total = torch.linalg.vector_norm(torch.cat(norms).to(self.device), 2.0) if norms else \
                 torch.tensor(0.0, device=self.device)
+            if scaler.is_enabled() and not torch.isfinite(total):
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                return self._scheduled()
             torch.nn.utils.clip_grads_with_norm_(params_with_grad(self.optimizer), self.cfg.train.grad_clip, total)
-        self.precision.scaler.step(self.optimizer)  # fp16: each side skips its step on its own overflow
-        self.precision.scaler.update()
+        scaler.step(self.optimizer)
+        scaler.update()
         self._scheduled()
 
 
