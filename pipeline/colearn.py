@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import time
 from typing import Any, Optional
 
@@ -51,14 +50,12 @@ class RoleBook:
     """The policy, its version and history, the per-step role statistics and the roles.json watch (plain Python,
     used by the actor; tested without Ray)."""
 
-    def __init__(self, policy: str, roles_path: Optional[Location], start_step: int = 0, source: str = "config"):
+    def __init__(self, policy: str, run: Optional[RunDir], start_step: int = 0, source: str = "config"):
         RolePolicy.parse(policy)
         self.policy = policy                  # the policy requested last (in force from the next step)
         self.version = 0
         self.stop = False
-        self.roles_path = roles_path
-        self._roles_mtime: Optional[float] = None
-        self._looked = 0.0
+        self.run = run
         self.requested_at: Optional[float] = None
         self._source = source
         self.history: list[dict] = [{"policy": policy, "from_step": start_step + 1, "source": source,
@@ -89,29 +86,13 @@ class RoleBook:
         return True
 
     def poll_file(self) -> bool:
-        """Pick up a new request the control plane wrote (an mtime change); True if the policy changed."""
-        if self.roles_path is None:
-            return False
-        if self.roles_path.remote:  # each look is a request to the store: once a second, not every poll
-            if time.monotonic() - self._looked < 1.0:
-                return False
-            self._looked = time.monotonic()
+        """Pick up a new request the control plane wrote (`RunDir.new_roles_request`); True if the policy changed.
+        A torn or hand-written bad file is ignored (the control plane validates its own)."""
+        request = self.run.new_roles_request() if self.run is not None else None
         try:
-            st = self.roles_path.size_mtime()
-        except OSError:
-            return False
-        if st is None or st[1] == self._roles_mtime:
-            return False
-        try:
-            data = json.loads(self.roles_path.read_bytes())
-        except (OSError, ValueError):
-            return False  # torn by a non-atomic writer: the next poll reads it whole
-        self._roles_mtime = st[1]
-        policy = data.get("policy") if isinstance(data, dict) else None
-        try:
-            return self.request(policy, "rest", data.get("requested_at"))
+            return request is not None and self.request(request["policy"], "rest", request.get("requested_at"))
         except ValueError:
-            return False  # the control plane validates; a hand-written bad file is ignored
+            return False
 
     def applied(self, step_index: int, policy: str) -> None:
         """A trainer switched to `policy` before its step number `step_index + 1` (metrics.jsonl numbering)."""
@@ -169,7 +150,7 @@ class ColearnCoordinator:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self.run = RunDir(self.cfg.run_dir)
-        self.book = RoleBook(policy, self.run.roles_path, start_step, source)
+        self.book = RoleBook(policy, self.run, start_step, source)
         self.book.poll_file()  # a request made before the run started applies from its first step
         self._event: Optional[asyncio.Event] = None
         self._poller: Optional[asyncio.Task] = None

@@ -170,9 +170,9 @@ class RunControl:
         self.stopped = True
 
     def poll(self) -> tuple[bool, Optional[int]]:
-        name = self.run.requested_policy() if self.colad else None
+        request = self.run.new_roles_request() if self.colad else None
         try:
-            code = RolePolicy.parse(name).code if name else None
+            code = RolePolicy.parse(request["policy"]).code if request else None
         except ValueError:  # a hand-written bad file: the control plane validates its own
             code = None
         return self.stopped, code

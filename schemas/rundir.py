@@ -105,7 +105,7 @@ class RunDir:
         self.stderr_path = self.logs_dir / "stderr.log"
         # tensorboard/: the same metrics and evaluations as TensorBoard events (staged here, uploaded when remote)
         self.events = EventLog(self.path / "tensorboard")
-        self._roles_mtime = 0.0
+        self._roles_seen: Optional[dict] = None
         self._roles_checked = 0.0
         self._lock_fd: Optional[int] = None
         self._pending: list[dict] = []  # remote: metrics lines not written yet
@@ -371,21 +371,16 @@ class RunDir:
             return None
         return data
 
-    def requested_policy(self) -> str | None:
-        """The trainer's side: the requested policy, if the request file changed since the last look (on object
-        storage looked at once a second: each look is a request)."""
+    def new_roles_request(self) -> Optional[dict[str, Any]]:
+        """The trainer's side: the request, when it differs from the one seen at the last look (by content: two
+        requests within an mtime's resolution, a second on object storage, would look like one). On object
+        storage looked at once a second: each look is a request."""
         if self.remote:
             if time.monotonic() - self._roles_checked < 1.0:
                 return None
             self._roles_checked = time.monotonic()
-        st = self.roles_path.size_mtime()
-        if st is None:
-            return None
-        mtime = st[1]
-        if mtime == self._roles_mtime:
-            return None
         request = self.roles_request()
-        if request is None:
+        if request is None or request == self._roles_seen:
             return None
-        self._roles_mtime = mtime
-        return request["policy"]
+        self._roles_seen = request
+        return request

@@ -150,7 +150,7 @@ def test_role_book_follows_the_control_planes_file(tmp_path):
     from schemas.rundir import RunDir
 
     files = RunDir(tmp_path)
-    book = RoleBook("auto", files.roles_path, start_step=10, source="checkpoint")
+    book = RoleBook("auto", RunDir(tmp_path), start_step=10, source="checkpoint")
     assert not book.poll_file()  # no request yet
     files.request_roles("pin-b")
     assert book.poll_file() and book.control() == {"version": 1, "policy": "pin-b", "stop": False}
@@ -190,3 +190,24 @@ def test_an_fp16_overflow_on_one_split_side_skips_both_sides_step():
     b.apply(na, nb)
     assert all(torch.equal(v, before[k]) for k, v in b.model.state_dict().items())   # skipped, and finite
     assert b.precision.scaler.get_scale() == 512.0 and b.step_count == a.step_count == 1
+
+
+def test_two_role_requests_within_one_timestamp_are_both_seen(tmp_path):
+    """An mtime can be a second coarse (always on object storage): a second PUT within it must still reach the
+    coordinator and the in-process trainer; a JSON file that is not an object is ignored, not fatal."""
+    import os
+
+    from pipeline.colearn import RoleBook
+    from schemas.rundir import RunDir
+
+    files, trainer = RunDir(tmp_path), RunDir(tmp_path)
+    book = RoleBook("auto", RunDir(tmp_path))
+    files.request_roles("pin-a")
+    stamp = os.stat(files.roles_path).st_mtime
+    assert book.poll_file() and trainer.new_roles_request()["policy"] == "pin-a"
+    files.request_roles("alternate:3")
+    os.utime(files.roles_path, (stamp, stamp))
+    assert book.poll_file() and book.policy == "alternate:3"
+    assert trainer.new_roles_request()["policy"] == "alternate:3" and trainer.new_roles_request() is None
+    files.roles_path.write_text('"pin-b"')
+    assert not book.poll_file() and book.policy == "alternate:3"
