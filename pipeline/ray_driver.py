@@ -288,8 +288,9 @@ def _drive(cfg: RunConfig, data, run: RunDir, steps: int, *, resume: bool, progr
                     raise RuntimeError(f"training failed: {error}") from e
                 if hub_lost:
                     what = "the co-learning coordinator" if colad else "the stream monitor"
-                elif isinstance(e, ray.train.TrainingFailedError):  # a process of the group died
-                    what = "a training worker"
+                elif isinstance(e, (ray.train.TrainingFailedError, ray.exceptions.WorkerCrashedError,
+                                    ray.exceptions.NodeDiedError)):
+                    what = "a training worker"  # of the group, or (split) the task that drives its TorchTrainer
                 else:  # not a lost process
                     raise
                 if stopped:
