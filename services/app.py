@@ -97,6 +97,9 @@ def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if e.get("type") == "json_invalid":
             out.append({"field": None, "message": f"body is not valid JSON: {e.get('ctx', {}).get('error', msg)}"})
             continue
+        if e.get("type") == "missing" and not loc:  # no body at all: "Field required" would name nothing
+            out.append({"field": None, "message": "request body required: a JSON object"})
+            continue
         fld = ".".join(loc) or next((f for f in _RUN_FIELDS if f in msg), None)  # model-level checks name it
         out.append({"field": fld, "message": msg})
     return out

@@ -315,6 +315,12 @@ def test_malformed_json_is_422(api):
     assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]["message"]
 
 
+def test_a_missing_body_is_422_saying_so(api):
+    for r in (api.post("/runs"), api.put("/runs/r-000000000000/roles")):
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"]["message"] == "request body required: a JSON object", r.text
+
+
 def test_big_body_is_413(api):
     big = {"name": "big", "pad": "x" * (MAX_BODY_BYTES + 10)}
     assert api.post("/runs", json=big).status_code == 413
