@@ -46,12 +46,10 @@ class ExportedNetwork(nn.Module):
 
 
 def example_shape(cfg: RunConfig) -> tuple[int, int]:
-    """(H, W) of the example input: the square input size, or a landscape image of a [long, short] pair padded to
-    a multiple of 32."""
+    """(H, W) of the example input, padded to a multiple of 32 (the exported network takes such sides): the square
+    input size, or a landscape image of a [long, short] pair."""
     size = cfg.data.input_size
-    if isinstance(size, int):
-        return size, size
-    long, short = size
+    long, short = (size, size) if isinstance(size, int) else size
     return -(-short // 32) * 32, -(-long // 32) * 32
 
 

@@ -69,3 +69,12 @@ def test_export_of_a_missing_network_is_one_line(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "there is no network 'b'" in err and "\n" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_square_input_size_off_the_multiples_of_32_exports(tmp_path):
+    """The exported network takes sides that are multiples of 32; a run at 100 x 100 (any size from 32 is a valid
+    config) exports with its example padded to 128 x 128 instead of failing in torch.export."""
+    cfg = tiny_config(make_data(tmp_path / "d", num_train=4, num_val=2), tmp_path / "runs", mode="paa", input_size=100)
+    out = tmp_path / "m.onnx"
+    assert lad(["export", "--checkpoint", str(make_teacher(cfg, tmp_path / "model.pt")), "--out", str(out)]) == 0
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["input_size"] == 100 and out.exists()
