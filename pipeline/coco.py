@@ -189,9 +189,9 @@ def _image_problems(images: list, path: str) -> Iterator[DatasetError]:
             yield DatasetError(f"images[{pos}] is not an object", file=path, field="images")
             continue
         image_id = image.get("id")
-        if not _is_int(image_id) or image_id < 0:
-            yield DatasetError(f"images[{pos}] has no non-negative integer 'id' (got {image_id!r})", file=path,
-                               field="id", fix="give every image a unique non-negative integer id")
+        if not _is_int(image_id) or not 0 <= image_id < 2 ** 53:  # detections carry ids as float64 (pycocotools)
+            yield DatasetError(f"images[{pos}] has no integer 'id' from 0 to 2**53 - 1 (got {image_id!r})", file=path,
+                               field="id", fix="give every image a unique non-negative integer id below 2**53")
             continue
         if image_id in seen:
             yield DatasetError("duplicate image id", file=path, image_id=image_id, field="id",

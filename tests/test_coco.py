@@ -94,6 +94,17 @@ def test_image_missing_field(tmp_path, key):
         assert "image id 2" in message
 
 
+def test_an_image_id_past_float64s_integers_is_refused(tmp_path):
+    """Detections carry image ids as float64 (pycocotools' results arrays): 2**53 + 1 would come back as 2**53, an
+    image the file may not have, or another image's detections."""
+    data = _base()
+    for a in data["annotations"]:
+        a["image_id"] = 2 ** 53 + 1 if a["image_id"] == 1 else a["image_id"]
+    data["images"][0]["id"] = 2 ** 53 + 1
+    message = _error(_write(tmp_path, data))
+    assert "images[0]" in message and str(2 ** 53 + 1) in message and "below 2**53" in message
+
+
 def test_duplicate_ids(tmp_path):
     data = _base()
     data["images"][2]["id"] = 2
