@@ -38,16 +38,28 @@ def scheme_of(text: str) -> Optional[str]:
 
 
 def location_problem(text: str) -> Optional[str]:
-    """Why `text` cannot be a location (an unsupported scheme, a URI without a bucket), or None."""
+    """Why `text` cannot be a location (an unsupported scheme, a URI without a bucket, a `file://` URI with a
+    host, which would silently drop its first folder), or None."""
     scheme = scheme_of(text)
-    if scheme is None or scheme == "file":
+    if scheme is None:
         return None
+    if scheme == "file":
+        host = urlparse(text).netloc
+        return None if host in ("", "localhost") else (f"{text!r} names the host {host!r}; write file:///ABSOLUTE/PATH "
+                                                       "(three slashes) or a plain path")
     scheme = ALIASES.get(scheme, scheme)
     if scheme not in REMOTE_SCHEMES:
         return f"unsupported storage scheme '{scheme}://' in {text!r}; use {SUPPORTED}"
-    if not urlparse(text).netloc:
+    if not _bucket_and_key(text)[0]:
         return f"{text!r} names no bucket; write {scheme}://BUCKET/PREFIX"
     return None
+
+
+def _bucket_and_key(uri: str) -> tuple[str, str]:
+    """('bucket', 'bucket/key') of an object-storage URI, split by hand: an object key may hold '#' or '?',
+    which a URL parser would take for a fragment or a query."""
+    rest = uri.split("://", 1)[1]
+    return rest.split("/", 1)[0], rest.rstrip("/")
 
 
 def check_location(text: str, field: str) -> None:
@@ -92,10 +104,12 @@ class Location:
             return
         text = str(where)
         scheme = scheme_of(text)
-        if scheme == "file":
-            text = unquote(urlparse(text).path) or "/"
-        elif scheme is not None:
+        if scheme is not None:
             check_location(text, "location")
+        if scheme == "file":
+            path = text.split("://", 1)[1]  # by hand, as object keys: a path may hold '#' or '?'
+            text = unquote(path[len("localhost"):] if path.split("/", 1)[0] == "localhost" else path) or "/"
+        elif scheme is not None:
             scheme = ALIASES.get(scheme, scheme)
             text = f"{scheme}://{text.split('://', 1)[1].rstrip('/')}"
         self.uri = text
@@ -154,8 +168,8 @@ class Location:
         return self._fs()
 
     def _fs(self):
-        parsed = urlparse(self.uri)
-        return filesystem(parsed.scheme, parsed.netloc), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        bucket, key = _bucket_and_key(self.uri)
+        return filesystem(scheme_of(self.uri), bucket), key
 
     def _info(self):
         fs, key = self._fs()

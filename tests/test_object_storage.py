@@ -98,6 +98,17 @@ def test_objects_are_written_whole_listed_and_missing_ones_say_so(s3):
     with pytest.raises(FileNotFoundError):
         (base / "none.json").read_bytes()
     assert Location(f"{s3}/nothing-here").is_empty_folder() and not base.is_empty_folder()
+    for odd in ("run#1", "run?x=1"):   # legal in a key; a URL parser takes them for a fragment and a query
+        (base / odd / "last.pt").write_bytes(odd.encode())
+    assert (base / "run#1" / "last.pt").read_bytes() == b"run#1" and {"run#1/last.pt", "run?x=1/last.pt"} <= base.all_files()
+
+
+def test_a_file_uri_with_a_host_is_refused_and_one_without_keeps_its_whole_path():
+    from schemas.storage import StorageError
+
+    with pytest.raises(StorageError, match="names the host 'runs'"):
+        Location("file://runs/exp")   # would have been /exp, silently
+    assert Location("file:///tmp/a#b").uri == "/tmp/a#b" and Location("file://localhost/tmp/x").uri == "/tmp/x"
 
 
 def test_metrics_on_s3_wait_for_a_flush_and_the_last_line_is_read_from_the_tail(s3):
