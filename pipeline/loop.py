@@ -152,14 +152,17 @@ class Start:
 def read_start(run: RunDir, resume: bool) -> Start:
     """The start of this attempt; a resumed run forgets the metrics and evaluations logged after its checkpoint
     (they are made again), and one that starts over (`resume` False) the checkpoints of the run before it."""
-    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     start = Start()
     if not resume:
         run.last.delete()
         run.best.delete()
     elif run.last.exists():
-        ckpt = load_checkpoint(run.last)
+        try:
+            ckpt = load_checkpoint(run.last)
+        except CheckpointError as e:  # damaged from outside: our writes are whole or absent
+            raise CheckpointError(f"cannot resume: {e}; restore it, or start the run over with --no-resume") from None
         start = Start(int(ckpt["step"]), int(ckpt["progress"]["epoch"]), list(ckpt["progress"]["trained_ids"]),
                       dict(ckpt["best"]), ckpt.get("policy"), True, ckpt)
         if start.best["step"] == start.step > 0 and (not run.best.exists()

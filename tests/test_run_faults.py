@@ -153,6 +153,22 @@ def test_a_run_that_died_between_its_last_pt_and_its_best_pt_mends_best_pt_when_
     assert load_checkpoint(best)["step"] == final["step"]
 
 
+def test_a_last_pt_cut_in_half_is_one_line_and_no_resume_starts_over(tmp_path):
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", mode="paa", train={"max_steps": 2})
+    cfg.data.val = None
+    config = write_config(cfg, tmp_path / "paa.yaml")
+    assert lad("train", str(config), "--quiet").returncode == 0
+    last = cfg.run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    out = lad("train", str(config), "--quiet", "--set", "train.max_steps=3")
+    lines = errors(out.stderr)
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "cannot resume" in lines[0] and "last.pt" in lines[0] and "--no-resume" in lines[0], lines
+    assert lad("train", str(config), "--quiet", "--no-resume", "--set", "train.max_steps=3").returncode == 0
+    assert load_checkpoint(last)["step"] == 3
+
+
 def test_no_resume_starts_over_without_the_checkpoints_of_the_run_before(tmp_path):
     """`--no-resume` drops the old run's last.pt and best.pt with its metrics: a run without validation data ends
     with its own best.pt (its final weights), not the old run's."""

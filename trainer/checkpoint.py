@@ -64,7 +64,7 @@ def load_checkpoint(path: "str | Path | Location", map_location: str | torch.dev
         ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); re-create it with `lad train`") from None
+                              f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint written by `lad train` (no '{FORMAT}' format marker)")
     if ckpt.get("version") != VERSION:
