@@ -153,12 +153,17 @@ def test_a_run_that_died_between_its_last_pt_and_its_best_pt_mends_best_pt_when_
     assert load_checkpoint(best)["step"] == final["step"]
 
 
-def test_a_last_pt_cut_in_half_is_one_line_and_no_resume_starts_over(tmp_path):
-    data = make_data(tmp_path / "data")
-    cfg = tiny_config(data, tmp_path / "runs", mode="paa", train={"max_steps": 2})
+def finished_run_without_validation(tmp_path: Path, steps: int):
+    """(config, its file) of a `lad train` run of `steps` steps that has finished; no validation data."""
+    cfg = tiny_config(make_data(tmp_path / "data"), tmp_path / "runs", mode="paa", train={"max_steps": steps})
     cfg.data.val = None
     config = write_config(cfg, tmp_path / "paa.yaml")
     assert lad("train", str(config), "--quiet").returncode == 0
+    return cfg, config
+
+
+def test_a_last_pt_cut_in_half_is_one_line_and_no_resume_starts_over(tmp_path):
+    cfg, config = finished_run_without_validation(tmp_path, 2)
     last = cfg.run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     out = lad("train", str(config), "--quiet", "--set", "train.max_steps=3")
@@ -172,11 +177,7 @@ def test_a_last_pt_cut_in_half_is_one_line_and_no_resume_starts_over(tmp_path):
 def test_no_resume_starts_over_without_the_checkpoints_of_the_run_before(tmp_path):
     """`--no-resume` drops the old run's last.pt and best.pt with its metrics: a run without validation data ends
     with its own best.pt (its final weights), not the old run's."""
-    data = make_data(tmp_path / "data")
-    cfg = tiny_config(data, tmp_path / "runs", mode="paa", train={"max_steps": 4})
-    cfg.data.val = None
-    config = write_config(cfg, tmp_path / "paa.yaml")
-    assert lad("train", str(config), "--quiet").returncode == 0
+    cfg, config = finished_run_without_validation(tmp_path, 4)
     best = cfg.run_dir / "checkpoints" / "best.pt"
     assert load_checkpoint(best)["step"] == 4
     assert lad("train", str(config), "--quiet", "--no-resume", "--set", "train.max_steps=2").returncode == 0
