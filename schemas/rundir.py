@@ -238,7 +238,7 @@ class RunDir:
         """The last complete record, read from the end of the file (metrics files grow to many MB)."""
         if self.remote:  # one ranged read of the tail; the whole object only for a last line longer than it
             try:
-                tail = self.metrics_path.read_tail(_TAIL_CHUNK)
+                tail = self.metrics_path.read_from(-_TAIL_CHUNK)
             except (FileNotFoundError, OSError):
                 return None
             lines = tail.split(b"\n")[:-1] if len(tail) < _TAIL_CHUNK else tail.split(b"\n")[1:-1]

@@ -224,18 +224,20 @@ class Location:
                 raise FileNotFoundError(2, "no such object", self.uri) from None
             raise OSError(f"{self.uri}: reading failed ({str(e).splitlines()[0][:200]})") from None
 
-    def read_tail(self, size: int) -> bytes:
-        """The last `size` bytes (all of a smaller file): one ranged read, not the whole object."""
+    def read_from(self, start: int, size: Optional[int] = None) -> bytes:
+        """Up to `size` bytes (None: to the end) from `start` (< 0: that many from the end, all of a smaller file;
+        past the end: none): one ranged read, not the whole object."""
         if not self.remote:
             with open(self.uri, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - size))
-                return f.read()
+                total = f.seek(0, os.SEEK_END)
+                f.seek(min(total, max(0, total + start if start < 0 else start)))
+                return f.read(-1 if size is None else size)
         fs, key = self._fs()
         try:
             with fs.open_input_file(key) as f:
                 total = f.size()
-                return f.read_at(min(size, total), max(0, total - size))
+                begin = min(total, max(0, total + start if start < 0 else start))
+                return f.read_at(total - begin if size is None else min(size, total - begin), begin)
         except FileNotFoundError:
             raise FileNotFoundError(2, "no such object", self.uri) from None
         except OSError as e:

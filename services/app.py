@@ -11,11 +11,12 @@ import contextlib
 import logging
 import os
 import shlex
-from collections import deque
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from fastapi import Body, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -24,20 +25,21 @@ from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.api import (RUN_STATES, Checkpoint, ErrorResponse, Health, MetricsPage, Progress, RolesChange,
-                         RolesPoint, RolesRequest, RolesState, RolesUpdate, RunDetail, RunList, RunSummary)
+from schemas.api import (RUN_STATES, Checkpoint, ErrorResponse, Health, MetricsPage, Progress, RolesRequest,
+                         RolesState, RolesUpdate, RunDetail, RunList, RunSummary)
 from schemas.config import RunConfig
 from schemas.modes import mode_spec
 from schemas.rundir import RunDir
 from schemas.storage import Location, check_location
 from services.launcher import RAY_ENTRYPOINT, Launcher, LaunchError, LocalLauncher, RayLauncher
+from services.metrics_index import MetricsIndex
 from services.registry import Registry, RunRecord
 from services.scheduler import Conflict, NotFound, Scheduler, default_max_concurrent, new_run_id, usable_cpus
 from services.security import MAX_BODY_BYTES, PathPolicy, PathViolation, token_matches
 
 log = logging.getLogger("lad.serve")
 
-ROLES_HISTORY_MAX = 10_000
+INDEXES_MAX = 64  # runs whose metrics index the control plane keeps (the least recently asked goes first)
 
 
 @dataclass
@@ -220,32 +222,16 @@ def detail(rec: RunRecord) -> RunDetail:
                      checkpoints=[Checkpoint(**c) for c in files.checkpoints()], eval=files.evals())
 
 
-def roles_state(rec: RunRecord) -> RolesState:
-    files = RunDir(rec.run_dir)
-    history: deque[RolesPoint] = deque(maxlen=ROLES_HISTORY_MAX)
-    reported: Optional[str] = None
-    changes: list[RolesChange] = []
-    for m in files.iter_metrics():
-        if "teacher_ratio" not in m and "policy" not in m:
-            continue
-        if m.get("event") == "policy" and isinstance(m.get("policy"), str):
-            changes.append(RolesChange(from_step=int(m.get("step", 0)) + 1, policy=m["policy"]))
-        ratio = m.get("teacher_ratio")
-        by_level, by_size = m.get("teacher_ratio_by_level"), m.get("teacher_ratio_by_size")
-        history.append(RolesPoint(step=int(m.get("step", 0)), epoch=m.get("epoch"), policy=m.get("policy"),
-                                  teacher_ratio=ratio if isinstance(ratio, (int, float)) else None,
-                                  teacher_ratio_by_level=by_level if isinstance(by_level, list) else None,
-                                  teacher_ratio_by_size=by_size if isinstance(by_size, dict) else None))
-        if isinstance(m.get("policy"), str):
-            reported = m["policy"]
-    req = files.roles_request()
+def roles_state(rec: RunRecord, index: MetricsIndex) -> RolesState:
+    """The roles view of a co-learning run: its index's teacher ratios and policy changes, and the request."""
+    req = index.run.roles_request()
     requested = (RolesRequest(policy=req["policy"], requested_at=_ts(float(req.get("requested_at") or 0)))
                  if req else None)
-    current = reported or (requested.policy if requested else None) or rec.config.get("colearn", {}).get(
+    current = index.reported or (requested.policy if requested else None) or rec.config.get("colearn", {}).get(
         "policy", "auto")
-    applied = requested is None or reported == requested.policy
-    return RolesState(run_id=rec.id, policy=current, requested=requested, applied=applied, history=list(history),
-                      changes=changes)
+    applied = requested is None or index.reported == requested.policy
+    return RolesState(run_id=rec.id, policy=current, requested=requested, applied=applied,
+                      history=list(index.history), changes=list(index.changes))
 
 
 # ---- the app --------------------------------------------------------------------------------------------------
@@ -318,6 +304,22 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(404, f"no run {run_id!r}", "id")
         return rec
 
+    indexes: OrderedDict[tuple[str, str], MetricsIndex] = OrderedDict()
+    indexes_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def indexed(rec: RunRecord) -> Iterator[MetricsIndex]:
+        """The run's metrics index, brought up to date and held for the caller (`services.metrics_index`)."""
+        key = (rec.id, str(rec.run_dir))
+        with indexes_lock:
+            index = indexes.pop(key, None) or MetricsIndex(RunDir(rec.run_dir))
+            indexes[key] = index
+            while len(indexes) > INDEXES_MAX:
+                indexes.popitem(last=False)
+        with index.lock:
+            index.refresh()
+            yield index
+
     mutating = [Depends(require_token)]
 
     @app.get("/healthz", response_model=Health, tags=["service"])
@@ -385,7 +387,8 @@ def create_app(settings: Settings) -> FastAPI:
                                                                    "step you have); omit for the first page"),
                     limit: int = Query(1000, ge=1, le=10_000)) -> MetricsPage:
         rec = get_run(run_id)
-        items, more = RunDir(rec.run_dir).metrics_page(since, limit)
+        with indexed(rec) as index:
+            items, more = index.page(since, limit)
         next_since = items[-1].get("step") if items else since
         return MetricsPage(run_id=rec.id, items=items, next_since=next_since, has_more=more)
 
@@ -395,7 +398,8 @@ def create_app(settings: Settings) -> FastAPI:
         rec = get_run(run_id)
         if not mode_spec(rec.mode).co_learning:
             raise ApiError(409, f"run {run_id} is mode {rec.mode!r}; roles exist only for colad runs", "mode")
-        return roles_state(rec)
+        with indexed(rec) as index:
+            return roles_state(rec, index)
 
     @app.put("/runs/{run_id}/roles", response_model=RolesState, dependencies=mutating, tags=["co-learning"],
              responses={409: {"model": ErrorResponse}})
@@ -407,7 +411,8 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(409, f"run {run_id} is {rec.state}; the policy can change only while it runs", "state")
         RunDir(rec.run_dir).request_roles(update.policy)
         log.info("run %s: role policy %s requested", run_id, update.policy)
-        return roles_state(rec)
+        with indexed(rec) as index:
+            return roles_state(rec, index)
 
     ui_pages(app)
     return app

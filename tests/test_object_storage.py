@@ -111,6 +111,22 @@ def test_a_file_uri_with_a_host_is_refused_and_one_without_keeps_its_whole_path(
     assert Location("file:///tmp/a#b").uri == "/tmp/a#b" and Location("file://localhost/tmp/x").uri == "/tmp/x"
 
 
+def test_the_control_planes_metrics_index_reads_ranges_of_an_object(s3):
+    """`services.metrics_index` on S3: the appended bytes and a page's lines by ranged reads, the same records as a
+    whole read, as the object grows."""
+    from services.metrics_index import MetricsIndex
+
+    writer, reader = RunDir(f"{s3}/ix/run"), RunDir(f"{s3}/ix/run")
+    index = MetricsIndex(reader)
+    for first in (1, 4):
+        for step in range(first, first + 3):
+            writer.log({"step": step, "loss": 1.0 / step, "policy": "auto", "teacher_ratio": 0.5})
+        writer.flush()
+        index.refresh()
+        assert index.page(None, 100) == reader.metrics_page(None, 100) and index.page(2, 2) == reader.metrics_page(2, 2)
+    assert [p.step for p in index.history] == list(range(1, 7))
+
+
 def test_metrics_on_s3_wait_for_a_flush_and_the_last_line_is_read_from_the_tail(s3):
     writer, reader = RunDir(f"{s3}/rd/run"), RunDir(f"{s3}/rd/run")
     writer.log({"step": 1, "loss": 1.0})
