@@ -40,7 +40,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by its dotted path, e.g. --set train.max_steps=50 (repeatable)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if the run directory has last.pt")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if the run directory has last.pt (its last.pt, best.pt, metrics and "
+                        "evaluations are dropped)")
     p.add_argument("--quiet", action="store_true", help="no progress bar: only warnings, errors and the result")
     p.add_argument("--verbose", action="store_true",
                    help="engine ray: Ray's own output too (workers, Ray Train, Ray Data), with the workers' step "
