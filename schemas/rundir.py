@@ -287,10 +287,12 @@ class RunDir:
         """Add an evaluation; one of the same (epoch, step, network) is replaced: an attempt that evaluated and died
         before its checkpoint leaves an entry of the step it resumes at, and the resumed run evaluates it again."""
         record = json_ready(record)
-        key = [record.get(k) for k in ("epoch", "step", "network")]
-        kept = [e for e in self.evals() if [e.get(k) for k in ("epoch", "step", "network")] != key]
-        self._write_evals(kept + [record])
-        self.events.evaluation(json_ready(record))
+
+        def key(e: dict) -> tuple:
+            return e.get("epoch"), e.get("step"), e.get("network")
+
+        self._write_evals([e for e in self.evals() if key(e) != key(record)] + [record])
+        self.events.evaluation(record)
         self.flush()
 
     # ---- resume -----------------------------------------------------------------------------------------

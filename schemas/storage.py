@@ -44,7 +44,7 @@ def location_problem(text: str) -> Optional[str]:
     if scheme is None:
         return None
     if scheme == "file":
-        host = urlparse(text).netloc
+        host = _bucket_and_key(text)[0]   # what comes before the path's first '/': empty for file:///PATH
         return None if host in ("", "localhost") else (f"{text!r} names the host {host!r}; write file:///ABSOLUTE/PATH "
                                                        "(three slashes) or a plain path")
     scheme = ALIASES.get(scheme, scheme)
